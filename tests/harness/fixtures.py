@@ -1,0 +1,29 @@
+"""pytest fixtures shared by the integration and e2e tiers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.systemd import PrivateSystemd
+
+TOP = Path(__file__).resolve().parents[2]
+
+
+def artifacts_dir() -> Path:
+    """Where tests keep logs and build outputs that outlive one test (git-ignored)."""
+    path = Path(os.environ.get("SPINBOX_TEST_ARTIFACTS", TOP / "build" / "test"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def systemd() -> Iterator[PrivateSystemd]:
+    """One private systemd for the whole session; tests must leave it as they found it."""
+    if os.geteuid() != 0:
+        pytest.skip("the private systemd needs root")
+    with PrivateSystemd.booted(artifacts_dir() / "logs") as instance:
+        yield instance
