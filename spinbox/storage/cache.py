@@ -159,7 +159,11 @@ class LayerCache:
                     os.rename(meta_temp, self.images / f"{key}.json")
                     os.rename(temp, image)
                 except OSError as exc:
+                    remove_file(self.locks / f"{key}.lock")
                     raise os_error(exc, f"storing the layer image {image}") from exc
+                except BaseException:
+                    remove_file(self.locks / f"{key}.lock")
+                    raise
                 finally:
                     remove_file(temp)
                     remove_file(temp.with_suffix(".json"))

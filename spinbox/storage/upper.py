@@ -44,6 +44,7 @@ def mkfs_ext4_argv(image: Path, seed: Path) -> list[str]:
         "-q",
         "-F",
         "-m", "0",
+        "-I", "256",
         "-L", "spinbox-upper",
         "-d", str(seed),
         str(image),
@@ -64,6 +65,9 @@ def create_upper_image(image: Path, size_mib: int, snapshot_upper: Path, scratch
         if any(os.scandir(snapshot_upper)):
             with mounted(snapshot_upper, seed / UPPER_DIR, "none", ("bind", "ro"), what):
                 run(mkfs_ext4_argv(image, seed), what, space_on=image)
+            # mkfs.ext4 -d (e2fsprogs 1.47.0) keeps whole seconds only: restore the nanoseconds.
+            with mounted(image, seed / WORK_DIR, "ext4", ("rw", "loop"), what):
+                _copy_times(snapshot_upper, seed / WORK_DIR / UPPER_DIR)
         else:
             run(mkfs_ext4_argv(image, seed), what, space_on=image)
     except OSError as exc:
@@ -79,6 +83,14 @@ def create_upper_image(image: Path, size_mib: int, snapshot_upper: Path, scratch
         raise
     finally:
         shutil.rmtree(seed, ignore_errors=True)
+
+
+def _copy_times(source: Path, dest: Path) -> None:
+    for directory, dirs, files in os.walk(source):
+        relative = Path(directory).relative_to(source)
+        for name in (*dirs, *files, ""):
+            st = os.lstat(Path(directory) / name)
+            os.utime(dest / relative / name, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def needs_recovery(image: Path) -> bool:
