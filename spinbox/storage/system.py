@@ -27,8 +27,8 @@ def run(argv: Sequence[str], what: str, space_on: Path | None = None, cwd: Path 
         raise StorageError(f"{what} needs {argv[0]}, which is not installed") from exc
     if result.returncode == 0:
         return
-    complaint = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    detail = complaint[-1] if complaint else f"exit status {result.returncode}"
+    complaint = " ".join((result.stderr.strip() or result.stdout.strip()).split())
+    detail = complaint[:300] if complaint else f"exit status {result.returncode}"
     if space_on is not None and any(marker in result.stderr + result.stdout for marker in _NO_SPACE):
         raise StorageError(f"{what} failed: no space left on the file system holding {space_on}")
     raise StorageError(f"{what} failed: {argv[0]}: {detail}")

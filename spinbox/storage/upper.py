@@ -117,7 +117,8 @@ def write_back(image: Path, snapshot_upper: Path, scratch: Path) -> None:
         if needs_recovery(image):
             copy = scratch / f"{mountpoint.name}.ext4"
             run(["cp", "--sparse=always", str(image), str(copy)], f"copying the writable layer {image}", copy)
-            source, options = copy, ("ro", "loop")
+            # A private copy: mounting it read-write lets the kernel replay the journal.
+            source, options = copy, ("rw", "loop")
         with mounted(source, mountpoint, "ext4", options, f"mounting the writable layer {image}"):
             upper = mountpoint / UPPER_DIR
             if not upper.is_dir():
@@ -205,8 +206,7 @@ def _same_file(st: os.stat_result, have: os.stat_result, source: Path, dest: Pat
 def _create_like(source: Path, st: os.stat_result, dest: Path) -> None:
     mode = stat.S_IFMT(st.st_mode)
     if stat.S_ISREG(mode):
-        with open(source, "rb") as src, open(dest, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
+        shutil.copyfile(source, dest, follow_symlinks=False)
     elif stat.S_ISLNK(mode):
         os.symlink(os.readlink(source), dest)
     elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):

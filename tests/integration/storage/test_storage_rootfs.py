@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from spinbox.storage import LayerCache, MountSpec, PreparedRootfs, StorageError, prepare_rootfs
+from spinbox.storage.upper import needs_recovery as upper_needs_recovery
 from tests.integration.storage.storage_trees import (
     OPAQUE,
     WHITEOUT,
@@ -374,3 +375,28 @@ def test_a_full_cache_disk_is_named_and_leaves_nothing(tmp_path: Path) -> None:
         assert files_under(tmp_path / "vm") == []
     finally:
         subprocess.run(["umount", str(root)], check=True)
+
+
+def test_writeback_of_a_running_guest_reads_a_replayed_copy(tmp_path: Path, cache: LayerCache) -> None:
+    """SyncRootfs while the guest still has the file system mounted (synced, journal not checkpointed)."""
+    layers = base_layers(tmp_path / "snap")
+    upper, work = tmp_path / "snap/upper", tmp_path / "snap/work"
+    upper.mkdir()
+    work.mkdir()
+    prepared = prepare(cache, [overlay_mount(layers, upper, work)], tmp_path / "vm")
+    try:
+        image = prepared.images[-1].path
+        before = image.read_bytes()
+        with guest_view(prepared, tmp_path / "guest") as view:
+            (view / "etc/new").write_text("written while running\n")
+            (view / "opt/app/config").unlink()
+            os.sync()
+            assert upper_needs_recovery(image)
+            asyncio.run(prepared.writeback())
+            expected = listing(view)
+        assert before != image.read_bytes()  # only the guest wrote it
+        with overlay_of([upper, *layers], tmp_path / "ref") as ref:
+            assert listing(ref) == expected
+        assert files_under(prepared.directory) == ["rootfs.json", "upper.ext4"]
+    finally:
+        release(prepared)
