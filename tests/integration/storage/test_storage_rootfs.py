@@ -60,6 +60,18 @@ def base_layers(root: Path) -> list[Path]:
     return [top, middle, bottom]
 
 
+def empty_upper(root: Path) -> tuple[Path, Path]:
+    upper, work = root / "upper", root / "work"
+    upper.mkdir(parents=True)
+    work.mkdir()
+    return upper, work
+
+
+def writable_snapshot(root: Path) -> tuple[list[Path], Path, Path]:
+    """base_layers() under an empty writable snapshot: (layers, upperdir, workdir)."""
+    return (base_layers(root), *empty_upper(root))
+
+
 def overlay_mount(lowers: list[Path], upper: Path | None = None, work: Path | None = None) -> MountSpec:
     options = ["index=off", "lowerdir=" + ":".join(map(str, lowers))]
     if upper is not None:
@@ -280,10 +292,7 @@ def test_concurrent_preparers_build_each_image_once(tmp_path: Path, cache: Layer
 
 
 def test_load_gives_back_the_prepared_rootfs(tmp_path: Path, cache: LayerCache) -> None:
-    layers = base_layers(tmp_path / "snap")
-    upper, work = tmp_path / "snap/upper", tmp_path / "snap/work"
-    upper.mkdir()
-    work.mkdir()
+    layers, upper, work = writable_snapshot(tmp_path / "snap")
     prepared = prepare(cache, [overlay_mount(layers, upper, work)], tmp_path / "vm")
     again = PreparedRootfs.load(tmp_path / "vm", "c1", cache)
     assert again.images == prepared.images
@@ -379,10 +388,7 @@ def test_a_full_cache_disk_is_named_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_writeback_of_a_running_guest_reads_a_replayed_copy(tmp_path: Path, cache: LayerCache) -> None:
     """SyncRootfs while the guest still has the file system mounted (synced, journal not checkpointed)."""
-    layers = base_layers(tmp_path / "snap")
-    upper, work = tmp_path / "snap/upper", tmp_path / "snap/work"
-    upper.mkdir()
-    work.mkdir()
+    layers, upper, work = writable_snapshot(tmp_path / "snap")
     prepared = prepare(cache, [overlay_mount(layers, upper, work)], tmp_path / "vm")
     try:
         image = prepared.images[-1].path
@@ -400,3 +406,38 @@ def test_writeback_of_a_running_guest_reads_a_replayed_copy(tmp_path: Path, cach
         assert files_under(prepared.directory) == ["rootfs.json", "upper.ext4"]
     finally:
         release(prepared)
+
+
+def test_a_zero_size_upper_is_a_tmpfs_in_the_guest(tmp_path: Path, cache: LayerCache) -> None:
+    layers, upper, work = writable_snapshot(tmp_path / "snap")
+    mounts = [overlay_mount(layers, upper, work)]
+    prepared = asyncio.run(prepare_rootfs("c1", mounts, tmp_path / "vm", cache, 0))
+    try:
+        assert prepared.request.tmpfs_upper and not prepared.request.HasField("upper")
+        assert all(image.read_only for image in prepared.images)
+        asyncio.run(prepared.writeback())  # nothing to write back
+    finally:
+        release(prepared)
+
+
+def test_a_cancelled_prepare_gives_everything_back(tmp_path: Path) -> None:
+    top = make_tree(tmp_path / "snap/l1", {"etc/hostname": "box\n"})
+    layer = make_tree(tmp_path / "snap/l0", {f"f{n}": os.urandom(100_000) for n in range(100)})
+    upper, work = empty_upper(tmp_path / "snap")
+    cache = LayerCache(tmp_path / "cache", retain=False)
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(
+            prepare_rootfs("c1", [overlay_mount([top, layer], upper, work)], tmp_path / "vm", cache, 64)
+        )
+        await asyncio.sleep(0.01)
+        task.cancel()
+        try:
+            prepared = await task
+        except asyncio.CancelledError:
+            return
+        await prepared.release()  # it finished before the cancellation arrived
+
+    asyncio.run(cancel_midway())
+    assert files_under(tmp_path / "vm") == []
+    assert files_under(cache.root) == []
