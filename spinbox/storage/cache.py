@@ -37,7 +37,7 @@ from pathlib import Path
 
 from spinbox.storage.errors import StorageError
 from spinbox.storage.mounts import Layer, LayerKind
-from spinbox.storage.system import os_error, remove_file
+from spinbox.storage.system import os_error, remove_file, remove_tree
 
 # Bump when the conversion changes, so that old images are not reused.
 FORMAT = 1
@@ -244,22 +244,10 @@ class LayerCache:
                 if not mine:
                     continue
                 if entry.is_dir() and not entry.is_symlink():
-                    _remove_scratch_dir(entry)
+                    remove_tree(entry)
                 else:
                     remove_file(entry)
                 remove_file(self.locks / f"{key}.lock")
 
     async def collect(self) -> list[str]:
         return await asyncio.to_thread(self.collect_sync)
-
-
-def _remove_scratch_dir(path: Path) -> None:
-    """Remove a scratch build directory, unmounting what a crashed build left mounted in it."""
-    from spinbox.storage.system import unmount
-
-    with open("/proc/self/mounts") as mounts:
-        targets = [line.split()[1] for line in mounts]
-    prefix = str(path) + "/"
-    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
-        unmount(Path(target))
-    shutil.rmtree(path, ignore_errors=True)

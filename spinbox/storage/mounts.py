@@ -187,7 +187,11 @@ def parse_mounts(mounts: list[MountSpec]) -> RootfsSource:
                 " (only EROFS layers may precede the overlay)"
             )
         if spec.type in _OVERLAY_TYPES:
-            values, appended, _ = _options(spec)
+            values, appended, flags = _options(spec)
+            if "userxattr" in flags:
+                raise StorageError(
+                    "overlay layers marked with user.overlay xattrs (userxattr) are not supported"
+                )
             entries = split_lowerdir(values["lowerdir"]) if "lowerdir" in values else []
             entries += appended
             if not entries:

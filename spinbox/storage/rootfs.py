@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from spinbox.storage import erofs, upper
 from spinbox.storage.cache import FORMAT, Holder, LayerCache, SourceIdentity, chain_key, layer_key
 from spinbox.storage.errors import StorageError
 from spinbox.storage.mounts import Layer, LayerKind, MountSpec, parse_mounts
-from spinbox.storage.system import os_error
+from spinbox.storage.system import os_error, remove_tree
 
 UPPER_SERIAL = "sb-up"
 UPPER_IMAGE = "upper.ext4"
@@ -133,7 +132,7 @@ class PreparedRootfs:
             self._released = True
 
     def release_sync(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        remove_tree(self.directory)
         self.cache.release(self.keys, self.holder)
 
     def save(self) -> None:
@@ -164,8 +163,18 @@ class PreparedRootfs:
         return cls(container_id, directory, cache, state["keys"], images, request, snapshot_upper)
 
 
-async def _in_thread(function: Callable[[], T]) -> T:
-    return await asyncio.to_thread(function)
+async def _in_thread(function: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
+    """Run blocking work in a thread. When cancelled, still wait for it, so that it never runs
+    on behind its caller's back (e.g. a writeback still mounted during release), then undo it."""
+    task = asyncio.ensure_future(asyncio.to_thread(function))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            result = await task
+            if undo is not None:
+                await asyncio.to_thread(undo, result)
+        raise
 
 
 async def prepare_rootfs(
@@ -183,16 +192,10 @@ async def prepare_rootfs(
     guest a tmpfs upper instead of an ext4 image (its changes are not written back).
     The blocking work runs in a thread; if this is cancelled, what it took is given back.
     """
-    task = asyncio.ensure_future(
-        asyncio.to_thread(_prepare, container_id, mounts, work_dir, cache, upper_size_mib, max_lower_devices)
+    return await _in_thread(
+        lambda: _prepare(container_id, mounts, work_dir, cache, upper_size_mib, max_lower_devices),
+        PreparedRootfs.release_sync,
     )
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            prepared = await task
-            await asyncio.to_thread(prepared.release_sync)
-        raise
 
 
 def _prepare(
@@ -247,7 +250,7 @@ def _prepare(
         prepared.save()
         return prepared
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(directory)
         cache.release(keys, holder)
         raise
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -70,3 +71,13 @@ def make_sparse_file(path: Path, size: int) -> None:
 def remove_file(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree of ours, first unmounting whatever an interrupted step left in it."""
+    with open("/proc/self/mounts") as mounts:
+        targets = [line.split()[1] for line in mounts]
+    prefix = str(path) + "/"
+    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+        unmount(Path(target))
+    shutil.rmtree(path, ignore_errors=True)
