@@ -118,6 +118,7 @@ class LayerCache:
     def locked(self, key: str, blocking: bool = True) -> Iterator[bool]:
         """Hold the key's lock; yields False when not blocking and someone else holds it."""
         path = self.locks / f"{key}.lock"
+        self.locks.mkdir(parents=True, exist_ok=True, mode=0o700)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:

@@ -229,8 +229,8 @@ def _prepare(
             lowers.append(_flattened_image(source.lowers[separate:], cache, holder, keys))
         if not lowers:
             key = chain_key([])
-            lowers.append(cache.acquire(key, [], holder, erofs.build_empty_image))
             keys.append(key)
+            lowers.append(cache.acquire(key, [], holder, erofs.build_empty_image))
         images = [BlockImage(path, lower_serial(i), True) for i, path in enumerate(lowers)]
         request = agent_pb2.MountRootfsRequest(
             container_id=container_id,
@@ -260,16 +260,14 @@ def _layer_image(layer: Layer, cache: LayerCache, holder: Holder, keys: list[str
         return layer.path
     identity = SourceIdentity.of(layer)
     key = layer_key(identity)
-    image = cache.acquire(key, [identity], holder, lambda temp: erofs.build_image(temp, layer.path))
-    keys.append(key)
-    return image
+    keys.append(key)  # before acquiring: a failure halfway through is released with the rest
+    return cache.acquire(key, [identity], holder, lambda temp: erofs.build_image(temp, layer.path))
 
 
 def _flattened_image(layers: Sequence[Layer], cache: LayerCache, holder: Holder, keys: list[str]) -> Path:
     identities = [SourceIdentity.of(layer) for layer in layers]
     key = chain_key([layer_key(identity) for identity in identities])
-    image = cache.acquire(
+    keys.append(key)
+    return cache.acquire(
         key, identities, holder, lambda temp: erofs.build_flattened_image(temp, layers, cache.tmp)
     )
-    keys.append(key)
-    return image

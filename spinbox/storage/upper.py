@@ -127,7 +127,7 @@ def write_back(image: Path, snapshot_upper: Path, scratch: Path) -> None:
             upper = mountpoint / UPPER_DIR
             if not upper.is_dir():
                 raise StorageError(f"the writable layer {image} has no {UPPER_DIR}/ directory")
-            _Mirror(snapshot_upper).sync_dir(upper, snapshot_upper)
+            _Mirror().sync_dir(upper, snapshot_upper)
     except OSError as exc:
         raise os_error(exc, f"writing the writable layer back into {snapshot_upper}") from exc
     finally:
@@ -140,8 +140,7 @@ def write_back(image: Path, snapshot_upper: Path, scratch: Path) -> None:
 class _Mirror:
     """Makes a directory tree equal to another: content, metadata, whiteouts, hard links."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self) -> None:
         self.linked: dict[tuple[int, int], Path] = {}  # source (dev, ino) → first destination path
 
     def sync_dir(self, source: Path, dest: Path) -> None:
