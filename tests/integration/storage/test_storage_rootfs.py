@@ -26,7 +26,8 @@ UPPER_MIB = 64
 
 
 def base_layers(root: Path) -> list[Path]:
-    """Three layers, topmost first, using whiteouts, opaque dirs, hard links, symlinks, xattrs."""
+    """Three layers, topmost first, using whiteouts, opaque dirs, hard links, symlinks, xattrs
+    (trusted.*, which tmpfs also stores on Debian 12's kernel)."""
     bottom = make_tree(
         root / "l0",
         {
@@ -43,7 +44,7 @@ def base_layers(root: Path) -> list[Path]:
     os.link(bottom / "bin/busybox", bottom / "bin/ls")
     os.chown(bottom / "etc/passwd", 1000, 1001)
     os.chmod(bottom / "etc/passwd", 0o640)
-    os.setxattr(bottom / "usr/lib/a.so", "user.spinbox", b"label")
+    os.setxattr(bottom / "usr/lib/a.so", "trusted.spinbox", b"label")
     middle = make_tree(
         root / "l1",
         {
@@ -110,7 +111,7 @@ def test_layers_become_erofs_disks_that_stack_like_the_snapshot(tmp_path: Path, 
         assert "usr/share/doc/readme" not in seen and "var/cache/junk" not in seen
         assert seen["var/cache/fresh"][3] == b"fresh\n"
         assert seen["root/.history"][3] == b"ls\n"
-        assert seen["usr/lib/a.so"][4] == (("user.spinbox", b"label"),)
+        assert seen["usr/lib/a.so"][4] == (("trusted.spinbox", b"label"),)
     finally:
         release(prepared)
     assert not prepared.directory.exists()
@@ -187,7 +188,7 @@ def test_writeback_puts_the_guests_changes_into_the_snapshot_in_overlay_format(
             os.link(view / "var/log/messages", view / "var/log/messages.1")
             (view / "usr/share/link").symlink_to("../lib/a.so")
             os.chown(view / "etc/motd", 42, 43)
-            os.setxattr(view / "etc/motd", "user.note", b"kept")
+            os.setxattr(view / "etc/motd", "trusted.note", b"kept")
             os.mknod(view / "fifo", stat.S_IFIFO | 0o644)
             for entry in (view / "usr/lib").iterdir():  # rm -rf, then recreate: an opaque dir
                 entry.unlink()
@@ -203,7 +204,7 @@ def test_writeback_puts_the_guests_changes_into_the_snapshot_in_overlay_format(
         assert os.getxattr(upper / "usr/lib", OPAQUE) == b"y"
         assert (upper / "var/log/messages").stat().st_ino == (upper / "var/log/messages.1").stat().st_ino
         assert (upper / "etc/motd").stat().st_uid == 42
-        assert os.getxattr(upper / "etc/motd", "user.note") == b"kept"
+        assert os.getxattr(upper / "etc/motd", "trusted.note") == b"kept"
         assert not any(name.startswith("trusted.overlay.origin") for name in os.listxattr(upper / "etc/motd"))
         with guest_view(prepared, tmp_path / "guest", writable=False) as ext4_view:
             pass  # the ext4 image still mounts cleanly after writeback
