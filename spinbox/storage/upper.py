@@ -129,7 +129,7 @@ def write_back(image: Path, snapshot_upper: Path, scratch: Path) -> None:
                 raise StorageError(f"the writable layer {image} has no {UPPER_DIR}/ directory")
             _Mirror().sync_dir(upper, snapshot_upper)
     except OSError as exc:
-        raise os_error(exc, f"writing the writable layer back into {snapshot_upper}") from exc
+        raise os_error(exc, f"writing the writable layer back into {snapshot_upper}", snapshot_upper) from exc
     finally:
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
