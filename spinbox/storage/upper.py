@@ -181,6 +181,15 @@ class _Mirror:
 
     @staticmethod
     def _replace(dest: Path, create: Callable[[Path], None]) -> None:
+        """Create `dest` anew; an existing one is replaced only once the new one is complete."""
+        if not os.path.lexists(dest):
+            try:
+                create(dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(dest)
+                raise
+            return
         temp = dest.with_name(f".spinbox-wb.{uuid.uuid4().hex[:8]}")
         try:
             create(temp)
