@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +76,6 @@ class VirtualMachine:
         self.state = state
         self._process = process
         self._qmp = qmp
-        self._listener = EventListener(EVENTS)
-        qmp.register_listener(self._listener)
         self._exit: asyncio.Task[int | None] = asyncio.ensure_future(self._watch_exit())
 
     # What callers read.
@@ -154,10 +151,9 @@ class VirtualMachine:
     async def resume(self) -> None:
         await self._execute("cont")
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """QMP events (SHUTDOWN, GUEST_PANICKED, STOP, RESUME) as they arrive."""
-        async for event in self._listener:
-            yield dict(event)
+    def events(self) -> EventStream:
+        """QMP events (SHUTDOWN, GUEST_PANICKED, STOP, RESUME) from now on, until QEMU exits."""
+        return EventStream(self._qmp, self._exit)
 
     async def wait_ready(self, timeout: float) -> dict[str, float]:  # noqa: ASYNC109 (the contract's name)
         """Wait until the agent answers Ping on the control channel; return the timeline."""
@@ -254,6 +250,36 @@ class VirtualMachine:
         if isinstance(self._process, QemuChild) and self._process.tail:
             detail += ": " + " / ".join(self._process.tail)
         return detail
+
+
+class EventStream:
+    """QMP events received since the stream was made; close it (aclose) when done."""
+
+    def __init__(self, qmp: QMPClient, exited: asyncio.Task[int | None]) -> None:
+        self._qmp = qmp
+        self._exited = exited
+        self._listener = EventListener(EVENTS)
+        qmp.register_listener(self._listener)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._listener.empty():
+            get = asyncio.ensure_future(self._listener.get())
+            await asyncio.wait({get, self._exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                if self._listener.empty():  # events arrive before QEMU's exit is seen
+                    await self.aclose()
+                    raise StopAsyncIteration
+            else:
+                return dict(get.result())
+        return dict(await self._listener.get())
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            self._qmp.remove_listener(self._listener)
 
 
 async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True) -> VirtualMachine:
