@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spinbox.ttrpc import Code, TtrpcError
-
 from guest.vminitd import stats, validate
 from guest.vminitd.reaper import Reaper, exit_code
 from guest.vminitd.stdio import InputPipe, OutputPipe
 from guest.vminitd.syscalls import set_window_size
 from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ class Process:
     status: int | None = None  # exit code (128+N for signal N) once exited
     exited_at: float = 0.0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the stdio exists (after crun create or exec), or will never exist.
+    io_ready: asyncio.Event = field(default_factory=asyncio.Event)
     stdin: InputPipe | None = None
     stdout: OutputPipe | None = None
     stderr: OutputPipe | None = None
@@ -229,6 +230,13 @@ class Containers:
         except KeyError:
             raise TtrpcError(Code.NOT_FOUND, f"no container {container_id}") from None
 
+    def find(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
+        """A container and one of its processes, after checking both names."""
+        validate.container_id(container_id)
+        validate.exec_id(exec_id)
+        container = self.get(container_id)
+        return container, container.process(exec_id)
+
     # Lifecycle
 
     def _prepare_spec(self, container_id: str, doc: dict[str, Any], rootfs: Path, terminal: bool) -> None:
@@ -330,11 +338,14 @@ class Containers:
             pid = int(pid_file.read_text().strip())
         except CrunError as e:
             stdio.discard()
+            proc.io_ready.set()
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name}: {e}") from None
         except BaseException:
             stdio.discard()
+            proc.io_ready.set()
             raise
         stdio.attach(proc, pty)
+        proc.io_ready.set()
         proc.pid = pid
         exited = self.reaper.watch(pid)
         exited.add_done_callback(lambda f: self._exited(container, proc, f.result()))
@@ -365,8 +376,7 @@ class Containers:
         return proc
 
     async def start(self, container_id: str, exec_id: str) -> Process:
-        container = self.get(container_id)
-        proc = container.process(validate.exec_id(exec_id))
+        container, proc = self.find(container_id, exec_id)
         if proc.started:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} was already started")
         if proc.exited.is_set():
@@ -388,9 +398,8 @@ class Containers:
         return proc
 
     async def signal(self, req: pb.SignalRequest) -> None:
-        container = self.get(req.container_id)
-        proc = container.process(validate.exec_id(req.exec_id))
         sig = validate.signal_number(req.signal)
+        container, proc = self.find(req.container_id, req.exec_id)
         if req.all:
             try:
                 await self.crun("kill", "--all", container.id, str(sig))
@@ -405,29 +414,29 @@ class Containers:
         os.kill(proc.pid, sig)
 
     async def wait(self, container_id: str, exec_id: str) -> Process:
-        proc = self.get(container_id).process(validate.exec_id(exec_id))
+        _, proc = self.find(container_id, exec_id)
         await proc.exited.wait()
         return proc
 
     def resize(self, req: pb.ResizePtyRequest) -> None:
-        proc = self.get(req.container_id).process(validate.exec_id(req.exec_id))
+        _, proc = self.find(req.container_id, req.exec_id)
         width, height = validate.window_size(req.width, req.height)
         if proc.pty is None:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has no terminal")
         set_window_size(proc.pty, height, width)
 
     async def close_stdin(self, container_id: str, exec_id: str) -> None:
-        proc = self.get(container_id).process(validate.exec_id(exec_id))
+        _, proc = self.find(container_id, exec_id)
         if proc.stdin is not None:
             await proc.stdin.close()
 
     async def delete_process(self, container_id: str, exec_id: str) -> Process:
-        container = self.get(container_id)
-        proc = container.process(validate.exec_id(exec_id))
+        container, proc = self.find(container_id, exec_id)
         if proc.started and not proc.exited.is_set():
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} is still running")
         if exec_id:
             proc.close_io()
+            proc.io_ready.set()
             del container.execs[exec_id]
             shutil.rmtree(container.bundle / f"exec-{exec_id}", ignore_errors=True)
         else:
@@ -447,6 +456,7 @@ class Containers:
             log.warning("container %s: %s", container.id, e)
         for proc in [container.init, *container.execs.values()]:
             proc.close_io()
+            proc.io_ready.set()
         self.containers.pop(container.id, None)
         shutil.rmtree(container.bundle, ignore_errors=True)
         log.info("deleted container %s", container.id)

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from spinbox.ttrpc import CallContext, Code, Server, TtrpcError
 
 import guest.vminitd
 from guest.vminitd import validate
@@ -29,6 +28,7 @@ from guest.vminitd.rootfs import RootfsManager
 from guest.vminitd.stdio import Busy
 from guest.vminitd.timeline import Timeline
 from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import CallContext, Code, Server, TtrpcError
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +244,10 @@ class AgentService:
     # Streams
 
     async def read_output(self, req: pb.ReadOutputRequest) -> AsyncIterator[pb.OutputChunk]:
-        proc = self.containers.get(req.container_id).process(validate.exec_id(req.exec_id))
+        _, proc = self.containers.find(req.container_id, req.exec_id)
         if req.stream not in (pb.STDOUT, pb.STDERR):
             raise validate.InvalidRequest(f"output stream {req.stream} is neither STDOUT nor STDERR")
+        await proc.io_ready.wait()  # an exec's stdio exists once it starts
         out = proc.stdout if req.stream == pb.STDOUT else proc.stderr
         if out is None:
             name = "stdout" if req.stream == pb.STDOUT else "stderr"
@@ -258,7 +259,7 @@ class AgentService:
         first = await anext(requests, None)
         if first is None:
             raise validate.InvalidRequest("WriteInput needs a first message naming the process")
-        proc = self.containers.get(first.container_id).process(validate.exec_id(first.exec_id))
+        _, proc = self.containers.find(first.container_id, first.exec_id)
         if proc.stdin is None:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has no stdin to write")
         chunk: pb.InputChunk | None = first
