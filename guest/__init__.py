@@ -1,1 +1,1 @@
-"""spinbox's guest side: vminitd (PID 1 in the VM) and the guest image builder."""
+"""The guest side of spinbox: vminitd (PID 1 in the VM) and the image builder."""
