@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from spinbox.ttrpc import Server
-
 from guest.vminitd import boot, channels, syscalls
 from guest.vminitd.containers import RuntimeConfig
 from guest.vminitd.reaper import Reaper
 from guest.vminitd.service import AgentConfig, AgentService
 from guest.vminitd.timeline import Timeline
+from spinbox.ttrpc import Server
 
 log = logging.getLogger("vminitd")
 

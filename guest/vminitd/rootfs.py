@@ -15,10 +15,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spinbox.ttrpc import Code, TtrpcError
-
 from guest.vminitd import syscalls, validate
 from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)
 

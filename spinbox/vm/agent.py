@@ -15,9 +15,9 @@ from typing import TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
-from spinbox.ttrpc import Client
 
 from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import Client
 
 SERVICE = "spinbox.agent.v1.Agent"
 
