@@ -157,7 +157,7 @@ def plumb(link: LinkInfo, tap_name: str) -> int:
 
 
 def _quiet_ipv6(name: str) -> None:
-    """No IPv6 on the TAP itself, so its own link-local address and router solicitations never reach the guest."""
+    """No IPv6 on the TAP itself: its own link-local address and solicitations must not reach the guest."""
     # /proc/sys/net shows the namespace of the thread that opens it.
     with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
         f.write("1")
