@@ -191,7 +191,12 @@ async def teardown_network(vm_id: str, config: NetConfig | None = None) -> None:
         try:
             await _cni_del(state.cni, vm_id, state.netns if present else "")
         except NetworkError as e:
-            errors.append(str(e))
+            if state.cni.result is not None:
+                errors.append(str(e))
+            else:
+                # After a failed ADD some plugins fail DEL on what they never made
+                # (the bridge plugin's masquerade chain); retrying cannot help.
+                log.warning("CNI DEL after a failed ADD for VM %s: %s", vm_id, e)
     netns.stop_holder(state.holder_pid, state.holder_start)
     if state.owned and state.netns:
         try:
@@ -236,17 +241,22 @@ async def collect_leftovers(live_vm_ids: Iterable[str], config: NetConfig | None
             collected.append(f"network of VM {vm_id}")
         except NetworkError as e:
             log.warning("%s", e)
+    orphans: dict[str, Path] = {}
     if config.netns_dir.is_dir():
         for path in sorted(config.netns_dir.iterdir()):
             vm_id = path.name.removeprefix(NETNS_PREFIX)
             if path.name.startswith(NETNS_PREFIX) and vm_id not in live and store.load(vm_id) is None:
-                netns.remove(path)
-                collected.append(f"namespace {path}")
-    collected += await _collect_leases(live, config)
+                orphans[vm_id] = path
+    # Leases first, while their namespaces still exist: the bridge plugin's DEL
+    # finds the addresses whose masquerading it removes on the interface.
+    collected += await _collect_leases(live, orphans, config)
+    for path in orphans.values():
+        await asyncio.to_thread(netns.remove, path)
+        collected.append(f"namespace {path}")
     return collected
 
 
-async def _collect_leases(live: set[str], config: NetConfig) -> list[str]:
+async def _collect_leases(live: set[str], orphans: dict[str, Path], config: NetConfig) -> list[str]:
     if not config.enabled:
         return []
     try:
@@ -263,7 +273,10 @@ async def _collect_leases(live: set[str], config: NetConfig) -> list[str]:
             if owner is None or owner[0] in live:
                 continue
             container_id, ifname = owner
-            attachment = cni.Attachment(container_id=container_id, netns="", ifname=ifname)
+            orphan = orphans.get(container_id)
+            attachment = cni.Attachment(
+                container_id=container_id, netns=str(orphan) if orphan else "", ifname=ifname
+            )
             try:
                 await cni.delete(networks, attachment, config.plugin_path, None)
             except NetworkError as e:
