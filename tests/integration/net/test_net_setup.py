@@ -328,3 +328,19 @@ def test_a_path_that_is_no_namespace_is_refused(net_config: NetConfig, tmp_path:
         with pytest.raises(NetworkError, match=message):
             setup("vm-x", str(path), net_config)
         assert leftovers(net_config) == []
+
+
+def test_prepared_namespace_left_empty_gets_the_default_network(net_config: NetConfig) -> None:
+    path, _ = asyncio.run(net.prepare_netns("vm-plain", net_config))
+    network = setup("vm-plain", path, net_config)
+    try:
+        assert network.netns == path
+        assert network.guest.routes[0].gateway == "10.77.0.1"
+        Guest(network).ping("10.77.0.1")
+    finally:
+        network.close()
+        teardown("vm-plain", net_config)
+    assert not os.path.exists(path)
+    assert leftovers(net_config) == []
+    assert link_names() == {"lo", "spinbox0"}
+    assert cni_rules() == []
