@@ -14,7 +14,6 @@ import re
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -22,7 +21,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-ETC = Path("/etc")
+# A plain string, not pathlib: the guest image keeps its Python small.
+ETC = "/etc"
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>, <linux/if_link.h>
 NLMSG_ERROR = 2
@@ -63,7 +63,7 @@ class NetworkConfigError(ValueError):
     """The host sent a configuration that cannot be applied; str() says what is wrong."""
 
 
-def apply(config: agent_pb2.NetworkConfig, etc: Path = ETC) -> None:
+def apply(config: agent_pb2.NetworkConfig, etc: str | os.PathLike[str] = ETC) -> None:
     """Configure the guest: NICs (found by MAC), addresses, routes, DNS, /etc/hosts, hostname."""
     validate(config)
     with Netlink() as nl:
@@ -155,14 +155,14 @@ def _free_name(nl: Netlink, name: str, index: int) -> None:
         nl.set_link(other, name=f"tmp{other}")
 
 
-def write_files(config: agent_pb2.NetworkConfig, etc: Path = ETC) -> None:
+def write_files(config: agent_pb2.NetworkConfig, etc: str | os.PathLike[str] = ETC) -> None:
     """/etc/resolv.conf, /etc/hosts and /etc/hostname."""
     resolv = [f"nameserver {server}" for server in config.nameservers]
     if config.search:
         resolv.append("search " + " ".join(config.search))
     if config.dns_options:
         resolv.append("options " + " ".join(config.dns_options))
-    _write(etc / "resolv.conf", resolv)
+    _write(os.path.join(etc, "resolv.conf"), resolv)
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     hosts += [f"{entry.address}\t{' '.join(entry.names)}" for entry in config.hosts]
     named = {name for entry in config.hosts for name in entry.names}
@@ -170,15 +170,17 @@ def write_files(config: agent_pb2.NetworkConfig, etc: Path = ETC) -> None:
         addresses = [a for iface in config.interfaces for a in iface.addresses]
         address = str(ipaddress.ip_interface(addresses[0]).ip) if addresses else "127.0.1.1"
         hosts.append(f"{address}\t{config.hostname}")
-    _write(etc / "hosts", hosts)
+    _write(os.path.join(etc, "hosts"), hosts)
     if config.hostname:
-        _write(etc / "hostname", [config.hostname])
+        _write(os.path.join(etc, "hostname"), [config.hostname])
 
 
-def _write(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
+def _write(path: str, lines: list[str]) -> None:
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(f"{line}\n" for line in lines))
     os.replace(tmp, path)
 
 
