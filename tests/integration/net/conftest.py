@@ -8,6 +8,7 @@ runs never meet.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.net import NetConfig
+from spinbox.net import NetConfig, collect_leftovers
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -39,6 +40,11 @@ def host_netns() -> Iterator[None]:
 
 
 @pytest.fixture
-def net_config(tmp_path: Path, host_netns: None) -> NetConfig:
-    """spinbox's shipped network list, with its state and leases under the test's directory."""
-    return NetConfig(run_dir=tmp_path / "run")
+def net_config(tmp_path: Path, host_netns: None) -> Iterator[NetConfig]:
+    """spinbox's shipped network list, with its state and leases under the test's directory.
+
+    Whatever a failing test left (namespace mounts, holder processes) is collected afterwards.
+    """
+    config = NetConfig(run_dir=tmp_path / "run")
+    yield config
+    asyncio.run(collect_leftovers([], config))
