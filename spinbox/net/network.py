@@ -58,11 +58,16 @@ class VmNetwork:
     guest: agent_pb2.NetworkConfig
     netns: str = ""
     result: dict[str, Any] | None = field(default=None, compare=False)
+    _open: set[int] = field(default_factory=set, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._open.update(nic.tap_fd for nic in self.nics)
 
     def close(self) -> None:
-        for nic in self.nics:
+        """Close the TAP fds; only the first call does (their numbers may be reused afterwards)."""
+        while self._open:
             with contextlib.suppress(OSError):
-                os.close(nic.tap_fd)
+                os.close(self._open.pop())
 
 
 def _store(config: NetConfig) -> StateStore:

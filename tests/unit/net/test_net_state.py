@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from spinbox.api.proto import agent_pb2
 from spinbox.net import NetworkError, network, tap
 from spinbox.net.cni import Dns, parse_result
 from spinbox.net.state import CniState, NetState, StateStore, TapState, check_vm_id
@@ -94,3 +96,20 @@ def test_guest_config_from_links_and_cni_dns() -> None:
     ]
     assert list(config.nameservers) == ["10.96.0.10"]
     assert list(config.search) == ["cluster.local"]
+
+
+def test_closing_a_network_twice_closes_each_fd_once() -> None:
+    read_end, write_end = os.pipe()
+    vm_network = network.VmNetwork(
+        vm_id="vm",
+        nics=[network.Nic(tap_fd=write_end, mac="0a:00:00:00:00:01")],
+        guest=agent_pb2.NetworkConfig(),
+    )
+    vm_network.close()
+    reused = os.dup(read_end)  # may take the number write_end had
+    try:
+        vm_network.close()
+        os.fstat(reused)
+    finally:
+        os.close(reused)
+        os.close(read_end)
