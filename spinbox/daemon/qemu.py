@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -15,6 +16,11 @@ from spinbox.daemon.host import choose_accelerator
 from spinbox.daemon.options import VmRequest
 
 log = logging.getLogger(__name__)
+
+
+def _module(name: str) -> Any:
+    # The VM, storage and network packages are imported when first used.
+    return importlib.import_module(name)
 
 
 class QemuBackend:
@@ -31,8 +37,8 @@ class QemuBackend:
     # -- storage ------------------------------------------------------------
 
     async def prepare_rootfs(self, request: VmRequest, work_dir: Path) -> tuple[Rootfs, Sequence[Any], Any]:
-        from spinbox import storage
-        from spinbox.vm import Disk
+        storage = _module("spinbox.storage")
+        Disk = _module("spinbox.vm").Disk
 
         if self._cache is None:
             self._cache = storage.LayerCache(root=Path(self.config.storage.layer_cache))
@@ -47,18 +53,18 @@ class QemuBackend:
     # -- network ------------------------------------------------------------
 
     async def setup_network(self, request: VmRequest) -> tuple[Sequence[Any], Any]:
-        from spinbox import net
+        net = _module("spinbox.net")
 
         network = await net.setup_network(request.id, request.netns, self.config.network)
         return list(network.nics), network.guest
 
     async def teardown_network(self, vm_id: str) -> None:
-        from spinbox import net
+        net = _module("spinbox.net")
 
         await net.teardown_network(vm_id)
 
     async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None:
-        from spinbox import net
+        net = _module("spinbox.net")
 
         await net.collect_leftovers(list(live_vm_ids))
 
@@ -87,7 +93,7 @@ class QemuBackend:
         nics: Sequence[Any],
         spawn: Spawn,
     ) -> Machine:
-        from spinbox import vm
+        vm = _module("spinbox.vm")
 
         spec = vm.VmSpec(
             vm_id=request.id,
@@ -105,7 +111,7 @@ class QemuBackend:
         return machine
 
     async def attach(self, runtime_dir: Path) -> Machine:
-        from spinbox import vm
+        vm = _module("spinbox.vm")
 
         machine: Machine = await vm.VirtualMachine.attach(runtime_dir)
         return machine
@@ -113,7 +119,7 @@ class QemuBackend:
     # -- the guest ----------------------------------------------------------
 
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
-        from spinbox.vm.agent import AgentClient
+        AgentClient = _module("spinbox.vm.agent").AgentClient
 
         agent = await AgentClient.connect(machine.control_address)
         try:
@@ -128,7 +134,8 @@ class QemuBackend:
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
         from spinbox.api.proto import agent_pb2
-        from spinbox.vm.agent import AgentClient
+
+        AgentClient = _module("spinbox.vm.agent").AgentClient
 
         agent = await AgentClient.connect(machine.control_address)
         try:
