@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from spinbox.config import Config
 from spinbox.daemon.options import VmRequest
 
-Spawn = Callable[[Sequence[str], Sequence[int]], Awaitable[int]]
+Spawn = Callable[[list[str], Sequence[int]], Awaitable[Any]]
 
 
 class Machine(Protocol):
@@ -33,12 +33,13 @@ class Machine(Protocol):
     @property
     def timeline(self) -> Mapping[str, float]: ...
 
-    async def wait_ready(self, timeout: float) -> None: ...  # noqa: ASYNC109
+    async def wait_ready(self, timeout: float) -> Any: ...  # noqa: ASYNC109
     async def pause(self) -> None: ...
     async def resume(self) -> None: ...
-    async def shutdown(self, timeout: float) -> None: ...  # noqa: ASYNC109
-    async def kill(self) -> None: ...
-    async def wait_exit(self) -> None: ...
+    async def shutdown(self, timeout: float) -> Any: ...  # noqa: ASYNC109
+    async def kill(self) -> Any: ...
+    async def wait_exit(self) -> Any: ...
+    async def detach(self) -> None: ...
 
 
 class Rootfs(Protocol):
@@ -56,13 +57,30 @@ class GuestSetup:
     mount: Any | None  # agent_pb2.MountRootfsRequest
 
 
+class Network(Protocol):
+    """A VM's network (spinbox.net.VmNetwork): TAP fds for QEMU, the guest's NetworkConfig."""
+
+    @property
+    def guest(self) -> Any: ...
+
+    def close(self) -> None:
+        """Close spinboxd's copies of the TAP fds (QEMU holds its own)."""
+        ...
+
+
 class Backend(Protocol):
     async def prepare_rootfs(self, request: VmRequest, work_dir: Path) -> tuple[Rootfs, Sequence[Any], Any]:
         """The prepared rootfs, its disks (spinbox.vm.Disk) and its MountRootfsRequest."""
         ...
 
-    async def setup_network(self, request: VmRequest) -> tuple[Sequence[Any], Any]:
-        """The NICs (spinbox.vm.Nic) and the guest's NetworkConfig."""
+    def restore_rootfs(self, work_dir: Path, container_id: str) -> Rootfs | None:
+        """The rootfs prepared in `work_dir` by an earlier spinboxd, if any."""
+        ...
+
+    async def prepare_netns(self, vm_id: str) -> tuple[str, int]: ...
+
+    async def setup_network(self, request: VmRequest) -> tuple[Network, Sequence[Any]]:
+        """The network and its NICs (spinbox.vm.Nic)."""
         ...
 
     async def teardown_network(self, vm_id: str) -> None: ...

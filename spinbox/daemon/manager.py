@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -20,11 +19,10 @@ from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.logs import LogForwarder, journal_sink
-from spinbox.daemon.netns import NetnsHolder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
-from spinbox.daemon.process import pid_alive, wait_pid_exit
+from spinbox.daemon.process import pid_alive
 from spinbox.daemon.spawn import ScopeSpawner, qemu_log_fifo
-from spinbox.daemon.state import STATE_FILE, VmState, vm_dir
+from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,6 @@ class Vm:
     runtime_dir: Path
     machine: Machine
     rootfs: Rootfs | None
-    process: subprocess.Popen[bytes] | None  # set while QEMU is spinboxd's own child
     forwarder: LogForwarder
     adopted: bool = False
     finished: asyncio.Future[None] | None = None
@@ -76,15 +73,16 @@ class VmManager:
         systemd: SystemdManager,
         backend: Backend,
         run_dir: Path,
+        storage_dir: Path = STORAGE_DIR,
         on_count_changed: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.config = config
         self.systemd = systemd
         self.backend = backend
         self.run_dir = run_dir
+        self.storage_dir = storage_dir
         self.vms: dict[str, Vm] = {}
         self.publisher: Publisher | None = None
-        self.netns = NetnsHolder(run_dir / "netns")
         self._reserved: set[str] = set()
         self._on_count_changed = on_count_changed
 
@@ -113,7 +111,7 @@ class VmManager:
         check_vm_id(vm_id)
         if vm_id in self.vms or vm_id in self._reserved:
             raise AlreadyExists(f"VM {vm_id!r} already exists")
-        return await self.netns.prepare(vm_id)
+        return await self.backend.prepare_netns(vm_id)
 
     async def create(self, request: VmRequest) -> Vm:
         vm_id = request.id
@@ -158,7 +156,6 @@ class VmManager:
             scope=scope,
             container_id=request.container_id,
             netns=request.netns or "",
-            netns_prepared=self.netns.holds(vm_id, request.netns),
             resources=resources,
             timeline=timeline,
             created_at=time.time(),
@@ -166,30 +163,34 @@ class VmManager:
         async with AsyncExitStack() as undo:
             os.makedirs(runtime_dir, mode=0o700)
             undo.callback(shutil.rmtree, runtime_dir, ignore_errors=True)
-            if state.netns_prepared:
-                undo.push_async_callback(self.netns.remove, vm_id)
+            # The network goes first: it also removes a namespace from
+            # PrepareNetworkNamespace when this VM fails.
+            state.network = True
+            undo.push_async_callback(self.backend.teardown_network, vm_id)
             state.save(runtime_dir)
 
             rootfs: Rootfs | None = None
             disks: list[Any] = []
             mount = None
             if request.rootfs:
-                state.storage_dir = str(runtime_dir / "storage")
+                work_dir = self.storage_dir / vm_id
+                state.storage_dir = str(work_dir)
                 state.save(runtime_dir)
-                rootfs, disk_list, mount = await self.backend.prepare_rootfs(request, Path(state.storage_dir))
+                undo.callback(shutil.rmtree, work_dir, ignore_errors=True)
+                rootfs, disk_list, mount = await self.backend.prepare_rootfs(request, work_dir)
                 undo.push_async_callback(rootfs.release)
                 disks = list(disk_list)
             mark("storage")
 
-            state.network = True
-            state.save(runtime_dir)
-            undo.push_async_callback(self.backend.teardown_network, vm_id)
-            nics, network = await self.backend.setup_network(request)
+            network, nics = await self.backend.setup_network(request)
+            undo.callback(network.close)
             mark("network")
 
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            undo.push_async_callback(machine.kill)
+            network.close()
             mark("qemu-started")
             state.pid = machine.pid
             state.save(runtime_dir)
@@ -200,7 +201,7 @@ class VmManager:
 
             await machine.wait_ready(self.config.vm.boot_timeout)
             mark("agent-ready")
-            state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network, mount))
+            state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network.guest, mount))
             mark("guest-configured")
 
             state.agent_address = machine.agent_address
@@ -209,7 +210,7 @@ class VmManager:
                 timeline.setdefault(f"vm.{phase}", float(stamp))
             state.phase = "running"
             state.save(runtime_dir)
-            vm = Vm(state, runtime_dir, machine, rootfs, spawner.process, forwarder)
+            vm = Vm(state, runtime_dir, machine, rootfs, forwarder)
             undo.pop_all()
         self._adopt(vm)
         log.info("VM %s is running (QEMU pid %d, %s)", vm_id, vm.state.pid, scope)
@@ -281,7 +282,7 @@ class VmManager:
     async def _watch_exit(self, vm: Vm) -> None:
         assert vm.finished is not None
         try:
-            await wait_pid_exit(vm.state.pid, vm.process)
+            await vm.machine.wait_exit()
             log.info("QEMU of VM %s (pid %d) has exited", vm.id, vm.state.pid)
             await self._release(vm)
         except Exception as e:
@@ -313,8 +314,8 @@ class VmManager:
                 await self.backend.teardown_network(vm.id)
             except Exception as e:
                 errors.append(f"network: {e}")
-        if vm.state.netns_prepared:
-            await self.netns.remove(vm.id)
+        if vm.state.storage_dir:
+            shutil.rmtree(vm.state.storage_dir, ignore_errors=True)
         await self.systemd.stop_unit(vm.state.scope)
         await self.systemd.wait_gone(vm.state.scope)
         shutil.rmtree(vm.runtime_dir, ignore_errors=True)
@@ -332,6 +333,8 @@ class VmManager:
             if vm.exit_task is not None:
                 vm.exit_task.cancel()
             await vm.forwarder.stop(drain=0)
+            with contextlib.suppress(Exception):
+                await vm.machine.detach()
 
     # -- restart ------------------------------------------------------------
 
@@ -364,10 +367,12 @@ class VmManager:
                 continue
             forwarder = self._forwarder(state.id, directory, machine)
             forwarder.start()
-            vm = Vm(state, directory, machine, None, None, forwarder, adopted=True)
+            rootfs = None
+            if state.storage_dir:
+                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
+            vm = Vm(state, directory, machine, rootfs, forwarder, adopted=True)
             self._adopt(vm)
             log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
-        await self.netns.collect_leftovers(set(self.vms))
         try:
             await self.backend.collect_network_leftovers(sorted(self.vms))
         except Exception:
@@ -382,9 +387,19 @@ class VmManager:
         ):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGKILL)
-        with contextlib.suppress(Exception):
+        try:
             check_vm_id(vm_id)
             await self.systemd.stop_unit(scope_name(vm_id))
             await self.systemd.wait_gone(scope_name(vm_id))
             await self.backend.teardown_network(vm_id)
+        except Exception:
+            log.exception("cleaning up after VM %s failed", vm_id)
+        if state is not None and state.storage_dir:
+            rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
+            if rootfs is not None:
+                with contextlib.suppress(Exception):
+                    await rootfs.writeback()
+                with contextlib.suppress(Exception):
+                    await rootfs.release()
+            shutil.rmtree(state.storage_dir, ignore_errors=True)
         shutil.rmtree(directory, ignore_errors=True)

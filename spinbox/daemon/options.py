@@ -14,7 +14,7 @@ from spinbox.daemon.errors import InvalidArgument
 
 # Room for containerd and Kubernetes ids (64 hex digits) and names, while the
 # scope name spinbox-vm-<id>.scope stays a plain unit name.
-VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 # Kernel parameters that spinbox sets itself and a caller may not override.
 RESERVED_KERNEL_ARGS = ("spinbox.", "console=", "init=", "rdinit=")
 
@@ -54,7 +54,7 @@ class VmRequest:
 def check_vm_id(vm_id: str) -> str:
     if not VM_ID_RE.fullmatch(vm_id):
         raise InvalidArgument(
-            f"VM id {vm_id!r} is not valid: use 1 to 128 letters, digits, '_', '.' or '-', "
+            f"VM id {vm_id!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
         )
     return vm_id

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spinbox.config import Config
-from spinbox.daemon.backend import GuestSetup, Machine, Rootfs, Spawn
+from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.host import choose_accelerator
 from spinbox.daemon.options import VmRequest
@@ -36,37 +36,52 @@ class QemuBackend:
 
     # -- storage ------------------------------------------------------------
 
+    def _layer_cache(self) -> Any:
+        if self._cache is None:
+            storage = _module("spinbox.storage")
+            self._cache = storage.LayerCache(root=Path(self.config.storage.layer_cache))
+        return self._cache
+
     async def prepare_rootfs(self, request: VmRequest, work_dir: Path) -> tuple[Rootfs, Sequence[Any], Any]:
         storage = _module("spinbox.storage")
-        Disk = _module("spinbox.vm").Disk
-
-        if self._cache is None:
-            self._cache = storage.LayerCache(root=Path(self.config.storage.layer_cache))
+        disk = _module("spinbox.vm").Disk
         mounts = [storage.MountSpec(m.type, m.source, m.target, m.options) for m in request.rootfs]
-        os.makedirs(work_dir, exist_ok=True)
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        upper_size = 0 if self.config.storage.tmpfs_upper else self.config.storage.upper_size_mib
         prepared = await storage.prepare_rootfs(
-            request.container_id, mounts, work_dir, self._cache, self.config.storage.upper_size_mib
+            request.container_id, mounts, work_dir, self._layer_cache(), upper_size
         )
-        disks = [Disk(path=i.path, serial=i.serial, read_only=i.read_only) for i in prepared.images]
+        prepared.save()
+        disks = [disk(path=i.path, serial=i.serial, read_only=i.read_only) for i in prepared.images]
         return prepared, disks, prepared.request
+
+    def restore_rootfs(self, work_dir: Path, container_id: str) -> Rootfs | None:
+        storage = _module("spinbox.storage")
+        try:
+            rootfs: Rootfs = storage.PreparedRootfs.load(work_dir, container_id, self._layer_cache())
+        except storage.StorageError:
+            return None
+        return rootfs
 
     # -- network ------------------------------------------------------------
 
-    async def setup_network(self, request: VmRequest) -> tuple[Sequence[Any], Any]:
-        net = _module("spinbox.net")
+    def _net_config(self) -> Any:
+        return self.config.network
 
-        network = await net.setup_network(request.id, request.netns, self.config.network)
-        return list(network.nics), network.guest
+    async def prepare_netns(self, vm_id: str) -> tuple[str, int]:
+        path, pid = await _module("spinbox.net").prepare_netns(vm_id, self._net_config())
+        return str(path), int(pid)
+
+    async def setup_network(self, request: VmRequest) -> tuple[Network, Sequence[Any]]:
+        nic = _module("spinbox.vm").Nic
+        network = await _module("spinbox.net").setup_network(request.id, request.netns, self._net_config())
+        return network, [nic(tap_fd=n.tap_fd, mac=n.mac) for n in network.nics]
 
     async def teardown_network(self, vm_id: str) -> None:
-        net = _module("spinbox.net")
-
-        await net.teardown_network(vm_id)
+        await _module("spinbox.net").teardown_network(vm_id, self._net_config())
 
     async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None:
-        net = _module("spinbox.net")
-
-        await net.collect_leftovers(list(live_vm_ids))
+        await _module("spinbox.net").collect_leftovers(list(live_vm_ids), self._net_config())
 
     # -- QEMU ---------------------------------------------------------------
 
@@ -94,54 +109,49 @@ class QemuBackend:
         spawn: Spawn,
     ) -> Machine:
         vm = _module("spinbox.vm")
-
         spec = vm.VmSpec(
             vm_id=request.id,
-            vcpus=request.vcpus,
-            memory_mib=request.memory_mib,
             kernel=self._kernel(),
             initrd=self._initrd(),
+            runtime_dir=runtime_dir,
+            vcpus=request.vcpus,
+            memory_mib=request.memory_mib,
             kernel_args=(*self.config.vm.kernel_args, *request.kernel_args),
             disks=tuple(disks),
             nics=tuple(nics),
             accel=self._accel,
-            runtime_dir=runtime_dir,
         )
-        machine: Machine = await vm.launch(spec, spawn=spawn)
+        try:
+            machine: Machine = await vm.launch(spec, spawn=spawn)
+        except vm.VmError as e:
+            raise Failed(str(e)) from None
         return machine
 
     async def attach(self, runtime_dir: Path) -> Machine:
-        vm = _module("spinbox.vm")
-
-        machine: Machine = await vm.VirtualMachine.attach(runtime_dir)
+        machine: Machine = await _module("spinbox.vm").VirtualMachine.attach(runtime_dir)
         return machine
 
     # -- the guest ----------------------------------------------------------
 
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
-        AgentClient = _module("spinbox.vm.agent").AgentClient
-
-        agent = await AgentClient.connect(machine.control_address)
+        client = _module("spinbox.vm.agent").AgentClient
+        agent = await client.connect(machine.control_address)
         try:
-            if setup.network is not None:
+            if setup.network is not None and len(setup.network.interfaces):
                 await agent.configure_network(setup.network)
             if setup.mount is not None:
-                response = await agent.mount_rootfs(setup.mount)
-                return str(response.path)
+                return str(await agent.mount_rootfs(setup.mount))
             return ""
         finally:
             await agent.close()
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
-        from spinbox.api.proto import agent_pb2
-
-        AgentClient = _module("spinbox.vm.agent").AgentClient
-
-        agent = await AgentClient.connect(machine.control_address)
+        client = _module("spinbox.vm.agent").AgentClient
+        agent = await client.connect(machine.control_address)
         try:
             if unmount:
-                await agent.unmount_rootfs(agent_pb2.UnmountRootfsRequest(container_id=container_id))
+                await agent.unmount_rootfs(container_id)
             else:
-                await agent.sync_rootfs(agent_pb2.SyncRootfsRequest(container_id=container_id))
+                await agent.sync_rootfs(container_id)
         finally:
             await agent.close()

@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from spinbox.daemon.process import wait_pid_exit
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 
 # $0 is a label for ps; $1 the go-ahead pipe's fd. `read` fails at EOF, i.e.
@@ -31,8 +32,19 @@ _WAIT_THEN_EXEC = 'fd=$1; shift; read -r go <&"$fd" || exit 97; eval "exec $fd<&
 QEMU_LOG_FIFO = "qemu.log"
 
 
-class SpawnError(RuntimeError):
-    pass
+class ScopedProcess:
+    """QEMU as spinboxd's child (spinbox.vm's ProcessHandle): its pid, and its exit, reaped."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait(self) -> int | None:
+        await wait_pid_exit(self.process.pid, self.process)
+        return self.process.returncode
 
 
 def qemu_log_fifo(runtime_dir: Path) -> Path:
@@ -59,7 +71,7 @@ class ScopeSpawner:
         self.process: subprocess.Popen[bytes] | None = None
         self.scope_started = False
 
-    async def __call__(self, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> int:
+    async def __call__(self, argv: list[str], pass_fds: Sequence[int] = ()) -> ScopedProcess:
         fifo = qemu_log_fifo(self.runtime_dir)
         if not fifo.exists():
             os.mkfifo(fifo, 0o600)
@@ -89,7 +101,7 @@ class ScopeSpawner:
             await self.abort()
             raise
         os.close(write_go)
-        return pid
+        return ScopedProcess(self.process)
 
     async def abort(self) -> None:
         """Undo a spawn: the child (QEMU or the waiting shell) and its scope."""

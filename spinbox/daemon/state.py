@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RUN_DIR = Path("/run/spinbox")
+# Per-VM disk images (the writable layer can be large: not in /run's RAM).
+STORAGE_DIR = Path("/var/lib/spinbox/vms")
 STATE_FILE = "state.json"
 
 
@@ -32,7 +34,6 @@ class VmState:
     rootfs_path: str = ""
     container_id: str = ""
     netns: str = ""
-    netns_prepared: bool = False
     network: bool = False
     storage_dir: str = ""
     resources: dict[str, Any] = field(default_factory=dict)
