@@ -22,13 +22,12 @@ errors that name the key, so a typo never silently means "default".
     upper_size_mib = 10240    # size of a VM's writable layer image
     tmpfs_upper = false       # keep the writable layer in guest RAM instead
 
-    [network]
-    cni_bin_dirs = ["/usr/lib/cni", "/opt/cni/bin"]
-    cni_network = "spinbox"   # name of spinbox's own network (no netns given)
-    subnet = "10.88.0.0/16"
-    bridge = "spinbox0"
-    mtu = 1500
-    nameservers = []          # [] = the host's /etc/resolv.conf nameservers
+    [network]                 # read by spinbox.net (NetConfig.from_table)
+    enabled = true            # false or "off": VMs get no NIC
+    conflist = "<spinbox/net/spinbox.conflist>"  # CNI network for VMs without a netns
+    plugin-path = ["/usr/lib/cni", "/opt/cni/bin"]
+    subnet = ""               # replaces the conflist's host-local subnet when set
+    run-dir = "/run/spinbox"
 
     [daemon]
     log_level = "info"        # debug, info, warning, error
@@ -37,7 +36,6 @@ errors that name the key, so a typo never silently means "default".
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -87,16 +85,6 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
-class NetworkConfig:
-    cni_bin_dirs: tuple[str, ...] = ("/usr/lib/cni", "/opt/cni/bin")
-    cni_network: str = "spinbox"
-    subnet: str = "10.88.0.0/16"
-    bridge: str = "spinbox0"
-    mtu: int = 1500
-    nameservers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class DaemonConfig:
     log_level: str = "info"
 
@@ -105,14 +93,18 @@ class DaemonConfig:
 class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    # [network] as written; spinbox.net validates it (NetConfig.from_table).
+    network: tuple[tuple[str, Any], ...] = ()
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    @property
+    def network_table(self) -> dict[str, Any]:
+        return dict(self.network)
 
 
 _SECTIONS: dict[str, type[Any]] = {
     "vm": VmConfig,
     "storage": StorageConfig,
-    "network": NetworkConfig,
     "daemon": DaemonConfig,
 }
 
@@ -192,24 +184,6 @@ def validate(config: Config) -> None:
     if not config.storage.layer_cache.startswith("/"):
         raise ConfigError(f"storage.layer_cache must be an absolute path, not {config.storage.layer_cache!r}")
     _positive("storage.upper_size_mib", config.storage.upper_size_mib)
-    net = config.network
-    try:
-        ipaddress.ip_network(net.subnet)
-    except ValueError as e:
-        raise ConfigError(f"network.subnet must be a network in CIDR notation: {e}") from None
-    for server in net.nameservers:
-        try:
-            ipaddress.ip_address(server)
-        except ValueError:
-            raise ConfigError(f"network.nameservers: {server!r} is not an IP address") from None
-    if not 576 <= net.mtu <= 65535:
-        raise ConfigError(f"network.mtu must be between 576 and 65535, not {net.mtu}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", net.bridge):
-        raise ConfigError(
-            f"network.bridge must be an interface name (at most 15 characters), not {net.bridge!r}"
-        )
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", net.cni_network):
-        raise ConfigError(f"network.cni_network must be a plain name, not {net.cni_network!r}")
     if config.daemon.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"daemon.log_level must be one of {', '.join(LOG_LEVELS)}, not {config.daemon.log_level!r}"
@@ -221,10 +195,15 @@ def parse(text: str, origin: str = str(CONFIG_PATH)) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{origin} is not valid TOML: {e}") from None
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, table in data.items():
+        if name == "network":
+            if not isinstance(table, dict):
+                raise ConfigError("[network] must be a table")
+            sections[name] = tuple(sorted(table.items()))
+            continue
         if name not in _SECTIONS:
-            known = ", ".join(sorted(_SECTIONS))
+            known = ", ".join(sorted([*_SECTIONS, "network"]))
             raise ConfigError(f"[{name}] is not a known section (known sections: {known})")
         sections[name] = _section(name, _SECTIONS[name], table)
     config = Config(**sections)

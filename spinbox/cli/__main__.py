@@ -21,6 +21,7 @@ BUS_NAME = "org.spinstack.Spinbox"
 MANAGER_PATH = "/org/spinstack/Spinbox"
 MANAGER_IFACE = "org.spinstack.Spinbox.Manager"
 VM_IFACE = "org.spinstack.Spinbox.VM"
+CNI_PLUGIN_PATH = ("/usr/lib/cni", "/opt/cni/bin")
 
 
 class CliError(Exception):
@@ -186,11 +187,13 @@ def _check_rows(config: Config, config_error: str | None) -> list[list[str]]:
         initrd.exists(),
         str(initrd) if initrd.exists() else f"{initrd} missing: run spinbox-mkguest",
     )
-    cni = [d for d in config.network.cni_bin_dirs if (Path(d) / "bridge").exists()]
+    plugin_path = config.network_table.get("plugin-path", CNI_PLUGIN_PATH)
+    dirs = [plugin_path] if isinstance(plugin_path, str) else list(plugin_path)
+    cni = [d for d in dirs if (Path(d) / "bridge").exists()]
     row(
         "CNI plugins",
         bool(cni),
-        cni[0] if cni else "no bridge plugin in " + ", ".join(config.network.cni_bin_dirs),
+        cni[0] if cni else "no bridge plugin in " + ", ".join(map(str, dirs)),
     )
     containerd = shutil.which("containerd")
     row("containerd", containerd is not None, containerd or "containerd not found (apt install containerd)")

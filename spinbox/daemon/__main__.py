@@ -42,13 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"spinboxd: bad configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.check_config:
-        return 0
     _setup_logging(config.daemon.log_level)
 
     from spinbox.daemon.qemu import QemuBackend
 
-    daemon = Daemon(config, QemuBackend(config), run_dir=args.run_dir)
+    backend = QemuBackend(config)
+    try:
+        backend.check_config()
+    except ConfigError as e:
+        print(f"spinboxd: bad configuration: {args.config}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        return 0
+    daemon = Daemon(config, backend, run_dir=args.run_dir)
     try:
         asyncio.run(daemon.run())
     except StartupError as e:

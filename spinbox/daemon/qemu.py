@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinbox.config import Config
+from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.host import choose_accelerator
@@ -30,9 +31,15 @@ class QemuBackend:
         if self._accel == "tcg" and config.vm.accel != "tcg":
             log.warning("%s", reason)
         self._cache: Any = None
+        self._net: Any = None
 
     def accelerator(self) -> str:
         return self._accel
+
+    def check_config(self) -> None:
+        """Validate the parts of the configuration other packages read; ConfigError names the key."""
+        if importlib.util.find_spec("spinbox.net") is not None:
+            self._net_config()
 
     # -- storage ------------------------------------------------------------
 
@@ -66,7 +73,13 @@ class QemuBackend:
     # -- network ------------------------------------------------------------
 
     def _net_config(self) -> Any:
-        return self.config.network
+        if self._net is None:
+            net = _module("spinbox.net")
+            try:
+                self._net = net.NetConfig.from_table(self.config.network_table)
+            except net.NetworkError as e:
+                raise ConfigError(str(e)) from None
+        return self._net
 
     async def prepare_netns(self, vm_id: str) -> tuple[str, int]:
         path, pid = await _module("spinbox.net").prepare_netns(vm_id, self._net_config())
