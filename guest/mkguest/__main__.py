@@ -8,6 +8,7 @@ from pathlib import Path
 
 from guest.mkguest.errors import BuildError
 from guest.mkguest.image import COMPRESSIONS, ImageConfig, build, kernel_version_of
+from guest.mkguest.kmod import module_free
 from spinbox.vm.errors import VmError
 from spinbox.vm.spec import DEFAULT_IMAGE, check_kernel, default_kernel
 
@@ -36,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
             kernel = args.kernel or default_kernel()
             check_kernel(kernel)
             version = kernel_version_of(kernel)
-        result = build(ImageConfig(kernel_version=version, compression=args.compression), args.output)
+        modules = not module_free(kernel)
+        config = ImageConfig(kernel_version=version, compression=args.compression, kernel_modules=modules)
+        result = build(config, args.output)
     except (BuildError, VmError) as error:
         print(f"spinbox-mkguest: {error}", file=sys.stderr)
         return 1
     print(f"kernel: {kernel} ({version})")
-    print(f"kernel modules: {len(result.kernel_modules)}")
+    print(f"kernel modules: {len(result.kernel_modules)}{'' if modules else ' (built without modules)'}")
     print(f"python modules: {result.python_modules}")
     size = f"{result.size / 1e6:.1f} MB, {args.compression}"
     print(f"image: {result.output} ({size}), built in {result.seconds:.2f} s")

@@ -56,6 +56,7 @@ class ImageConfig:
     tools: tuple[HostTool, ...] = (BUSYBOX, CRUN)
     modules_root: Path = Path("/lib/modules")
     compression: str = "none"  # fastest to boot under TCG (measured); gzip and zstd are smaller
+    kernel_modules: bool = True  # False for a kernel built without modules (kmod.module_free)
     mtime: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
 
 
@@ -191,6 +192,8 @@ def build(config: ImageConfig, output: Path) -> BuildResult:
 
 
 def _kernel_modules(config: ImageConfig) -> list[KernelModule]:
+    if not config.kernel_modules:
+        return []
     modules_dir = config.modules_root / config.kernel_version
     if not modules_dir.is_dir():
         raise BuildError(
