@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from google.protobuf import symbol_database
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from spinbox.api.proto import rpc_status_pb2, ttrpc_pb2
@@ -109,6 +111,32 @@ class Server:
         self, service: str, method: str, request_type: type[Req], handler: ClientStreamHandler[Req]
     ) -> None:
         self._add(service, method, _Method(_Kind.CLIENT_STREAM, request_type, handler))
+
+    def add_service(
+        self, service: ServiceDescriptor, implementation: object, name: str | None = None
+    ) -> None:
+        """Register every method of a protobuf service that implementation
+        has an attribute for (same name as the rpc; the kind of handler
+        follows the rpc's streaming). `name` serves it under another service
+        name with the same messages (containerd.task.v3.Task for v2's)."""
+        registry = symbol_database.Default()
+        service_name = name or service.full_name
+        for method in service.methods:
+            handler = getattr(implementation, method.name, None)
+            if handler is None:
+                continue
+            request_type = registry.GetSymbol(method.input_type.full_name)
+            if method.client_streaming and method.server_streaming:
+                raise ValueError(
+                    f"{service.full_name}/{method.name}: bidirectional streams are not supported"
+                )
+            if method.client_streaming:
+                kind = _Kind.CLIENT_STREAM
+            elif method.server_streaming:
+                kind = _Kind.SERVER_STREAM
+            else:
+                kind = _Kind.UNARY
+            self._add(service_name, method.name, _Method(kind, request_type, handler))
 
     def lookup(self, service: str, method: str) -> _Method:
         entry = self._methods.get((service, method))
