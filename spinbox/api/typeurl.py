@@ -14,7 +14,8 @@ from typing import TypeVar
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from spinbox.api.proto import events_task_pb2, events_ttrpc_pb2
+from spinbox.api.proto.containerd.events import task_pb2 as events_task_pb2
+from spinbox.api.proto.containerd.services.ttrpc.events.v1 import events_pb2 as events_ttrpc_pb2
 
 M = TypeVar("M", bound=Message)
 

@@ -10,14 +10,12 @@ import pytest
 from google.protobuf import descriptor_pb2, empty_pb2, symbol_database
 
 from spinbox.api import typeurl
-from spinbox.api.proto import (
-    cgroups_v2_metrics_pb2,
-    events_task_pb2,
-    events_ttrpc_pb2,
-    shim_pb2,
-    shim_v3_pb2,
-    task_types_pb2,
-)
+from spinbox.api.proto.containerd.cgroups.v2 import metrics_pb2 as cgroups_v2_metrics_pb2
+from spinbox.api.proto.containerd.events import task_pb2 as events_task_pb2
+from spinbox.api.proto.containerd.services.ttrpc.events.v1 import events_pb2 as events_ttrpc_pb2
+from spinbox.api.proto.containerd.task.v2 import shim_pb2
+from spinbox.api.proto.containerd.task.v3 import shim_pb2 as shim_v3_pb2
+from spinbox.api.proto.containerd.types.task import task_pb2 as task_types_pb2
 from spinbox.ttrpc import CallContext, Client, Code, Server, TtrpcError
 from tests.unit.ttrpc.echo_service import run
 
