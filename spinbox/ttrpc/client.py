@@ -114,9 +114,13 @@ class Client:
         """A unary call; raises TtrpcError for a failed status."""
         stream_id, call = self._start(service, method, request.SerializeToString(), 0, timeout, metadata)
         try:
-            async with asyncio.timeout(timeout) as scope:
+            if timeout is None:
                 await self._out.drain()
                 response = await call.response
+            else:
+                async with asyncio.timeout(timeout) as scope:
+                    await self._out.drain()
+                    response = await call.response
         except TimeoutError:
             if not scope.expired():
                 raise

@@ -18,7 +18,7 @@ from google.protobuf import symbol_database
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from spinbox.api.proto import rpc_status_pb2, ttrpc_pb2
+from spinbox.api.proto import ttrpc_pb2
 from spinbox.ttrpc import transport
 from spinbox.ttrpc.frame import MAX_MESSAGE, Flags, FrameReader, FrameType, OversizedFrame, ProtocolError
 from spinbox.ttrpc.status import Code, TtrpcError
@@ -32,7 +32,19 @@ UnaryHandler = Callable[[Req, "CallContext"], Awaitable[Message]]
 ServerStreamHandler = Callable[[Req, "CallContext"], AsyncIterator[Message]]
 ClientStreamHandler = Callable[[AsyncIterator[Req], "CallContext"], Awaitable[Message]]
 
-_OK_STATUS = rpc_status_pb2.Status(code=Code.OK)
+
+def ok_response(body: bytes) -> bytes:
+    """ttrpc.Response{status: {code: OK}, payload: body}, encoded by hand:
+    it is built for every successful call."""
+    if not body:
+        return b"\x0a\x00"
+    size = len(body)
+    varint = bytearray()
+    while size > 0x7F:
+        varint.append(size & 0x7F | 0x80)
+        size >>= 7
+    varint.append(size)
+    return b"\x0a\x00\x12" + bytes(varint) + body
 
 
 @dataclass
@@ -381,27 +393,25 @@ class _ServerConnection:
     ) -> None:
         out = self._out
         try:
-            try:
-                async with asyncio.timeout_at(ctx.deadline) as scope:
-                    response = await self._invoke(stream_id, method, ctx, payload, inbox)
-            except TimeoutError:
-                if not scope.expired():
-                    raise
-                raise TtrpcError(
-                    Code.DEADLINE_EXCEEDED, f"{ctx.service}/{ctx.method}: deadline exceeded"
-                ) from None
+            if ctx.deadline is None:
+                response = await self._invoke(stream_id, method, ctx, payload, inbox)
+            else:
+                try:
+                    async with asyncio.timeout_at(ctx.deadline) as scope:
+                        response = await self._invoke(stream_id, method, ctx, payload, inbox)
+                except TimeoutError:
+                    if not scope.expired():
+                        raise
+                    raise TtrpcError(
+                        Code.DEADLINE_EXCEEDED, f"{ctx.service}/{ctx.method}: deadline exceeded"
+                    ) from None
             if method.kind is _Kind.SERVER_STREAM:
                 await out.send(stream_id, FrameType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA)
                 return
             assert response is not None
             body = response.SerializeToString()
             out.check_size(body, "response")
-            await out.send(
-                stream_id,
-                FrameType.RESPONSE,
-                0,
-                ttrpc_pb2.Response(status=_OK_STATUS, payload=body).SerializeToString(),
-            )
+            await out.send(stream_id, FrameType.RESPONSE, 0, ok_response(body))
             return
         except TtrpcError as e:
             error = e

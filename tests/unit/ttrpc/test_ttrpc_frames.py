@@ -234,3 +234,13 @@ def test_server_rejects_bad_stream_ids_and_undecodable_requests() -> None:
         (3, Code.INVALID_ARGUMENT),
     ]
     assert got[3][0] == 0x7FFFFFFF
+
+
+@given(st.binary(max_size=70000))
+@settings(max_examples=50, deadline=None)
+def test_hand_encoded_ok_response_matches_protobuf(body: bytes) -> None:
+    from spinbox.api.proto import rpc_status_pb2
+    from spinbox.ttrpc.server import ok_response
+
+    expected = ttrpc_pb2.Response(status=rpc_status_pb2.Status(code=0), payload=body).SerializeToString()
+    assert ok_response(body) == expected
