@@ -371,8 +371,11 @@ class _ServerConnection:
             return
         if not flags & Flags.NO_DATA:
             try:
-                async with asyncio.timeout(self._server.stream_full_timeout):
-                    await inbox.put(payload)
+                if inbox.full:
+                    async with asyncio.timeout(self._server.stream_full_timeout):
+                        await inbox.put(payload)
+                else:
+                    inbox.put_nowait(payload)
             except TimeoutError:
                 self._fail_stream(
                     stream_id,

@@ -15,7 +15,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spinbox.api.proto import ttrpc_pb2
+from spinbox.api.proto import rpc_status_pb2, ttrpc_pb2
 from spinbox.ttrpc import Code, Server
 from spinbox.ttrpc.frame import (
     MAX_MESSAGE,
@@ -26,6 +26,7 @@ from spinbox.ttrpc.frame import (
     ProtocolError,
     encode_frame,
 )
+from spinbox.ttrpc.server import ok_response
 from tests.unit.ttrpc.echo_service import SERVICE, EchoService, run
 
 HEADER = struct.Struct(">IIBB")
@@ -239,8 +240,5 @@ def test_server_rejects_bad_stream_ids_and_undecodable_requests() -> None:
 @given(st.binary(max_size=70000))
 @settings(max_examples=50, deadline=None)
 def test_hand_encoded_ok_response_matches_protobuf(body: bytes) -> None:
-    from spinbox.api.proto import rpc_status_pb2
-    from spinbox.ttrpc.server import ok_response
-
     expected = ttrpc_pb2.Response(status=rpc_status_pb2.Status(code=0), payload=body).SerializeToString()
     assert ok_response(body) == expected

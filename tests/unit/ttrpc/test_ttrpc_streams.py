@@ -246,3 +246,35 @@ def test_serve_on_a_connected_socket_fd() -> None:
         await server.close()
 
     run(main)
+
+
+def test_serial_port_sessions_end_with_the_host() -> None:
+    """serve_serial_port serves a session while its peer is there, then goes
+    back to waiting for the next one (here a tty stands in for the port)."""
+
+    async def main() -> None:
+        controller, device = pty.openpty()
+        tty.setraw(device)
+        tty.setraw(controller)
+        path = os.ttyname(device)
+        server = Server()
+        EchoService().register(server)
+        serving = asyncio.create_task(server.serve_serial_port(path, poll_interval=0.01))
+        try:
+            reader, writer = await open_fd_streams(controller)
+            client = Client(reader, writer)
+            assert (
+                await client.call(SERVICE, "Echo", StringValue(value="port"), StringValue)
+            ).value == "port"
+            await client.close()
+        finally:
+            os.close(controller)
+            os.close(device)
+        await asyncio.sleep(0.05)
+        assert not serving.done()
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        await server.close()
+
+    run(main)
