@@ -11,7 +11,6 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf import symbol_database
@@ -100,7 +99,8 @@ class Server:
         self.stream_full_timeout = stream_full_timeout
         self._methods: dict[tuple[str, str], _Method] = {}
         self._connections: set[_ServerConnection] = set()
-        self._listeners: list[tuple[asyncio.Server, Path | None]] = []
+        # Each listener with the unix socket path to remove when it closes.
+        self._listeners: list[tuple[asyncio.Server, str | None]] = []
         self._closing = False
 
     def _add(self, service: str, method: str, entry: _Method) -> None:
@@ -174,7 +174,7 @@ class Server:
     async def serve_unix(self, path: str | os.PathLike[str]) -> asyncio.Server:
         """Listen on a unix socket at path (a stale socket there is replaced)."""
         server = await asyncio.start_unix_server(self.serve_connection, path=os.fspath(path))
-        self._listeners.append((server, Path(path)))
+        self._listeners.append((server, os.fspath(path)))
         return server
 
     async def serve_socket(self, sock: socket.socket) -> asyncio.Server:
@@ -236,7 +236,7 @@ class Server:
             await server.wait_closed()
             if path is not None:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    os.unlink(path)
 
 
 class _ServerConnection:
