@@ -217,7 +217,7 @@ class Client:
         """Register a call and write its request frame. Runs without
         suspending, so stream ids reach the wire in increasing order."""
         if self._closed is not None:
-            raise self._closed
+            raise TtrpcError(self._closed.code, self._closed.message)
         request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
         if timeout is not None:
             request.timeout_nano = max(1, int(timeout * 1e9))
@@ -240,7 +240,9 @@ class Client:
         return stream_id, call
 
     def _lost(self, error: Exception) -> TtrpcError:
-        return self._closed or TtrpcError(Code.UNAVAILABLE, f"ttrpc connection lost: {error}")
+        if self._closed is not None:
+            return TtrpcError(self._closed.code, self._closed.message)
+        return TtrpcError(Code.UNAVAILABLE, f"ttrpc connection lost: {error}")
 
     def _shut(self, error: TtrpcError) -> None:
         if self._closed is not None:

@@ -418,6 +418,12 @@ class _ServerConnection:
             return
         except TtrpcError as e:
             error = e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the connection is going away
+            # The handler let a cancellation of its own escape: still answer.
+            error = TtrpcError(Code.CANCELLED, f"{ctx.service}/{ctx.method} was cancelled")
         except (ConnectionError, OSError) as e:
             if self._writer.is_closing():
                 return

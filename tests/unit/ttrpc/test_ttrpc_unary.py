@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from pathlib import Path
 
 import pytest
-from google.protobuf.wrappers_pb2 import DoubleValue, StringValue
+from google.protobuf.wrappers_pb2 import DoubleValue, Int64Value, StringValue
 
 from spinbox.ttrpc import Client, Code, Server, TtrpcError
+from spinbox.ttrpc.server import ok_response
 from tests.unit.ttrpc.echo_service import SERVICE, EchoService, run, serving
 
 
@@ -207,5 +209,61 @@ def test_client_close_is_orderly(tmp_path: Path) -> None:
             other = await Client.connect_unix(tmp_path / "ttrpc.sock")
             assert (await other.call(SERVICE, "Echo", StringValue(value="b"), StringValue)).value == "b"
             await other.close()
+
+    run(main)
+
+
+def test_oversized_response_is_resource_exhausted(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, client):
+            with pytest.raises(TtrpcError) as err:
+                await client.call(SERVICE, "Grow", Int64Value(value=5 << 20), StringValue)
+            assert err.value.code is Code.RESOURCE_EXHAUSTED
+            assert (
+                len((await client.call(SERVICE, "Grow", Int64Value(value=1 << 20), StringValue)).value)
+                == 1 << 20
+            )
+
+    run(main)
+
+
+def test_handler_escaping_cancellation_still_answers(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, client):
+            with pytest.raises(TtrpcError) as err:
+                await client.call(SERVICE, "GiveUp", StringValue(), StringValue)
+            assert err.value.code is Code.CANCELLED
+
+    run(main)
+
+
+def test_client_skips_an_oversized_response(tmp_path: Path) -> None:
+    """A peer answering with a frame over the cap fails that call only."""
+    header = struct.Struct(">IIBB")
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            length, stream_id, _, _ = header.unpack(await reader.readexactly(10))
+            await reader.readexactly(length)
+            if stream_id == 1:
+                writer.write(header.pack((4 << 20) + 1, 1, 2, 0) + b"\0" * ((4 << 20) + 1))
+            else:
+                answer = ok_response(StringValue(value="fine").SerializeToString())
+                writer.write(header.pack(len(answer), stream_id, 2, 0) + answer)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        listener = await asyncio.start_unix_server(peer, path=str(tmp_path / "peer.sock"))
+        client = await Client.connect_unix(tmp_path / "peer.sock")
+        first = asyncio.create_task(client.call(SERVICE, "Echo", StringValue(), StringValue))
+        second = asyncio.create_task(client.call(SERVICE, "Echo", StringValue(), StringValue))
+        with pytest.raises(TtrpcError) as err:
+            await first
+        assert err.value.code is Code.RESOURCE_EXHAUSTED
+        assert (await second).value == "fine"
+        await client.close()
+        listener.close()
 
     run(main)
