@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import struct
 from pathlib import Path
 
@@ -265,5 +267,25 @@ def test_client_skips_an_oversized_response(tmp_path: Path) -> None:
         assert (await second).value == "fine"
         await client.close()
         listener.close()
+
+    run(main)
+
+
+def test_serve_an_inherited_listening_socket(tmp_path: Path) -> None:
+    """The shim's server gets its listener as a bare fd (fd 3)."""
+
+    async def main() -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / "inherited.sock"))
+        listener.listen()
+        fd = os.dup(listener.fileno())
+        listener.close()
+        server = Server()
+        EchoService().register(server)
+        await server.serve_socket(socket.socket(fileno=fd))
+        client = await Client.connect_unix(tmp_path / "inherited.sock")
+        assert (await client.call(SERVICE, "Echo", StringValue(value="fd"), StringValue)).value == "fd"
+        await client.close()
+        await server.close()
 
     run(main)
