@@ -77,6 +77,8 @@ def containerd() -> Iterator[Containerd]:
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{address}"\n'
         f'[ttrpc]\n  address = "{address}.ttrpc"\n'
+        # Keeps containerd from creating /opt/containerd on the host.
+        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{top / "opt"}"\n'
     )
     log = top / "containerd.log"
     with log.open("w") as out:
