@@ -167,6 +167,8 @@ class Client:
                 yield _decode(response_type, payload)
         finally:
             self._calls.pop(stream_id, None)
+            # Releases the connection's reader if it waits for room in the inbox.
+            inbox.end(TtrpcError(Code.CANCELLED, "stream abandoned"))
 
     async def client_stream(
         self,

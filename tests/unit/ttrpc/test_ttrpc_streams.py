@@ -63,14 +63,19 @@ def test_server_stream_error_after_data(tmp_path: Path) -> None:
 
 def test_leaving_a_server_stream_early(tmp_path: Path) -> None:
     async def main() -> None:
-        async with serving(tmp_path) as (_, client):
+        async with serving(tmp_path):
+            client = await Client.connect_unix(tmp_path / "ttrpc.sock", stream_buffer=2)
             stream = client.server_stream(SERVICE, "Count", Int64Value(value=1000), Int64Value)
             async with contextlib.aclosing(stream):
                 async for m in stream:
                     if m.value == 3:
+                        # Let the connection fill the stream's buffer and wait for room.
+                        await asyncio.sleep(0.2)
                         break
-            # What the server still sends for that stream is dropped.
+            # The connection is not stuck behind the abandoned stream, and what
+            # the server still sends for it is dropped.
             assert (await client.call(SERVICE, "Echo", StringValue(value="x"), StringValue)).value == "x"
+            await client.close()
 
     run(main)
 
