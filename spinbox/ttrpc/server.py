@@ -216,8 +216,10 @@ class Server:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         try:
             while not self._closing:
-                await transport.wait_host_connected(fd, poll_interval)
-                await self.serve_fd(fd)
+                if transport.host_connected(fd):
+                    await self.serve_fd(fd)
+                else:
+                    await asyncio.sleep(poll_interval)
         finally:
             os.close(fd)
 

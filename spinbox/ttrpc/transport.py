@@ -61,18 +61,15 @@ async def open_fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.Stream
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-async def wait_host_connected(fd: int, poll_interval: float) -> None:
-    """Wait until a virtio-serial port has a host on its other end.
+def host_connected(fd: int) -> bool:
+    """Whether a virtio-serial port has a host on its other end.
 
     While no host is connected the port polls as hung up (and reads return
-    end-of-file) and nothing signals a connect, so this polls.
+    end-of-file), and nothing signals a connect: callers poll this.
     """
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLOUT)
-    while True:
-        events = 0
-        for _, mask in poller.poll(0):
-            events |= mask
-        if events and not events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-            return
-        await asyncio.sleep(poll_interval)
+    events = 0
+    for _, mask in poller.poll(0):
+        events |= mask
+    return bool(events) and not events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
