@@ -122,7 +122,7 @@ class Client:
                     await self._out.drain()
                     response = await call.response
         except TimeoutError:
-            if not scope.expired():
+            if timeout is None or not scope.expired():
                 raise
             raise _deadline(service, method, timeout) from None
         except (ConnectionError, OSError) as e:
