@@ -289,3 +289,28 @@ def test_serve_an_inherited_listening_socket(tmp_path: Path) -> None:
         await server.close()
 
     run(main)
+
+
+def test_calls_beyond_the_connection_limit_are_refused(tmp_path: Path) -> None:
+    service = EchoService()
+
+    async def main() -> None:
+        server = Server(max_calls=10)
+        service.register(server)
+        await server.serve_unix(tmp_path / "s.sock")
+        client = await Client.connect_unix(tmp_path / "s.sock")
+        sleepers = [
+            asyncio.create_task(client.call(SERVICE, "Sleep", DoubleValue(value=3600), DoubleValue))
+            for _ in range(10)
+        ]
+        await service.started.wait()
+        with pytest.raises(TtrpcError) as err:
+            await client.call(SERVICE, "Echo", StringValue(value="one too many"), StringValue)
+        assert err.value.code is Code.RESOURCE_EXHAUSTED
+        assert "more than 10 calls" in err.value.message
+        for task in sleepers:
+            task.cancel()
+        await client.close()
+        await server.close()
+
+    run(main)
