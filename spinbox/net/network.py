@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from spinbox.api.proto import agent_pb2
 from spinbox.net import cni, conflist, netns, tap
 from spinbox.net.config import NetConfig
@@ -141,7 +143,11 @@ async def setup_network(vm_id: str, netns_path: str | None, config: NetConfig | 
             tap_name = f"{tap.TAP_PREFIX}{i}"
             state = state.evolve(taps=(*state.taps, TapState(link=link.name, tap=tap_name)))
             store.save(state)
-            fd = await netns.run_in_async(state.netns, functools.partial(tap.plumb, link, tap_name))
+            try:
+                fd = await netns.run_in_async(state.netns, functools.partial(tap.plumb, link, tap_name))
+            except Exception as e:
+                context = f"cannot create TAP {tap_name} for {link.name} in {state.netns}"
+                raise _as_network_error(e, context) from None
             nics.append(Nic(tap_fd=fd, mac=link.mac))
         guest = guest_config(links, cni.parse_result(result) if result else None)
     except BaseException as e:
@@ -271,7 +277,8 @@ async def _collect_leases(live: set[str], orphans: dict[str, Path], config: NetC
         return []
     collected = []
     for directory in conflist.lease_dirs(networks):
-        if not directory.is_dir():
+        # Only spinbox's own lease directory: a conflist may share one with other runtimes.
+        if not directory.is_relative_to(config.lease_dir) or not directory.is_dir():
             continue
         for lease in sorted(directory.iterdir()):
             owner = _lease_owner(lease)
@@ -380,6 +387,10 @@ def _check_netns(path: str) -> None:
 def _as_network_error(e: BaseException, context: str) -> BaseException:
     if isinstance(e, NetworkError):
         return e
+    if isinstance(e, NetlinkError):
+        return NetworkError(f"{context}: {os.strerror(e.code)}")
+    if isinstance(e, OSError) and e.strerror:
+        return NetworkError(f"{context}: {e.strerror}")
     if isinstance(e, Exception):
         return NetworkError(f"{context}: {e}")
     return e
