@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -172,7 +173,7 @@ async def _run_cni(store: StateStore, state: NetState, config: NetConfig) -> tup
     store.save(state)
     attachment = cni.Attachment(container_id=state.vm_id, netns=state.netns, ifname=cni_state.ifname)
     result = await cni.add(networks, attachment, config.plugin_path)
-    state = state.evolve(cni=CniState(**{**cni_state.__dict__, "result": result}))
+    state = state.evolve(cni=dataclasses.replace(cni_state, result=result))
     store.save(state)
     return state, result
 
