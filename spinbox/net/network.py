@@ -29,6 +29,7 @@ from spinbox.net import cni, conflist, netns, tap
 from spinbox.net.config import NetConfig
 from spinbox.net.errors import NetworkError
 from spinbox.net.state import CniState, NetState, StateStore, TapState, check_vm_id
+from spinbox.vm import Nic
 
 log = logging.getLogger("spinbox.net")
 
@@ -39,19 +40,12 @@ RESOLVED_UPSTREAM = Path("/run/systemd/resolve/resolv.conf")
 
 
 @dataclass(frozen=True)
-class Nic:
-    """A guest NIC: QEMU's `-netdev tap,fd=<tap_fd>` (the fd has IFF_VNET_HDR) with MAC `mac`."""
-
-    tap_fd: int
-    mac: str
-
-
-@dataclass(frozen=True)
 class VmNetwork:
     """What setup_network gives spinboxd.
 
-    nics: one per guest NIC, in order; the fds are the daemon's to pass to QEMU
-        and to close() afterwards (QEMU keeps its own copies).
+    nics: one spinbox.vm.Nic per guest NIC, in order; the fds (IFF_VNET_HDR,
+        close-on-exec) are the daemon's to pass to QEMU and to close() afterwards
+        (QEMU keeps its own copies).
     guest: the agent's ConfigureNetwork request.
     netns: the namespace the TAPs live in ("" with networking off).
     """
