@@ -107,6 +107,7 @@ async def setup_network(vm_id: str, netns_path: str | None, config: NetConfig | 
     """
     config = config or NetConfig()
     check_vm_id(vm_id)
+    netns_path = netns_path or None
     if not config.enabled:
         return VmNetwork(vm_id=vm_id, nics=[], guest=agent_pb2.NetworkConfig())
     store = _store(config)
