@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from guest.mkguest import python as mkguest_python
-
 from spinbox import net
 from spinbox.net import NetConfig
 from spinbox.vm import VmSpec, default_kernel, launch
