@@ -139,7 +139,7 @@ def test_attach_re_adopts_a_running_vm(test_image: Path, tmp_path: Path) -> None
             assert vm.control_address == first.control_address
             assert await vm.status() == "prelaunch"
             assert vm.timeline["qmp-up"] > 0
-            assert await vm.kill() is None  # not our child: its parent (this test's loop) reaped it
+            assert await vm.kill() in (None, -9)  # None when its parent (this loop) reaped it first
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(first.pid, signal.SIGKILL)
@@ -174,5 +174,31 @@ def test_qemu_refusing_to_start_is_reported(test_image: Path, tmp_path: Path) ->
         with pytest.raises(VmError, match=r"failed to start .*no-such-device"):
             await launch(spec)
         assert not runtime_dir.exists()
+
+    run(scenario)
+
+
+def test_guest_image_boots_to_agent_ready(guest_image: Path, tmp_path: Path) -> None:
+    """The real image: vminitd answers Ping on both channels, and Shutdown powers the guest off."""
+    from spinbox.vm.agent import AgentClient
+
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        vm = await launch(make_spec(guest_image, runtime_dir))
+        try:
+            timeline = await vm.wait_ready(BOOT_TIMEOUT)
+            assert timeline["exec"] == 0
+            assert 0 < timeline["qmp-up"] < timeline["agent-ready"]
+            assert {"guest-entry", "guest-modules", "guest-agent-listening"} <= set(timeline)
+            agent = await AgentClient.connect(vm.agent_address)  # the shim's channel
+            try:
+                assert (await agent.ping()).timeline["agent-listening"] > 0
+            finally:
+                await agent.close()
+            assert await vm.shutdown(60) == 0  # the guest powered itself off
+        finally:
+            await vm.kill()
+        assert_gone(vm.pid, runtime_dir)
 
     run(scenario)
