@@ -101,8 +101,9 @@ async def boot_guest(image: Path, run_dir: Path, agent: bool) -> dict[str, float
                     raise RuntimeError("the guest stopped before its init was ready")
                 seen += chunk
             timeline = {**vm.timeline, "init-ready": time.monotonic() - vm.state.stamps["exec"]}
+        start = time.monotonic()
         await vm.shutdown(30)
-        return timeline
+        return {**timeline, "shutdown (after ready)": time.monotonic() - start}
     finally:
         writer.close()
         await vm.kill()
