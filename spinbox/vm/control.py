@@ -1,67 +1,73 @@
-"""spinboxd's connection to the guest agent over the control channel.
+"""The VM's own requests to the guest agent over the control channel: Ping and Shutdown.
 
-A virtio-serial port's host end takes one connection at a time, and each new
-connection is a new session for the guest to notice, so the VM keeps one
-connection open and every control request (Ping, Shutdown, and the daemon's
-own) goes over it.
+The channel is a virtio-serial port whose host end takes one connection at a
+time, and spinboxd makes its own requests on it too; so each request here is a
+session of its own, closed as soon as it is answered. The guest tells one host
+connection from the next only once it has seen the previous one end: a session
+opened right after another may be taken for its continuation and refused
+("stream ids must increase"), and is retried shortly after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-UNAVAILABLE = 14  # ttrpc's Code.UNAVAILABLE: the connection was lost
+from spinbox.ttrpc import Code, TtrpcError
+from spinbox.vm.agent import AgentClient
 
+T = TypeVar("T")
 
-def _agent_client() -> Any:
-    # spinbox.vm.agent (the typed client) is imported lazily: the VM layer works
-    # without the ttrpc stack until a caller asks the agent for something.
-    return importlib.import_module("spinbox.vm.agent").AgentClient
+ATTEMPTS = 5
+RETRY_DELAY = 0.2
 
 
 def connection_lost(error: BaseException) -> bool:
-    return isinstance(error, (OSError, EOFError)) or getattr(error, "code", None) == UNAVAILABLE
+    return isinstance(error, (OSError, EOFError)) or (
+        isinstance(error, TtrpcError) and error.code == Code.UNAVAILABLE
+    )
 
 
-class ControlChannel:
-    """One lazily (re)connected AgentClient on the control address."""
+def _taken_for_previous_session(error: BaseException) -> bool:
+    return (
+        isinstance(error, TtrpcError)
+        and error.code == Code.INVALID_ARGUMENT
+        and "stream ids" in error.message
+    )
 
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._client: Any = None
-        self._lock = asyncio.Lock()
 
-    async def client(self) -> Any:
-        """The connected AgentClient (spinbox.vm.agent), connecting if needed."""
-        async with self._lock:
-            if self._client is None:
-                self._client = await _agent_client().connect(self.address)
-            return self._client
-
-    async def ping(self) -> dict[str, int]:
-        """Ask the agent for Ping; return its boot timeline (CLOCK_BOOTTIME ns by phase)."""
+async def session(address: str, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+    """Run call on a fresh connection to the agent, retrying sessions the guest took for an old one."""
+    for attempt in range(ATTEMPTS):
+        agent = await AgentClient.connect(address)
         try:
-            response = await (await self.client()).ping()
-        except Exception as error:
-            if connection_lost(error):
-                await self.close()
-            raise
+            return await call(agent)
+        except TtrpcError as error:
+            if not _taken_for_previous_session(error) or attempt == ATTEMPTS - 1:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                await agent.close()
+        await asyncio.sleep(RETRY_DELAY)
+    raise AssertionError("unreachable")
+
+
+async def ping(address: str) -> dict[str, int]:
+    """Ask the agent for Ping; return its boot timeline (CLOCK_BOOTTIME ns by phase)."""
+
+    async def call(agent: AgentClient) -> dict[str, int]:
+        response = await agent.ping()
         return {str(name): int(ns) for name, ns in response.timeline.items()}
 
-    async def shutdown(self) -> None:
-        """Ask the agent to shut the guest down in order; a lost connection means it powered off."""
-        try:
-            await (await self.client()).shutdown()
-        except Exception as error:
-            await self.close()
-            if not connection_lost(error):
-                raise
+    return await session(address, call)
 
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
+
+async def shutdown(address: str) -> None:
+    """Ask the agent to shut the guest down in order; a lost connection means it powered off."""
+    try:
+        await session(address, lambda agent: agent.shutdown())
+    except Exception as error:
+        if not connection_lost(error):
+            raise

@@ -14,9 +14,9 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
+from spinbox.vm import control
 from spinbox.vm.accel import choose_accel
 from spinbox.vm.cid import CID_DIR, CidLease, _try_lock, allocate_cid
-from spinbox.vm.control import ControlChannel
 from spinbox.vm.errors import VmError, VmNotRunning
 from spinbox.vm.process import (
     ProcessHandle,
@@ -76,7 +76,6 @@ class VirtualMachine:
         self.state = state
         self._process = process
         self._qmp = qmp
-        self.control = ControlChannel(state.control_address)
         self._exit: asyncio.Task[int | None] = asyncio.ensure_future(self._watch_exit())
 
     # What callers read.
@@ -158,13 +157,12 @@ class VirtualMachine:
 
     async def wait_ready(self, timeout: float) -> dict[str, float]:  # noqa: ASYNC109 (the contract's name)
         """Wait until the agent answers Ping on the control channel; return the timeline."""
-        ping = asyncio.ensure_future(self.control.ping())
+        ping = asyncio.ensure_future(control.ping(self.control_address))
         done, _ = await asyncio.wait({ping, self._exit}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if ping not in done:
             ping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ping
-            await self.control.close()
             if self._exit in done:
                 raise VmError(f"VM {self.vm_id} stopped before its agent was ready{self._exit_detail()}")
             raise VmError(f"VM {self.vm_id}'s agent did not answer within {timeout:g} s")
@@ -186,7 +184,7 @@ class VirtualMachine:
         deadline = asyncio.get_running_loop().time() + timeout
         if "agent-ready" in self.state.stamps and await self._running():
             try:
-                await asyncio.wait_for(self.control.shutdown(), timeout)
+                await asyncio.wait_for(control.shutdown(self.control_address), timeout)
             except Exception as error:
                 log.warning("VM %s: the agent's Shutdown failed (%s); stopping QEMU", self.vm_id, error)
             else:
@@ -211,7 +209,6 @@ class VirtualMachine:
         self._exit.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._exit
-        await self.control.close()
         await self._qmp.disconnect()
 
     # Internals.
@@ -243,7 +240,6 @@ class VirtualMachine:
     async def _watch_exit(self) -> int | None:
         status = await self._process.wait()
         log.info("VM %s: QEMU exited with status %s", self.vm_id, status)
-        await self.control.close()
         with contextlib.suppress(Exception):
             await self._qmp.disconnect()
         _remove_runtime_files(self.paths, self.state.cid)
