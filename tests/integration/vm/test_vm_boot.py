@@ -26,6 +26,11 @@ def main() -> None:
     print("spinbox-test-init: hello from PID", os.getpid(), flush=True)
     if os.environ.get("spinboxtest") == "poweroff":
         os.execv("/bin/busybox", ["poweroff", "-f"])
+    if os.environ.get("spinboxtest") == "panic":
+        modules = open("/etc/spinbox/modules").read().split()
+        for module in [m for m in modules if "pvpanic" in m]:
+            os.spawnv(os.P_WAIT, "/bin/busybox", ["insmod", module])
+        return
     while True:
         time.sleep(3600)
 """
@@ -197,6 +202,24 @@ def test_guest_image_boots_to_agent_ready(guest_image: Path, tmp_path: Path) -> 
             finally:
                 await agent.close()
             assert await vm.shutdown(60) == 0  # the guest powered itself off
+        finally:
+            await vm.kill()
+        assert_gone(vm.pid, runtime_dir)
+
+    run(scenario)
+
+
+def test_guest_panic_is_reported(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        # The test init loads pvpanic-pci, then exits: PID 1 exiting panics the kernel.
+        vm = await launch(make_spec(test_image, runtime_dir, kernel_args=("spinboxtest=panic",)))
+        try:
+            events = vm.events()
+            assert await asyncio.wait_for(vm.wait_exit(), BOOT_TIMEOUT) == 1
+            names = [event["event"] async for event in events]
+            assert "GUEST_PANICKED" in names
         finally:
             await vm.kill()
         assert_gone(vm.pid, runtime_dir)
