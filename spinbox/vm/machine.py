@@ -294,6 +294,7 @@ async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True
     except BaseException:
         if lease:
             lease.release()
+        _remove_runtime_files(paths, None)
         raise
     finally:
         if lease:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,8 @@ def test_console_qmp_and_shutdown(test_image: Path, tmp_path: Path) -> None:
             console = await read_until(reader, b"spinbox-test-init: hello from PID 1")
             assert b"SeaBIOS" in console
             assert await vm.status() == "running"
+            with pytest.raises(VmError, match="agent did not answer within 1 s"):
+                await vm.wait_ready(1)  # this init has no agent
 
             events = vm.events()
             await vm.pause()
@@ -223,5 +225,19 @@ def test_guest_panic_is_reported(test_image: Path, tmp_path: Path) -> None:
         finally:
             await vm.kill()
         assert_gone(vm.pid, runtime_dir)
+
+    run(scenario)
+
+
+def test_a_failing_spawn_leaves_nothing(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def refuse(argv: list[str], pass_fds: Sequence[int]) -> int:
+        raise VmError(f"cannot start {argv[0]}")
+
+    async def scenario() -> None:
+        with pytest.raises(VmError, match="cannot start qemu-system-x86_64"):
+            await launch(make_spec(test_image, runtime_dir), spawn=refuse)
+        assert not runtime_dir.exists()
 
     run(scenario)
