@@ -27,14 +27,12 @@ STARTUP_MODULES = (
     "encodings.latin_1",
 )
 
-# Imported only behind try/except or for features the guest does not use; the
-# first two alone would pull in OpenSSL.
+# Imported only behind try/except, lazily, or by tools the guest does not run
+# (never unconditionally by what the guest imports); ssl alone would pull in OpenSSL.
 EXCLUDED_MODULES = (
     "ssl",
     "_ssl",
     "_hashlib",
-    "_ctypes",
-    "ctypes",
     "tkinter",
     "_tkinter",
     "unittest",
@@ -52,28 +50,9 @@ EXCLUDED_MODULES = (
     "curses",
     "_curses",
     "readline",
+    "dbm",
     "_dbm",
     "_gdbm",
-    "dbm",
-    "lzma",
-    "_lzma",
-    "bz2",
-    "_bz2",
-    "xml",
-    "email",
-    "http",
-    "urllib",
-    "xmlrpc",
-    "ftplib",
-    "smtplib",
-    "imaplib",
-    "poplib",
-    "nntplib",
-    "mailbox",
-    "tarfile",
-    "zipfile",
-    "_decimal",
-    "decimal",
     "multiprocessing",
     "concurrent.futures.process",
     "asyncio.__main__",
