@@ -301,7 +301,7 @@ def test_garbage_on_the_agent_channel(guest: GuestVM) -> None:
             await guest.reconnect()
             try:
                 return await asyncio.wait_for(guest.agent.ping(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     assert guest.run(asyncio.wait_for(ping_again(), 120)).version
