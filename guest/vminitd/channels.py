@@ -13,12 +13,12 @@ import contextlib
 import logging
 import os
 import select
-import socket
 import struct
 from pathlib import Path
 
 from guest.vminitd.stdio import read
 from spinbox.ttrpc import Server
+from spinbox.ttrpc.transport import wait_host_connected
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ async def serve_port(server: Server, path: Path) -> None:
             os.close(fd)
 
 
-async def _wait_for_host(fd: int) -> None:
-    while True:
-        if host_connected(fd):
-            return
-        await asyncio.sleep(_POLL_INTERVAL)
-
-
 _HEADER = struct.Struct(">IIBB")
 _REQUEST, _DATA = 1, 3
 _MAX_FRAME = 4 << 20
@@ -94,12 +87,12 @@ class PortSessions:
         try:
             while True:
                 if self.session is None:
-                    await _wait_for_host(self.fd)
+                    await wait_host_connected(self.fd, _POLL_INTERVAL)
                 data = await read(self.fd)
                 if not data:  # the host went away
                     await self._end("the host disconnected")
                     self.buffer.clear()
-                    await _wait_for_host(self.fd)
+                    await wait_host_connected(self.fd, _POLL_INTERVAL)
                     continue
                 self.buffer += data
                 await self._frames()
@@ -164,15 +157,6 @@ class _Session:
                 await self.task
             except Exception:
                 log.exception("agent session failed")
-
-
-async def serve_vsock(server: Server, port: int) -> asyncio.AbstractServer:
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    sock.bind((socket.VMADDR_CID_ANY, port))
-    sock.listen(16)
-    sock.setblocking(False)
-    listener: asyncio.AbstractServer = await server.serve_socket(sock)
-    return listener
 
 
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}

@@ -116,6 +116,25 @@ def test_boot_timeline(guest: GuestVM) -> None:
     print("guest timeline (s):", {k: round(v / 1e9, 3) for k, v in sorted(t.items(), key=lambda kv: kv[1])})
 
 
+def test_logs_reach_the_log_port(guest: GuestVM) -> None:
+    async def read_logs() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(guest.vm.log_socket))
+        seen = b""
+        try:
+            while b"agent listening" not in seen:
+                line = await reader.readline()
+                assert line, "the log channel ended"
+                seen += line
+        finally:
+            writer.close()
+        return seen
+
+    logs = guest.run(asyncio.wait_for(read_logs(), 60))
+    lines = logs.splitlines()
+    assert all(line[:1] == b"<" and line[2:3] == b">" for line in lines if not line.startswith(b" "))
+    assert any(line.startswith(b"<6>loaded") and b"kernel modules" in line for line in lines)
+
+
 def test_run_a_process_on_an_erofs_rootfs_with_an_ext4_upper(guest: GuestVM) -> None:
     path = mount(guest, "first", upper=True)
     assert path == "/run/spinbox/rootfs/first"
