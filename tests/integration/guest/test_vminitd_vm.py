@@ -197,8 +197,8 @@ def test_exec_sigterm_pids_pause_and_stats(guest: GuestVM) -> None:
     guest.run(body())
 
 
-def test_stats_have_real_numbers(guest: GuestVM) -> None:
-    metrics_pb2 = pytest.importorskip("spinbox.api.proto.metrics_pb2")
+def test_stats_and_update_resources(guest: GuestVM) -> None:
+    metrics_pb2 = pytest.importorskip("spinbox.api.proto.containerd.cgroups.v2.metrics_pb2")
     mount(guest, "stats")
     a = guest.agent
 
@@ -207,6 +207,11 @@ def test_stats_have_real_numbers(guest: GuestVM) -> None:
         await a.create_container("stats", oci.spec("sh", "-c", script), pb.IoConfig(stdout=True))
         await a.start("stats")
         await drive.read_until(a.read_output("stats"), b"ready", bytearray())
+        resources = {"memory": {"limit": 96 << 20, "swap": 96 << 20}, "pids": {"limit": 100}}
+        await a.update_resources("stats", json.dumps(resources).encode())
+        with pytest.raises(TtrpcError) as e:
+            await a.update_resources("stats", b"[]")
+        assert e.value.code == Code.INVALID_ARGUMENT
         metrics = await a.stats("stats")
         await a.delete_container("stats")
         await a.unmount_rootfs("stats")
@@ -216,6 +221,8 @@ def test_stats_have_real_numbers(guest: GuestVM) -> None:
     assert m.memory.usage > 0
     assert m.cpu.usage_usec > 0
     assert m.pids.current >= 1
+    assert m.memory.usage_limit == 96 << 20
+    assert m.pids.limit == 100
 
 
 def test_terminal_and_resize(guest: GuestVM) -> None:
