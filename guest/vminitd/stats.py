@@ -9,7 +9,6 @@ from typing import Any
 
 from spinbox.ttrpc import Code, TtrpcError
 
-
 METRICS_MODULE = "spinbox.api.proto.containerd.cgroups.v2.metrics_pb2"
 
 
