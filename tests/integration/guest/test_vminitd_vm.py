@@ -227,24 +227,8 @@ def test_stats_and_update_resources(guest: GuestVM) -> None:
 
 def test_terminal_and_resize(guest: GuestVM) -> None:
     mount(guest, "tty")
-    a = guest.agent
-
-    async def body() -> None:
-        spec = oci.spec("sh", "-c", "stty size; read x; stty size; exit 5", terminal=True)
-        await a.create_container("tty", spec, pb.IoConfig(stdin=True, stdout=True, terminal=True))
-        await a.resize_pty("tty", width=100, height=30)
-        chunks = a.read_output("tty")
-        seen = bytearray()
-        await a.start("tty")
-        await drive.read_until(chunks, b"30 100", seen)
-        await a.resize_pty("tty", width=120, height=40)
-        await a.write_input("tty", drive.feed(b"go\n"), close_stdin=False)
-        await drive.read_until(chunks, b"40 120", seen)
-        assert (await a.wait("tty")).exit_status == 5
-        await a.delete_process("tty")
-        await a.unmount_rootfs("tty")
-
-    guest.run(body())
+    guest.run(drive.terminal_session(guest.agent, "tty"))
+    guest.run(guest.agent.unmount_rootfs("tty"))
 
 
 def test_memory_limit_oom_event(guest: GuestVM) -> None:
