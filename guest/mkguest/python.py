@@ -27,8 +27,9 @@ STARTUP_MODULES = (
     "encodings.latin_1",
 )
 
-# Imported only behind try/except, lazily, or by tools the guest does not run
-# (never unconditionally by what the guest imports); ssl alone would pull in OpenSSL.
+# Imported only behind try/except or for features the guest does not use; the
+# first two alone would pull in OpenSSL. (ctypes and urllib stay in: vminitd
+# calls mount, finit_module and reboot through ctypes, and pathlib imports urllib.parse.)
 EXCLUDED_MODULES = (
     "ssl",
     "_ssl",
@@ -50,9 +51,27 @@ EXCLUDED_MODULES = (
     "curses",
     "_curses",
     "readline",
-    "dbm",
     "_dbm",
     "_gdbm",
+    "dbm",
+    "lzma",
+    "_lzma",
+    "bz2",
+    "_bz2",
+    "xml",
+    "email",
+    "http",
+    "xmlrpc",
+    "ftplib",
+    "smtplib",
+    "imaplib",
+    "poplib",
+    "nntplib",
+    "mailbox",
+    "tarfile",
+    "zipfile",
+    "_decimal",
+    "decimal",
     "multiprocessing",
     "concurrent.futures.process",
     "asyncio.__main__",
