@@ -66,3 +66,22 @@ def test_kernel_without_a_config_beside_it_is_not_module_free(tmp_path: Path) ->
     kernel.write_bytes(b"x")
     assert not module_free(kernel)
     assert not module_free(tmp_path / "bzImage")
+
+
+def test_default_kernel_is_the_configured_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kernel = module_free_kernel(tmp_path)
+    config = tmp_path / "spinbox.toml"
+    config.write_text(f'[vm]\nkernel = "{kernel}"\n')
+    output = tmp_path / "initrd.img"
+    assert mkguest_main(["--config", str(config), "--output", str(output)]) == 0
+    assert f"kernel: {kernel} (spinbox)" in capsys.readouterr().out
+    assert read_newc(output.read_bytes())["etc/spinbox/modules"][1] == b""
+
+
+def test_bad_configuration_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "spinbox.toml"
+    config.write_text("[vm]\nkernel = 7\n")
+    assert mkguest_main(["--config", str(config), "--output", str(tmp_path / "x.img")]) == 1
+    error = capsys.readouterr().err
+    assert str(config) in error and "kernel" in error
+    assert not (tmp_path / "x.img").exists()
