@@ -151,6 +151,12 @@ def make(tree: Path, obj: Path, *targets: str, jobs: int = 1) -> None:
 def configure(tree: Path, obj: Path, fragment: Path) -> dict[str, str | None]:
     """Writes obj/.config: tinyconfig, the fragment merged over it, olddefconfig."""
     wanted = read_config(fragment)
+    unknown = sorted(set(wanted) - kconfig_symbols(tree))
+    if unknown:
+        raise BuildError(
+            f"{fragment.name} names symbols this kernel source does not define: "
+            + ", ".join(f"CONFIG_{symbol}" for symbol in unknown)
+        )
     obj.mkdir(parents=True, exist_ok=True)
     make(tree, obj, "tinyconfig")
     merge = tree / "scripts/kconfig/merge_config.sh"

@@ -79,3 +79,18 @@ def test_every_symbol_exists_in_the_kernel_source(fragment: dict[str, str | None
     symbols = build.kconfig_symbols(TREE)
     assert "VIRTIO_BLK" in symbols
     assert sorted(set(fragment) - symbols) == []
+
+
+def test_missing_source_and_unknown_symbols_are_named(tmp_path: Path) -> None:
+    with pytest.raises(build.BuildError, match=r"nope.tar.xz does not exist: apt install linux-source-6.1"):
+        build.unpack(tmp_path / "nope.tar.xz", tmp_path / "work")
+    tree = tmp_path / "linux"
+    (tree / "fs").mkdir(parents=True)
+    (tree / "Kconfig").write_text('config EXT4_FS\n\ttristate "ext4"\nmenuconfig NET\n\tbool "net"\n')
+    (tree / "fs" / "Kconfig.binfmt").write_text("config BINFMT_ELF\n\tbool\n")
+    assert build.kconfig_symbols(tree) == {"EXT4_FS", "NET", "BINFMT_ELF"}
+    fragment = tmp_path / "fragment.config"
+    fragment.write_text("CONFIG_EXT4_FS=y\n# CONFIG_NOSUCH is not set\nCONFIG_ALSO_MISSING=y\n")
+    with pytest.raises(build.BuildError, match=r"does not define: CONFIG_ALSO_MISSING, CONFIG_NOSUCH$"):
+        build.configure(tree, tmp_path / "obj", fragment)
+    assert not (tmp_path / "obj").exists()
