@@ -17,7 +17,8 @@ from pathlib import Path
 
 from spinbox.shim.options import ShimOptions
 
-SOCKET_DIR = Path("/run/containerd/s")
+# Overridable for tests and benchmarks that run beside a real containerd.
+SOCKET_DIR = Path(os.environ.get("SPINBOX_SHIM_SOCKET_DIR", "/run/containerd/s"))
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # The highest task API version spinbox serves (containerd.task.v3.Task).
