@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"containerd-shim-spinbox-v1: {error}", file=sys.stderr)
         return 2
+    if options.info:
+        # containerd 2.x asks runtimes for their features; spinbox has no options to report.
+        print("containerd-shim-spinbox-v1: -info is not supported", file=sys.stderr)
+        return 2
     if options.version:
         from spinbox import __version__
 

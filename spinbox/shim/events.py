@@ -113,9 +113,10 @@ class TtrpcEventSender:
             await client.call(
                 EVENTS_SERVICE, "Forward", request, Empty, metadata={NAMESPACE_METADATA: [self.namespace]}
             )
-        except (OSError, ConnectionError):
-            self._client = None
-            await client.close()
+        except Exception:
+            if client.closed:
+                # containerd went away (or restarted): reconnect on the next try.
+                self._client = None
             raise
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ class ShimOptions:
     bundle: str = ""
     debug: bool = False
     version: bool = False
+    info: bool = False
     action: str = ""  # "start", "delete" or "" (serve)
     socket: str = ""
     ttrpc_address: str = ""
@@ -34,7 +35,7 @@ _VALUE_FLAGS = {
     "socket": "socket",  # the listener's path (the listener itself is fd 3)
     "debug-socket": "",
 }
-_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version", "info": ""}
+_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version", "info": "info"}
 
 
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> ShimOptions:
@@ -75,6 +76,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> ShimOp
         bundle=str(values.get("bundle", "")),
         debug=bool(values.get("debug", False)),
         version=bool(values.get("version", False)),
+        info=bool(values.get("info", False)),
         action=action,
         socket=str(values.get("socket", "")),
         ttrpc_address=env.get("TTRPC_ADDRESS", ""),

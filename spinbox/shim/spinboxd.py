@@ -98,9 +98,7 @@ class Spinboxd:
             else:
                 bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
         except Exception as error:
-            raise SpinboxdError(
-                "Unavailable", f"cannot reach the system bus to talk to spinboxd: {error}"
-            ) from error
+            raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
         return cls(bus)
 
     def close(self) -> None:
