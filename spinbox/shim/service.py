@@ -145,6 +145,19 @@ def _netns_path(spec: dict[str, Any]) -> str:
     return ""
 
 
+# The newest runtime-spec version the guest's crun accepts (crun 1.8 refuses
+# anything but 1.0.x; the fields spinbox passes on are all in 1.0).
+GUEST_OCI_VERSION = "1.0.2"
+
+
+def for_guest(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the guest's runtime reads it."""
+    version = str(spec.get("ociVersion", ""))
+    if version.startswith("1.0"):
+        return spec
+    return {**spec, "ociVersion": GUEST_OCI_VERSION}
+
+
 def load_spec(bundle: str) -> dict[str, Any]:
     path = Path(bundle) / "config.json"
     try:
@@ -297,7 +310,7 @@ class TaskService:
                 stderr=state.io.stderr is not None and not req.terminal,
                 terminal=req.terminal,
             )
-            await agent.create_container(req.id, json.dumps(guest_spec).encode(), io_config)
+            await agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
             state.process.pid = vm.pid
             self._start_copying(agent, state)
             await run_hooks(

@@ -42,10 +42,9 @@ BUILDS = {
 CONFIG = """version = 2
 root = "{root}"
 state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "{address}"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable = true
 """
 
 UNIT = """[Unit]

@@ -19,8 +19,8 @@ from spinbox.shim import events as topics
 from spinbox.shim.errors import ShimError
 from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import task
-from spinbox.shim.service import TaskService
-from spinbox.shim.spinboxd import SpinboxdError, VmInfo, VmRequest
+from spinbox.shim.service import TaskService, for_guest
+from spinbox.shim.spinboxd import SpinboxdError, VmInfo, VmRequest, vm_id_for
 
 
 class FakeAgent:
@@ -283,3 +283,17 @@ def test_error_codes_for_unknown_and_running_tasks(tmp_path: Path) -> None:
         "update-empty": "INVALID_ARGUMENT",
         "kill-exited": "NOT_FOUND",
     }
+
+
+def test_vm_ids_fit_spinboxd_rules() -> None:
+    assert vm_id_for("default", "t1") == "default-t1"
+    long_id = "3c57e2f8b25817202be2fa8cb3211d77cfa543f12ed5fcf188f2425e9a1d27b6"
+    vm_id = vm_id_for("default", long_id)
+    assert len(vm_id) <= 64 and vm_id.startswith("default-3c57")
+    assert vm_id != vm_id_for("other", long_id)
+    assert vm_id == vm_id_for("default", long_id)
+
+
+def test_guest_gets_a_runtime_spec_version_its_crun_reads() -> None:
+    assert for_guest({"ociVersion": "1.2.1"})["ociVersion"] == "1.0.2"
+    assert for_guest({"ociVersion": "1.0.2-dev"})["ociVersion"] == "1.0.2-dev"
