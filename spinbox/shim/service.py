@@ -150,12 +150,29 @@ def _netns_path(spec: dict[str, Any]) -> str:
 GUEST_OCI_VERSION = "1.0.2"
 
 
+def _is_bind(mount: object) -> bool:
+    if not isinstance(mount, dict):
+        return False
+    options = mount.get("options") or []
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
 def for_guest(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as the guest's runtime reads it."""
-    version = str(spec.get("ociVersion", ""))
-    if version.startswith("1.0"):
-        return spec
-    return {**spec, "ociVersion": GUEST_OCI_VERSION}
+    """The spec as the guest's runtime reads it: a runtime-spec version its
+    crun accepts, and no bind mounts of host paths, which do not exist in
+    the VM (nerdctl's /etc/hosts and resolv.conf, for example)."""
+    guest = dict(spec)
+    if not str(spec.get("ociVersion", "")).startswith("1.0"):
+        guest["ociVersion"] = GUEST_OCI_VERSION
+    mounts = spec.get("mounts") or []
+    host_binds = [m for m in mounts if _is_bind(m)]
+    if host_binds:
+        log.warning(
+            "host bind mounts are not shared into the VM; leaving out %s",
+            ", ".join(str(m.get("destination")) for m in host_binds),
+        )
+        guest["mounts"] = [m for m in mounts if not _is_bind(m)]
+    return guest
 
 
 def load_spec(bundle: str) -> dict[str, Any]:

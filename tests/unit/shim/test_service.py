@@ -297,3 +297,21 @@ def test_vm_ids_fit_spinboxd_rules() -> None:
 def test_guest_gets_a_runtime_spec_version_its_crun_reads() -> None:
     assert for_guest({"ociVersion": "1.2.1"})["ociVersion"] == "1.0.2"
     assert for_guest({"ociVersion": "1.0.2-dev"})["ociVersion"] == "1.0.2-dev"
+
+
+def test_host_bind_mounts_stay_on_the_host() -> None:
+    spec = {
+        "ociVersion": "1.0.2",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {
+                "destination": "/etc/hosts",
+                "type": "bind",
+                "source": "/var/lib/nerdctl/x/hosts",
+                "options": ["rbind"],
+            },
+            {"destination": "/data", "source": "/srv/data", "options": ["rbind", "ro"]},
+        ],
+    }
+    assert [m["destination"] for m in for_guest(spec)["mounts"]] == ["/proc"]
+    assert len(spec["mounts"]) == 3
