@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from spinbox.api.proto import agent_pb2
 from spinbox.shim import events as topics
+from spinbox.shim.bootstrap import SANDBOX_ID_ANNOTATION
 from spinbox.shim.errors import (
     SPINBOXD_CODES,
     ShimError,
@@ -34,13 +35,13 @@ from spinbox.shim.process import Process, Status
 from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import Empty, events, mount, task, task_types
 from spinbox.shim.sizing import SizingError, sizing_from_spec
-from spinbox.shim.spinboxd import RootfsMount, SpinboxdError, VmInfo, VmRequest, vm_id_for
+from spinbox.shim.spinboxd import SpinboxdError, VmInfo, VmRequest, vm_id_for
 from spinbox.shim.stdio import Kind, ProcessIO, StdioConfig, StdioError, read_fifo
+from spinbox.storage import MountSpec
 
 log = logging.getLogger(__name__)
 
 METRICS_TYPE = "io.containerd.cgroups.v2.Metrics"
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 STOP_TIMEOUT_MS = 10_000
 
 
@@ -310,7 +311,7 @@ class TaskService:
             request = VmRequest(
                 vm_id=vm_id,
                 container_id=req.id,
-                rootfs=tuple(RootfsMount(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs),
+                rootfs=tuple(MountSpec(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs),
                 vcpus=sizing.vcpus,
                 memory_mib=sizing.memory_mib,
                 kernel_args=sizing.kernel_args,

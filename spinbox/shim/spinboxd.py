@@ -12,6 +12,8 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio.message_bus import MessageBus
 
+from spinbox.storage import MountSpec
+
 BUS_NAME = "org.spinstack.Spinbox"
 MANAGER_PATH = "/org/spinstack/Spinbox"
 MANAGER = "org.spinstack.Spinbox.Manager"
@@ -32,18 +34,10 @@ class SpinboxdError(Exception):
 
 
 @dataclass(frozen=True)
-class RootfsMount:
-    type: str
-    source: str
-    target: str
-    options: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class VmRequest:
     vm_id: str
     container_id: str
-    rootfs: tuple[RootfsMount, ...] = ()
+    rootfs: tuple[MountSpec, ...] = ()
     vcpus: int | None = None
     memory_mib: int | None = None
     kernel_args: tuple[str, ...] = ()

@@ -105,52 +105,50 @@ class Sink:
         raise NotImplementedError
 
 
-class _PipeProtocol(asyncio.streams.FlowControlMixin):
-    """Flow control for a write pipe, and a future that resolves when it is closed."""
+class _PipeProtocol(asyncio.Protocol):
+    """Flow control and end of a write-only pipe transport."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if not self._closed.done():
-            self._closed.set_result(None)
-
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
-        return self._closed
+        self.writable.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class PipeSink(Sink):
     """A FIFO or pipe, written without blocking the loop. Once the reader has
     gone, further output is dropped (as runc's shim does)."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self._broken = False
+    def __init__(self, transport: asyncio.WriteTransport, protocol: _PipeProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
 
     @classmethod
     async def open_fd(cls, fd: int) -> PipeSink:
-        loop = asyncio.get_running_loop()
         pipe = os.fdopen(fd, "wb", buffering=0)
-        transport, protocol = await loop.connect_write_pipe(_PipeProtocol, pipe)
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        return cls(writer)
+        transport, protocol = await asyncio.get_running_loop().connect_write_pipe(_PipeProtocol, pipe)
+        return cls(transport, protocol)
 
     async def write(self, data: bytes) -> None:
-        if self._broken:
+        if self._transport.is_closing():
             return
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            self._broken = True
-            log.info("the reader of an output stream went away; dropping its output")
+        self._transport.write(data)
+        await self._protocol.writable.wait()
 
     async def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._writer.close()
-            await self._writer.wait_closed()
+        if not self._transport.is_closing():
+            self._transport.close()
+        await self._protocol.closed
 
 
 class FileSink(Sink):
