@@ -82,7 +82,7 @@ def bind_listener(path: Path) -> socket.socket | None:
         except OSError as error:
             listener.close()
             if error.errno != errno.EADDRINUSE:
-                raise StartError(f"cannot bind the shim socket {path}: {error.strerror}") from error
+                raise StartError(f"cannot bind the shim socket {path}: {error.strerror or error}") from error
             if can_connect(path):
                 return None
             # A shim that died left its socket behind.
