@@ -12,15 +12,18 @@ from __future__ import annotations
 import os
 import sys
 
-from spinbox.shim.options import ShimOptions, UsageError, parse_args
+from spinbox.shim.options import USAGE, ShimOptions, UsageError, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as error:
-        print(f"containerd-shim-spinbox-v1: {error}", file=sys.stderr)
+        print(f"containerd-shim-spinbox-v1: {error}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
+    if options.help:
+        print(USAGE, end="")
+        return 0
     if options.info:
         # containerd 2.x asks runtimes for their features; spinbox has no options to report.
         print("containerd-shim-spinbox-v1: -info is not supported", file=sys.stderr)

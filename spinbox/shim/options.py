@@ -20,6 +20,7 @@ class ShimOptions:
     debug: bool = False
     version: bool = False
     info: bool = False
+    help: bool = False
     action: str = ""  # "start", "delete" or "" (serve)
     socket: str = ""
     ttrpc_address: str = ""
@@ -35,7 +36,30 @@ _VALUE_FLAGS = {
     "socket": "socket",  # the listener's path (the listener itself is fd 3)
     "debug-socket": "",
 }
-_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version", "info": "info"}
+_BOOL_FLAGS = {
+    "debug": "debug",
+    "v": "version",
+    "version": "version",
+    "info": "info",
+    "h": "help",
+    "help": "help",
+}
+
+USAGE = """\
+usage: containerd-shim-spinbox-v1 [-namespace NS] [-address ADDR] [-publish-binary BIN]
+                                  [-id ID] [-bundle DIR] [-debug] [start | delete]
+       containerd-shim-spinbox-v1 -v | --version | -h | --help
+
+The containerd shim of the runtime io.containerd.spinbox.v1: containerd runs
+it with `start` (the shim prints the address it serves the Task API on) and
+`delete` (cleanup after a shim died); each task runs in a VM of spinboxd's.
+
+Annotations on a container size its VM (overriding its OCI resources):
+  io.spinbox.vcpus=N          virtual CPUs (1-255)
+  io.spinbox.memory-mib=N     guest memory in MiB (64-1048576)
+  io.spinbox.kernel-args=...  extra guest kernel arguments, separated by spaces
+Other io.spinbox.* annotations are refused.
+"""
 
 
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> ShimOptions:
@@ -77,6 +101,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> ShimOp
         debug=bool(values.get("debug", False)),
         version=bool(values.get("version", False)),
         info=bool(values.get("info", False)),
+        help=bool(values.get("help", False)),
         action=action,
         socket=str(values.get("socket", "")),
         ttrpc_address=env.get("TTRPC_ADDRESS", ""),

@@ -114,6 +114,8 @@ def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
 
 def test_version_and_bad_usage(tmp_path: Path) -> None:
     assert b"io.containerd.spinbox.v1" in shim("-v", bundle=tmp_path, env={}).stdout
+    usage = shim("--help", bundle=tmp_path, env={})
+    assert usage.returncode == 0 and b"io.spinbox.memory-mib" in usage.stdout
     bad = shim("-frobnicate", bundle=tmp_path, env={})
     assert bad.returncode == 2
     assert b"unknown flag -frobnicate" in bad.stderr
