@@ -376,6 +376,8 @@ class TaskService:
     # -- stdio ------------------------------------------------------------------
 
     def _start_copying(self, agent: Agent, state: ProcessState) -> None:
+        """Output is read from creation on (the agent holds it until a reader
+        comes); stdin is forwarded once the process has started."""
         loop = asyncio.get_running_loop()
         proc, io = state.process, state.io
         assert io is not None
@@ -383,8 +385,6 @@ class TaskService:
         for stream, sink in streams:
             if sink is not None:
                 state.outputs.append(loop.create_task(self._copy_output(agent, proc, stream, sink)))
-        if io.config.stdin.kind == Kind.FIFO:
-            state.stdin = loop.create_task(self._copy_input(agent, proc, io.config.stdin.path))
 
     async def _copy_output(self, agent: Agent, proc: Process, stream: int, sink: Any) -> None:
         try:
@@ -474,6 +474,9 @@ class TaskService:
             raise precondition(f"container {req.id!r} is not running")
         await container.agent.start(req.id, req.exec_id)
         proc.started(container.vm.pid)
+        if state.io is not None and state.io.config.stdin.kind == Kind.FIFO:
+            copy = self._copy_input(container.agent, proc, state.io.config.stdin.path)
+            state.stdin = asyncio.get_running_loop().create_task(copy)
         if req.exec_id:
             self.publisher.publish(
                 topics.TASK_EXEC_STARTED,
