@@ -5,6 +5,7 @@ tree, the shim on PATH through a wrapper, and containerd (Debian's 1.6 or the
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import subprocess
 import time
@@ -117,10 +118,44 @@ class Containerd:
         command = shlex.join(self.ctr_argv(*args)[len(self.systemd.nsenter()) :])
         return self.systemd.run("script", "-qec", command, "/dev/null", check=False)
 
+    @contextlib.contextmanager
+    def events(self) -> Iterator[list[tuple[str, dict[str, object]]]]:
+        """`ctr events` while the block runs; afterwards the list holds (topic, event) pairs."""
+        received: list[tuple[str, dict[str, object]]] = []
+        watcher = subprocess.Popen(
+            self.ctr_argv("events"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        try:
+            # `ctr events` subscribes before it prints anything; give it a moment by asking
+            # containerd something else first.
+            self.ctr("version")
+            yield received
+            time.sleep(1)  # events already published are still on their way
+        finally:
+            watcher.terminate()
+            output, _ = watcher.communicate(timeout=30)
+        for line in output.splitlines():
+            # 2026-11-30 09:59:40.169 +0000 UTC default /tasks/create {...}
+            parts = line.split(" ", 6)
+            if len(parts) == 7:
+                received.append((parts[5], json.loads(parts[6])))
+
     def tasks(self) -> dict[str, str]:
         """Task id -> status, from `ctr task ls`."""
         lines = self.ctr("task", "ls").stdout.splitlines()[1:]
         return {line.split()[0]: line.split()[-1] for line in lines if line.strip()}
+
+
+def task_topics(events: list[tuple[str, dict[str, object]]], container_id: str) -> list[str]:
+    """The /tasks/* topics about one container, in the order containerd got
+    them; those about an exec end in `:<exec id>`."""
+    topics = []
+    for topic, event in events:
+        if not topic.startswith("/tasks/") or event.get("container_id") != container_id:
+            continue
+        process = event.get("exec_id") or event.get("id") or container_id
+        topics.append(topic if process == container_id else f"{topic}:{process}")
+    return topics
 
 
 def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, object]:

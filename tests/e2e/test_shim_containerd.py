@@ -20,6 +20,7 @@ from tests.e2e.stack import (
     RUNTIME,
     Containerd,
     spinbox_stack,
+    task_topics,
     wait_until_clean,
 )
 from tests.harness.systemd import PrivateSystemd
@@ -59,9 +60,10 @@ def test_foreground_run_shows_guest_kernel_stdin_output_and_exit(
         "uname -r; cat; "
         f"head -c {SIXTEEN_MIB} /dev/urandom > /tmp/blob; sha256sum /tmp/blob >&2; cat /tmp/blob; exit 3"
     )
-    result = containerd.run_bytes(
-        "run", "--rm", "--runtime", RUNTIME, IMAGE, "fg1", "sh", "-c", script, stdin=b"hi\n"
-    )
+    with containerd.events() as events:
+        result = containerd.run_bytes(
+            "run", "--rm", "--runtime", RUNTIME, IMAGE, "fg1", "sh", "-c", script, stdin=b"hi\n"
+        )
     assert result.returncode == 3, result.stderr.decode(errors="replace")
     release, stdin_echo, blob = result.stdout.split(b"\n", 2)
     assert release.decode() == guest_kernel_release()
@@ -69,48 +71,62 @@ def test_foreground_run_shows_guest_kernel_stdin_output_and_exit(
     assert stdin_echo == b"hi"
     assert len(blob) == SIXTEEN_MIB
     assert hashlib.sha256(blob).hexdigest() == result.stderr.split()[0].decode()
+    assert task_topics(events, "fg1") == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
 def test_detached_task_exec_signals_pause_and_metrics(containerd: Containerd, stack: PrivateSystemd) -> None:
     loop = "trap 'exit 0' TERM; while :; do sleep 0.1; done"
-    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "bg1", "sh", "-c", loop)
-    try:
-        assert containerd.tasks() == {"bg1": "RUNNING"}
+    with containerd.events() as events:
+        containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "bg1", "sh", "-c", loop)
+        try:
+            assert containerd.tasks() == {"bg1": "RUNNING"}
 
-        plain = containerd.ctr("task", "exec", "--exec-id", "e1", "bg1", "sh", "-c", "echo exec-ok")
-        assert plain.stdout == "exec-ok\n"
-        tty = containerd.in_pty("task", "exec", "-t", "--exec-id", "e2", "bg1", "tty")
-        assert tty.returncode == 0, tty.stdout + tty.stderr
-        assert "/dev/pts/" in tty.stdout
+            fed = containerd.ctr("task", "exec", "--exec-id", "e1", "bg1", "cat", input="via exec\n")
+            assert fed.stdout == "via exec\n"
+            tty = containerd.in_pty("task", "exec", "-t", "--exec-id", "e2", "bg1", "tty")
+            assert tty.returncode == 0, tty.stdout + tty.stderr
+            assert "/dev/pts/" in tty.stdout
 
-        # An exec'd process killed by SIGTERM exits 128+15, as with runc.
-        sleeper = subprocess.Popen(
-            containerd.ctr_argv("task", "exec", "--exec-id", "e3", "bg1", "sleep", "600"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        stack.wait_for(
-            "sleep in the container",
-            lambda: "sleep" in containerd.ctr("task", "exec", "--exec-id", "ps", "bg1", "ps").stdout,
-        )
-        containerd.ctr("task", "kill", "-s", "TERM", "--exec-id", "e3", "bg1")
-        assert sleeper.wait(timeout=120) == 143
+            # An exec'd process killed by SIGTERM exits 128+15, as with runc.
+            sleeper = subprocess.Popen(
+                containerd.ctr_argv("task", "exec", "--exec-id", "e3", "bg1", "sleep", "600"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            stack.wait_for(
+                "sleep in the container",
+                lambda: "sleep" in containerd.ctr("task", "exec", "--exec-id", "ps", "bg1", "ps").stdout,
+            )
+            containerd.ctr("task", "kill", "-s", "TERM", "--exec-id", "e3", "bg1")
+            assert sleeper.wait(timeout=120) == 143
 
-        containerd.ctr("task", "pause", "bg1")
-        assert containerd.tasks() == {"bg1": "PAUSED"}
-        containerd.ctr("task", "resume", "bg1")
-        assert containerd.tasks() == {"bg1": "RUNNING"}
+            containerd.ctr("task", "pause", "bg1")
+            assert containerd.tasks() == {"bg1": "PAUSED"}
+            containerd.ctr("task", "resume", "bg1")
+            assert containerd.tasks() == {"bg1": "RUNNING"}
 
-        metrics = containerd.ctr("task", "metrics", "bg1").stdout
-        assert "memory" in metrics
+            metrics = containerd.ctr("task", "metrics", "bg1").stdout
+            assert "memory" in metrics
 
-        containerd.ctr("task", "kill", "-s", "TERM", "bg1")
-        stack.wait_for("bg1 to stop", lambda: containerd.tasks() == {"bg1": "STOPPED"}, timeout=120)
-        containerd.ctr("task", "delete", "bg1")
-    finally:
-        containerd.ctr("task", "delete", "--force", "bg1", check=False)
-        containerd.ctr("container", "delete", "bg1", check=False)
+            containerd.ctr("task", "kill", "--all", "-s", "TERM", "bg1")
+            stack.wait_for("bg1 to stop", lambda: containerd.tasks() == {"bg1": "STOPPED"}, timeout=120)
+            containerd.ctr("task", "delete", "bg1")
+        finally:
+            containerd.ctr("task", "delete", "--force", "bg1", check=False)
+            containerd.ctr("container", "delete", "bg1", check=False)
+    topics = task_topics(events, "bg1")
+    assert [t for t in topics if ":" not in t] == [
+        "/tasks/create", "/tasks/start", "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete",
+    ]  # fmt: skip
+    for exec_id in ("e1", "e2", "e3"):
+        mine = [t for t in topics if t.endswith(f":{exec_id}")]
+        assert mine == [
+            f"/tasks/exec-added:{exec_id}",
+            f"/tasks/exec-started:{exec_id}",
+            f"/tasks/exit:{exec_id}",
+        ]
+        assert topics.index("/tasks/start") < topics.index(mine[0])
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
