@@ -122,17 +122,23 @@ class Containerd:
     def events(self) -> Iterator[list[tuple[str, dict[str, object]]]]:
         """`ctr events` while the block runs; afterwards the list holds (topic, event) pairs."""
         received: list[tuple[str, dict[str, object]]] = []
+        # ctr runs under nsenter's child: it prints its pid inside the namespace to be stopped there.
+        ctr = shlex.join([str(self.build.bin_dir / "ctr"), "--address", self.address, "events"])
         watcher = subprocess.Popen(
-            self.ctr_argv("events"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            self.systemd.nsenter("sh", "-c", f"echo $$; exec {ctr}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
+        assert watcher.stdout is not None
+        pid = watcher.stdout.readline().strip()
         try:
-            # `ctr events` subscribes before it prints anything; give it a moment by asking
-            # containerd something else first.
+            # Once containerd answers this, `ctr events` has had time to subscribe.
             self.ctr("version")
             yield received
-            time.sleep(1)  # events already published are still on their way
+            time.sleep(1)  # events already published may still be on their way
         finally:
-            watcher.terminate()
+            self.systemd.run("kill", pid, check=False)
             output, _ = watcher.communicate(timeout=30)
         for line in output.splitlines():
             # 2026-11-30 09:59:40.169 +0000 UTC default /tasks/create {...}
