@@ -558,6 +558,8 @@ class TaskService:
             del container.execs[req.exec_id]
             return self._delete_response(proc)
         await self._delete_container(container)
+        # A container deleted before it ever ran was killed with its VM; waiters learn so.
+        proc.exited(128 + 9, _now())
         response = self._delete_response(proc)
         self.publisher.publish(
             topics.TASK_DELETE,

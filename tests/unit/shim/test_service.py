@@ -315,3 +315,18 @@ def test_host_bind_mounts_stay_on_the_host() -> None:
     }
     assert [m["destination"] for m in for_guest(spec)["mounts"]] == ["/proc"]
     assert len(spec["mounts"]) == 3
+
+
+def test_deleting_a_created_container_releases_its_waiters(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    spinboxd = FakeSpinboxd()
+
+    async def scenario() -> int:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        await service.create(create_request(make_bundle(tmp_path), log))
+        waiter = asyncio.create_task(service.wait(task.WaitRequest(id="c1")))
+        await service.delete(task.DeleteRequest(id="c1"))
+        return (await waiter).exit_status
+
+    assert asyncio.run(scenario()) == 137
+    assert not spinboxd.live
