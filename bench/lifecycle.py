@@ -59,7 +59,7 @@ def timed(argv: list[str]) -> float:
 
 async def watch_timelines(bus_address: str, found: dict[str, dict[str, float]], stop: asyncio.Event) -> None:
     """Reads the boot timeline of every VM that exists while the runs go on."""
-    from dbus_fast import BusType, Message
+    from dbus_fast import BusType, Message, MessageType
     from dbus_fast.aio.message_bus import MessageBus
 
     bus = await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
@@ -74,7 +74,10 @@ async def watch_timelines(bus_address: str, found: dict[str, dict[str, float]], 
                     Message(destination=BUS, path=path, interface="org.freedesktop.DBus.Properties",
                             member="Get", signature="ss", body=["org.spinstack.Spinbox.VM", "BootTimeline"])
                 )  # fmt: skip
-                if props and props.body and "agent-ready" in props.body[0].value:
+                # The VM may be gone already (an error reply).
+                if props is None or props.message_type != MessageType.METHOD_RETURN:
+                    continue
+                if "agent-ready" in props.body[0].value:
                     found[path] = dict(props.body[0].value)
             await asyncio.sleep(0.05)
     finally:
