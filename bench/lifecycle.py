@@ -201,18 +201,18 @@ def main() -> None:
     boots = [t["agent-ready"] - t["qemu-started"] for t in timelines if "qemu-started" in t]
     boot_s = statistics.median(boots) if boots else float("nan")
     print(f"ctr run --rm IMAGE true, {args.runs} runs each (medians); containerd 1.6, TCG guests")
-    print(f"{'':<34}{'seconds':>10}")
-    print(f"{'runc':<34}{runc_s:>10.3f}")
-    print(f"{'spinbox':<34}{spinbox_s:>10.3f}")
-    print(f"{'  guest boot (qemu to agent)':<34}{boot_s:>10.3f}")
-    print(f"{'  host-side (all but guest boot)':<34}{spinbox_s - boot_s:>10.3f}")
+    print(f"{'':<44}{'seconds':>10}")
+    print(f"{'runc':<44}{runc_s:>10.3f}")
+    print(f"{'spinbox':<44}{spinbox_s:>10.3f}")
+    print(f"{'  guest boot (qemu to agent)':<44}{boot_s:>10.3f}")
+    print(f"{'  host-side (all but guest boot)':<44}{spinbox_s - boot_s:>10.3f}")
     phases = sorted(
         {phase for t in timelines for phase in t},
         key=lambda p: statistics.median(t[p] for t in timelines if p in t),
     )
     for phase in phases:
         at = statistics.median(t[phase] for t in timelines if phase in t)
-        print(f"{'    CreateVM to ' + phase:<34}{at:>10.3f}")
+        print(f"{'    CreateVM to ' + phase:<44}{at:>10.3f}")
     print(f"ratio spinbox / runc: {spinbox_s / runc_s:.1f}")
     print(f"host-side share of spinbox's wall time: {(spinbox_s - boot_s) / spinbox_s:.0%}")
     print(f"shim RSS serving one container: {rss / 1024:.1f} MiB")
