@@ -93,20 +93,26 @@ def _unwrap(value: Any) -> Any:
     return value.value if isinstance(value, Variant) else value
 
 
+async def _connect_bus(bus_address: str | None) -> MessageBus:
+    try:
+        if bus_address:
+            return await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
+        return await MessageBus(bus_type=BusType.SYSTEM).connect()
+    except Exception as error:
+        raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
+
+
 class Spinboxd:
-    def __init__(self, bus: MessageBus) -> None:
+    """spinboxd's API on the system bus. A restart of spinboxd keeps the bus
+    connection; one of the bus itself is followed by a reconnect."""
+
+    def __init__(self, bus: MessageBus, bus_address: str | None = None) -> None:
         self.bus = bus
+        self.bus_address = bus_address
 
     @classmethod
     async def connect(cls, bus_address: str | None = None) -> Spinboxd:
-        try:
-            if bus_address:
-                bus = await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
-            else:
-                bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        except Exception as error:
-            raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
-        return cls(bus)
+        return cls(await _connect_bus(bus_address), bus_address)
 
     def close(self) -> None:
         self.bus.disconnect()
@@ -122,6 +128,8 @@ class Spinboxd:
             signature=signature,
             body=list(body),
         )
+        if not self.bus.connected:
+            self.bus = await _connect_bus(self.bus_address)
         reply = await self.bus.call(message)
         if reply is None:
             raise SpinboxdError("NoReply", f"spinboxd did not answer {member}")

@@ -75,7 +75,9 @@ def test_foreground_run_shows_guest_kernel_stdin_output_and_exit(
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
-def test_detached_task_exec_signals_pause_and_metrics(containerd: Containerd, stack: PrivateSystemd) -> None:
+def test_detached_task_exec_signals_pause_metrics_and_spinboxd_restart(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
     loop = "trap 'exit 0' TERM; while :; do sleep 0.1; done"
     with containerd.events() as events:
         containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "bg1", "sh", "-c", loop)
@@ -84,6 +86,10 @@ def test_detached_task_exec_signals_pause_and_metrics(containerd: Containerd, st
 
             fed = containerd.ctr("task", "exec", "--exec-id", "e1", "bg1", "cat", input="via exec\n")
             assert fed.stdout == "via exec\n"
+            # The container outlives a restart of spinboxd, and everything below goes on working.
+            stack.systemctl("restart", "spinbox.service")
+            assert containerd.tasks() == {"bg1": "RUNNING"}
+
             tty = containerd.in_pty("task", "exec", "-t", "--exec-id", "e2", "bg1", "tty")
             assert tty.returncode == 0, tty.stdout + tty.stderr
             assert "/dev/pts/" in tty.stdout
