@@ -5,8 +5,10 @@ socket, `delete` prints a DeleteResponse, `-v` names the runtime."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,14 @@ def shim(*args: str, bundle: Path, env: dict[str, str]) -> subprocess.CompletedP
 def socket_dir() -> Iterator[str]:
     # Unix socket paths must stay short: not under pytest's tmp_path.
     with tempfile.TemporaryDirectory(prefix="sbx-") as path:
-        yield path
+        try:
+            yield path
+        finally:
+            # A server that a failed test did not shut down names its socket under path.
+            for proc in Path("/proc").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    if proc.name.isdigit() and path.encode() in (proc / "cmdline").read_bytes():
+                        os.kill(int(proc.name), signal.SIGKILL)
 
 
 def make_bundle(tmp_path: Path, socket_dir: str = "/nonexistent") -> tuple[Path, dict[str, str]]:
