@@ -178,6 +178,12 @@ def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, obje
         "containers": containerd.ctr("containers", "ls", "-q").stdout.split(),
         "shim-sockets": sorted(p.name for p in systemd.path("/run/containerd/s").glob("*")),
         "netns": sorted(p.name for p in systemd.path("/run/netns").glob("spinbox-*")),
+        "fifos": sorted(str(p) for p in systemd.path("/run/containerd/fifo").rglob("*")),
+        "mounts": [
+            target
+            for target in systemd.run("findmnt", "-rn", "-o", "TARGET").stdout.split()
+            if target.startswith(("/run/spinbox/", "/var/lib/spinbox/")) or ".runtime.v2.task/" in target
+        ],
     }
 
 
@@ -190,6 +196,8 @@ NOTHING_LEFT = {
     "containers": [],
     "shim-sockets": [],
     "netns": [],
+    "fifos": [],
+    "mounts": [],
 }
 
 
