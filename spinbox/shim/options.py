@@ -56,7 +56,7 @@ it with `start` (the shim prints the address it serves the Task API on) and
 
 Annotations on a container size its VM (overriding its OCI resources):
   io.spinbox.vcpus=N          virtual CPUs (1-255)
-  io.spinbox.memory-mib=N     guest memory in MiB (64-1048576)
+  io.spinbox.memory-mib=N     guest memory in MiB (192-1048576)
   io.spinbox.kernel-args=...  extra guest kernel arguments, separated by spaces
 Other io.spinbox.* annotations are refused.
 """

@@ -194,7 +194,7 @@ def test_lifecycle_events_in_order_and_exit_after_output(tmp_path: Path) -> None
     # Host hooks leave the spec; the guest's own stay.
     assert agent.spec["hooks"] == {"createContainer": [{"path": "/bin/true"}]}
     (request,) = spinboxd.requests
-    assert request.vm_id == "default-c1" and request.memory_mib == 128 + 64
+    assert request.vm_id == "default-c1" and request.memory_mib == 128 + 128
 
 
 def test_failed_create_leaves_no_vm(tmp_path: Path) -> None:

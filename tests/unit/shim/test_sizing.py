@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from spinbox.shim.sizing import GUEST_OVERHEAD_MIB, SizingError, VmSizing, count_cpuset, sizing_from_spec
+from spinbox.shim.sizing import (
+    GUEST_OVERHEAD_MIB,
+    MIN_MEMORY_MIB,
+    SizingError,
+    VmSizing,
+    count_cpuset,
+    sizing_from_spec,
+)
 
 
 def spec(
@@ -43,7 +50,7 @@ def test_vcpus_from_quota_or_cpuset(cpu: dict[str, Any], vcpus: int) -> None:
 def test_memory_limit_plus_guest_overhead() -> None:
     sized = sizing_from_spec(spec(memory={"limit": 256 * 1024 * 1024}))
     assert sized.memory_mib == 256 + GUEST_OVERHEAD_MIB
-    assert sizing_from_spec(spec(memory={"limit": 1024})).memory_mib == 64 + 1
+    assert sizing_from_spec(spec(memory={"limit": 1024})).memory_mib == MIN_MEMORY_MIB
 
 
 def test_annotations_override() -> None:
@@ -66,7 +73,7 @@ def test_annotations_override() -> None:
         ({"io.spinbox.cpus": "2"}, "unknown annotation io.spinbox.cpus"),
         ({"io.spinbox.vcpus": "two"}, "not a whole number"),
         ({"io.spinbox.vcpus": "0"}, "out of range"),
-        ({"io.spinbox.memory-mib": "16"}, "out of range"),
+        ({"io.spinbox.memory-mib": "128"}, "out of range"),
         ({"io.spinbox.kernel-args": "spinbox.vm=evil"}, "spinbox's own argument"),
     ],
 )
