@@ -136,6 +136,21 @@ def test_detached_task_exec_signals_pause_metrics_and_spinboxd_restart(
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
+def test_memory_limit_sizes_the_vm_and_oom_is_reported(containerd: Containerd, stack: PrivateSystemd) -> None:
+    # The container's limit holds inside a VM big enough for the guest: the
+    # kernel's OOM killer ends it, and containerd hears of the OOM before the exit.
+    with containerd.events() as events:
+        result = containerd.ctr(
+            "run", "--rm", "--memory-limit", str(32 * 1024 * 1024), "--runtime", RUNTIME, IMAGE, "oom1",
+            "sh", "-c", "tail /dev/zero", check=False,
+        )  # fmt: skip
+    assert result.returncode == 137, result.stderr
+    assert task_topics(events, "oom1") == [
+        "/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit", "/tasks/delete",
+    ]  # fmt: skip
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
 def test_killed_shim_is_cleaned_up_by_delete(containerd: Containerd, stack: PrivateSystemd) -> None:
     containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "dead1", "sleep", "600")
     try:
