@@ -102,7 +102,7 @@ def test_detached_task_exec_signals_pause_metrics_and_spinboxd_restart(
             )
             stack.wait_for(
                 "sleep in the container",
-                lambda: "sleep" in containerd.ctr("task", "exec", "--exec-id", "ps", "bg1", "ps").stdout,
+                lambda: "sleep 600" in containerd.ctr("task", "exec", "--exec-id", "ps", "bg1", "ps").stdout,
             )
             containerd.ctr("task", "kill", "-s", "TERM", "--exec-id", "e3", "bg1")
             assert sleeper.wait(timeout=120) == 143
