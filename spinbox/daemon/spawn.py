@@ -32,6 +32,10 @@ _WAIT_THEN_EXEC = 'fd=$1; shift; read -r go <&"$fd" || exit 97; eval "exec $fd<&
 QEMU_LOG_FIFO = "qemu.log"
 
 
+class SpawnError(RuntimeError):
+    pass
+
+
 class ScopedProcess:
     """QEMU as spinboxd's child (spinbox.vm's ProcessHandle): its pid, and its exit, reaped."""
 
@@ -49,6 +53,11 @@ class ScopedProcess:
 
 def qemu_log_fifo(runtime_dir: Path) -> Path:
     return runtime_dir / QEMU_LOG_FIFO
+
+
+def make_fifo(path: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(path, 0o600)
 
 
 class ScopeSpawner:
@@ -73,8 +82,7 @@ class ScopeSpawner:
 
     async def __call__(self, argv: list[str], pass_fds: Sequence[int] = ()) -> ScopedProcess:
         fifo = qemu_log_fifo(self.runtime_dir)
-        if not fifo.exists():
-            os.mkfifo(fifo, 0o600)
+        make_fifo(fifo)
         # O_RDWR: opening never blocks and the pipe never loses its last writer.
         log_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         read_go, write_go = os.pipe()
@@ -95,7 +103,13 @@ class ScopeSpawner:
         try:
             await self.systemd.start_scope(self.scope, pid, self.description, self.limits)
             self.scope_started = True
-            os.write(write_go, b"go\n")
+            try:
+                os.write(write_go, b"go\n")
+            except BrokenPipeError:
+                status = self.process.wait()
+                raise SpawnError(
+                    f"the process waiting for {self.scope} ended early (status {status})"
+                ) from None
         except BaseException:
             os.close(write_go)
             await self.abort()
