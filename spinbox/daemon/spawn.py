@@ -25,9 +25,10 @@ from pathlib import Path
 from spinbox.daemon.process import wait_pid_exit
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 
-# $0 is a label for ps; $1 the go-ahead pipe's fd. `read` fails at EOF, i.e.
-# when spinboxd closes the pipe without a go-ahead.
-_WAIT_THEN_EXEC = 'fd=$1; shift; read -r go <&"$fd" || exit 97; eval "exec $fd<&-"; exec "$@"'
+# $0 is a label for ps; stdin is the go-ahead pipe (a shell redirects only
+# single-digit fds). `read` fails at EOF, i.e. when spinboxd closes the pipe
+# without a go-ahead. QEMU then gets /dev/null as stdin.
+_WAIT_THEN_EXEC = 'read -r go || exit 97; exec </dev/null; exec "$@"'
 
 QEMU_LOG_FIFO = "qemu.log"
 
@@ -89,11 +90,11 @@ class ScopeSpawner:
         try:
             # Popen returns as soon as the shell is forked; nothing here blocks.
             self.process = subprocess.Popen(  # noqa: ASYNC220
-                ["/bin/sh", "-c", _WAIT_THEN_EXEC, f"spinbox-vm-{self.vm_id}", str(read_go), *argv],
-                stdin=subprocess.DEVNULL,
+                ["/bin/sh", "-c", _WAIT_THEN_EXEC, f"spinbox-vm-{self.vm_id}", *argv],
+                stdin=read_go,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(*pass_fds, read_go),
+                pass_fds=tuple(pass_fds),
                 start_new_session=True,
             )
         finally:
