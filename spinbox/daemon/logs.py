@@ -42,8 +42,13 @@ def journal_sink(vm_id: str, scope: str) -> Sink:
     return send
 
 
+# Terminal escapes (firmware and bootloaders draw with them) and other
+# control characters would make the journal store a line as a binary blob.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _clean(raw: bytes) -> str:
-    return raw.rstrip(b"\r\n").decode("utf-8", "replace").replace("\r", "")
+    return _ESCAPES.sub("", raw.decode("utf-8", "replace")).rstrip()
 
 
 def split_priority(raw: bytes, default: int = 6) -> tuple[int, bytes]:

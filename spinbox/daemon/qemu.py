@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
@@ -17,6 +18,10 @@ from spinbox.daemon.host import choose_accelerator
 from spinbox.daemon.options import VmRequest
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CONTROL_ATTEMPTS = 20
+CONTROL_RETRY_DELAY = 0.1
 
 
 def _module(name: str) -> Any:
@@ -146,25 +151,45 @@ class QemuBackend:
 
     # -- the guest ----------------------------------------------------------
 
-    async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
+    async def _control(self, machine: Machine, call: Callable[[Any], Awaitable[T]]) -> T:
+        """One session on the VM's control channel.
+
+        The channel is a virtio-serial port: the guest tells one host connection
+        from the next only once it has seen the previous one end, so a session
+        opened right after another may be taken for its continuation and refused
+        ("stream ids must increase"). Such a session is retried shortly after.
+        """
         client = _module("spinbox.vm.agent").AgentClient
-        agent = await client.connect(machine.control_address)
-        try:
+        ttrpc = _module("spinbox.ttrpc")
+        for attempt in range(CONTROL_ATTEMPTS):
+            agent = await client.connect(machine.control_address)
+            try:
+                return await call(agent)
+            except ttrpc.TtrpcError as e:
+                if e.code != ttrpc.Code.INVALID_ARGUMENT or "stream ids" not in e.message:
+                    raise
+                if attempt == CONTROL_ATTEMPTS - 1:
+                    raise
+            finally:
+                await agent.close()
+            await asyncio.sleep(CONTROL_RETRY_DELAY)
+        raise AssertionError("unreachable")
+
+    async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
+        async def configure(agent: Any) -> str:
             if setup.network is not None and len(setup.network.interfaces):
                 await agent.configure_network(setup.network)
             if setup.mount is not None:
                 return str(await agent.mount_rootfs(setup.mount))
             return ""
-        finally:
-            await agent.close()
+
+        return await self._control(machine, configure)
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
-        client = _module("spinbox.vm.agent").AgentClient
-        agent = await client.connect(machine.control_address)
-        try:
+        async def quiesce(agent: Any) -> None:
             if unmount:
                 await agent.unmount_rootfs(container_id)
             else:
                 await agent.sync_rootfs(container_id)
-        finally:
-            await agent.close()
+
+        await self._control(machine, quiesce)
