@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e lint proto clean
+.PHONY: setup test test-unit test-integration test-e2e lint proto deb install demo clean
 
 setup:
 	./tools/setup
@@ -34,6 +34,21 @@ proto: .proto.stamp
 .proto.stamp: $(PROTOS) tools/gen-proto
 	./tools/gen-proto
 	@touch $@
+
+# The Debian package: dist/spinbox_<version>_<arch>.deb (dpkg-buildpackage in
+# build/deb with packaging/debian as debian/), then lintian, failing on errors.
+deb: setup
+	./tools/build-deb
+	lintian --fail-on error dist/spinbox_*.deb
+
+# The package's file layout under DESTDIR (what debian/rules installs).
+install: proto
+	./tools/install-tree "$(DESTDIR)"
+
+# On a fresh Debian 12 machine, as root: build and install the package, start
+# it, and run a container in a VM (tools/demo says how to clean up after).
+demo: deb
+	$(PYTHON) ./tools/demo
 
 clean:
 	find spinbox guest -name '*_pb2.py' -o -name '*_pb2.pyi' | xargs -r rm -f
