@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from spinbox import net, storage, vm
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
-from spinbox.daemon.host import choose_accelerator
 from spinbox.daemon.options import VmRequest
+from spinbox.ttrpc import Code, TtrpcError
+from spinbox.vm.agent import AgentClient
 
 log = logging.getLogger(__name__)
 
@@ -24,39 +24,32 @@ CONTROL_ATTEMPTS = 20
 CONTROL_RETRY_DELAY = 0.1
 
 
-def _module(name: str) -> Any:
-    # The VM, storage and network packages are imported when first used.
-    return importlib.import_module(name)
-
-
 class QemuBackend:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._accel, reason = choose_accelerator(config.vm.accel)
-        if self._accel == "tcg" and config.vm.accel != "tcg":
-            log.warning("%s", reason)
-        self._cache: Any = None
-        self._net: Any = None
+        try:
+            # Says once in the journal when "auto" falls back to TCG.
+            self._accel = vm.choose_accel(config.vm.accel)  # type: ignore[arg-type]
+        except vm.VmError as e:
+            raise ConfigError(f"vm.accel: {e}") from None
+        self._cache: storage.LayerCache | None = None
+        self._net: net.NetConfig | None = None
 
     def accelerator(self) -> str:
         return self._accel
 
     def check_config(self) -> None:
         """Validate the parts of the configuration other packages read; ConfigError names the key."""
-        if importlib.util.find_spec("spinbox.net") is not None:
-            self._net_config()
+        self._net_config()
 
     # -- storage ------------------------------------------------------------
 
-    def _layer_cache(self) -> Any:
+    def _layer_cache(self) -> storage.LayerCache:
         if self._cache is None:
-            storage = _module("spinbox.storage")
             self._cache = storage.LayerCache(root=Path(self.config.storage.layer_cache))
         return self._cache
 
     async def prepare_rootfs(self, request: VmRequest, work_dir: Path) -> tuple[Rootfs, Sequence[Any], Any]:
-        storage = _module("spinbox.storage")
-        disk = _module("spinbox.vm").Disk
         mounts = [storage.MountSpec(m.type, m.source, m.target, m.options) for m in request.rootfs]
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
         upper_size = 0 if self.config.storage.tmpfs_upper else self.config.storage.upper_size_mib
@@ -64,22 +57,19 @@ class QemuBackend:
             request.container_id, mounts, work_dir, self._layer_cache(), upper_size
         )
         prepared.save()
-        disks = [disk(path=i.path, serial=i.serial, read_only=i.read_only) for i in prepared.images]
+        disks = [vm.Disk(path=i.path, serial=i.serial, read_only=i.read_only) for i in prepared.images]
         return prepared, disks, prepared.request
 
     def restore_rootfs(self, work_dir: Path, container_id: str) -> Rootfs | None:
-        storage = _module("spinbox.storage")
         try:
-            rootfs: Rootfs = storage.PreparedRootfs.load(work_dir, container_id, self._layer_cache())
+            return storage.PreparedRootfs.load(work_dir, container_id, self._layer_cache())
         except storage.StorageError:
             return None
-        return rootfs
 
     # -- network ------------------------------------------------------------
 
-    def _net_config(self) -> Any:
+    def _net_config(self) -> net.NetConfig:
         if self._net is None:
-            net = _module("spinbox.net")
             try:
                 self._net = net.NetConfig.from_table(self.config.network_table)
             except net.NetworkError as e:
@@ -87,19 +77,17 @@ class QemuBackend:
         return self._net
 
     async def prepare_netns(self, vm_id: str) -> tuple[str, int]:
-        path, pid = await _module("spinbox.net").prepare_netns(vm_id, self._net_config())
-        return str(path), int(pid)
+        return await net.prepare_netns(vm_id, self._net_config())
 
     async def setup_network(self, request: VmRequest) -> tuple[Network, Sequence[Any]]:
-        nic = _module("spinbox.vm").Nic
-        network = await _module("spinbox.net").setup_network(request.id, request.netns, self._net_config())
-        return network, [nic(tap_fd=n.tap_fd, mac=n.mac) for n in network.nics]
+        network = await net.setup_network(request.id, request.netns, self._net_config())
+        return network, [vm.Nic(tap_fd=n.tap_fd, mac=n.mac) for n in network.nics]
 
     async def teardown_network(self, vm_id: str) -> None:
-        await _module("spinbox.net").teardown_network(vm_id, self._net_config())
+        await net.teardown_network(vm_id, self._net_config())
 
     async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None:
-        await _module("spinbox.net").collect_leftovers(list(live_vm_ids), self._net_config())
+        await net.collect_leftovers(list(live_vm_ids), self._net_config())
 
     # -- QEMU ---------------------------------------------------------------
 
@@ -126,7 +114,6 @@ class QemuBackend:
         nics: Sequence[Any],
         spawn: Spawn,
     ) -> Machine:
-        vm = _module("spinbox.vm")
         spec = vm.VmSpec(
             vm_id=request.id,
             kernel=self._kernel(),
@@ -137,7 +124,7 @@ class QemuBackend:
             kernel_args=(*self.config.vm.kernel_args, *request.kernel_args),
             disks=tuple(disks),
             nics=tuple(nics),
-            accel=self._accel,
+            accel=self._accel,  # type: ignore[arg-type]
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)
@@ -146,12 +133,11 @@ class QemuBackend:
         return machine
 
     async def attach(self, runtime_dir: Path) -> Machine:
-        machine: Machine = await _module("spinbox.vm").VirtualMachine.attach(runtime_dir)
-        return machine
+        return await vm.VirtualMachine.attach(runtime_dir)
 
     # -- the guest ----------------------------------------------------------
 
-    async def _control(self, machine: Machine, call: Callable[[Any], Awaitable[T]]) -> T:
+    async def _control(self, machine: Machine, call: Callable[[AgentClient], Awaitable[T]]) -> T:
         """One session on the VM's control channel.
 
         The channel is a virtio-serial port: the guest tells one host connection
@@ -159,14 +145,12 @@ class QemuBackend:
         opened right after another may be taken for its continuation and refused
         ("stream ids must increase"). Such a session is retried shortly after.
         """
-        client = _module("spinbox.vm.agent").AgentClient
-        ttrpc = _module("spinbox.ttrpc")
         for attempt in range(CONTROL_ATTEMPTS):
-            agent = await client.connect(machine.control_address)
+            agent = await AgentClient.connect(machine.control_address)
             try:
                 return await call(agent)
-            except ttrpc.TtrpcError as e:
-                if e.code != ttrpc.Code.INVALID_ARGUMENT or "stream ids" not in e.message:
+            except TtrpcError as e:
+                if e.code != Code.INVALID_ARGUMENT or "stream ids" not in e.message:
                     raise
                 if attempt == CONTROL_ATTEMPTS - 1:
                     raise
@@ -176,7 +160,7 @@ class QemuBackend:
         raise AssertionError("unreachable")
 
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
-        async def configure(agent: Any) -> str:
+        async def configure(agent: AgentClient) -> str:
             if setup.network is not None and len(setup.network.interfaces):
                 await agent.configure_network(setup.network)
             if setup.mount is not None:
@@ -186,7 +170,7 @@ class QemuBackend:
         return await self._control(machine, configure)
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
-        async def quiesce(agent: Any) -> None:
+        async def quiesce(agent: AgentClient) -> None:
             if unmount:
                 await agent.unmount_rootfs(container_id)
             else:
