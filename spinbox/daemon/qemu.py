@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,8 +19,6 @@ from spinbox.vm.agent import AgentClient
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CONTROL_ATTEMPTS = 20
-CONTROL_RETRY_DELAY = 0.1
 
 
 class QemuBackend:
@@ -138,26 +135,29 @@ class QemuBackend:
     # -- the guest ----------------------------------------------------------
 
     async def _control(self, machine: Machine, call: Callable[[AgentClient], Awaitable[T]]) -> T:
-        """One session on the VM's control channel.
+        """A request on the VM's control channel: one connection the VM keeps open.
 
-        The channel is a virtio-serial port: the guest tells one host connection
-        from the next only once it has seen the previous one end, so a session
-        opened right after another may be taken for its continuation and refused
-        ("stream ids must increase"). Such a session is retried shortly after.
+        A virtio-serial port tells one host connection from the next only by
+        the guest noticing the change, so spinboxd never opens connections of
+        its own next to the VM's.
         """
-        for attempt in range(CONTROL_ATTEMPTS):
+        channel = getattr(machine, "control", None)
+        if channel is None:  # a VM layer without a shared control connection
             agent = await AgentClient.connect(machine.control_address)
             try:
                 return await call(agent)
-            except TtrpcError as e:
-                if e.code != Code.INVALID_ARGUMENT or "stream ids" not in e.message:
-                    raise
-                if attempt == CONTROL_ATTEMPTS - 1:
-                    raise
             finally:
                 await agent.close()
-            await asyncio.sleep(CONTROL_RETRY_DELAY)
-        raise AssertionError("unreachable")
+        client: AgentClient = await channel.client()
+        try:
+            return await call(client)
+        except (OSError, EOFError):
+            await channel.close()
+            raise
+        except TtrpcError as e:
+            if e.code == Code.UNAVAILABLE:
+                await channel.close()
+            raise
 
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
         async def configure(agent: AgentClient) -> str:
