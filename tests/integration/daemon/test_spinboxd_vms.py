@@ -54,9 +54,8 @@ def spinboxctl(systemd: PrivateSystemd, *args: str) -> str:
 
 
 def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSystemd) -> None:
-    path = create(
-        spinbox, "vm-a", "vcpus", "u", "2", "memory-mib", "t", "384", "kernel-args", "as", "1", "loglevel=6"
-    )
+    options = ("vcpus", "u", "2", "memory-mib", "t", "384", "kernel-args", "as", "1", "loglevel=6")
+    path = create(spinbox, "vm-a", *options)
     assert path == "/org/spinstack/Spinbox/vm/vm_2da"
     try:
         scope = "spinbox-vm-vm-a.scope"
@@ -67,7 +66,8 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
         assert spinbox.unit_property(scope, "MemoryMax") == str((384 + OVERHEAD_MIB) * MIB)
         assert spinbox.unit_property(scope, "CPUQuotaPerSecUSec") == "2s"
         pid = get_property(spinbox, path, VM_IFACE, "Pid")
-        procs = spinbox.path(f"/sys/fs/cgroup/spinbox.slice/{scope}/cgroup.procs").read_text().split()
+        # cgroup.procs shows pids of the reader's pid namespace: read it inside.
+        procs = spinbox.run("cat", f"/sys/fs/cgroup/spinbox.slice/{scope}/cgroup.procs").stdout.split()
         assert str(pid) in procs
         assert "qemu-system" in spinbox.path(f"/proc/{pid}/cmdline").read_text()
 
