@@ -36,12 +36,11 @@ def spinbox(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSyste
         assert leftovers(systemd) == NOTHING
 
 
-def create(systemd: PrivateSystemd, vm_id: str, *options: str, check: bool = True) -> str:
-    count = str(len(options) // 3)
-    result = busctl(
-        systemd, "--timeout=300", "call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", vm_id, count,
-        *options, check=check,
-    )  # fmt: skip
+def create(systemd: PrivateSystemd, vm_id: str, *options: tuple[str, ...], check: bool = True) -> str:
+    """CreateVM through busctl; each option is (name, signature, value...)."""
+    args = [word for option in options for word in option]
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", vm_id, str(len(options)))
+    result = busctl(systemd, "--timeout=300", *call, *args, check=check)
     return result.stdout.strip().removeprefix("o ").strip('"') if result.returncode == 0 else result.stderr
 
 
@@ -54,7 +53,7 @@ def spinboxctl(systemd: PrivateSystemd, *args: str) -> str:
 
 
 def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSystemd) -> None:
-    options = ("vcpus", "u", "2", "memory-mib", "t", "384", "kernel-args", "as", "1", "loglevel=6")
+    options = [("vcpus", "u", "2"), ("memory-mib", "t", "384"), ("kernel-args", "as", "1", "loglevel=6")]
     path = create(spinbox, "vm-a", *options)
     assert path == "/org/spinstack/Spinbox/vm/vm_2da"
     try:
@@ -129,7 +128,7 @@ def test_kill_releases_everything(spinbox: PrivateSystemd) -> None:
 
 def test_twenty_create_stop_cycles_leave_nothing(spinbox: PrivateSystemd) -> None:
     for i in range(20):
-        path = create(spinbox, f"cycle-{i}", "memory-mib", "t", "256")
+        path = create(spinbox, f"cycle-{i}", ("memory-mib", "t", "256"))
         stop(spinbox, path)
     assert leftovers(spinbox) == NOTHING
     for directory in ("/var/lib/spinbox/vms", "/run/spinbox/net", "/run/spinbox/netns", "/run/spinbox/cid"):
