@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from spinbox import net, storage, vm
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.options import VmRequest
-from spinbox.ttrpc import Code, TtrpcError
+from spinbox.vm import control
 from spinbox.vm.agent import AgentClient
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class QemuBackend:
@@ -134,31 +132,6 @@ class QemuBackend:
 
     # -- the guest ----------------------------------------------------------
 
-    async def _control(self, machine: Machine, call: Callable[[AgentClient], Awaitable[T]]) -> T:
-        """A request on the VM's control channel: one connection the VM keeps open.
-
-        A virtio-serial port tells one host connection from the next only by
-        the guest noticing the change, so spinboxd never opens connections of
-        its own next to the VM's.
-        """
-        channel = getattr(machine, "control", None)
-        if channel is None:  # a VM layer without a shared control connection
-            agent = await AgentClient.connect(machine.control_address)
-            try:
-                return await call(agent)
-            finally:
-                await agent.close()
-        client: AgentClient = await channel.client()
-        try:
-            return await call(client)
-        except (OSError, EOFError):
-            await channel.close()
-            raise
-        except TtrpcError as e:
-            if e.code == Code.UNAVAILABLE:
-                await channel.close()
-            raise
-
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
         async def configure(agent: AgentClient) -> str:
             if setup.network is not None and len(setup.network.interfaces):
@@ -167,7 +140,7 @@ class QemuBackend:
                 return str(await agent.mount_rootfs(setup.mount))
             return ""
 
-        return await self._control(machine, configure)
+        return await control.session(machine.control_address, configure)
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
         async def quiesce(agent: AgentClient) -> None:
@@ -176,4 +149,4 @@ class QemuBackend:
             else:
                 await agent.sync_rootfs(container_id)
 
-        await self._control(machine, quiesce)
+        await control.session(machine.control_address, quiesce)
