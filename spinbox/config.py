@@ -24,10 +24,10 @@ errors that name the key, so a typo never silently means "default".
 
     [network]                 # read by spinbox.net (NetConfig.from_table)
     enabled = true            # false or "off": VMs get no NIC
-    conflist = "<spinbox/net/spinbox.conflist>"  # CNI network for VMs without a netns
-    plugin-path = ["/usr/lib/cni", "/opt/cni/bin"]
+    conflist = <spinbox's own> # CNI network for VMs without a netns
+    plugin_path = ["/usr/lib/cni", "/opt/cni/bin"]
     subnet = ""               # replaces the conflist's host-local subnet when set
-    run-dir = "/run/spinbox"
+    run_dir = "/run/spinbox"
 
     [daemon]
     log_level = "info"        # debug, info, warning, error

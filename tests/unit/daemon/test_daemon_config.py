@@ -90,3 +90,21 @@ def test_spinboxd_refuses_a_bad_file_with_a_sentence(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert "vm.memory_mib must be greater than zero" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_shipped_file_documents_every_default() -> None:
+    """packaging/spinbox.toml, every `#key = value` uncommented, is exactly the defaults."""
+    from spinbox.net import NetConfig
+
+    shipped = (TOP / "packaging" / "spinbox.toml").read_text()
+    uncommented = "\n".join(
+        line.removeprefix("#") if " = " in line else line for line in shipped.splitlines()
+    )
+    config = parse(uncommented)
+    assert config.vm == VmConfig()
+    assert config.storage == Config().storage
+    assert config.daemon == Config().daemon
+    assert NetConfig.from_table(config.network_table) == NetConfig()
+    documented = {line.split("=")[0].strip("# ") for line in shipped.splitlines() if " = " in line}
+    for section in (config.vm, config.storage, config.daemon):
+        assert set(vars(section)) <= documented
