@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.config import VmConfig
 from tests.harness.systemd import PrivateSystemd
@@ -120,9 +124,108 @@ def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
     assert spinbox.unit_property("spinbox.service", "StatusText") == "0 VMs running"
 
 
-def test_kill_releases_everything(spinbox: PrivateSystemd) -> None:
-    path = create(spinbox, "vm-k")
-    busctl(spinbox, "call", BUS, path, VM_IFACE, "Kill")
+def test_kill_releases_everything_and_signals_come(spinbox: PrivateSystemd) -> None:
+    async def watch() -> list[tuple[str, list[object]]]:
+        bus = await MessageBus(bus_address=spinbox.bus_address, bus_type=BusType.SYSTEM).connect()
+        seen: list[tuple[str, list[object]]] = []
+
+        def on_message(msg: Message) -> None:
+            if msg.interface in (MANAGER_IFACE, "org.freedesktop.DBus.Properties") and msg.path:
+                seen.append((str(msg.member), list(msg.body)))
+
+        bus.add_message_handler(on_message)
+        reply = await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',sender='{BUS}'"],
+            )
+        )
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(None, create, spinbox, "vm-k")
+        await loop.run_in_executor(None, lambda: busctl(spinbox, "call", BUS, path, VM_IFACE, "Kill"))
+        await asyncio.sleep(0.5)
+        bus.disconnect()
+        return seen
+
+    seen = asyncio.run(watch())
+    path = "/org/spinstack/Spinbox/vm/vm_2dk"
+    assert ("VMAdded", ["vm-k", path]) in seen
+    assert ("VMRemoved", ["vm-k", path]) in seen
+    states = [body[1]["State"].value for member, body in seen if member == "PropertiesChanged"]
+    assert states[:2] == ["stopping", "stopped"]
+    assert leftovers(spinbox) == NOTHING
+
+
+def test_a_crash_during_create_is_cleaned_up_when_spinboxd_comes_back(spinbox: PrivateSystemd) -> None:
+    scope = "spinbox-vm-vm-crash.scope"
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", "vm-crash", "0")
+    client = spinbox.popen("busctl", "--timeout=300", *call, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        spinbox.wait_for("the VM's scope", lambda: spinbox.unit_property(scope, "ActiveState") == "active")
+        started = spinbox.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic")
+        # Only spinboxd dies: QEMU is in its own scope.
+        spinbox.systemctl("kill", "--kill-who=main", "--signal=KILL", "spinbox.service")
+    finally:
+        client.communicate(timeout=60)
+    spinbox.wait_for(
+        "spinboxd restarted",
+        lambda: (
+            spinbox.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic") != started
+            and spinbox.unit_property("spinbox.service", "ActiveState") == "active"
+        ),
+        timeout=60,
+    )
+    assert "cleaning up VM vm-crash" in spinbox.journal("-u", "spinbox.service", "-o", "cat")
+    assert leftovers(spinbox) == NOTHING
+
+
+def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
+    snapshots = "/var/lib/containerd/spinbox-test"
+    spinbox.run("mkdir", "-p", f"{snapshots}/1/fs/etc", f"{snapshots}/2/fs", f"{snapshots}/2/work")
+    spinbox.write_file(f"{snapshots}/1/fs/etc/hostname", "layer\n")
+    mount = ["overlay", "overlay", "", "3", f"workdir={snapshots}/2/work", f"upperdir={snapshots}/2/fs",
+             f"lowerdir={snapshots}/1/fs"]  # fmt: skip
+    try:
+        path = create(spinbox, "vm-fs", ("rootfs", "a(sssas)", "1", *mount), ("container-id", "s", "box"))
+        rootfs = get_property(spinbox, path, VM_IFACE, "RootfsPath")
+        assert isinstance(rootfs, str) and rootfs.startswith("/")
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
+        assert get_property(spinbox, path, VM_IFACE, "State") == "paused"
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
+        assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "SyncRootfs")
+        stop(spinbox, path)
+    finally:
+        spinbox.run("rm", "-rf", snapshots)
+    assert leftovers(spinbox) == NOTHING
+    refs = spinbox.path("/var/lib/spinbox/layers/refs")
+    assert not refs.exists() or not any(refs.rglob("*.ref")), sorted(refs.rglob("*"))
+
+
+def test_a_prepared_network_namespace_is_used_and_removed(spinbox: PrivateSystemd) -> None:
+    result = busctl(
+        spinbox,
+        "--json=short",
+        "call",
+        BUS,
+        MANAGER_PATH,
+        MANAGER_IFACE,
+        "PrepareNetworkNamespace",
+        "s",
+        "vm-n",
+    )
+    netns, pid = json.loads(result.stdout)["data"]
+    assert spinbox.path(netns).exists()
+    assert spinbox.path(f"/proc/{pid}").exists()
+    path = create(spinbox, "vm-n", ("netns", "s", netns))
+    assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+    stop(spinbox, path)
+    assert not spinbox.path(netns).exists()
     assert leftovers(spinbox) == NOTHING
 
 
