@@ -118,9 +118,14 @@ def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
     assert get_property(spinbox, path, VM_IFACE, "Pid") == pid
     assert get_property(spinbox, path, VM_IFACE, "State") == "running"
     assert spinbox.path(f"/proc/{pid}").exists()
-    # The console is forwarded again: a line QEMU prints after the restart arrives.
+    restarted = spinbox.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:26]
     stop(spinbox, path)
     assert leftovers(spinbox) == NOTHING
+    # The console and the log port are forwarded again after the restart: the
+    # kernel's and vminitd's last words arrive.
+    after = spinbox.journal("-u", "spinbox-vm-vm-r.scope", "--since", restarted, "-o", "json").splitlines()
+    sources = {json.loads(line).get("SYSLOG_IDENTIFIER") for line in after}
+    assert {"spinbox-console", "vminitd"} <= sources
     assert spinbox.unit_property("spinbox.service", "StatusText") == "0 VMs running"
 
 
