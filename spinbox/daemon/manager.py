@@ -84,6 +84,7 @@ class VmManager:
         self.vms: dict[str, Vm] = {}
         self.publisher: Publisher | None = None
         self._reserved: set[str] = set()
+        self._creating: set[asyncio.Task[Any]] = set()
         self._on_count_changed = on_count_changed
 
     # -- queries ------------------------------------------------------------
@@ -121,6 +122,9 @@ class VmManager:
         if runtime_dir.exists():
             raise AlreadyExists(f"VM {vm_id!r} already exists (state in {runtime_dir})")
         self._reserved.add(vm_id)
+        task = asyncio.current_task()
+        if task is not None:
+            self._creating.add(task)
         try:
             return await self._create(request, runtime_dir)
         except SpinboxError:
@@ -130,6 +134,8 @@ class VmManager:
             raise Failed(f"VM {vm_id!r} could not be created: {e}") from None
         finally:
             self._reserved.discard(vm_id)
+            if task is not None:
+                self._creating.discard(task)
 
     async def _create(self, request: VmRequest, runtime_dir: Path) -> Vm:
         vm_id = request.id
@@ -327,6 +333,14 @@ class VmManager:
         self._count_changed()
         if errors:
             raise Failed("; ".join(errors))
+
+    async def abandon_creations(self, timeout: float = 30) -> None:  # noqa: ASYNC109
+        """At spinboxd exit: give up VMs still being created, undoing what they took."""
+        tasks = set(self._creating)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     async def stop_all_watchers(self) -> None:
         """At spinboxd exit: stop watching (the VMs keep running)."""

@@ -189,6 +189,25 @@ def test_a_crash_during_create_is_cleaned_up_when_spinboxd_comes_back(spinbox: P
     assert leftovers(spinbox) == NOTHING
 
 
+def test_stopping_spinboxd_during_a_create_undoes_it(spinbox: PrivateSystemd) -> None:
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", "vm-stop", "0")
+    client = spinbox.popen("busctl", "--timeout=300", *call, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        spinbox.wait_for(
+            "the VM's scope",
+            lambda: spinbox.unit_property("spinbox-vm-vm-stop.scope", "ActiveState") == "active",
+        )
+        spinbox.systemctl("stop", "spinbox.service")
+        _, err = client.communicate(timeout=60)
+        assert spinbox.unit_property("spinbox.service", "Result") == "success"
+        assert b"Call failed" in err
+        # Undone by the stopping spinboxd itself, not by the next one.
+        assert leftovers(spinbox) == NOTHING
+    finally:
+        client.kill()
+        spinbox.systemctl("start", "spinbox.service")
+
+
 def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
     snapshots = "/var/lib/containerd/spinbox-test"
     spinbox.run("mkdir", "-p", f"{snapshots}/1/fs/etc", f"{snapshots}/2/fs", f"{snapshots}/2/work")
