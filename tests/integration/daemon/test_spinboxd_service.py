@@ -158,3 +158,17 @@ def test_malformed_options_get_invalid_argument(spinbox: PrivateSystemd, args: l
 def test_unknown_vm_is_not_found(spinbox: PrivateSystemd) -> None:
     result = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "ghost", check=False)
     assert "there is no VM 'ghost'" in result.stderr
+
+
+def test_a_call_starts_the_service_by_bus_activation(spinbox: PrivateSystemd) -> None:
+    spinbox.systemctl("stop", "spinbox.service")
+    assert get_property(spinbox, MANAGER_PATH, MANAGER_IFACE, "Version")
+    assert spinbox.unit_property("spinbox.service", "ActiveState") == "active"
+
+
+def test_spinboxctl_check_reports_the_host(spinbox: PrivateSystemd) -> None:
+    result = spinbox.run("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", "check", check=False)
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:]}
+    assert rows["spinboxd"] == "ok"
+    assert rows["qemu"] == "ok"
+    assert rows["accelerator"] == "ok"
