@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
-from spinbox.daemon.logs import LogForwarder, journal_sink
+from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.process import pid_alive
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
@@ -192,7 +192,7 @@ class VmManager:
             undo.callback(network.close)
             mark("network")
 
-            forwarder = LogForwarder(journal_sink(vm_id, scope), qemu_log_fifo(runtime_dir))
+            forwarder = LogForwarder(JournalSink(vm_id, scope), qemu_log_fifo(runtime_dir))
             make_fifo(qemu_log_fifo(runtime_dir))
             forwarder.start_fifo()
             undo.push_async_callback(forwarder.stop)
@@ -200,12 +200,15 @@ class VmManager:
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            # Undone in reverse: QEMU killed, then its pid no longer named in logs.
+            undo.callback(setattr, forwarder.sink, "pid", 0)
             undo.push_async_callback(machine.kill)
             network.close()
             mark("qemu-started")
             state.pid = machine.pid
             state.save(runtime_dir)
 
+            forwarder.sink.pid = machine.pid
             forwarder.start_sockets(machine.console_socket, machine.log_socket)
 
             await machine.wait_ready(self.config.vm.boot_timeout)
@@ -226,7 +229,8 @@ class VmManager:
         return vm
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
-        forwarder = LogForwarder(journal_sink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))
+        forwarder = LogForwarder(JournalSink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))
+        forwarder.sink.pid = machine.pid
         forwarder.start_fifo()
         forwarder.start_sockets(machine.console_socket, machine.log_socket)
         return forwarder
@@ -290,6 +294,8 @@ class VmManager:
         assert vm.finished is not None
         try:
             await vm.machine.wait_exit()
+            # From here on the pid may be another process's.
+            vm.forwarder.sink.pid = 0
             log.info("QEMU of VM %s (pid %d) has exited", vm.id, vm.state.pid)
             await self._release(vm)
         except Exception as e:

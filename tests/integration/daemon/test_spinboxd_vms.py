@@ -86,6 +86,11 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
         assert ("vminitd", "vm-a") in sources
         vminitd = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "vminitd"]
         assert any("agent listening" in e["MESSAGE"] for e in vminitd)
+        # Filed under the scope itself (sent with QEMU's pid), not under spinbox.service.
+        forwarded = [e for e in entries if e.get("SPINBOX_VM") == "vm-a"]
+        assert {e.get("_SYSTEMD_UNIT") for e in forwarded} == {scope}
+        assert {e.get("_PID") for e in forwarded} == {str(pid)}
+        assert "agent listening" not in spinbox.journal("-u", "spinbox.service", "-o", "cat")
 
         timeline = get_property(spinbox, path, VM_IFACE, "BootTimeline")
         assert isinstance(timeline, dict)
