@@ -49,7 +49,6 @@ class Vm:
     machine: Machine
     rootfs: Rootfs | None
     forwarder: LogForwarder
-    adopted: bool = False
     finished: asyncio.Future[None] | None = None
     exit_task: asyncio.Task[None] | None = None
 
@@ -238,6 +237,8 @@ class VmManager:
     def _adopt(self, vm: Vm) -> None:
         loop = asyncio.get_running_loop()
         vm.finished = loop.create_future()
+        # Nobody may be waiting when a VM ends by itself; its failure is logged.
+        vm.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.vms[vm.id] = vm
         vm.exit_task = loop.create_task(self._watch_exit(vm))
         if self.publisher is not None:
@@ -272,11 +273,15 @@ class VmManager:
         """Shut the VM down (orderly unless `force`); returns once everything is released."""
         assert vm.finished is not None
         if vm.phase not in ("stopping", "stopped"):
+            was_paused = vm.phase == "paused"
             self._set_phase(vm, "stopping")
             try:
                 if force:
                     await vm.machine.kill()
                 else:
+                    if was_paused:
+                        # Only a running guest can shut down in order.
+                        await vm.machine.resume()
                     if vm.rootfs is not None:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(
@@ -390,7 +395,7 @@ class VmManager:
             rootfs = None
             if state.storage_dir:
                 rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
-            vm = Vm(state, directory, machine, rootfs, forwarder, adopted=True)
+            vm = Vm(state, directory, machine, rootfs, forwarder)
             self._adopt(vm)
             log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
         try:

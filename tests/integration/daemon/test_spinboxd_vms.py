@@ -228,7 +228,12 @@ def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
         busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
         assert get_property(spinbox, path, VM_IFACE, "State") == "running"
         busctl(spinbox, "call", BUS, path, VM_IFACE, "SyncRootfs")
+        # A paused VM is resumed to stop in order (it unmounts and syncs first).
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
         stop(spinbox, path)
+        assert "unmounted the rootfs of container box" in spinbox.journal(
+            "-u", "spinbox-vm-vm-fs.scope", "-t", "vminitd", "-o", "cat"
+        )
     finally:
         spinbox.run("rm", "-rf", snapshots)
     assert leftovers(spinbox) == NOTHING
