@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -113,7 +114,13 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
 
 
 def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
-    path = create(spinbox, "vm-r")
+    with snapshot(spinbox, "r") as rootfs:
+        restart_and_stop(spinbox, create(spinbox, "vm-r", rootfs))
+    assert no_layer_references(spinbox)
+
+
+def restart_and_stop(spinbox: PrivateSystemd, path: str) -> None:
+    rootfs = get_property(spinbox, path, VM_IFACE, "RootfsPath")
     pid = get_property(spinbox, path, VM_IFACE, "Pid")
     spinbox.systemctl("restart", "spinbox.service")
     assert spinbox.unit_property("spinbox.service", "StatusText") == "1 VM running"
@@ -122,6 +129,7 @@ def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
     )
     assert get_property(spinbox, path, VM_IFACE, "Pid") == pid
     assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+    assert get_property(spinbox, path, VM_IFACE, "RootfsPath") == rootfs
     assert spinbox.path(f"/proc/{pid}").exists()
     restarted = spinbox.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:26]
     stop(spinbox, path)
@@ -213,16 +221,29 @@ def test_stopping_spinboxd_during_a_create_undoes_it(spinbox: PrivateSystemd) ->
         spinbox.systemctl("start", "spinbox.service")
 
 
-def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
-    snapshots = "/var/lib/containerd/spinbox-test"
-    spinbox.run("mkdir", "-p", f"{snapshots}/1/fs/etc", f"{snapshots}/2/fs", f"{snapshots}/2/work")
-    spinbox.write_file(f"{snapshots}/1/fs/etc/hostname", "layer\n")
-    mount = ["overlay", "overlay", "", "3", f"workdir={snapshots}/2/work", f"upperdir={snapshots}/2/fs",
-             f"lowerdir={snapshots}/1/fs"]  # fmt: skip
+@contextlib.contextmanager
+def snapshot(systemd: PrivateSystemd, name: str) -> Iterator[tuple[str, ...]]:
+    """An overlayfs snapshot as containerd mounts it; yields the CreateVM "rootfs" option."""
+    root = f"/var/lib/containerd/spinbox-test-{name}"
+    systemd.run("mkdir", "-p", f"{root}/1/fs/etc", f"{root}/2/fs", f"{root}/2/work")
+    systemd.write_file(f"{root}/1/fs/etc/hostname", "layer\n")
+    mount = ("overlay", "overlay", "", "3", f"workdir={root}/2/work", f"upperdir={root}/2/fs",
+             f"lowerdir={root}/1/fs")  # fmt: skip
     try:
-        path = create(spinbox, "vm-fs", ("rootfs", "a(sssas)", "1", *mount), ("container-id", "s", "box"))
-        rootfs = get_property(spinbox, path, VM_IFACE, "RootfsPath")
-        assert isinstance(rootfs, str) and rootfs.startswith("/")
+        yield ("rootfs", "a(sssas)", "1", *mount)
+    finally:
+        systemd.run("rm", "-rf", root)
+
+
+def no_layer_references(systemd: PrivateSystemd) -> bool:
+    refs = systemd.path("/var/lib/spinbox/layers/refs")
+    return not refs.exists() or not any(refs.rglob("*.ref"))
+
+
+def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
+    with snapshot(spinbox, "fs") as rootfs:
+        path = create(spinbox, "vm-fs", rootfs, ("container-id", "s", "box"))
+        assert str(get_property(spinbox, path, VM_IFACE, "RootfsPath")).startswith("/")
         busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
         assert get_property(spinbox, path, VM_IFACE, "State") == "paused"
         busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
@@ -231,14 +252,10 @@ def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
         # A paused VM is resumed to stop in order (it unmounts and syncs first).
         busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
         stop(spinbox, path)
-        assert "unmounted the rootfs of container box" in spinbox.journal(
-            "-u", "spinbox-vm-vm-fs.scope", "-t", "vminitd", "-o", "cat"
-        )
-    finally:
-        spinbox.run("rm", "-rf", snapshots)
+    vminitd = spinbox.journal("-u", "spinbox-vm-vm-fs.scope", "-t", "vminitd", "-o", "cat")
+    assert "unmounted the rootfs of container box" in vminitd
     assert leftovers(spinbox) == NOTHING
-    refs = spinbox.path("/var/lib/spinbox/layers/refs")
-    assert not refs.exists() or not any(refs.rglob("*.ref")), sorted(refs.rglob("*"))
+    assert no_layer_references(spinbox)
 
 
 def test_a_prepared_network_namespace_is_used_and_removed(spinbox: PrivateSystemd) -> None:
