@@ -130,7 +130,9 @@ class VmManager:
             raise
         except Exception as e:
             log.exception("creating VM %s failed", vm_id)
-            raise Failed(f"VM {vm_id!r} could not be created: {e}") from None
+            raise Failed(
+                f"VM {vm_id!r} could not be created: {e} (its logs: journalctl -u {scope_name(vm_id)})"
+            ) from None
         finally:
             self._reserved.discard(vm_id)
             if task is not None:
