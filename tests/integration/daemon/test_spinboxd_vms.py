@@ -17,6 +17,7 @@ from spinbox.config import VmConfig
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
     BUS,
+    CONFIG,
     MANAGER_IFACE,
     MANAGER_PATH,
     PYTHON,
@@ -288,3 +289,19 @@ def test_twenty_create_stop_cycles_leave_nothing(spinbox: PrivateSystemd) -> Non
     for directory in ("/var/lib/spinbox/vms", "/run/spinbox/net", "/run/spinbox/netns", "/run/spinbox/cid"):
         found = spinbox.path(directory)
         assert not found.exists() or not any(found.iterdir()), directory
+
+
+def test_a_guest_that_never_comes_up_fails_the_create_and_leaves_nothing(spinbox: PrivateSystemd) -> None:
+    config = spinbox.path(CONFIG).read_text()
+    # Not an initramfs: the kernel finds no init, panics, and QEMU exits.
+    spinbox.write_file(CONFIG, '[vm]\ninitrd = "/etc/hostname"\n')
+    spinbox.systemctl("restart", "spinbox.service")
+    try:
+        error = create(spinbox, "vm-bad", check=False)
+    finally:
+        spinbox.write_file(CONFIG, config)
+        spinbox.systemctl("restart", "spinbox.service")
+    assert "VM 'vm-bad' could not be created" in error
+    assert "journalctl -u spinbox-vm-vm-bad.scope" in error
+    assert "Kernel panic" in spinbox.journal("-u", "spinbox-vm-vm-bad.scope", "-o", "cat")
+    assert leftovers(spinbox) == NOTHING
