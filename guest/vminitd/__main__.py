@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ async def run_guest(
 def pid1() -> None:
     timeline = Timeline()
     timeline.stamp("entry")
+    # Ctrl-C on the console must not stop PID 1 (children get the default back at spawn).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     log_handler = channels.PortLogHandler()
     logging.basicConfig(level=logging.INFO, format="vminitd: %(message)s", stream=sys.stderr)

@@ -142,12 +142,13 @@ class _Session:
         self.fd = fd
         self.reader = asyncio.StreamReader(limit=_MAX_FRAME * 2)
         self.task: asyncio.Task[None] | None = None
+        self.transport: asyncio.WriteTransport | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         wfile = os.fdopen(os.dup(self.fd), "wb", buffering=0)
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
-        writer = asyncio.StreamWriter(transport, protocol, self.reader, loop)
+        self.transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
+        writer = asyncio.StreamWriter(self.transport, protocol, self.reader, loop)
         self.task = asyncio.ensure_future(self.server.serve_connection(self.reader, writer))
 
     async def stop(self) -> None:
@@ -157,6 +158,9 @@ class _Session:
                 await self.task
             except Exception:
                 log.exception("agent session failed")
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            # Replies still buffered (the host is gone) must not reach the next host.
+            self.transport.abort()
 
 
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}

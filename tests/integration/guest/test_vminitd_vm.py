@@ -310,7 +310,7 @@ def test_garbage_on_the_agent_channel(guest: GuestVM) -> None:
         while True:
             await guest.reconnect()
             try:
-                return await asyncio.wait_for(guest.agent.ping(), 10)
+                return await asyncio.wait_for(guest.agent.ping(), 3)
             except TimeoutError:
                 continue
 
