@@ -88,6 +88,7 @@ def pid1() -> None:
     logging.getLogger().addHandler(log_handler)
     try:
         boot.mount_filesystems()
+        timeline.stamp_process_start("exec")  # before the interpreter started and imported vminitd
         boot.load_modules()
         timeline.stamp("modules")
         boot.seed_entropy()

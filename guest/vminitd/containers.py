@@ -147,7 +147,7 @@ class Stdio:
             return None
         conn, _ = accept.result()
         with conn:
-            conn.setblocking(True)
+            conn.settimeout(10)  # crun sends the fd right after connecting
             _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
         return fds[0] if fds else None
 

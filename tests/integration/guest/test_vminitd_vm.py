@@ -112,7 +112,7 @@ def exec_process(*args: str, terminal: bool = False) -> bytes:
 def test_boot_timeline(guest: GuestVM) -> None:
     resp = guest.run(guest.agent.ping())
     t = resp.timeline
-    assert 0 < t["entry"] <= t["modules"] <= t["agent-listening"] <= t["first-request"]
+    assert 0 < t["exec"] <= t["entry"] <= t["modules"] <= t["agent-listening"] <= t["first-request"]
     print("guest timeline (s):", {k: round(v / 1e9, 3) for k, v in sorted(t.items(), key=lambda kv: kv[1])})
 
 
