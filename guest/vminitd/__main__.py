@@ -9,7 +9,6 @@ On a host (tests, debugging): `python -m guest.vminitd --listen unix:PATH --stat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -17,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.vminitd import boot, channels, syscalls
 from guest.vminitd.containers import RuntimeConfig
@@ -24,6 +24,9 @@ from guest.vminitd.reaper import Reaper
 from guest.vminitd.service import AgentConfig, AgentService
 from guest.vminitd.timeline import Timeline
 from spinbox.ttrpc import Server
+
+if TYPE_CHECKING:
+    from argparse import Namespace
 
 log = logging.getLogger("vminitd")
 
@@ -114,7 +117,7 @@ def pid1() -> None:
         time.sleep(5)
 
 
-async def run_host(args: argparse.Namespace) -> None:
+async def run_host(args: Namespace) -> None:
     timeline = Timeline()
     timeline.stamp("entry")
     syscalls.set_child_subreaper()
@@ -147,6 +150,8 @@ def main() -> None:
     if os.getpid() == 1:
         pid1()
         return
+    import argparse  # only off the guest: PID 1 does not pay for it
+
     parser = argparse.ArgumentParser(prog="vminitd", description="The spinbox guest agent, outside a VM.")
     parser.add_argument("--listen", action="append", required=True, help="unix:<path> to serve the agent on")
     parser.add_argument("--state-dir", required=True, help="bundles, crun state and mounts go here")
