@@ -673,6 +673,10 @@ class TaskService:
         proc = self.state_of(req.id, req.exec_id).process
         if not proc.terminal:
             raise precondition(f"{proc.name} has no terminal to resize")
+        if req.width == 0 or req.height == 0:
+            # Clients pass on the size of whatever terminal they have, which may be
+            # none (0x0); like runc, leave the guest's terminal as it is.
+            return Empty()
         await container.agent.resize_pty(req.id, req.width, req.height, exec_id=req.exec_id)
         return Empty()
 
