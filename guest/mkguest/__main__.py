@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compression", choices=COMPRESSIONS, default="none")
     parser.add_argument(
+        "--no-check", action="store_true", help="skip importing the entry module inside the image (a chroot)"
+    )
+    parser.add_argument(
         "--config", type=Path, default=CONFIG_PATH, help=f"spinbox's configuration (default {CONFIG_PATH})"
     )
     return parser.parse_args(argv)
@@ -53,14 +56,20 @@ def main(argv: list[str] | None = None) -> int:
             check_kernel(kernel)
             version = kernel_version_of(kernel)
         modules = not module_free(kernel)
-        config = ImageConfig(kernel_version=version, compression=args.compression, kernel_modules=modules)
+        config = ImageConfig(
+            kernel_version=version,
+            compression=args.compression,
+            kernel_modules=modules,
+            check=not args.no_check,
+        )
         result = build(config, args.output)
     except (BuildError, VmError, ConfigError) as error:
         print(f"spinbox-mkguest: {error}", file=sys.stderr)
         return 1
     print(f"kernel: {kernel} ({version})")
     print(f"kernel modules: {len(result.kernel_modules)}{'' if modules else ' (built without modules)'}")
-    print(f"python modules: {result.python_modules}")
+    checked = "imports checked inside the image" if result.checked else "imports not checked (needs root)"
+    print(f"python modules: {result.python_modules} ({checked})")
     size = f"{result.size / 1e6:.1f} MB, {args.compression}"
     print(f"image: {result.output} ({size}), built in {result.seconds:.2f} s")
     return 0

@@ -1,0 +1,307 @@
+"""Real VMs through spinboxd: scopes, journal, restart, stop, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio.message_bus import MessageBus
+
+from spinbox.config import VmConfig
+from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import (
+    BUS,
+    CONFIG,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    PYTHON,
+    TOP,
+    VM_IFACE,
+    busctl,
+    get_property,
+    installed,
+    leftovers,
+)
+
+NOTHING: dict[str, object] = {"scopes": [], "qemu": [], "files": [], "netns": []}
+MIB = 1024 * 1024
+OVERHEAD_MIB = VmConfig().memory_overhead_mib
+
+
+@pytest.fixture(scope="module")
+def spinbox(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
+    with installed(systemd, config=f'[vm]\ninitrd = "{guest_image}"\n'):
+        systemd.systemctl("start", "spinbox.service")
+        yield systemd
+        assert leftovers(systemd) == NOTHING
+
+
+def create(systemd: PrivateSystemd, vm_id: str, *options: tuple[str, ...], check: bool = True) -> str:
+    """CreateVM through busctl; each option is (name, signature, value...)."""
+    args = [word for option in options for word in option]
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", vm_id, str(len(options)))
+    result = busctl(systemd, "--timeout=300", *call, *args, check=check)
+    return result.stdout.strip().removeprefix("o ").strip('"') if result.returncode == 0 else result.stderr
+
+
+def stop(systemd: PrivateSystemd, path: str) -> None:
+    busctl(systemd, "--timeout=120", "call", BUS, path, VM_IFACE, "Stop", "t", "30000")
+
+
+def spinboxctl(systemd: PrivateSystemd, *args: str) -> str:
+    return systemd.run("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", *args).stdout
+
+
+def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSystemd) -> None:
+    options = [("vcpus", "u", "2"), ("memory-mib", "t", "384"), ("kernel-args", "as", "1", "loglevel=6")]
+    path = create(spinbox, "vm-a", *options)
+    assert path == "/org/spinstack/Spinbox/vm/vm_2da"
+    try:
+        scope = "spinbox-vm-vm-a.scope"
+        assert get_property(spinbox, path, VM_IFACE, "Scope") == scope
+        assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+        assert spinbox.unit_property(scope, "ActiveState") == "active"
+        assert spinbox.unit_property(scope, "Slice") == "spinbox.slice"
+        assert spinbox.unit_property(scope, "MemoryMax") == str((384 + OVERHEAD_MIB) * MIB)
+        assert spinbox.unit_property(scope, "CPUQuotaPerSecUSec") == "2s"
+        pid = get_property(spinbox, path, VM_IFACE, "Pid")
+        # cgroup.procs shows pids of the reader's pid namespace: read it inside.
+        procs = spinbox.run("cat", f"/sys/fs/cgroup/spinbox.slice/{scope}/cgroup.procs").stdout.split()
+        assert str(pid) in procs
+        assert "qemu-system" in spinbox.path(f"/proc/{pid}/cmdline").read_text()
+
+        def journal_has(*lines: str) -> bool:
+            text = spinbox.journal("-u", scope, "-o", "cat")
+            return all(line in text for line in lines)
+
+        # Kernel messages on the serial console, and vminitd's own log port.
+        spinbox.wait_for("console and vminitd lines", lambda: journal_has("Linux version"))
+        entries = [json.loads(line) for line in spinbox.journal("-u", scope, "-o", "json").splitlines()]
+        sources = {(e.get("SYSLOG_IDENTIFIER"), e.get("SPINBOX_VM")) for e in entries}
+        assert ("spinbox-console", "vm-a") in sources
+        assert ("vminitd", "vm-a") in sources
+        vminitd = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "vminitd"]
+        assert any("agent listening" in e["MESSAGE"] for e in vminitd)
+        # Filed under the scope itself (sent with QEMU's pid), not under spinbox.service.
+        forwarded = [e for e in entries if e.get("SPINBOX_VM") == "vm-a"]
+        assert {e.get("_SYSTEMD_UNIT") for e in forwarded} == {scope}
+        assert {e.get("_PID") for e in forwarded} == {str(pid)}
+        assert "agent listening" not in spinbox.journal("-u", "spinbox.service", "-o", "cat")
+
+        timeline = get_property(spinbox, path, VM_IFACE, "BootTimeline")
+        assert isinstance(timeline, dict)
+        assert 0 < timeline["qemu-started"] < timeline["agent-ready"] <= timeline["guest-configured"]
+
+        listing = spinboxctl(spinbox, "list")
+        assert "vm-a" in listing and "running" in listing and str(pid) in listing
+        assert "agent-ready" in spinboxctl(spinbox, "timeline", "vm-a")
+        assert scope in spinboxctl(spinbox, "status", "vm-a")
+        assert "Linux version" in spinboxctl(spinbox, "logs", "vm-a")
+
+        again = create(spinbox, "vm-a", check=False)
+        assert "already exists" in again
+    finally:
+        spinboxctl(spinbox, "stop", "vm-a")
+    assert leftovers(spinbox) == NOTHING
+    assert "not found" in busctl(
+        spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "vm-a", check=False
+    ).stderr.replace("there is no VM", "not found")
+
+
+def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
+    with snapshot(spinbox, "r") as rootfs:
+        restart_and_stop(spinbox, create(spinbox, "vm-r", rootfs))
+    assert no_layer_references(spinbox)
+
+
+def restart_and_stop(spinbox: PrivateSystemd, path: str) -> None:
+    rootfs = get_property(spinbox, path, VM_IFACE, "RootfsPath")
+    pid = get_property(spinbox, path, VM_IFACE, "Pid")
+    spinbox.systemctl("restart", "spinbox.service")
+    assert spinbox.unit_property("spinbox.service", "StatusText") == "1 VM running"
+    assert busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "vm-r").stdout.strip() == (
+        f'o "{path}"'
+    )
+    assert get_property(spinbox, path, VM_IFACE, "Pid") == pid
+    assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+    assert get_property(spinbox, path, VM_IFACE, "RootfsPath") == rootfs
+    assert spinbox.path(f"/proc/{pid}").exists()
+    restarted = spinbox.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:26]
+    stop(spinbox, path)
+    assert leftovers(spinbox) == NOTHING
+    # The console and the log port are forwarded again after the restart: the
+    # kernel's and vminitd's last words arrive.
+    after = spinbox.journal("-u", "spinbox-vm-vm-r.scope", "--since", restarted, "-o", "json").splitlines()
+    sources = {json.loads(line).get("SYSLOG_IDENTIFIER") for line in after}
+    assert {"spinbox-console", "vminitd"} <= sources
+    assert spinbox.unit_property("spinbox.service", "StatusText") == "0 VMs running"
+
+
+def test_kill_releases_everything_and_signals_come(spinbox: PrivateSystemd) -> None:
+    async def watch() -> list[tuple[str, list[object]]]:
+        bus = await MessageBus(bus_address=spinbox.bus_address, bus_type=BusType.SYSTEM).connect()
+        seen: list[tuple[str, list[object]]] = []
+
+        def on_message(msg: Message) -> None:
+            if msg.interface in (MANAGER_IFACE, "org.freedesktop.DBus.Properties") and msg.path:
+                seen.append((str(msg.member), list(msg.body)))
+
+        bus.add_message_handler(on_message)
+        reply = await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[f"type='signal',sender='{BUS}'"],
+            )
+        )
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(None, create, spinbox, "vm-k")
+        await loop.run_in_executor(None, lambda: busctl(spinbox, "call", BUS, path, VM_IFACE, "Kill"))
+        await asyncio.sleep(0.5)
+        bus.disconnect()
+        return seen
+
+    seen = asyncio.run(watch())
+    path = "/org/spinstack/Spinbox/vm/vm_2dk"
+    assert ("VMAdded", ["vm-k", path]) in seen
+    assert ("VMRemoved", ["vm-k", path]) in seen
+    states = [body[1]["State"].value for member, body in seen if member == "PropertiesChanged"]
+    assert states[:2] == ["stopping", "stopped"]
+    assert leftovers(spinbox) == NOTHING
+
+
+def test_a_crash_during_create_is_cleaned_up_when_spinboxd_comes_back(spinbox: PrivateSystemd) -> None:
+    scope = "spinbox-vm-vm-crash.scope"
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", "vm-crash", "0")
+    client = spinbox.popen("busctl", "--timeout=300", *call, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        spinbox.wait_for("the VM's scope", lambda: spinbox.unit_property(scope, "ActiveState") == "active")
+        started = spinbox.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic")
+        # Only spinboxd dies: QEMU is in its own scope.
+        spinbox.systemctl("kill", "--kill-who=main", "--signal=KILL", "spinbox.service")
+    finally:
+        client.communicate(timeout=60)
+    spinbox.wait_for(
+        "spinboxd restarted",
+        lambda: (
+            spinbox.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic") != started
+            and spinbox.unit_property("spinbox.service", "ActiveState") == "active"
+        ),
+        timeout=60,
+    )
+    assert "cleaning up VM vm-crash" in spinbox.journal("-u", "spinbox.service", "-o", "cat")
+    assert leftovers(spinbox) == NOTHING
+
+
+def test_stopping_spinboxd_during_a_create_undoes_it(spinbox: PrivateSystemd) -> None:
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", "vm-stop", "0")
+    client = spinbox.popen("busctl", "--timeout=300", *call, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        spinbox.wait_for(
+            "the VM's scope",
+            lambda: spinbox.unit_property("spinbox-vm-vm-stop.scope", "ActiveState") == "active",
+        )
+        spinbox.systemctl("stop", "spinbox.service")
+        _, err = client.communicate(timeout=60)
+        assert spinbox.unit_property("spinbox.service", "Result") == "success"
+        assert b"Call failed" in err
+        # Undone by the stopping spinboxd itself, not by the next one.
+        assert leftovers(spinbox) == NOTHING
+    finally:
+        client.kill()
+        spinbox.systemctl("start", "spinbox.service")
+
+
+@contextlib.contextmanager
+def snapshot(systemd: PrivateSystemd, name: str) -> Iterator[tuple[str, ...]]:
+    """An overlayfs snapshot as containerd mounts it; yields the CreateVM "rootfs" option."""
+    root = f"/var/lib/containerd/spinbox-test-{name}"
+    systemd.run("mkdir", "-p", f"{root}/1/fs/etc", f"{root}/2/fs", f"{root}/2/work")
+    systemd.write_file(f"{root}/1/fs/etc/hostname", "layer\n")
+    mount = ("overlay", "overlay", "", "3", f"workdir={root}/2/work", f"upperdir={root}/2/fs",
+             f"lowerdir={root}/1/fs")  # fmt: skip
+    try:
+        yield ("rootfs", "a(sssas)", "1", *mount)
+    finally:
+        systemd.run("rm", "-rf", root)
+
+
+def no_layer_references(systemd: PrivateSystemd) -> bool:
+    refs = systemd.path("/var/lib/spinbox/layers/refs")
+    return not refs.exists() or not any(refs.rglob("*.ref"))
+
+
+def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
+    with snapshot(spinbox, "fs") as rootfs:
+        path = create(spinbox, "vm-fs", rootfs, ("container-id", "s", "box"))
+        assert str(get_property(spinbox, path, VM_IFACE, "RootfsPath")).startswith("/")
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
+        assert get_property(spinbox, path, VM_IFACE, "State") == "paused"
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
+        assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "SyncRootfs")
+        # A paused VM is resumed to stop in order (it unmounts and syncs first).
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
+        stop(spinbox, path)
+    vminitd = spinbox.journal("-u", "spinbox-vm-vm-fs.scope", "-t", "vminitd", "-o", "cat")
+    assert "unmounted the rootfs of container box" in vminitd
+    assert leftovers(spinbox) == NOTHING
+    assert no_layer_references(spinbox)
+
+
+def test_a_prepared_network_namespace_is_used_and_removed(spinbox: PrivateSystemd) -> None:
+    result = busctl(
+        spinbox,
+        "--json=short",
+        "call",
+        BUS,
+        MANAGER_PATH,
+        MANAGER_IFACE,
+        "PrepareNetworkNamespace",
+        "s",
+        "vm-n",
+    )
+    netns, pid = json.loads(result.stdout)["data"]
+    assert spinbox.path(netns).exists()
+    assert spinbox.path(f"/proc/{pid}").exists()
+    path = create(spinbox, "vm-n", ("netns", "s", netns))
+    assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+    stop(spinbox, path)
+    assert not spinbox.path(netns).exists()
+    assert leftovers(spinbox) == NOTHING
+
+
+def test_twenty_create_stop_cycles_leave_nothing(spinbox: PrivateSystemd) -> None:
+    for i in range(20):
+        path = create(spinbox, f"cycle-{i}", ("memory-mib", "t", "256"))
+        stop(spinbox, path)
+    assert leftovers(spinbox) == NOTHING
+    for directory in ("/var/lib/spinbox/vms", "/run/spinbox/net", "/run/spinbox/netns", "/run/spinbox/cid"):
+        found = spinbox.path(directory)
+        assert not found.exists() or not any(found.iterdir()), directory
+
+
+def test_a_guest_that_never_comes_up_fails_the_create_and_leaves_nothing(spinbox: PrivateSystemd) -> None:
+    config = spinbox.path(CONFIG).read_text()
+    # Not an initramfs: the kernel finds no init, panics, and QEMU exits.
+    spinbox.write_file(CONFIG, '[vm]\ninitrd = "/etc/hostname"\n')
+    spinbox.systemctl("restart", "spinbox.service")
+    try:
+        error = create(spinbox, "vm-bad", check=False)
+    finally:
+        spinbox.write_file(CONFIG, config)
+        spinbox.systemctl("restart", "spinbox.service")
+    assert "VM 'vm-bad' could not be created" in error
+    assert "journalctl -u spinbox-vm-vm-bad.scope" in error
+    assert "Kernel panic" in spinbox.journal("-u", "spinbox-vm-vm-bad.scope", "-o", "cat")
+    assert leftovers(spinbox) == NOTHING
