@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fixtures import systemd
+from tests.harness.fixtures import guest_image, systemd
 
-__all__ = ["systemd"]
+__all__ = ["guest_image", "systemd"]
 
 TIERS = ("unit", "integration", "e2e")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,3 +28,16 @@ def systemd() -> Iterator[PrivateSystemd]:
         pytest.skip("the private systemd needs root")
     with PrivateSystemd.booted(artifacts_dir() / "logs") as instance:
         yield instance
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """The real guest image (vminitd as PID 1), built once per session into build/test/guest/."""
+    if importlib.util.find_spec("guest.vminitd") is None:
+        pytest.skip("guest.vminitd is not in this tree yet")
+    from guest.mkguest.image import ImageConfig, build
+    from spinbox.vm.spec import default_kernel
+
+    output = artifacts_dir() / "guest" / "initrd.img"
+    build(ImageConfig(kernel_version=default_kernel().name.removeprefix("vmlinuz-")), output)
+    return output

@@ -1,0 +1,52 @@
+"""spinbox-mkguest: build the guest image (initrd.img) from the host's Debian packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from guest.mkguest.errors import BuildError
+from guest.mkguest.image import COMPRESSIONS, ImageConfig, build, kernel_version_of
+from spinbox.vm.errors import VmError
+from spinbox.vm.spec import DEFAULT_IMAGE, check_kernel, default_kernel
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="spinbox-mkguest", description=__doc__)
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_IMAGE, help=f"where to write (default {DEFAULT_IMAGE})"
+    )
+    kernel = parser.add_mutually_exclusive_group()
+    kernel.add_argument("--kernel", type=Path, help="the guest kernel, /boot/vmlinuz-<version>")
+    kernel.add_argument(
+        "--kernel-version", help="the guest kernel's version (its modules are in /lib/modules)"
+    )
+    parser.add_argument("--compression", choices=COMPRESSIONS, default="none")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.kernel_version:
+            version = args.kernel_version
+            kernel = Path("/boot") / f"vmlinuz-{version}"
+        else:
+            kernel = args.kernel or default_kernel()
+            check_kernel(kernel)
+            version = kernel_version_of(kernel)
+        result = build(ImageConfig(kernel_version=version, compression=args.compression), args.output)
+    except (BuildError, VmError) as error:
+        print(f"spinbox-mkguest: {error}", file=sys.stderr)
+        return 1
+    print(f"kernel: {kernel} ({version})")
+    print(f"kernel modules: {len(result.kernel_modules)}")
+    print(f"python modules: {result.python_modules}")
+    size = f"{result.size / 1e6:.1f} MB, {args.compression}"
+    print(f"image: {result.output} ({size}), built in {result.seconds:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Kernel modules for the guest, resolved through the kernel's modules.dep."""
+
+from __future__ import annotations
+
+import lzma
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from guest.mkguest.errors import BuildError
+
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+
+# What the guest needs: virtio transports and devices, vsock, and the file
+# systems of container layers. Built-in ones are skipped.
+REQUIRED_MODULES = (
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "erofs",
+    "overlay",
+)
+OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4")
+
+
+def _canonical(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _module_name(path: str) -> str:
+    return _canonical(Path(path).name.split(".ko")[0])
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    path: str  # relative to /lib/modules/<kver>, with the compression suffix dropped
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """/lib/modules/<kver> of an installed kernel."""
+
+    root: Path
+
+    @property
+    def version(self) -> str:
+        return self.root.name
+
+    def _read(self, name: str) -> list[str]:
+        path = self.root / name
+        try:
+            return path.read_text().splitlines()
+        except FileNotFoundError:
+            raise BuildError(
+                f"{path} does not exist: install the kernel's package (apt install {KERNEL_PACKAGE}) "
+                f"or run `depmod {self.version}`"
+            ) from None
+
+    def resolve(
+        self,
+        required: tuple[str, ...] = REQUIRED_MODULES,
+        optional: tuple[str, ...] = OPTIONAL_MODULES,
+    ) -> list[str]:
+        """The module files (relative paths) to load, dependencies first."""
+        deps: dict[str, list[str]] = {}
+        by_name: dict[str, str] = {}
+        for line in self._read("modules.dep"):
+            module, _, rest = line.partition(":")
+            deps[module] = rest.split()
+            by_name[_module_name(module)] = module
+        builtin = {_module_name(line) for line in self._read("modules.builtin") if line}
+        order: list[str] = []
+
+        def visit(module: str) -> None:
+            if module in order:
+                return
+            for dep in deps.get(module, []):
+                visit(dep)
+            order.append(module)
+
+        for name in (*required, *optional):
+            canonical = _canonical(name)
+            if canonical in by_name:
+                visit(by_name[canonical])
+            elif canonical not in builtin and name in required:
+                raise BuildError(
+                    f"kernel {self.version} has no module {name} (neither built in nor in modules.dep): "
+                    "the guest needs it"
+                )
+        return order
+
+    def load(self, relative: str) -> KernelModule:
+        path = self.root / relative
+        data = path.read_bytes()
+        if relative.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif relative.endswith(".zst"):
+            data = subprocess.run(["zstd", "-dcq", str(path)], check=True, capture_output=True).stdout
+        elif not relative.endswith(".ko"):
+            raise BuildError(f"kernel module {path} has a compression spinbox-mkguest does not know")
+        return KernelModule(relative[: relative.index(".ko") + 3], data)

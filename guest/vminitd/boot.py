@@ -1,0 +1,129 @@
+"""What PID 1 does before serving: mounts, kernel modules, entropy, cgroups.
+
+Every step logs and carries on when it fails: a guest that boots with a
+missing piece can still answer Ping and say what is wrong.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+from guest.vminitd import syscalls
+
+log = logging.getLogger(__name__)
+
+MODULES_LIST = Path("/etc/spinbox/modules")
+CGROUP_CONTROLLERS = ("cpu", "memory", "pids", "io")
+
+_NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
+    ("proc", "/proc", "proc", _NOSUID_NODEV_NOEXEC, ""),
+    ("sysfs", "/sys", "sysfs", _NOSUID_NODEV_NOEXEC, ""),
+    ("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755"),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+        "mode=0620,ptmxmode=0666,gid=5",
+    ),
+    ("tmpfs", "/dev/shm", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777"),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", _NOSUID_NODEV_NOEXEC, "nsdelegate"),
+)
+
+
+def mount_filesystems() -> None:
+    for source, target, fstype, flags, data in MOUNTS:
+        try:
+            os.makedirs(target, exist_ok=True)
+            syscalls.mount(source, target, fstype, flags, data)
+        except OSError as e:
+            if e.errno != errno.EBUSY:  # EBUSY: /init mounted it already
+                log.error("%s", e)
+    if not os.path.exists("/dev/ptmx"):
+        os.symlink("pts/ptmx", "/dev/ptmx")
+    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")):  # fmt: skip
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+
+
+def load_modules(listing: Path = MODULES_LIST) -> int:
+    """Loads the .ko files named in `listing` (one path a line, in dependency order)."""
+    try:
+        lines = listing.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    loaded = 0
+    for line in lines:
+        path = line.strip()
+        if not path or path.startswith("#"):
+            continue
+        try:
+            if syscalls.finit_module(path):
+                loaded += 1
+        except OSError as e:
+            log.error("%s", e)
+    log.info("loaded %d kernel modules", loaded)
+    return loaded
+
+
+def seed_entropy(hwrng: Path = Path("/dev/hwrng"), size: int = 64) -> None:
+    """Credits bytes from the virtio-rng device to the kernel's pool, so getrandom() never stalls."""
+    try:
+        fd = os.open(hwrng, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        log.info("no hardware RNG; the kernel's pool seeds itself")
+        return
+    try:
+        data = os.read(fd, size)
+        if data:
+            syscalls.add_entropy(data)
+    except OSError as e:
+        log.warning("could not seed entropy from %s: %s", hwrng, e)
+    finally:
+        os.close(fd)
+
+
+def enable_cgroup_controllers(root: Path = Path("/sys/fs/cgroup")) -> None:
+    try:
+        available = (root / "cgroup.controllers").read_text().split()
+    except OSError as e:
+        log.error("no cgroup2 hierarchy: %s", e)
+        return
+    wanted = [c for c in CGROUP_CONTROLLERS if c in available]
+    missing = [c for c in CGROUP_CONTROLLERS if c not in available]
+    if missing:
+        log.warning("cgroup controllers not in this kernel: %s", ", ".join(missing))
+    for controller in wanted:
+        try:
+            (root / "cgroup.subtree_control").write_text(f"+{controller}")
+        except OSError as e:
+            log.error("could not enable the %s controller: %s", controller, e)
+
+
+def kernel_cmdline(path: Path = Path("/proc/cmdline")) -> dict[str, str]:
+    """`key=value` words of the kernel command line (a bare word maps to "")."""
+    try:
+        words = path.read_text().split()
+    except OSError:
+        return {}
+    return {k: v for k, _, v in (w.partition("=") for w in words)}
+
+
+def root_is_initramfs(mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """True when / is the initramfs, which pivot_root cannot leave (crun then needs --no-pivot)."""
+    try:
+        for line in mountinfo.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == "/":
+                fstype = fields[fields.index("-") + 1]
+                return fstype in ("rootfs", "ramfs", "tmpfs")
+    except (OSError, ValueError):
+        pass
+    return True

@@ -1,0 +1,546 @@
+"""Containers and their processes, run with crun.
+
+A container is a bundle (config.json whose root is the rootfs MountRootfs made)
+plus its init process; exec processes join it. Exits come from the Reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guest.vminitd import stats, validate
+from guest.vminitd.reaper import Reaper, exit_code
+from guest.vminitd.stdio import InputPipe, OutputPipe
+from guest.vminitd.syscalls import set_window_size
+from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import Code, TtrpcError
+
+log = logging.getLogger(__name__)
+
+# Namespaces a container may not join by path: the paths name host objects, and the VM is the sandbox.
+_DROPPED_NAMESPACES = ("network",)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    state_dir: Path
+    rootfs_dir: Path
+    crun: str = "/usr/bin/crun"
+    crun_args: tuple[str, ...] = ()
+    no_pivot: bool = False
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    # Containers get the cgroup /<cgroup_parent>/<id>; empty: crun manages no cgroups.
+    cgroup_parent: str = "spinbox"
+
+
+@dataclass
+class Process:
+    container_id: str
+    exec_id: str
+    io: pb.IoConfig
+    spec: dict[str, Any] = field(default_factory=dict)  # the OCI process of an exec
+    pid: int = 0
+    started: bool = False
+    status: int | None = None  # exit code (128+N for signal N) once exited
+    exited_at: float = 0.0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the stdio exists (after crun create or exec), or will never exist.
+    io_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stdin: InputPipe | None = None
+    stdout: OutputPipe | None = None
+    stderr: OutputPipe | None = None
+    pty: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.exec_id:
+            return f"exec {self.exec_id} of container {self.container_id}"
+        return f"container {self.container_id}"
+
+    def close_io(self) -> None:
+        for out in (self.stdout, self.stderr):
+            if out is not None:
+                out.close()
+        if self.stdin is not None and not self.stdin.closed:
+            self.stdin.closed = True
+            os.close(self.stdin.fd)
+        if self.pty is not None:
+            os.close(self.pty)
+            self.pty = None
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    rootfs: Path
+    init: Process
+    cgroup: Path | None
+    execs: dict[str, Process] = field(default_factory=dict)
+    oom_kills: int = 0
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"container {self.id} has no exec {exec_id!r}") from None
+
+
+class Stdio:
+    """The fds a new process gets, and the host-side ends vminitd keeps."""
+
+    def __init__(self, io: pb.IoConfig, work: Path) -> None:
+        self.io = io
+        self.child: list[int | None] = [None, None, None]
+        self.ours: list[int] = []
+        self.stdin: InputPipe | None = None
+        self.stdout: OutputPipe | None = None
+        self.stderr: OutputPipe | None = None
+        self.console: socket.socket | None = None
+        self.console_path = work / "console.sock"
+        if io.terminal:
+            with contextlib.suppress(FileNotFoundError):
+                self.console_path.unlink()
+            self.console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.console.bind(str(self.console_path))
+            self.console.listen(1)
+            self.console.setblocking(False)
+            return
+        if io.stdin:
+            r, w = os.pipe()
+            self.child[0] = r
+            self.stdin = InputPipe(w)
+        if io.stdout:
+            r, w = os.pipe()
+            self.child[1] = w
+            self.stdout = OutputPipe(r)
+        if io.stderr:
+            r, w = os.pipe()
+            self.child[2] = w
+            self.stderr = OutputPipe(r)
+
+    async def receive_pty(self, done: asyncio.Future[Any]) -> int | None:
+        """The pty master crun sends over the console socket, or None if crun ended first."""
+        assert self.console is not None
+        loop = asyncio.get_running_loop()
+        accept: asyncio.Future[Any] = asyncio.ensure_future(loop.sock_accept(self.console))
+        await asyncio.wait({accept, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not accept.done():
+            await asyncio.sleep(0)  # crun may have connected just before it exited
+        if not accept.done():
+            accept.cancel()
+            return None
+        conn, _ = accept.result()
+        with conn:
+            conn.setblocking(True)
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        return fds[0] if fds else None
+
+    def attach(self, proc: Process, pty: int | None) -> None:
+        proc.stdin, proc.stdout, proc.stderr = self.stdin, self.stdout, self.stderr
+        if pty is not None:
+            proc.pty = pty
+            if self.io.stdout:
+                proc.stdout = OutputPipe(os.dup(pty))
+            if self.io.stdin:
+                proc.stdin = InputPipe(os.dup(pty), terminal=True)
+
+    def close_child_ends(self) -> None:
+        for fd in self.child:
+            if fd is not None:
+                os.close(fd)
+        self.child = [None, None, None]
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+            with contextlib.suppress(FileNotFoundError):
+                self.console_path.unlink()
+
+    def discard(self) -> None:
+        self.close_child_ends()
+        for out in (self.stdout, self.stderr):
+            if out is not None:
+                out.close()
+        if self.stdin is not None:
+            os.close(self.stdin.fd)
+
+
+class CrunError(Exception):
+    pass
+
+
+class Containers:
+    def __init__(self, config: RuntimeConfig, reaper: Reaper) -> None:
+        self.config = config
+        self.reaper = reaper
+        self.containers: dict[str, Container] = {}
+        self._subscribers: set[asyncio.Queue[pb.Event]] = set()
+        self._counter = itertools.count()
+        self._oom_task: asyncio.Task[None] | None = None
+        self.crun_root = config.state_dir / "crun"
+        self.bundles = config.state_dir / "bundles"
+
+    # crun
+
+    async def crun(
+        self,
+        *args: str,
+        stdio: tuple[int | None, int | None, int | None] = (None, None, None),
+    ) -> None:
+        """Runs one crun command; a failure raises CrunError with crun's own message."""
+        log_file = self.config.state_dir / "logs" / f"crun-{next(self._counter)}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.config.crun,
+            "--root", str(self.crun_root),
+            "--log", f"file:{log_file}",
+            *self.config.crun_args,
+            *args,
+        ]  # fmt: skip
+        try:
+            _, done = self.reaper.spawn(argv, *stdio)
+            code = exit_code(await done)
+            if code != 0:
+                text = log_file.read_text(errors="replace").strip() if log_file.exists() else ""
+                message = text.splitlines()[-1] if text else f"exit status {code}"
+                raise CrunError(f"crun {args[0]} failed: {message}")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                log_file.unlink()
+
+    def get(self, container_id: str) -> Container:
+        validate.container_id(container_id)
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"no container {container_id}") from None
+
+    def find(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
+        """A container and one of its processes, after checking both names."""
+        validate.container_id(container_id)
+        validate.exec_id(exec_id)
+        container = self.get(container_id)
+        return container, container.process(exec_id)
+
+    # Lifecycle
+
+    def _prepare_spec(self, container_id: str, doc: dict[str, Any], rootfs: Path, terminal: bool) -> None:
+        readonly = bool(doc.get("root", {}).get("readonly", False))
+        doc["root"] = {"path": str(rootfs), "readonly": readonly}
+        doc["process"]["terminal"] = terminal
+        if doc.pop("hooks", None):
+            log.warning("container %s: hooks run on the host, not in the guest; dropped them", container_id)
+        linux = doc.setdefault("linux", {})
+        if self.config.cgroup_parent:
+            linux["cgroupsPath"] = f"/{self.config.cgroup_parent}/{container_id}"
+        else:
+            linux.pop("cgroupsPath", None)
+        namespaces = linux.get("namespaces", [])
+        if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
+            raise validate.InvalidRequest("the OCI spec's linux.namespaces is not a list of objects")
+        kept = []
+        for ns in namespaces:
+            if ns.get("type") in _DROPPED_NAMESPACES:
+                continue
+            ns.pop("path", None)
+            kept.append(ns)
+        linux["namespaces"] = kept
+
+    def _check_program(self, rootfs: Path, doc: dict[str, Any], proc: dict[str, Any], name: str) -> None:
+        mounted = [m["destination"].rstrip("/") + "/" for m in doc.get("mounts", [])]
+        program: str = proc["args"][0]
+        if program.startswith("/") and any(program.startswith(m) for m in mounted):
+            return  # it comes from a mount; crun finds out
+        if validate.executable_in_rootfs(str(rootfs), proc) is None:
+            where = "" if "/" in program else " in any directory of its PATH"
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"the program {program!r} of {name} is not an executable file in its rootfs{where}",
+            )
+
+    async def create(self, req: pb.CreateContainerRequest) -> Container:
+        cid = validate.container_id(req.container_id)
+        doc = validate.spec(req.spec)
+        if cid in self.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid} already exists")
+        rootfs = self.config.rootfs_dir / cid
+        if not rootfs.is_dir():
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid} has no rootfs: mount it first")
+        self._prepare_spec(cid, doc, rootfs, req.io.terminal)
+        self._check_program(rootfs, doc, doc["process"], f"container {cid}")
+        bundle = self.bundles / cid
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        bundle.mkdir(parents=True)
+        (bundle / "config.json").write_text(json.dumps(doc))
+        cgroup = None
+        if self.config.cgroup_parent:
+            cgroup = self.config.cgroup_root / self.config.cgroup_parent / cid
+        init = Process(cid, "", req.io)
+        container = Container(cid, bundle, rootfs, init, cgroup)
+        self.containers[cid] = container
+        try:
+            await self._spawn(container, init, ["create", "--bundle", str(bundle)])
+        except BaseException:
+            del self.containers[cid]
+            with contextlib.suppress(CrunError):
+                await self.crun("delete", "--force", cid)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        self._ensure_oom_watch()
+        log.info("created container %s (pid %d)", cid, init.pid)
+        return container
+
+    async def _spawn(self, container: Container, proc: Process, command: list[str]) -> None:
+        """Runs `crun create` or `crun exec` for `proc` with its stdio; sets its pid."""
+        work = container.bundle / (f"exec-{proc.exec_id}" if proc.exec_id else "init")
+        work.mkdir(parents=True, exist_ok=True)
+        pid_file = work / "pid"
+        stdio = Stdio(proc.io, work)
+        args = [*command, "--pid-file", str(pid_file)]
+        if stdio.console is not None:
+            args += ["--console-socket", str(stdio.console_path)]
+        if command[0] == "create" and self.config.no_pivot:
+            args.append("--no-pivot")
+        if command[0] == "exec":
+            process_file = work / "process.json"
+            process_file.write_text(json.dumps(proc.spec))
+            args += ["--detach", "--process", str(process_file)]
+            if proc.io.terminal:
+                args.append("--tty")
+        args.append(container.id)
+        try:
+            crun = asyncio.ensure_future(
+                self.crun(*args, stdio=(stdio.child[0], stdio.child[1], stdio.child[2]))
+            )
+            pty = None
+            if stdio.console is not None:
+                pty = await stdio.receive_pty(crun)
+            await crun
+            if proc.io.terminal and pty is None:
+                raise TtrpcError(Code.INTERNAL, f"crun sent no terminal for {proc.name}")
+            stdio.close_child_ends()
+            pid = int(pid_file.read_text().strip())
+        except CrunError as e:
+            stdio.discard()
+            proc.io_ready.set()
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name}: {e}") from None
+        except BaseException:
+            stdio.discard()
+            proc.io_ready.set()
+            raise
+        stdio.attach(proc, pty)
+        proc.io_ready.set()
+        proc.pid = pid
+        exited = self.reaper.watch(pid)
+        exited.add_done_callback(lambda f: self._exited(container, proc, f.result()))
+
+    def _exited(self, container: Container, proc: Process, status: int) -> None:
+        proc.status = exit_code(status)
+        proc.exited_at = time.time()
+        if proc.stdin is not None and not proc.stdin.closed:
+            proc.stdin.closed = True
+            os.close(proc.stdin.fd)
+        if proc is container.init:
+            self._check_oom(container)
+        proc.exited.set()
+        log.info("%s (pid %d) exited with status %d", proc.name, proc.pid, proc.status)
+
+    async def add_exec(self, req: pb.ExecRequest) -> Process:
+        container = self.get(req.container_id)
+        eid = validate.exec_id(req.exec_id)
+        if not eid:
+            raise validate.InvalidRequest("an exec needs a non-empty exec id")
+        if eid in container.execs:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {container.id} already has exec {eid}")
+        spec = validate.process(validate.json_object(req.process, "exec process"), "the exec process")
+        spec["terminal"] = req.io.terminal
+        self._check_program(container.rootfs, {}, spec, f"exec {eid}")
+        proc = Process(container.id, eid, req.io, spec)
+        container.execs[eid] = proc
+        return proc
+
+    async def start(self, container_id: str, exec_id: str) -> Process:
+        container, proc = self.find(container_id, exec_id)
+        if proc.started:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} was already started")
+        if proc.exited.is_set():
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has already exited")
+        proc.started = True
+        try:
+            if exec_id:
+                if container.init.exited.is_set():
+                    raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container_id} is not running")
+                await self._spawn(container, proc, ["exec"])
+            else:
+                await self.crun("start", container_id)
+        except CrunError as e:
+            proc.started = False
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name}: {e}") from None
+        except BaseException:
+            proc.started = False
+            raise
+        return proc
+
+    async def signal(self, req: pb.SignalRequest) -> None:
+        sig = validate.signal_number(req.signal)
+        container, proc = self.find(req.container_id, req.exec_id)
+        if req.all:
+            try:
+                await self.crun("kill", "--all", container.id, str(sig))
+            except CrunError as e:
+                raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
+            return
+        if not proc.pid:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has not started")
+        if proc.exited.is_set():
+            raise TtrpcError(Code.NOT_FOUND, f"{proc.name} has already exited")
+        # Safe: the pid is not reaped yet (exits are reaped on this loop), so it is not reused.
+        os.kill(proc.pid, sig)
+
+    async def wait(self, container_id: str, exec_id: str) -> Process:
+        _, proc = self.find(container_id, exec_id)
+        await proc.exited.wait()
+        return proc
+
+    def resize(self, req: pb.ResizePtyRequest) -> None:
+        _, proc = self.find(req.container_id, req.exec_id)
+        width, height = validate.window_size(req.width, req.height)
+        if proc.pty is None:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has no terminal")
+        set_window_size(proc.pty, height, width)
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        _, proc = self.find(container_id, exec_id)
+        if proc.stdin is not None:
+            await proc.stdin.close()
+
+    async def delete_process(self, container_id: str, exec_id: str) -> Process:
+        container, proc = self.find(container_id, exec_id)
+        if proc.started and not proc.exited.is_set():
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} is still running")
+        if exec_id:
+            proc.close_io()
+            proc.io_ready.set()
+            del container.execs[exec_id]
+            shutil.rmtree(container.bundle / f"exec-{exec_id}", ignore_errors=True)
+        else:
+            await self._remove(container, force=not proc.started)
+        return proc
+
+    async def delete_container(self, container_id: str) -> None:
+        await self._remove(self.get(container_id), force=True)
+
+    async def _remove(self, container: Container, force: bool) -> None:
+        args = ["delete", "--force", container.id] if force else ["delete", container.id]
+        try:
+            await self.crun(*args)
+        except CrunError as e:
+            if not force:
+                raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
+            log.warning("container %s: %s", container.id, e)
+        for proc in [container.init, *container.execs.values()]:
+            proc.close_io()
+            proc.io_ready.set()
+        self.containers.pop(container.id, None)
+        shutil.rmtree(container.bundle, ignore_errors=True)
+        log.info("deleted container %s", container.id)
+
+    def pids(self, container_id: str) -> list[pb.ProcessInfo]:
+        container = self.get(container_id)
+        known = {p.pid: p.exec_id for p in [container.init, *container.execs.values()] if p.pid}
+        pids: list[int] = []
+        if container.cgroup is not None:
+            with contextlib.suppress(OSError):
+                pids = [int(x) for x in (container.cgroup / "cgroup.procs").read_text().split()]
+        if not pids:
+            pids = [pid for pid, eid in known.items() if not container.process(eid).exited.is_set()]
+        return [pb.ProcessInfo(pid=pid, exec_id=known.get(pid, "")) for pid in sorted(pids)]
+
+    async def pause(self, container_id: str, resume: bool = False) -> None:
+        container = self.get(container_id)
+        try:
+            await self.crun("resume" if resume else "pause", container.id)
+        except CrunError as e:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
+
+    def stats(self, container_id: str) -> bytes:
+        container = self.get(container_id)
+        if container.cgroup is None or not container.cgroup.is_dir():
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container_id} has no cgroup to read")
+        return stats.metrics(container.cgroup)
+
+    async def update(self, req: pb.UpdateResourcesRequest) -> None:
+        container = self.get(req.container_id)
+        validate.resources(req.resources)
+        path = container.bundle / f"resources-{next(self._counter)}.json"
+        path.write_bytes(req.resources)
+        try:
+            await self.crun("update", "--resources", str(path), container.id)
+        except CrunError as e:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(e)) from None
+        finally:
+            path.unlink()
+
+    async def shutdown(self) -> None:
+        """Kills and deletes every container."""
+        for container in list(self.containers.values()):
+            if container.init.pid and not container.init.exited.is_set():
+                with contextlib.suppress(OSError):
+                    os.kill(container.init.pid, signal.SIGKILL)
+            await self._remove(container, force=True)
+
+    # Events
+
+    async def events(self) -> AsyncIterator[pb.Event]:
+        queue: asyncio.Queue[pb.Event] = asyncio.Queue(maxsize=1024)
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    def _publish(self, event: pb.Event) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                log.warning("an events reader is not keeping up; dropped an event")
+            else:
+                queue.put_nowait(event)
+
+    def _check_oom(self, container: Container) -> None:
+        if container.cgroup is None:
+            return
+        try:
+            count = stats.flat_keyed((container.cgroup / "memory.events").read_text()).get("oom_kill", 0)
+        except OSError:
+            return
+        if count > container.oom_kills:
+            container.oom_kills = count
+            log.info("container %s: the OOM killer ended a process", container.id)
+            self._publish(pb.Event(oom=pb.OomEvent(container_id=container.id)))
+
+    def _ensure_oom_watch(self) -> None:
+        if self._oom_task is None or self._oom_task.done():
+            self._oom_task = asyncio.ensure_future(self._watch_oom())
+
+    async def _watch_oom(self) -> None:
+        while self.containers:
+            for container in list(self.containers.values()):
+                self._check_oom(container)
+            await asyncio.sleep(0.5)

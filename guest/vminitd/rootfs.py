@@ -1,0 +1,199 @@
+"""Container root filesystems from virtio-blk devices: EROFS lowers, an ext4 or tmpfs upper, overlayfs.
+
+Layout for container <id>: each device at <mnt>/<id>/lower<N> or <mnt>/<id>/upper, the
+merged rootfs at <rootfs_dir>/<id>. In the upper filesystem the overlay's upper and work
+directories are `upper` and `work` (inside its subdir when one is given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guest.vminitd import syscalls, validate
+from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import Code, TtrpcError
+
+log = logging.getLogger(__name__)
+
+FSTYPES = ("erofs", "ext4")
+
+
+def find_device(serial: str, sys_block: Path = Path("/sys/block"), dev: Path = Path("/dev")) -> Path:
+    """The block device whose virtio-blk serial is `serial`."""
+    for entry in sorted(sys_block.glob("vd*")):
+        with contextlib.suppress(OSError):
+            if (entry / "serial").read_text().strip() == serial:
+                return dev / entry.name
+    raise TtrpcError(Code.NOT_FOUND, f"no block device has the serial {serial!r}")
+
+
+@dataclass
+class MountedRootfs:
+    container_id: str
+    path: Path
+    mounts: list[Path] = field(default_factory=list)  # in mount order, the rootfs last
+    upper: Path | None = None  # the writable filesystem's mount point (ext4 upper)
+
+
+class RootfsManager:
+    def __init__(
+        self,
+        rootfs_dir: Path,
+        mnt_dir: Path,
+        sys_block: Path = Path("/sys/block"),
+        dev: Path = Path("/dev"),
+    ) -> None:
+        self.rootfs_dir = rootfs_dir
+        self.mnt_dir = mnt_dir
+        self.sys_block = sys_block
+        self.dev = dev
+        self.mounted: dict[str, MountedRootfs] = {}
+
+    def check(self, req: pb.MountRootfsRequest) -> None:
+        validate.container_id(req.container_id)
+        if not req.lowers:
+            raise validate.InvalidRequest("a rootfs needs at least one read-only layer")
+        devices = [*req.lowers, *([req.upper] if req.HasField("upper") else [])]
+        for device in devices:
+            validate.serial(device.serial)
+            validate.subdir(device.subdir)
+            if device.fstype not in FSTYPES:
+                raise validate.InvalidRequest(
+                    f"filesystem type {device.fstype!r} is not one of {', '.join(FSTYPES)}"
+                )
+        if req.HasField("upper") and req.tmpfs_upper:
+            raise validate.InvalidRequest("a rootfs has either an upper device or a tmpfs upper, not both")
+        if req.HasField("upper") and req.upper.read_only:
+            raise validate.InvalidRequest(f"the upper device {req.upper.serial!r} is read-only")
+        serials = [d.serial for d in devices]
+        if len(set(serials)) != len(serials):
+            raise validate.InvalidRequest("a block device is named twice")
+
+    def mount(self, req: pb.MountRootfsRequest) -> Path:
+        """Mounts the rootfs (blocking: run it in a thread). Leaves nothing mounted on failure."""
+        self.check(req)
+        cid = req.container_id
+        if cid in self.mounted:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"the rootfs of container {cid} is already mounted")
+        work = self.mnt_dir / cid
+        target = self.rootfs_dir / cid
+        state = MountedRootfs(cid, target)
+        try:
+            lowers = []
+            for i, layer in enumerate(req.lowers):
+                point = work / f"lower{i}"
+                self._mount_device(layer, point, read_only=True, state=state)
+                lowers.append(point / validate.subdir(layer.subdir))
+            upper_dir = work_dir = None
+            if req.HasField("upper") or req.tmpfs_upper:
+                point = work / "upper"
+                if req.HasField("upper"):
+                    self._mount_device(req.upper, point, read_only=False, state=state)
+                    state.upper = point
+                    base = point / validate.subdir(req.upper.subdir)
+                else:
+                    point.mkdir(parents=True, exist_ok=True)
+                    syscalls.mount("tmpfs", str(point), "tmpfs", 0, "mode=0755")
+                    state.mounts.append(point)
+                    base = point
+                upper_dir, work_dir = base / "upper", base / "work"
+                upper_dir.mkdir(parents=True, exist_ok=True)
+                if work_dir.exists():
+                    shutil.rmtree(work_dir)  # stale overlay state from a previous mount
+                work_dir.mkdir()
+            target.mkdir(parents=True, exist_ok=True)
+            if upper_dir is None and len(lowers) == 1:
+                syscalls.mount(str(lowers[0]), str(target), "", syscalls.MS_BIND)
+                state.mounts.append(target)
+                syscalls.mount(
+                    "", str(target), "", syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+                )
+            else:
+                options = "lowerdir=" + ":".join(str(p) for p in lowers)
+                if upper_dir is not None:
+                    options += f",upperdir={upper_dir},workdir={work_dir}"
+                syscalls.mount("overlay", str(target), "overlay", 0, options)
+                state.mounts.append(target)
+        except BaseException:
+            self._release(state)
+            raise
+        self.mounted[cid] = state
+        log.info("mounted the rootfs of container %s at %s", cid, target)
+        return target
+
+    def _mount_device(
+        self, device: pb.BlockDevice, point: Path, read_only: bool, state: MountedRootfs
+    ) -> None:
+        source = find_device(device.serial, self.sys_block, self.dev)
+        point.mkdir(parents=True, exist_ok=True)
+        flags = syscalls.MS_RDONLY if read_only else 0
+        try:
+            syscalls.mount(str(source), str(point), device.fstype, flags | syscalls.MS_NODEV)
+        except OSError as e:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"cannot mount {device.fstype} from the device with serial {device.serial!r}: {e.strerror}",
+            ) from None
+        state.mounts.append(point)
+        if device.subdir and not (point / device.subdir).is_dir():
+            raise TtrpcError(
+                Code.NOT_FOUND, f"the device {device.serial!r} has no directory {device.subdir!r}"
+            )
+
+    def _release(self, state: MountedRootfs) -> None:
+        for point in reversed(state.mounts):
+            try:
+                syscalls.umount(str(point))
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    continue  # not mounted
+                log.warning("%s; detaching it", e)
+                with contextlib.suppress(OSError):
+                    syscalls.umount(str(point), syscalls.MNT_DETACH)
+        shutil.rmtree(self.mnt_dir / state.container_id, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            state.path.rmdir()
+
+    def get(self, container_id: str) -> MountedRootfs:
+        validate.container_id(container_id)
+        try:
+            return self.mounted[container_id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"no rootfs is mounted for container {container_id}") from None
+
+    def sync(self, container_id: str) -> None:
+        """Makes the upper filesystem consistent on its device so the host can read it."""
+        state = self.get(container_id)
+        fd = os.open(state.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            syscalls.syncfs(fd)
+        finally:
+            os.close(fd)
+        if state.upper is not None:
+            fd = os.open(state.upper, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                syscalls.syncfs(fd)
+                syscalls.freeze_thaw(fd)
+            finally:
+                os.close(fd)
+
+    def unmount(self, container_id: str) -> None:
+        state = self.get(container_id)
+        with contextlib.suppress(OSError):
+            self.sync(container_id)
+        self._release(state)
+        del self.mounted[container_id]
+        log.info("unmounted the rootfs of container %s", container_id)
+
+    def unmount_all(self) -> None:
+        for cid in list(self.mounted):
+            try:
+                self.unmount(cid)
+            except OSError as e:
+                log.warning("container %s: %s", cid, e)

@@ -1,0 +1,281 @@
+"""The agent API (spinbox.agent.v1.Agent): validates each request, then acts.
+
+Runs the same on a host (tests, with a state directory of its own) and as PID 1
+in the guest; the boot part lives in boot.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import guest.vminitd
+from guest.vminitd import validate
+from guest.vminitd.containers import Containers, Process, RuntimeConfig
+from guest.vminitd.reaper import Reaper
+from guest.vminitd.rootfs import RootfsManager
+from guest.vminitd.stdio import Busy
+from guest.vminitd.timeline import Timeline
+from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import CallContext, Code, Server, TtrpcError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "spinbox.agent.v1.Agent"
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    runtime: RuntimeConfig
+    mnt_dir: Path
+    sys_block: Path = Path("/sys/block")
+    dev: Path = Path("/dev")
+
+
+def _translate(e: BaseException, method: str) -> TtrpcError:
+    if isinstance(e, TtrpcError):
+        return e
+    if isinstance(e, validate.InvalidRequest):
+        return TtrpcError(Code.INVALID_ARGUMENT, str(e))
+    if isinstance(e, Busy):
+        return TtrpcError(Code.FAILED_PRECONDITION, str(e))
+    if isinstance(e, OSError):
+        return TtrpcError(Code.INTERNAL, f"{method}: {e.strerror or e}")
+    log.exception("%s failed unexpectedly", method)
+    return TtrpcError(Code.INTERNAL, f"{method} failed: {e}")
+
+
+def _wait_response(proc: Process) -> pb.WaitResponse:
+    exited = Timestamp()
+    if proc.exited_at:
+        exited.FromNanoseconds(int(proc.exited_at * 1e9))
+    return pb.WaitResponse(pid=proc.pid, exit_status=proc.status or 0, exited_at=exited)
+
+
+class AgentService:
+    def __init__(
+        self,
+        config: AgentConfig,
+        reaper: Reaper,
+        timeline: Timeline,
+        power_off: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.timeline = timeline
+        self.containers = Containers(config.runtime, reaper)
+        self.rootfs = RootfsManager(config.runtime.rootfs_dir, config.mnt_dir, config.sys_block, config.dev)
+        self.power_off = power_off
+        self.stopped = asyncio.Event()
+        for d in (config.runtime.state_dir, config.runtime.rootfs_dir, config.mnt_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def register(self, server: Server) -> None:
+        unary: list[tuple[str, type[Message], Callable[[Any], Awaitable[Message]]]] = [
+            ("Ping", pb.PingRequest, self.ping),
+            ("ConfigureNetwork", pb.NetworkConfig, self.configure_network),
+            ("MountRootfs", pb.MountRootfsRequest, self.mount_rootfs),
+            ("UnmountRootfs", pb.UnmountRootfsRequest, self.unmount_rootfs),
+            ("SyncRootfs", pb.SyncRootfsRequest, self.sync_rootfs),
+            ("Shutdown", pb.ShutdownRequest, self.shutdown),
+            ("CreateContainer", pb.CreateContainerRequest, self.create_container),
+            ("Exec", pb.ExecRequest, self.exec),
+            ("Start", pb.ProcessRequest, self.start),
+            ("Signal", pb.SignalRequest, self.signal),
+            ("Wait", pb.ProcessRequest, self.wait),
+            ("ResizePty", pb.ResizePtyRequest, self.resize_pty),
+            ("CloseStdin", pb.ProcessRequest, self.close_stdin),
+            ("DeleteProcess", pb.ProcessRequest, self.delete_process),
+            ("DeleteContainer", pb.ContainerRequest, self.delete_container),
+            ("Pids", pb.ContainerRequest, self.pids),
+            ("Pause", pb.ContainerRequest, self.pause),
+            ("Resume", pb.ContainerRequest, self.resume),
+            ("Stats", pb.ContainerRequest, self.stats),
+            ("UpdateResources", pb.UpdateResourcesRequest, self.update_resources),
+        ]
+        for method, request_type, handler in unary:
+            server.add_unary(SERVICE, method, request_type, self._unary(method, handler))
+        server.add_server_stream(
+            SERVICE, "ReadOutput", pb.ReadOutputRequest, self._stream("ReadOutput", self.read_output)
+        )
+        server.add_server_stream(SERVICE, "Events", pb.EventsRequest, self._stream("Events", self.events))
+        server.add_client_stream(
+            SERVICE, "WriteInput", pb.InputChunk, self._unary("WriteInput", self.write_input)
+        )
+
+    def _unary(
+        self, method: str, handler: Callable[[Any], Awaitable[Message]]
+    ) -> Callable[[Any, CallContext], Awaitable[Message]]:
+        @functools.wraps(handler)
+        async def call(request: Any, ctx: CallContext) -> Message:
+            self.timeline.stamp("first-request")
+            try:
+                return await handler(request)
+            except Exception as e:
+                raise _translate(e, method) from None
+
+        return call
+
+    def _stream(
+        self, method: str, handler: Callable[[Any], AsyncIterator[Message]]
+    ) -> Callable[[Any, CallContext], AsyncIterator[Message]]:
+        async def call(request: Any, ctx: CallContext) -> AsyncIterator[Message]:
+            self.timeline.stamp("first-request")
+            try:
+                async for message in handler(request):
+                    yield message
+            except Exception as e:
+                raise _translate(e, method) from None
+
+        return call
+
+    # VM plumbing
+
+    async def ping(self, req: pb.PingRequest) -> pb.PingResponse:
+        return pb.PingResponse(version=guest.vminitd.__version__, timeline=self.timeline.stamps)
+
+    async def configure_network(self, req: pb.NetworkConfig) -> Empty:
+        try:
+            network: Any = importlib.import_module("guest.vminitd.network")
+        except ImportError:
+            raise TtrpcError(Code.UNIMPLEMENTED, "this guest cannot configure networks") from None
+        await asyncio.get_running_loop().run_in_executor(None, network.apply, req)
+        return Empty()
+
+    async def mount_rootfs(self, req: pb.MountRootfsRequest) -> pb.MountRootfsResponse:
+        self.rootfs.check(req)
+        path = await asyncio.get_running_loop().run_in_executor(None, self.rootfs.mount, req)
+        return pb.MountRootfsResponse(path=str(path))
+
+    async def unmount_rootfs(self, req: pb.UnmountRootfsRequest) -> Empty:
+        validate.container_id(req.container_id)
+        if req.container_id in self.containers.containers:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {req.container_id} still uses its rootfs")
+        await asyncio.get_running_loop().run_in_executor(None, self.rootfs.unmount, req.container_id)
+        return Empty()
+
+    async def sync_rootfs(self, req: pb.SyncRootfsRequest) -> Empty:
+        self.rootfs.get(req.container_id)
+        await asyncio.get_running_loop().run_in_executor(None, self.rootfs.sync, req.container_id)
+        return Empty()
+
+    async def shutdown(self, req: pb.ShutdownRequest) -> Empty:
+        log.info("shutting down%s", " (forced)" if req.force else "")
+        if not req.force:
+            await self.containers.shutdown()
+            await asyncio.get_running_loop().run_in_executor(None, self.rootfs.unmount_all)
+        os.sync()
+        # Answer first; power off once the reply is on its way.
+        asyncio.get_running_loop().call_later(0.2, self._stop)
+        return Empty()
+
+    def _stop(self) -> None:
+        self.stopped.set()
+        if self.power_off is not None:
+            self.power_off()
+
+    # Containers and processes
+
+    async def create_container(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
+        container = await self.containers.create(req)
+        return pb.CreateContainerResponse(pid=container.init.pid)
+
+    async def exec(self, req: pb.ExecRequest) -> Empty:
+        await self.containers.add_exec(req)
+        return Empty()
+
+    async def start(self, req: pb.ProcessRequest) -> pb.StartResponse:
+        proc = await self.containers.start(req.container_id, req.exec_id)
+        return pb.StartResponse(pid=proc.pid)
+
+    async def signal(self, req: pb.SignalRequest) -> Empty:
+        await self.containers.signal(req)
+        return Empty()
+
+    async def wait(self, req: pb.ProcessRequest) -> pb.WaitResponse:
+        return _wait_response(await self.containers.wait(req.container_id, req.exec_id))
+
+    async def resize_pty(self, req: pb.ResizePtyRequest) -> Empty:
+        self.containers.resize(req)
+        return Empty()
+
+    async def close_stdin(self, req: pb.ProcessRequest) -> Empty:
+        await self.containers.close_stdin(req.container_id, req.exec_id)
+        return Empty()
+
+    async def delete_process(self, req: pb.ProcessRequest) -> pb.WaitResponse:
+        return _wait_response(await self.containers.delete_process(req.container_id, req.exec_id))
+
+    async def delete_container(self, req: pb.ContainerRequest) -> Empty:
+        await self.containers.delete_container(req.container_id)
+        return Empty()
+
+    async def pids(self, req: pb.ContainerRequest) -> pb.PidsResponse:
+        return pb.PidsResponse(processes=self.containers.pids(req.container_id))
+
+    async def pause(self, req: pb.ContainerRequest) -> Empty:
+        await self.containers.pause(req.container_id)
+        return Empty()
+
+    async def resume(self, req: pb.ContainerRequest) -> Empty:
+        await self.containers.pause(req.container_id, resume=True)
+        return Empty()
+
+    async def stats(self, req: pb.ContainerRequest) -> pb.StatsResponse:
+        return pb.StatsResponse(metrics=self.containers.stats(req.container_id))
+
+    async def update_resources(self, req: pb.UpdateResourcesRequest) -> Empty:
+        await self.containers.update(req)
+        return Empty()
+
+    # Streams
+
+    async def read_output(self, req: pb.ReadOutputRequest) -> AsyncIterator[pb.OutputChunk]:
+        _, proc = self.containers.find(req.container_id, req.exec_id)
+        if req.stream not in (pb.STDOUT, pb.STDERR):
+            raise validate.InvalidRequest(f"output stream {req.stream} is neither STDOUT nor STDERR")
+        await proc.io_ready.wait()  # an exec's stdio exists once it starts
+        out = proc.stdout if req.stream == pb.STDOUT else proc.stderr
+        if out is None:
+            name = "stdout" if req.stream == pb.STDOUT else "stderr"
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has no {name} to read")
+        async for data in out.chunks():
+            yield pb.OutputChunk(data=data)
+
+    async def write_input(self, requests: AsyncIterator[pb.InputChunk]) -> Empty:
+        first = await anext(requests, None)
+        if first is None:
+            raise validate.InvalidRequest("WriteInput needs a first message naming the process")
+        _, proc = self.containers.find(first.container_id, first.exec_id)
+        if proc.stdin is None:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has no stdin to write")
+        chunk: pb.InputChunk | None = first
+        while chunk is not None:
+            if chunk.data:
+                try:
+                    await proc.stdin.write(chunk.data)
+                except BrokenPipeError:
+                    raise TtrpcError(
+                        Code.FAILED_PRECONDITION, f"the stdin of {proc.name} is closed"
+                    ) from None
+            if chunk.close_stdin:
+                await proc.stdin.close()
+            chunk = await anext(requests, None)
+        return Empty()
+
+    async def events(self, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
+        async for event in self.containers.events():
+            yield event

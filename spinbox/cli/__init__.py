@@ -1,0 +1,1 @@
+"""spinboxctl: the command line for spinbox's VMs."""

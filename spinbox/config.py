@@ -1,0 +1,225 @@
+"""spinbox's configuration: /etc/spinbox/spinbox.toml, parsed and validated once.
+
+The file is optional and every key has a built-in default, documented below
+and in `DEFAULT_CONFIG_TEXT`. Unknown keys and values of the wrong type are
+errors that name the key, so a typo never silently means "default".
+
+    [vm]
+    accel = "auto"            # "auto" (KVM when usable, else TCG), "kvm" or "tcg"
+    vcpus = 1                 # vCPUs of a VM whose request names none
+    memory_mib = 512          # guest RAM of a VM whose request names none
+    max_vcpus = 16            # the most a request may ask for
+    max_memory_mib = 65536
+    kernel = ""               # "" = the newest /boot/vmlinuz-*-cloud-amd64
+    initrd = "/var/lib/spinbox/guest/initrd.img"
+    kernel_args = []          # appended to every VM's kernel command line
+    memory_overhead_mib = 192 # added to guest RAM for the scope's MemoryMax
+    boot_timeout = 120        # seconds until the guest agent must answer
+    stop_timeout = 30         # seconds a Stop waits for an orderly shutdown
+
+    [storage]
+    layer_cache = "/var/lib/spinbox/layers"
+    upper_size_mib = 10240    # size of a VM's writable layer image
+    tmpfs_upper = false       # keep the writable layer in guest RAM instead
+
+    [network]                 # read by spinbox.net (NetConfig.from_table)
+    enabled = true            # false or "off": VMs get no NIC
+    conflist = "<spinbox/net/spinbox.conflist>"  # CNI network for VMs without a netns
+    plugin-path = ["/usr/lib/cni", "/opt/cni/bin"]
+    subnet = ""               # replaces the conflist's host-local subnet when set
+    run-dir = "/run/spinbox"
+
+    [daemon]
+    log_level = "info"        # debug, info, warning, error
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_PATH = Path("/etc/spinbox/spinbox.toml")
+DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
+ACCELS = ("auto", "kvm", "tcg")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    accel: str = "auto"
+    vcpus: int = 1
+    memory_mib: int = 512
+    max_vcpus: int = 16
+    max_memory_mib: int = 65536
+    kernel: str = ""
+    initrd: str = str(DEFAULT_INITRD)
+    kernel_args: tuple[str, ...] = ()
+    memory_overhead_mib: int = 192
+    boot_timeout: float = 120.0
+    stop_timeout: float = 30.0
+
+    def kernel_path(self, boot: Path = Path("/boot")) -> Path | None:
+        """The configured kernel, or the newest Debian cloud kernel under /boot."""
+        if self.kernel:
+            return Path(self.kernel)
+        return newest_cloud_kernel(boot)
+
+    @property
+    def initrd_path(self) -> Path:
+        return Path(self.initrd)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    layer_cache: str = "/var/lib/spinbox/layers"
+    upper_size_mib: int = 10240
+    tmpfs_upper: bool = False
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    vm: VmConfig = field(default_factory=VmConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    # [network] as written; spinbox.net validates it (NetConfig.from_table).
+    network: tuple[tuple[str, Any], ...] = ()
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    @property
+    def network_table(self) -> dict[str, Any]:
+        return dict(self.network)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "vm": VmConfig,
+    "storage": StorageConfig,
+    "daemon": DaemonConfig,
+}
+
+
+def _kernel_version_key(path: Path) -> tuple[tuple[int, int | str], ...]:
+    version = path.name.removeprefix("vmlinuz-")
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~]", version))
+
+
+def newest_cloud_kernel(boot: Path = Path("/boot")) -> Path | None:
+    kernels = sorted(boot.glob("vmlinuz-*-cloud-amd64"), key=_kernel_version_key)
+    return kernels[-1] if kernels else None
+
+
+def _convert(key: str, value: Any, default: Any) -> Any:
+    """`value` from TOML as the type of `default`, or ConfigError naming `key`."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, not {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number, not {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, not {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings, not {value!r}")
+        return tuple(value)
+    raise AssertionError(f"no conversion for {key}")
+
+
+def _section(name: str, cls: type[Any], table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    defaults = cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{name}.{key} is not a known key (known keys of [{name}]: {known})")
+        values[key] = _convert(f"{name}.{key}", value, getattr(defaults, key))
+    return cls(**values)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be greater than zero, not {value}")
+
+
+def validate(config: Config) -> None:
+    vm = config.vm
+    if vm.accel not in ACCELS:
+        raise ConfigError(f"vm.accel must be one of {', '.join(ACCELS)}, not {vm.accel!r}")
+    for key in ("vcpus", "memory_mib", "max_vcpus", "max_memory_mib", "boot_timeout", "stop_timeout"):
+        _positive(f"vm.{key}", getattr(vm, key))
+    if vm.memory_overhead_mib < 0:
+        raise ConfigError(f"vm.memory_overhead_mib must not be negative, not {vm.memory_overhead_mib}")
+    if vm.vcpus > vm.max_vcpus:
+        raise ConfigError(f"vm.vcpus ({vm.vcpus}) must not exceed vm.max_vcpus ({vm.max_vcpus})")
+    if vm.memory_mib > vm.max_memory_mib:
+        raise ConfigError(
+            f"vm.memory_mib ({vm.memory_mib}) must not exceed vm.max_memory_mib ({vm.max_memory_mib})"
+        )
+    for key in ("kernel", "initrd"):
+        value = getattr(vm, key)
+        if value and not value.startswith("/"):
+            raise ConfigError(f"vm.{key} must be an absolute path, not {value!r}")
+    if not config.storage.layer_cache.startswith("/"):
+        raise ConfigError(f"storage.layer_cache must be an absolute path, not {config.storage.layer_cache!r}")
+    _positive("storage.upper_size_mib", config.storage.upper_size_mib)
+    if config.daemon.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"daemon.log_level must be one of {', '.join(LOG_LEVELS)}, not {config.daemon.log_level!r}"
+        )
+
+
+def parse(text: str, origin: str = str(CONFIG_PATH)) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin} is not valid TOML: {e}") from None
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name == "network":
+            if not isinstance(table, dict):
+                raise ConfigError("[network] must be a table")
+            sections[name] = tuple(sorted(table.items()))
+            continue
+        if name not in _SECTIONS:
+            known = ", ".join(sorted([*_SECTIONS, "network"]))
+            raise ConfigError(f"[{name}] is not a known section (known sections: {known})")
+        sections[name] = _section(name, _SECTIONS[name], table)
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def load(path: Path = CONFIG_PATH) -> Config:
+    """The configuration in `path`, or the defaults when there is no such file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return parse(text, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

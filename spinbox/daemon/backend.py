@@ -1,0 +1,111 @@
+"""What spinboxd needs from a VM, storage and network implementation.
+
+The daemon's lifecycle code speaks to these protocols; `spinbox.daemon.qemu`
+implements them with spinbox.vm, spinbox.storage and spinbox.net.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from spinbox.config import Config
+from spinbox.daemon.options import VmRequest
+
+Spawn = Callable[[list[str], Sequence[int]], Awaitable[Any]]
+
+
+class Machine(Protocol):
+    """A running QEMU (spinbox.vm.VirtualMachine)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def agent_address(self) -> str: ...
+    @property
+    def control_address(self) -> str: ...
+    @property
+    def console_socket(self) -> Path | None: ...
+    @property
+    def log_socket(self) -> Path | None: ...
+    @property
+    def timeline(self) -> Mapping[str, float]: ...
+
+    async def wait_ready(self, timeout: float) -> Any: ...  # noqa: ASYNC109
+    async def pause(self) -> None: ...
+    async def resume(self) -> None: ...
+    async def shutdown(self, timeout: float) -> Any: ...  # noqa: ASYNC109
+    async def kill(self) -> Any: ...
+    async def wait_exit(self) -> Any: ...
+    async def detach(self) -> None: ...
+
+
+class Rootfs(Protocol):
+    """A prepared rootfs (spinbox.storage): block images plus the guest's mount request."""
+
+    async def writeback(self) -> None: ...
+    async def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GuestSetup:
+    """What the guest agent is asked to do once it answers."""
+
+    network: Any | None  # agent_pb2.NetworkConfig
+    mount: Any | None  # agent_pb2.MountRootfsRequest
+
+
+class Network(Protocol):
+    """A VM's network (spinbox.net.VmNetwork): TAP fds for QEMU, the guest's NetworkConfig."""
+
+    @property
+    def guest(self) -> Any: ...
+
+    def close(self) -> None:
+        """Close spinboxd's copies of the TAP fds (QEMU holds its own)."""
+        ...
+
+
+class Backend(Protocol):
+    async def prepare_rootfs(self, request: VmRequest, work_dir: Path) -> tuple[Rootfs, Sequence[Any], Any]:
+        """The prepared rootfs, its disks (spinbox.vm.Disk) and its MountRootfsRequest."""
+        ...
+
+    def restore_rootfs(self, work_dir: Path, container_id: str) -> Rootfs | None:
+        """The rootfs prepared in `work_dir` by an earlier spinboxd, if any."""
+        ...
+
+    async def prepare_netns(self, vm_id: str) -> tuple[str, int]: ...
+
+    async def setup_network(self, request: VmRequest) -> tuple[Network, Sequence[Any]]:
+        """The network and its NICs (spinbox.vm.Nic)."""
+        ...
+
+    async def teardown_network(self, vm_id: str) -> None: ...
+    async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None: ...
+
+    async def launch(
+        self,
+        request: VmRequest,
+        runtime_dir: Path,
+        disks: Sequence[Any],
+        nics: Sequence[Any],
+        spawn: Spawn,
+    ) -> Machine: ...
+
+    async def attach(self, runtime_dir: Path) -> Machine: ...
+
+    async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
+        """Configure the network and mount the rootfs in the guest; the rootfs path ("" without)."""
+        ...
+
+    async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
+        """Have the guest sync (and unmount) its writable layer."""
+        ...
+
+    def accelerator(self) -> str: ...
+
+
+BackendFactory = Callable[[Config], Backend]

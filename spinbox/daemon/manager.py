@@ -1,0 +1,405 @@
+"""VM lifecycles: create, stop, adopt after a restart, and clean up what a crash left."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from spinbox.config import Config
+from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
+from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
+from spinbox.daemon.logs import LogForwarder, journal_sink
+from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
+from spinbox.daemon.process import pid_alive
+from spinbox.daemon.spawn import ScopeSpawner, qemu_log_fifo
+from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
+from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
+
+log = logging.getLogger(__name__)
+
+MANAGER_PATH = "/org/spinstack/Spinbox"
+
+
+def vm_object_path(vm_id: str) -> str:
+    return f"{MANAGER_PATH}/vm/{escape_path_element(vm_id)}"
+
+
+class Publisher(Protocol):
+    """The bus side: exports VM objects and announces changes."""
+
+    def publish(self, vm: Vm) -> None: ...
+    def unpublish(self, vm: Vm) -> None: ...
+    def changed(self, vm: Vm, properties: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Vm:
+    state: VmState
+    runtime_dir: Path
+    machine: Machine
+    rootfs: Rootfs | None
+    forwarder: LogForwarder
+    adopted: bool = False
+    finished: asyncio.Future[None] | None = None
+    exit_task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    @property
+    def path(self) -> str:
+        return vm_object_path(self.state.id)
+
+    @property
+    def phase(self) -> str:
+        return self.state.phase
+
+
+class VmManager:
+    def __init__(
+        self,
+        config: Config,
+        systemd: SystemdManager,
+        backend: Backend,
+        run_dir: Path,
+        storage_dir: Path = STORAGE_DIR,
+        on_count_changed: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.config = config
+        self.systemd = systemd
+        self.backend = backend
+        self.run_dir = run_dir
+        self.storage_dir = storage_dir
+        self.vms: dict[str, Vm] = {}
+        self.publisher: Publisher | None = None
+        self._reserved: set[str] = set()
+        self._on_count_changed = on_count_changed
+
+    # -- queries ------------------------------------------------------------
+
+    def get(self, vm_id: str) -> Vm:
+        check_vm_id(vm_id)
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise NotFound(f"there is no VM {vm_id!r}")
+        return vm
+
+    def _count_changed(self) -> None:
+        self._on_count_changed(len(self.vms))
+
+    def _set_phase(self, vm: Vm, phase: str) -> None:
+        vm.state.phase = phase
+        if phase != "stopped":
+            vm.state.save(vm.runtime_dir)
+        if self.publisher is not None:
+            self.publisher.changed(vm, {"State": phase})
+
+    # -- create -------------------------------------------------------------
+
+    async def prepare_netns(self, vm_id: str) -> tuple[str, int]:
+        check_vm_id(vm_id)
+        if vm_id in self.vms or vm_id in self._reserved:
+            raise AlreadyExists(f"VM {vm_id!r} already exists")
+        return await self.backend.prepare_netns(vm_id)
+
+    async def create(self, request: VmRequest) -> Vm:
+        vm_id = request.id
+        if vm_id in self.vms or vm_id in self._reserved:
+            raise AlreadyExists(f"VM {vm_id!r} already exists")
+        runtime_dir = vm_dir(self.run_dir, vm_id)
+        if runtime_dir.exists():
+            raise AlreadyExists(f"VM {vm_id!r} already exists (state in {runtime_dir})")
+        self._reserved.add(vm_id)
+        try:
+            return await self._create(request, runtime_dir)
+        except SpinboxError:
+            raise
+        except Exception as e:
+            log.exception("creating VM %s failed", vm_id)
+            raise Failed(f"VM {vm_id!r} could not be created: {e}") from None
+        finally:
+            self._reserved.discard(vm_id)
+
+    async def _create(self, request: VmRequest, runtime_dir: Path) -> Vm:
+        vm_id = request.id
+        scope = scope_name(vm_id)
+        started = time.monotonic()
+        timeline: dict[str, float] = {}
+
+        def mark(phase: str) -> None:
+            timeline[phase] = round(time.monotonic() - started, 6)
+
+        limits = ScopeLimits.for_vm(request.vcpus, request.memory_mib, self.config.vm.memory_overhead_mib)
+        resources: dict[str, Any] = {
+            "vcpus": request.vcpus,
+            "memory-mib": request.memory_mib,
+            "memory-max": limits.memory_max,
+            "cpu-quota-per-sec-usec": limits.cpu_quota_per_sec_usec,
+            "tasks-max": limits.tasks_max,
+            "accelerator": self.backend.accelerator(),
+            "annotations": dict(request.annotations),
+        }
+        state = VmState(
+            id=vm_id,
+            phase="creating",
+            scope=scope,
+            container_id=request.container_id,
+            netns=request.netns or "",
+            resources=resources,
+            timeline=timeline,
+            created_at=time.time(),
+        )
+        async with AsyncExitStack() as undo:
+            os.makedirs(runtime_dir, mode=0o700)
+            undo.callback(shutil.rmtree, runtime_dir, ignore_errors=True)
+            # The network goes first: it also removes a namespace from
+            # PrepareNetworkNamespace when this VM fails.
+            state.network = True
+            undo.push_async_callback(self.backend.teardown_network, vm_id)
+            state.save(runtime_dir)
+
+            rootfs: Rootfs | None = None
+            disks: list[Any] = []
+            mount = None
+            if request.rootfs:
+                work_dir = self.storage_dir / vm_id
+                state.storage_dir = str(work_dir)
+                state.save(runtime_dir)
+                undo.callback(shutil.rmtree, work_dir, ignore_errors=True)
+                rootfs, disk_list, mount = await self.backend.prepare_rootfs(request, work_dir)
+                undo.push_async_callback(rootfs.release)
+                disks = list(disk_list)
+            mark("storage")
+
+            network, nics = await self.backend.setup_network(request)
+            undo.callback(network.close)
+            mark("network")
+
+            spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
+            undo.push_async_callback(spawner.abort)
+            machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            undo.push_async_callback(machine.kill)
+            network.close()
+            mark("qemu-started")
+            state.pid = machine.pid
+            state.save(runtime_dir)
+
+            forwarder = self._forwarder(vm_id, runtime_dir, machine)
+            forwarder.start()
+            undo.push_async_callback(forwarder.stop)
+
+            await machine.wait_ready(self.config.vm.boot_timeout)
+            mark("agent-ready")
+            state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network.guest, mount))
+            mark("guest-configured")
+
+            state.agent_address = machine.agent_address
+            state.control_address = machine.control_address
+            for phase, stamp in machine.timeline.items():
+                timeline.setdefault(f"vm.{phase}", float(stamp))
+            state.phase = "running"
+            state.save(runtime_dir)
+            vm = Vm(state, runtime_dir, machine, rootfs, forwarder)
+            undo.pop_all()
+        self._adopt(vm)
+        log.info("VM %s is running (QEMU pid %d, %s)", vm_id, vm.state.pid, scope)
+        return vm
+
+    def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
+        return LogForwarder(
+            journal_sink(vm_id, scope_name(vm_id)),
+            qemu_log_fifo(runtime_dir),
+            machine.console_socket,
+            machine.log_socket,
+        )
+
+    def _adopt(self, vm: Vm) -> None:
+        loop = asyncio.get_running_loop()
+        vm.finished = loop.create_future()
+        self.vms[vm.id] = vm
+        vm.exit_task = loop.create_task(self._watch_exit(vm))
+        if self.publisher is not None:
+            self.publisher.publish(vm)
+        self._count_changed()
+
+    # -- running ------------------------------------------------------------
+
+    async def pause(self, vm: Vm) -> None:
+        if vm.phase != "running":
+            raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
+        await vm.machine.pause()
+        self._set_phase(vm, "paused")
+
+    async def resume(self, vm: Vm) -> None:
+        if vm.phase != "paused":
+            raise Failed(f"VM {vm.id!r} is {vm.phase}, not paused")
+        await vm.machine.resume()
+        self._set_phase(vm, "running")
+
+    async def sync_rootfs(self, vm: Vm) -> None:
+        if vm.rootfs is None:
+            raise Failed(f"VM {vm.id!r} has no writable rootfs to sync")
+        if vm.phase != "running":
+            raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
+        await self.backend.quiesce_guest(vm.machine, vm.state.container_id, unmount=False)
+        await vm.rootfs.writeback()
+
+    # -- stop ---------------------------------------------------------------
+
+    async def stop(self, vm: Vm, timeout: float, force: bool = False) -> None:  # noqa: ASYNC109
+        """Shut the VM down (orderly unless `force`); returns once everything is released."""
+        assert vm.finished is not None
+        if vm.phase not in ("stopping", "stopped"):
+            self._set_phase(vm, "stopping")
+            try:
+                if force:
+                    await vm.machine.kill()
+                else:
+                    if vm.rootfs is not None:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(
+                                self.backend.quiesce_guest(vm.machine, vm.state.container_id, unmount=True),
+                                timeout,
+                            )
+                    await vm.machine.shutdown(timeout)
+            except Exception:
+                log.exception("shutting VM %s down failed; killing it", vm.id)
+                with contextlib.suppress(Exception):
+                    await vm.machine.kill()
+        await asyncio.shield(vm.finished)
+
+    async def _watch_exit(self, vm: Vm) -> None:
+        assert vm.finished is not None
+        try:
+            await vm.machine.wait_exit()
+            log.info("QEMU of VM %s (pid %d) has exited", vm.id, vm.state.pid)
+            await self._release(vm)
+        except Exception as e:
+            log.exception("releasing VM %s failed", vm.id)
+            if not vm.finished.done():
+                vm.finished.set_exception(Failed(f"VM {vm.id!r} stopped but was not fully released: {e}"))
+        else:
+            if not vm.finished.done():
+                vm.finished.set_result(None)
+
+    async def _release(self, vm: Vm) -> None:
+        """Everything after QEMU ended: logs, writable layer, network, scope, files, object."""
+        if vm.phase != "stopping":
+            self._set_phase(vm, "stopping")
+        await vm.forwarder.stop()
+        errors = []
+        if vm.rootfs is not None:
+            try:
+                await vm.rootfs.writeback()
+            except Exception as e:
+                log.exception("writing back the rootfs of VM %s failed", vm.id)
+                errors.append(f"writeback: {e}")
+            try:
+                await vm.rootfs.release()
+            except Exception as e:
+                errors.append(f"storage: {e}")
+        if vm.state.network:
+            try:
+                await self.backend.teardown_network(vm.id)
+            except Exception as e:
+                errors.append(f"network: {e}")
+        if vm.state.storage_dir:
+            shutil.rmtree(vm.state.storage_dir, ignore_errors=True)
+        await self.systemd.stop_unit(vm.state.scope)
+        await self.systemd.wait_gone(vm.state.scope)
+        shutil.rmtree(vm.runtime_dir, ignore_errors=True)
+        self._set_phase(vm, "stopped")
+        self.vms.pop(vm.id, None)
+        if self.publisher is not None:
+            self.publisher.unpublish(vm)
+        self._count_changed()
+        if errors:
+            raise Failed("; ".join(errors))
+
+    async def stop_all_watchers(self) -> None:
+        """At spinboxd exit: stop watching (the VMs keep running)."""
+        for vm in list(self.vms.values()):
+            if vm.exit_task is not None:
+                vm.exit_task.cancel()
+            await vm.forwarder.stop(drain=0)
+            with contextlib.suppress(Exception):
+                await vm.machine.detach()
+
+    # -- restart ------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Re-adopt the VMs a previous spinboxd left running; clean up the rest."""
+        vm_root = self.run_dir / "vm"
+        vm_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for directory in sorted(vm_root.iterdir()):
+            try:
+                state = VmState.load(directory)
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("removing %s: unreadable %s (%s)", directory, STATE_FILE, e)
+                await self._remove_leftover(directory.name, None, directory)
+                continue
+            alive = (
+                state.phase in ("running", "paused")
+                and state.pid > 0
+                and pid_alive(state.pid)
+                and await self.systemd.scope_of_pid(state.pid) == state.scope
+            )
+            if not alive:
+                log.warning("cleaning up VM %s left %s by a previous spinboxd", state.id, state.phase)
+                await self._remove_leftover(state.id, state, directory)
+                continue
+            try:
+                machine = await self.backend.attach(directory)
+            except Exception:
+                log.exception("cannot re-adopt VM %s; stopping it", state.id)
+                await self._remove_leftover(state.id, state, directory)
+                continue
+            forwarder = self._forwarder(state.id, directory, machine)
+            forwarder.start()
+            rootfs = None
+            if state.storage_dir:
+                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
+            vm = Vm(state, directory, machine, rootfs, forwarder, adopted=True)
+            self._adopt(vm)
+            log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
+        try:
+            await self.backend.collect_network_leftovers(sorted(self.vms))
+        except Exception:
+            log.exception("collecting network leftovers failed")
+
+    async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
+        if (
+            state is not None
+            and state.pid
+            and pid_alive(state.pid)
+            and await self.systemd.scope_of_pid(state.pid) == state.scope
+        ):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGKILL)
+        try:
+            check_vm_id(vm_id)
+            await self.systemd.stop_unit(scope_name(vm_id))
+            await self.systemd.wait_gone(scope_name(vm_id))
+            await self.backend.teardown_network(vm_id)
+        except Exception:
+            log.exception("cleaning up after VM %s failed", vm_id)
+        if state is not None and state.storage_dir:
+            rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
+            if rootfs is not None:
+                with contextlib.suppress(Exception):
+                    await rootfs.writeback()
+                with contextlib.suppress(Exception):
+                    await rootfs.release()
+            shutil.rmtree(state.storage_dir, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)

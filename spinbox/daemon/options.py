@@ -1,0 +1,147 @@
+"""CreateVM's arguments, checked once: a VM id and its a{sv} of options."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Variant
+
+from spinbox.config import VmConfig
+from spinbox.daemon.errors import InvalidArgument
+
+# Room for containerd and Kubernetes ids (64 hex digits) and names, while the
+# scope name spinbox-vm-<id>.scope stays a plain unit name.
+VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+# Kernel parameters that spinbox sets itself and a caller may not override.
+RESERVED_KERNEL_ARGS = ("spinbox.", "console=", "init=", "rdinit=")
+
+OPTION_SIGNATURES = {
+    "vcpus": "u",
+    "memory-mib": "t",
+    "rootfs": "a(sssas)",
+    "container-id": "s",
+    "netns": "s",
+    "kernel-args": "as",
+    "annotations": "a{ss}",
+}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One containerd rootfs mount as CreateVM received it."""
+
+    type: str
+    source: str
+    target: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    id: str
+    vcpus: int
+    memory_mib: int
+    rootfs: tuple[Mount, ...]
+    container_id: str
+    netns: str | None
+    kernel_args: tuple[str, ...]
+    annotations: tuple[tuple[str, str], ...]
+
+
+def check_vm_id(vm_id: str) -> str:
+    if not VM_ID_RE.fullmatch(vm_id):
+        raise InvalidArgument(
+            f"VM id {vm_id!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return vm_id
+
+
+def escape_path_element(text: str) -> str:
+    """An object path element for any text, escaped the way systemd does (sd_bus_path_encode)."""
+    if not text:
+        return "_"
+    out = []
+    for i, byte in enumerate(text.encode()):
+        char = chr(byte)
+        if char.isascii() and (char.isalpha() or (char.isdigit() and i > 0)):
+            out.append(char)
+        else:
+            out.append(f"_{byte:02x}")
+    return "".join(out)
+
+
+def _value(options: dict[str, Variant], key: str) -> Any:
+    variant = options[key]
+    expected = OPTION_SIGNATURES[key]
+    if variant.signature != expected:
+        raise InvalidArgument(f"option {key!r} must have D-Bus type {expected!r}, not {variant.signature!r}")
+    return variant.value
+
+
+def _mounts(value: list[list[Any]]) -> tuple[Mount, ...]:
+    mounts = []
+    for i, (type_, source, target, mount_options) in enumerate(value):
+        if not type_:
+            raise InvalidArgument(f"option 'rootfs': mount {i} has no type")
+        if not source:
+            raise InvalidArgument(f"option 'rootfs': mount {i} has no source")
+        mounts.append(Mount(type_, source, target, tuple(mount_options)))
+    return tuple(mounts)
+
+
+def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -> VmRequest:
+    """The request, or InvalidArgument naming the first option that is wrong."""
+    check_vm_id(vm_id)
+    for key in options:
+        if key not in OPTION_SIGNATURES:
+            known = ", ".join(OPTION_SIGNATURES)
+            raise InvalidArgument(f"option {key!r} is not known (known options: {known})")
+
+    vcpus = _value(options, "vcpus") if "vcpus" in options else defaults.vcpus
+    if not 1 <= vcpus <= defaults.max_vcpus:
+        raise InvalidArgument(f"option 'vcpus' must be between 1 and {defaults.max_vcpus}, not {vcpus}")
+    memory = _value(options, "memory-mib") if "memory-mib" in options else defaults.memory_mib
+    if not 64 <= memory <= defaults.max_memory_mib:
+        raise InvalidArgument(
+            f"option 'memory-mib' must be between 64 and {defaults.max_memory_mib}, not {memory}"
+        )
+    rootfs = _mounts(_value(options, "rootfs")) if "rootfs" in options else ()
+    container_id = _value(options, "container-id") if "container-id" in options else vm_id
+    if not VM_ID_RE.fullmatch(container_id):
+        raise InvalidArgument(f"option 'container-id' {container_id!r} is not a valid container id")
+
+    netns = None
+    if "netns" in options:
+        netns = _value(options, "netns")
+        if not netns.startswith("/"):
+            raise InvalidArgument(f"option 'netns' must be an absolute path, not {netns!r}")
+        if not os.path.exists(netns):
+            raise InvalidArgument(f"option 'netns': {netns} does not exist")
+
+    kernel_args: tuple[str, ...] = ()
+    if "kernel-args" in options:
+        kernel_args = tuple(_value(options, "kernel-args"))
+        for arg in kernel_args:
+            if not arg or any(c.isspace() for c in arg):
+                raise InvalidArgument(f"option 'kernel-args': {arg!r} is empty or contains white space")
+            if arg.startswith(RESERVED_KERNEL_ARGS):
+                raise InvalidArgument(f"option 'kernel-args': {arg!r} is set by spinbox itself")
+
+    annotations: tuple[tuple[str, str], ...] = ()
+    if "annotations" in options:
+        annotations = tuple(sorted(_value(options, "annotations").items()))
+
+    return VmRequest(
+        id=vm_id,
+        vcpus=vcpus,
+        memory_mib=memory,
+        rootfs=rootfs,
+        container_id=container_id,
+        netns=netns,
+        kernel_args=kernel_args,
+        annotations=annotations,
+    )

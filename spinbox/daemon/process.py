@@ -1,0 +1,47 @@
+"""Host processes spinboxd watches: alive or not, and waiting for their end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def wait_pid_exit(pid: int, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait for `pid` to end (pidfd, no thread), reaping it when it is our child `process`."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        if process is not None:
+            process.poll()
+        return
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    if process is not None:
+        process.wait()

@@ -1,0 +1,213 @@
+"""systemd's manager over D-Bus: transient scopes for VMs, and the jobs that make them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio.message_bus import MessageBus
+from dbus_fast.errors import DBusError
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+SLICE = "spinbox.slice"
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+
+
+def scope_name(vm_id: str) -> str:
+    return f"spinbox-vm-{vm_id}.scope"
+
+
+@dataclass(frozen=True)
+class ScopeLimits:
+    """The cgroup limits of one VM's scope."""
+
+    memory_max: int  # bytes
+    cpu_quota_per_sec_usec: int
+    tasks_max: int
+
+    @classmethod
+    def for_vm(cls, vcpus: int, memory_mib: int, overhead_mib: int) -> ScopeLimits:
+        # QEMU runs a thread per vCPU plus its main loop, RCU, I/O workers and
+        # the threads of each virtio backend; 64 leaves room for bursts of them.
+        return cls(
+            memory_max=(memory_mib + overhead_mib) * 1024 * 1024,
+            cpu_quota_per_sec_usec=vcpus * 1_000_000,
+            tasks_max=64 + 8 * vcpus,
+        )
+
+
+class SystemdError(RuntimeError):
+    pass
+
+
+def _body(reply: Message | None) -> Any:
+    """A reply's body, or its error raised as DBusError."""
+    assert reply is not None
+    if reply.message_type == MessageType.ERROR:
+        raise DBusError(str(reply.error_name), str(reply.body[0] if reply.body else ""))
+    return reply.body
+
+
+class SystemdManager:
+    """Calls on org.freedesktop.systemd1.Manager, with job completion tracking."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._finished: dict[str, str] = {}
+
+    async def subscribe(self) -> None:
+        self.bus.add_message_handler(self._on_message)
+        await self._call_bus(
+            "AddMatch",
+            "s",
+            [f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'"],
+        )
+        await self.call("Subscribe")
+
+    def _on_message(self, msg: Message) -> bool | None:
+        if (
+            msg.message_type == MessageType.SIGNAL
+            and msg.interface == MANAGER_IFACE
+            and msg.member == "JobRemoved"
+        ):
+            _job_id, job, _unit, result = msg.body
+            future = self._jobs.pop(job, None)
+            if future is None:
+                # The reply with the job path may still be on its way.
+                self._finished[job] = result
+                if len(self._finished) > 256:
+                    self._finished.pop(next(iter(self._finished)))
+            elif not future.done():
+                future.set_result(result)
+        return None
+
+    async def _call_bus(self, member: str, signature: str = "", body: list[Any] | None = None) -> Any:
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member=member,
+                signature=signature,
+                body=body or [],
+            )
+        )
+        return _body(reply)
+
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+        path: str = SYSTEMD_PATH,
+        interface: str = MANAGER_IFACE,
+    ) -> list[Any]:
+        reply = await self.bus.call(
+            Message(
+                destination=SYSTEMD,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+            )
+        )
+        return list(_body(reply))
+
+    async def _wait_job(self, job: str, what: str) -> None:
+        result = self._finished.pop(job, None)
+        if result is None:
+            future = asyncio.get_running_loop().create_future()
+            self._jobs[job] = future
+            try:
+                result = await future
+            finally:
+                self._jobs.pop(job, None)
+        if result != "done":
+            raise SystemdError(f"{what}: systemd's job ended with {result!r}")
+
+    async def start_scope(
+        self, name: str, pid: int, description: str, limits: ScopeLimits, slice_: str = SLICE
+    ) -> None:
+        """Put `pid` into a new transient scope `name` and wait until the scope is running."""
+        properties = [
+            ["PIDs", Variant("au", [pid])],
+            ["Slice", Variant("s", slice_)],
+            ["Description", Variant("s", description)],
+            ["MemoryMax", Variant("t", limits.memory_max)],
+            ["CPUQuotaPerSecUSec", Variant("t", limits.cpu_quota_per_sec_usec)],
+            ["TasksMax", Variant("t", limits.tasks_max)],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
+        ]
+        try:
+            (job,) = await self.call("StartTransientUnit", "ssa(sv)a(sa(sv))", [name, "fail", properties, []])
+        except DBusError as e:
+            raise SystemdError(f"cannot create {name}: {e.text}") from None
+        await self._wait_job(job, f"cannot start {name}")
+
+    async def unit_state(self, name: str) -> str | None:
+        """The unit's ActiveState, or None when systemd does not know it (any more)."""
+        try:
+            (path,) = await self.call("GetUnit", "s", [name])
+            (state,) = await self.call(
+                "Get",
+                "ss",
+                ["org.freedesktop.systemd1.Unit", "ActiveState"],
+                path=path,
+                interface="org.freedesktop.DBus.Properties",
+            )
+        except DBusError as e:
+            if e.type in (NO_SUCH_UNIT, "org.freedesktop.DBus.Error.UnknownObject"):
+                return None
+            raise
+        return str(state.value)
+
+    async def stop_unit(self, name: str) -> None:
+        """Stop `name` and wait for it; a unit that is already gone is fine."""
+        try:
+            (job,) = await self.call("StopUnit", "ss", [name, "replace"])
+        except DBusError as e:
+            if e.type == NO_SUCH_UNIT:
+                return
+            raise SystemdError(f"cannot stop {name}: {e.text}") from None
+        with contextlib.suppress(SystemdError):
+            await self._wait_job(job, f"cannot stop {name}")
+
+    async def wait_gone(self, name: str, timeout: float = 10) -> None:  # noqa: ASYNC109
+        """Wait until the unit is no longer loaded (stopped and collected)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            state = await self.unit_state(name)
+            if state is None:
+                return
+            if state in ("inactive", "failed"):
+                with contextlib.suppress(DBusError):
+                    await self.call("ResetFailedUnit", "s", [name])
+            if loop.time() > deadline:
+                log.warning("%s is still %s after %.0fs", name, state, timeout)
+                return
+            await asyncio.sleep(0.05)
+
+    async def scope_of_pid(self, pid: int) -> str | None:
+        try:
+            (path,) = await self.call("GetUnitByPID", "u", [pid])
+            (unit_id,) = await self.call(
+                "Get",
+                "ss",
+                ["org.freedesktop.systemd1.Unit", "Id"],
+                path=path,
+                interface="org.freedesktop.DBus.Properties",
+            )
+        except DBusError:
+            return None
+        return str(unit_id.value)

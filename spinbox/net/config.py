@@ -1,0 +1,98 @@
+"""The [network] table of spinbox.toml, parsed and validated once."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from spinbox.net.errors import NetworkError
+
+# spinbox's own CNI network, shipped beside this module.
+DEFAULT_CONFLIST = Path(__file__).with_name("spinbox.conflist")
+# Debian's containernetworking-plugins first, then the upstream location.
+DEFAULT_PLUGIN_PATH = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+DEFAULT_RUN_DIR = Path("/run/spinbox")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """How spinbox gives its VMs a network.
+
+    enabled: False ("off") gives VMs no NIC at all.
+    conflist: the CNI network list run for VMs whose namespace has no interface:
+        a .conflist file, or a directory whose first *.conflist (by name) is used.
+    plugin_path: where the CNI plugin binaries are looked up (CNI_PATH).
+    subnet: replaces the host-local IPAM subnet of the conflist when set.
+    run_dir: runtime state: <run_dir>/net/<id>.json, <run_dir>/netns/spinbox-<id>
+        and the host-local leases (<run_dir>/cni/<network>/) unless the conflist
+        names its own dataDir.
+    """
+
+    enabled: bool = True
+    conflist: Path = DEFAULT_CONFLIST
+    plugin_path: tuple[Path, ...] = DEFAULT_PLUGIN_PATH
+    subnet: str | None = None
+    run_dir: Path = DEFAULT_RUN_DIR
+
+    def __post_init__(self) -> None:
+        if self.subnet is not None:
+            try:
+                ipaddress.ip_network(self.subnet, strict=True)
+            except ValueError as e:
+                raise NetworkError(f"network subnet {self.subnet!r} is not a valid network: {e}") from None
+        if not self.plugin_path:
+            raise NetworkError("network plugin path is empty: name at least one CNI plugin directory")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "net"
+
+    @property
+    def netns_dir(self) -> Path:
+        return self.run_dir / "netns"
+
+    @property
+    def lease_dir(self) -> Path:
+        return self.run_dir / "cni"
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, object]) -> NetConfig:
+        """Build from spinbox.toml's [network] table; every key is optional.
+
+        enabled = true | false | "off"; conflist = "<file or dir>";
+        plugin-path = "<dir>" | ["<dir>", ...]; subnet = "10.77.0.0/16"; run-dir = "<dir>".
+        """
+        known = {"enabled", "conflist", "plugin-path", "subnet", "run-dir"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise NetworkError(f"unknown key(s) in [network]: {', '.join(unknown)}")
+        kwargs: dict[str, object] = {}
+        if "enabled" in table:
+            enabled = table["enabled"]
+            if enabled == "off":
+                enabled = False
+            if not isinstance(enabled, bool):
+                raise NetworkError(f'[network] enabled must be true, false or "off", not {enabled!r}')
+            kwargs["enabled"] = enabled
+        if "conflist" in table:
+            kwargs["conflist"] = Path(_string(table, "conflist"))
+        if "plugin-path" in table:
+            value = table["plugin-path"]
+            dirs = [value] if isinstance(value, str) else value
+            if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+                raise NetworkError("[network] plugin-path must be a directory or a list of directories")
+            kwargs["plugin_path"] = tuple(Path(d) for d in dirs)
+        if "subnet" in table:
+            kwargs["subnet"] = _string(table, "subnet")
+        if "run-dir" in table:
+            kwargs["run_dir"] = Path(_string(table, "run-dir"))
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _string(table: Mapping[str, object], key: str) -> str:
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise NetworkError(f"[network] {key} must be a non-empty string, not {value!r}")
+    return value

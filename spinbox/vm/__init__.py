@@ -1,0 +1,26 @@
+"""QEMU microVMs: the command line, the process, QMP, and the guest agent's readiness."""
+
+from __future__ import annotations
+
+from spinbox.vm.accel import choose_accel
+from spinbox.vm.errors import VmError, VmNotRunning
+from spinbox.vm.machine import VirtualMachine, launch
+from spinbox.vm.process import ProcessHandle, Spawn
+from spinbox.vm.qemu import QemuCommand
+from spinbox.vm.spec import DEFAULT_IMAGE, Disk, Nic, VmSpec, default_kernel
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "Disk",
+    "Nic",
+    "ProcessHandle",
+    "QemuCommand",
+    "Spawn",
+    "VirtualMachine",
+    "VmError",
+    "VmNotRunning",
+    "VmSpec",
+    "choose_accel",
+    "default_kernel",
+    "launch",
+]

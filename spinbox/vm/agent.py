@@ -1,0 +1,244 @@
+"""The host side of the guest agent API: a typed async client for vminitd.
+
+One method per RPC of `spinbox.agent.v1.Agent` (spinbox/api/proto/agent.proto),
+over spinbox's ttrpc on a unix socket (a virtio-serial port's host end) or
+vsock. Failures arrive as `spinbox.ttrpc.TtrpcError` with the agent's sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from spinbox.api.proto import agent_pb2 as pb
+from spinbox.ttrpc import Client
+
+SERVICE = "spinbox.agent.v1.Agent"
+
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    """`unix:<path>` or `vsock:<cid>:<port>`, parsed."""
+
+    kind: str
+    path: str = ""
+    cid: int = 0
+    port: int = 0
+
+    @classmethod
+    def parse(cls, address: str) -> AgentAddress:
+        scheme, sep, rest = address.partition(":")
+        if sep and scheme == "unix" and rest:
+            return cls(kind="unix", path=rest)
+        if sep and scheme == "vsock":
+            cid, _, port = rest.partition(":")
+            if cid.isdigit() and port.isdigit():
+                return cls(kind="vsock", cid=int(cid), port=int(port))
+        raise ValueError(f"agent address {address!r} is neither unix:<path> nor vsock:<cid>:<port>")
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"vsock:{self.cid}:{self.port}"
+
+
+async def _connect_vsock(cid: int, port: int) -> Client:
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await Client.connect_socket(sock)
+
+
+class AgentClient:
+    """A connection to one guest agent. Use `await AgentClient.connect(address)`."""
+
+    def __init__(self, client: Client, address: str = "") -> None:
+        self.client = client
+        self.address = address
+
+    @classmethod
+    async def connect(cls, address: str) -> AgentClient:
+        parsed = AgentAddress.parse(address)
+        if parsed.kind == "unix":
+            client = await Client.connect_unix(parsed.path)
+        else:
+            client = await _connect_vsock(parsed.cid, parsed.port)
+        return cls(client, str(parsed))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        metadata: Mapping[str, str] | None = None,
+    ) -> R:
+        md = {k: [v] for k, v in metadata.items()} if metadata else None
+        return await self.client.call(SERVICE, method, request, response_type, metadata=md)
+
+    # VM-level plumbing.
+
+    async def ping(self) -> pb.PingResponse:
+        return await self._call("Ping", pb.PingRequest(), pb.PingResponse)
+
+    async def configure_network(self, config: pb.NetworkConfig) -> None:
+        await self._call("ConfigureNetwork", config, Empty)
+
+    async def mount_rootfs(self, request: pb.MountRootfsRequest) -> str:
+        """Mounts the container's rootfs in the guest; returns the guest path."""
+        resp = await self._call("MountRootfs", request, pb.MountRootfsResponse)
+        return resp.path
+
+    async def unmount_rootfs(self, container_id: str) -> None:
+        req = pb.UnmountRootfsRequest(container_id=container_id)
+        await self._call("UnmountRootfs", req, Empty)
+
+    async def sync_rootfs(self, container_id: str) -> None:
+        await self._call("SyncRootfs", pb.SyncRootfsRequest(container_id=container_id), Empty)
+
+    async def shutdown(self, force: bool = False) -> None:
+        await self._call("Shutdown", pb.ShutdownRequest(force=force), Empty)
+
+    # Containers and processes.
+
+    async def create_container(
+        self,
+        container_id: str,
+        spec: bytes,
+        io: pb.IoConfig | None = None,
+    ) -> int:
+        """Creates the container (crun create); returns the init process's guest pid."""
+        req = pb.CreateContainerRequest(container_id=container_id, spec=spec, io=io or pb.IoConfig())
+        resp = await self._call("CreateContainer", req, pb.CreateContainerResponse)
+        return resp.pid
+
+    async def exec(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: bytes,
+        io: pb.IoConfig | None = None,
+    ) -> None:
+        """Registers an exec process (OCI process JSON); `start` runs it."""
+        req = pb.ExecRequest(
+            container_id=container_id, exec_id=exec_id, process=process, io=io or pb.IoConfig()
+        )
+        await self._call("Exec", req, Empty)
+
+    async def start(self, container_id: str, exec_id: str = "") -> int:
+        req = pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        return (await self._call("Start", req, pb.StartResponse)).pid
+
+    async def signal(
+        self,
+        container_id: str,
+        signal: int,
+        exec_id: str = "",
+        all: bool = False,
+    ) -> None:
+        req = pb.SignalRequest(container_id=container_id, exec_id=exec_id, signal=signal, all=all)
+        await self._call("Signal", req, Empty)
+
+    async def wait(self, container_id: str, exec_id: str = "") -> pb.WaitResponse:
+        """Waits for the process to exit; exit_status is 128+N for signal N."""
+        req = pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        return await self._call("Wait", req, pb.WaitResponse)
+
+    async def resize_pty(
+        self,
+        container_id: str,
+        width: int,
+        height: int,
+        exec_id: str = "",
+    ) -> None:
+        req = pb.ResizePtyRequest(container_id=container_id, exec_id=exec_id, width=width, height=height)
+        await self._call("ResizePty", req, Empty)
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        req = pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        await self._call("CloseStdin", req, Empty)
+
+    async def delete_process(self, container_id: str, exec_id: str = "") -> pb.WaitResponse:
+        req = pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        return await self._call("DeleteProcess", req, pb.WaitResponse)
+
+    async def delete_container(self, container_id: str) -> None:
+        req = pb.ContainerRequest(container_id=container_id)
+        await self._call("DeleteContainer", req, Empty)
+
+    async def pids(self, container_id: str) -> list[pb.ProcessInfo]:
+        req = pb.ContainerRequest(container_id=container_id)
+        return list((await self._call("Pids", req, pb.PidsResponse)).processes)
+
+    async def pause(self, container_id: str) -> None:
+        await self._call("Pause", pb.ContainerRequest(container_id=container_id), Empty)
+
+    async def resume(self, container_id: str) -> None:
+        await self._call("Resume", pb.ContainerRequest(container_id=container_id), Empty)
+
+    async def stats(self, container_id: str) -> bytes:
+        """The container's io.containerd.cgroups.v2.Metrics, serialized."""
+        req = pb.ContainerRequest(container_id=container_id)
+        return (await self._call("Stats", req, pb.StatsResponse)).metrics
+
+    async def update_resources(self, container_id: str, resources: bytes) -> None:
+        """Applies OCI LinuxResources (JSON) to a running container."""
+        req = pb.UpdateResourcesRequest(container_id=container_id, resources=resources)
+        await self._call("UpdateResources", req, Empty)
+
+    # Stdio and events.
+
+    async def read_output(
+        self,
+        container_id: str,
+        exec_id: str = "",
+        stream: pb.OutputStream = pb.STDOUT,
+    ) -> AsyncIterator[bytes]:
+        """The process's stdout or stderr until EOF."""
+        req = pb.ReadOutputRequest(container_id=container_id, exec_id=exec_id, stream=stream)
+        async for chunk in self.client.server_stream(SERVICE, "ReadOutput", req, pb.OutputChunk):
+            yield chunk.data
+
+    async def write_input(
+        self,
+        container_id: str,
+        data: AsyncIterable[bytes],
+        exec_id: str = "",
+        close_stdin: bool = True,
+    ) -> None:
+        """Writes every chunk of `data` to the process's stdin, then closes it if asked."""
+
+        async def chunks() -> AsyncIterator[pb.InputChunk]:
+            yield pb.InputChunk(container_id=container_id, exec_id=exec_id)
+            async for piece in data:
+                if piece:
+                    yield pb.InputChunk(data=piece)
+            if close_stdin:
+                yield pb.InputChunk(close_stdin=True)
+
+        await self.client.client_stream(SERVICE, "WriteInput", chunks(), Empty)
+
+    async def events(self) -> AsyncIterator[pb.Event]:
+        """Container events (OOM kills) for as long as the caller iterates."""
+        async for event in self.client.server_stream(SERVICE, "Events", pb.EventsRequest(), pb.Event):
+            yield event

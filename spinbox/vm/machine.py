@@ -1,0 +1,398 @@
+"""A running VM: QEMU launched (or re-adopted), driven over QMP, stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient, QMPError
+
+from spinbox.vm import control
+from spinbox.vm.accel import choose_accel
+from spinbox.vm.cid import CID_DIR, CidLease, _try_lock, allocate_cid
+from spinbox.vm.errors import VmError, VmNotRunning
+from spinbox.vm.process import (
+    ProcessHandle,
+    QemuChild,
+    Spawn,
+    as_handle,
+    process_start_time,
+    send_signal,
+    spawn_subprocess,
+)
+from spinbox.vm.qemu import QemuCommand, RuntimePaths
+from spinbox.vm.spec import VmSpec
+
+log = logging.getLogger(__name__)
+
+VHOST_VSOCK = Path("/dev/vhost-vsock")
+QMP_TIMEOUT = 30.0
+EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME")
+
+
+@dataclass
+class VmState:
+    """What a later process needs to re-adopt the VM; kept as vm.json in the runtime directory."""
+
+    vm_id: str
+    pid: int
+    start_time: int | None
+    accel: str
+    agent_address: str
+    control_address: str
+    cid: int | None = None
+    # time.monotonic() of each host-side phase ("exec", "qmp-up", "agent-ready").
+    stamps: dict[str, float] = field(default_factory=dict)
+    # CLOCK_BOOTTIME nanoseconds of each guest phase, from the agent's Ping.
+    guest: dict[str, int] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), sort_keys=True))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> VmState:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise VmNotRunning(f"no VM state in {path.parent} ({path.name} does not exist)") from None
+        except (ValueError, TypeError) as error:
+            raise VmError(f"VM state {path} is not readable: {error}") from None
+
+
+class VirtualMachine:
+    """A QEMU process and its sockets. Use launch() or VirtualMachine.attach()."""
+
+    def __init__(self, runtime_dir: Path, state: VmState, process: ProcessHandle, qmp: QMPClient) -> None:
+        self.paths = RuntimePaths(runtime_dir)
+        self.state = state
+        self._process = process
+        self._qmp = qmp
+        self._exit: asyncio.Task[int | None] = asyncio.ensure_future(self._watch_exit())
+
+    # What callers read.
+
+    @property
+    def vm_id(self) -> str:
+        return self.state.vm_id
+
+    @property
+    def pid(self) -> int:
+        return self.state.pid
+
+    @property
+    def accel(self) -> str:
+        return self.state.accel
+
+    @property
+    def agent_address(self) -> str:
+        return self.state.agent_address
+
+    @property
+    def control_address(self) -> str:
+        return self.state.control_address
+
+    @property
+    def console_socket(self) -> Path:
+        return self.paths.console
+
+    @property
+    def log_socket(self) -> Path:
+        return self.paths.log
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.paths.qmp
+
+    @property
+    def timeline(self) -> dict[str, float]:
+        """Seconds since QEMU's exec of each host phase, and seconds since guest boot of each guest phase."""
+        start = self.state.stamps.get("exec", 0.0)
+        phases = {name: stamp - start for name, stamp in self.state.stamps.items()}
+        phases.update({f"guest-{name}": ns / 1e9 for name, ns in self.state.guest.items()})
+        return phases
+
+    @property
+    def exited(self) -> bool:
+        return self._exit.done()
+
+    # Re-adoption.
+
+    @classmethod
+    async def attach(cls, runtime_dir: Path) -> VirtualMachine:
+        """Re-adopt a VM started by an earlier process; VmNotRunning if its QEMU is gone."""
+        paths = RuntimePaths(runtime_dir)
+        state = VmState.load(paths.state)
+        if state.start_time is None or process_start_time(state.pid) != state.start_time:
+            _remove_runtime_files(paths, state.cid)
+            raise VmNotRunning(f"VM {state.vm_id}'s QEMU (pid {state.pid}) is not running any more")
+        process = as_handle(state.pid)
+        qmp = await _connect_qmp(paths.qmp, process, QMP_TIMEOUT)
+        return cls(runtime_dir, state, process, qmp)
+
+    # Control.
+
+    async def status(self) -> str:
+        """QEMU's run state, e.g. "running", "paused", "prelaunch", "shutdown"."""
+        reply = await self._execute("query-status")
+        return str(reply["status"])
+
+    async def pause(self) -> None:
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    def events(self) -> EventStream:
+        """QMP events (SHUTDOWN, GUEST_PANICKED, STOP, RESUME) from now on, until QEMU exits."""
+        return EventStream(self._qmp, self._exit)
+
+    async def wait_ready(self, timeout: float) -> dict[str, float]:  # noqa: ASYNC109 (the contract's name)
+        """Wait until the agent answers Ping on the control channel; return the timeline."""
+        ping = asyncio.ensure_future(control.ping(self.control_address))
+        done, _ = await asyncio.wait({ping, self._exit}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if ping not in done:
+            ping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ping
+            if self._exit in done:
+                raise VmError(f"VM {self.vm_id} stopped before its agent was ready{self._exit_detail()}")
+            raise VmError(f"VM {self.vm_id}'s agent did not answer within {timeout:g} s")
+        try:
+            guest = ping.result()
+        except (OSError, EOFError) as error:
+            raise VmError(
+                f"VM {self.vm_id}'s agent is not reachable at {self.control_address}: {error}"
+            ) from None
+        self.state.stamps["agent-ready"] = time.monotonic()
+        self.state.guest = guest
+        self._save()
+        return self.timeline
+
+    async def shutdown(self, timeout: float = 10.0) -> int | None:  # noqa: ASYNC109 (the contract's name)
+        """Stop the VM: the agent's orderly Shutdown, then QMP quit, then SIGKILL. Returns QEMU's status."""
+        if self.exited:
+            return await self._exit
+        deadline = asyncio.get_running_loop().time() + timeout
+        if "agent-ready" in self.state.stamps and await self._running():
+            try:
+                await control.request_shutdown(self.control_address, timeout)
+            except Exception as error:  # the guest may power off before it replies
+                log.debug("VM %s: agent Shutdown: %s", self.vm_id, error)
+            if await self._exited_by(deadline):
+                return await self._exit
+        with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._qmp.execute("quit"), 5)
+        if await self._exited_by(asyncio.get_running_loop().time() + 5):
+            return await self._exit
+        return await self.kill()
+
+    async def kill(self) -> int | None:
+        if not self.exited:
+            send_signal(self.pid, signal.SIGKILL)
+        return await self._exit
+
+    async def wait_exit(self) -> int | None:
+        return await asyncio.shield(self._exit)
+
+    async def detach(self) -> None:
+        """Stop watching the VM without stopping it (e.g. spinboxd exiting for a restart)."""
+        self._exit.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._exit
+        await self._qmp.disconnect()
+
+    # Internals.
+
+    def _save(self) -> None:
+        self.state.save(self.paths.state)
+
+    async def _execute(self, command: str) -> dict[str, Any]:
+        if self.exited:
+            raise VmNotRunning(f"VM {self.vm_id} is not running")
+        try:
+            reply = await self._qmp.execute(command)
+        except QMPError as error:
+            raise VmError(f"VM {self.vm_id}: QMP {command} failed: {error}") from None
+        return reply if isinstance(reply, dict) else {}
+
+    async def _running(self) -> bool:
+        try:
+            return await self.status() == "running"
+        except (VmError, OSError, EOFError):
+            return False
+
+    async def _exited_by(self, deadline: float) -> bool:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining > 0:
+            await asyncio.wait({self._exit}, timeout=remaining)
+        return self.exited
+
+    async def _watch_exit(self) -> int | None:
+        status = await self._process.wait()
+        log.info("VM %s: QEMU exited with status %s", self.vm_id, status)
+        with contextlib.suppress(Exception):
+            await self._qmp.disconnect()
+        _remove_runtime_files(self.paths, self.state.cid)
+        return status
+
+    def _exit_detail(self) -> str:
+        status = self._exit.result() if self._exit.done() and not self._exit.cancelled() else None
+        detail = f" (QEMU exit status {status})" if status is not None else ""
+        if isinstance(self._process, QemuChild) and self._process.tail:
+            detail += ": " + " / ".join(self._process.tail)
+        return detail
+
+
+class EventStream:
+    """QMP events received since the stream was made; close it (aclose) when done."""
+
+    def __init__(self, qmp: QMPClient, exited: asyncio.Task[int | None]) -> None:
+        self._qmp = qmp
+        self._exited = exited
+        self._listener = EventListener(EVENTS)
+        qmp.register_listener(self._listener)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._listener.empty():
+            get = asyncio.ensure_future(self._listener.get())
+            await asyncio.wait({get, self._exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                if self._listener.empty():  # events arrive before QEMU's exit is seen
+                    await self.aclose()
+                    raise StopAsyncIteration
+            else:
+                return dict(get.result())
+        return dict(await self._listener.get())
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            self._qmp.remove_listener(self._listener)
+
+
+async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True) -> VirtualMachine:
+    """Start QEMU for spec and connect QMP. With start=False the guest stays paused until resume()."""
+    command, lease = _prepare(spec)
+    accel = command.accel
+    paths = command.paths
+    exec_time = time.monotonic()
+    try:
+        process = as_handle(await (spawn or spawn_subprocess)(command.argv(), command.pass_fds))
+    except BaseException:
+        if lease:
+            lease.release()
+        raise
+    finally:
+        if lease:
+            lease.close()  # QEMU holds the CID's lock from here on
+    state = VmState(
+        vm_id=spec.vm_id,
+        pid=process.pid,
+        start_time=process_start_time(process.pid),
+        accel=accel,
+        agent_address=command.agent_address,
+        control_address=command.control_address,
+        cid=lease.cid if lease else None,
+        stamps={"exec": exec_time},
+    )
+    state.save(paths.state)
+    try:
+        qmp = await _connect_qmp(paths.qmp, process, QMP_TIMEOUT)
+    except BaseException:
+        send_signal(process.pid, signal.SIGKILL)
+        status = await process.wait()
+        _remove_runtime_files(paths, state.cid)
+        tail = process.tail if isinstance(process, QemuChild) else ()
+        raise VmError(
+            f"QEMU for VM {spec.vm_id} failed to start (exit status {status})"
+            + (": " + " / ".join(tail) if tail else "")
+        ) from None
+    state.stamps["qmp-up"] = time.monotonic()
+    vm = VirtualMachine(spec.runtime_dir, state, process, qmp)
+    vm._save()
+    if start:
+        try:
+            await vm.resume()
+        except BaseException:
+            await vm.kill()
+            raise
+    return vm
+
+
+def _prepare(spec: VmSpec) -> tuple[QemuCommand, CidLease | None]:
+    """Validate, make the runtime directory, and take a vsock CID if the host has vsock."""
+    spec.validate()
+    accel = choose_accel(spec.accel)
+    paths = RuntimePaths(spec.runtime_dir)
+    spec.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _refuse_running(paths)
+    for sock in paths.sockets():
+        sock.unlink(missing_ok=True)
+    lease = allocate_cid() if VHOST_VSOCK.exists() else None
+    command = QemuCommand(
+        spec,
+        accel=accel,
+        vsock_cid=lease.cid if lease else None,
+        keep_fds=(lease.fd,) if lease else (),
+    )
+    return command, lease
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+async def _connect_qmp(path: Path, process: ProcessHandle, timeout: float) -> QMPClient:  # noqa: ASYNC109
+    """Connect to QEMU's QMP socket, retrying while QEMU creates it; fail if QEMU exits first."""
+    exited = asyncio.ensure_future(process.wait())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            if _exists(path):  # connecting earlier only makes qemu.qmp log errors
+                qmp = QMPClient(f"spinbox-vm-{path.parent.name}")
+                try:
+                    await qmp.connect(str(path))
+                    return qmp
+                except QMPError:
+                    pass
+            if exited.done():
+                raise VmError(f"QEMU exited before its QMP socket {path} came up")
+            if loop.time() > deadline:
+                raise VmError(f"QEMU's QMP socket {path} did not come up within {timeout:g} s")
+            await asyncio.wait({exited}, timeout=0.02)
+    finally:
+        if not exited.done():
+            exited.cancel()
+
+
+def _refuse_running(paths: RuntimePaths) -> None:
+    try:
+        state = VmState.load(paths.state)
+    except VmError:
+        return
+    if state.start_time is not None and process_start_time(state.pid) == state.start_time:
+        raise VmError(f"VM {state.vm_id} is already running in {paths.root} (QEMU pid {state.pid})")
+
+
+def _remove_runtime_files(paths: RuntimePaths, cid: int | None) -> None:
+    for path in (*paths.sockets(), paths.state):
+        path.unlink(missing_ok=True)
+    if cid is not None:
+        lease = _try_lock(CID_DIR / str(cid), cid)
+        if lease is not None:
+            lease.release()
+    with contextlib.suppress(OSError):
+        paths.root.rmdir()  # only if empty: the caller may keep its own files there

@@ -1,0 +1,171 @@
+"""The QEMU command line for a VmSpec."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from spinbox.vm.accel import choose_accel
+from spinbox.vm.spec import VmSpec
+
+AGENT_VSOCK_PORT = 1024
+# Ports of the virtio-serial controller, by name (the guest finds them in
+# /sys/class/virtio-ports/*/name).
+SERIAL_AGENT = "spinbox.agent"
+SERIAL_CONTROL = "spinbox.control"
+SERIAL_LOG = "spinbox.log"
+
+BASE_KERNEL_ARGS = (
+    "console=ttyS0",
+    "quiet",
+    "panic=-1",  # reboot at once on panic; -no-reboot turns that into QEMU's exit
+    "reboot=acpi",
+    "8250.nr_uarts=1",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+)
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """The files a running VM keeps in its runtime directory."""
+
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.root / "console.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.root / "agent.sock"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.sock"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "vm.json"
+
+    def sockets(self) -> tuple[Path, ...]:
+        return (self.qmp, self.console, self.agent, self.control, self.log)
+
+
+def _escape(value: str | Path) -> str:
+    """QEMU option values double their commas."""
+    return str(value).replace(",", ",,")
+
+
+def _unix_server(chardev_id: str, path: Path) -> list[str]:
+    return ["-chardev", f"socket,id={chardev_id},path={_escape(path)},server=on,wait=off"]
+
+
+class QemuCommand:
+    """Builds QEMU's argv for a spec; `vsock_cid` selects vsock over virtio-serial for the agent."""
+
+    def __init__(
+        self,
+        spec: VmSpec,
+        *,
+        accel: str | None = None,
+        vsock_cid: int | None = None,
+        keep_fds: tuple[int, ...] = (),
+        start_paused: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.accel = accel or choose_accel(spec.accel)
+        self.vsock_cid = vsock_cid
+        self.keep_fds = keep_fds
+        self.start_paused = start_paused
+        self.paths = RuntimePaths(spec.runtime_dir)
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """File descriptors QEMU must inherit: TAPs, and whatever the caller keeps alive with it."""
+        return tuple(nic.tap_fd for nic in self.spec.nics) + self.keep_fds
+
+    @property
+    def agent_address(self) -> str:
+        if self.vsock_cid is not None:
+            return f"vsock:{self.vsock_cid}:{AGENT_VSOCK_PORT}"
+        return f"unix:{self.paths.agent}"
+
+    @property
+    def control_address(self) -> str:
+        if self.vsock_cid is not None:
+            return f"vsock:{self.vsock_cid}:{AGENT_VSOCK_PORT}"
+        return f"unix:{self.paths.control}"
+
+    def kernel_cmdline(self) -> str:
+        agent = "serial" if self.vsock_cid is None else f"vsock:{AGENT_VSOCK_PORT}"
+        args = [*BASE_KERNEL_ARGS, f"spinbox.vm={self.spec.vm_id}", f"spinbox.agent={agent}"]
+        return " ".join([*args, *self.spec.kernel_args])
+
+    def argv(self) -> list[str]:
+        spec = self.spec
+        paths = self.paths
+        machine = "q35,sata=off,smbus=off,usb=off,vmport=off,i8042=off,graphics=off"
+        cpu = "host" if self.accel == "kvm" else "max,la57=off"
+        argv = [
+            spec.qemu,
+            "-name", f"{_escape(spec.vm_id)},process=spinbox-vm-{spec.vm_id}",
+            "-machine", machine,
+            "-accel", self.accel,
+            "-cpu", cpu,
+            "-smp", str(spec.vcpus),
+            "-m", f"{spec.memory_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display", "none",
+            "-no-reboot",
+            "-kernel", str(spec.kernel),
+            "-initrd", str(spec.initrd),
+            "-append", self.kernel_cmdline(),
+            *_unix_server("qmp", paths.qmp),
+            "-mon", "chardev=qmp,mode=control",
+            *_unix_server("console", paths.console),
+            "-serial", "chardev:console",
+            "-device", "virtio-rng-pci,id=rng0",
+        ]  # fmt: skip
+        if self.start_paused:
+            argv.append("-S")
+        for index, disk in enumerate(spec.disks):
+            node = f"disk{index}"
+            blockdev = {
+                "driver": "raw",
+                "node-name": node,
+                "read-only": disk.read_only,
+                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only},
+            }
+            argv += [
+                "-blockdev", json.dumps(blockdev, separators=(",", ":")),
+                "-device", f"virtio-blk-pci,id=blk{index},drive={node},serial={disk.serial}",
+            ]  # fmt: skip
+        for index, nic in enumerate(spec.nics):
+            argv += [
+                "-netdev", f"tap,id=net{index},fd={nic.tap_fd}",
+                "-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}",
+            ]  # fmt: skip
+        if self.vsock_cid is not None:
+            argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={self.vsock_cid}"]
+        argv += ["-device", "virtio-serial-pci,id=vser0"]
+        ports = [(SERIAL_LOG, "log", paths.log)]
+        if self.vsock_cid is None:
+            ports = [(SERIAL_AGENT, "agent", paths.agent), (SERIAL_CONTROL, "control", paths.control), *ports]
+        for name, chardev, path in ports:
+            argv += [
+                *_unix_server(chardev, path),
+                "-device", f"virtserialport,bus=vser0.0,chardev={chardev},name={name}",
+            ]  # fmt: skip
+        return [*argv, *spec.extra_args]

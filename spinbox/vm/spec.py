@@ -1,0 +1,126 @@
+"""What a VM is made of: frozen values, validated once at the edge."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from spinbox.vm.errors import VmError
+
+Accel = Literal["auto", "kvm", "tcg"]
+
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+DEFAULT_IMAGE = Path("/var/lib/spinbox/guest/initrd.img")
+
+_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
+# sun_path is 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A host file attached as a virtio-blk device, found in the guest by serial."""
+
+    path: Path
+    serial: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A virtio-net device backed by an open TAP file descriptor."""
+
+    tap_fd: int
+    mac: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    vm_id: str
+    kernel: Path
+    initrd: Path
+    runtime_dir: Path
+    vcpus: int = 1
+    memory_mib: int = 256
+    kernel_args: tuple[str, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    accel: Accel = "auto"
+    qemu: str = "qemu-system-x86_64"
+    extra_args: tuple[str, ...] = field(default=())
+
+    def validate(self) -> None:
+        """Raise VmError naming the first thing wrong with this spec."""
+        if not _VM_ID.match(self.vm_id):
+            raise VmError(
+                f"VM id {self.vm_id!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        if not 1 <= self.vcpus <= 255:
+            raise VmError(f"vcpus must be between 1 and 255, not {self.vcpus}")
+        if not 64 <= self.memory_mib <= 1024 * 1024:
+            raise VmError(f"memory_mib must be at least 64 MiB, not {self.memory_mib}")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise VmError(f"accel must be 'auto', 'kvm' or 'tcg', not {self.accel!r}")
+        check_kernel(self.kernel)
+        check_initrd(self.initrd)
+        longest = self.runtime_dir / "console.sock"
+        if len(str(longest).encode()) > _SUN_PATH_MAX:
+            raise VmError(
+                f"runtime directory {self.runtime_dir} is too long for unix socket paths "
+                f"(at most {_SUN_PATH_MAX - len('/console.sock')} bytes)"
+            )
+        serials: set[str] = set()
+        for disk in self.disks:
+            if not _SERIAL.match(disk.serial):
+                raise VmError(
+                    f"disk serial {disk.serial!r} is not valid: use 1 to 20 letters, digits, '_', '.' or '-'"
+                )
+            if disk.serial in serials:
+                raise VmError(f"disk serial {disk.serial!r} is used twice")
+            serials.add(disk.serial)
+            if not disk.path.exists():
+                raise VmError(f"disk image {disk.path} does not exist")
+        for nic in self.nics:
+            if not _MAC.match(nic.mac):
+                raise VmError(
+                    f"NIC MAC address {nic.mac!r} is not of the form aa:bb:cc:dd:ee:ff (lower case)"
+                )
+            if nic.tap_fd < 0:
+                raise VmError(f"NIC {nic.mac} has no TAP file descriptor")
+        for arg in self.kernel_args:
+            if not arg or any(c.isspace() for c in arg):
+                raise VmError(f"kernel argument {arg!r} is empty or contains white space")
+
+
+def check_kernel(path: Path) -> None:
+    if not path.is_file():
+        raise VmError(
+            f"guest kernel {path} does not exist: install Debian's cloud kernel "
+            f"(apt install {KERNEL_PACKAGE}) or point the VM at another kernel"
+        )
+
+
+def check_initrd(path: Path) -> None:
+    if not path.is_file():
+        raise VmError(f"guest image {path} does not exist: build it with `spinbox-mkguest --output {path}`")
+
+
+def default_kernel(boot: Path = Path("/boot")) -> Path:
+    """The newest installed Debian cloud kernel (linux-image-cloud-amd64)."""
+    candidates = sorted(boot.glob("vmlinuz-*-cloud-amd64"), key=lambda p: _version_key(p.name))
+    if not candidates:
+        raise VmError(
+            f"no Debian cloud kernel in {boot} (vmlinuz-*-cloud-amd64): "
+            f"install it with `apt install {KERNEL_PACKAGE}`"
+        )
+    return candidates[-1]
+
+
+def _version_key(name: str) -> list[tuple[int, str]]:
+    """Sort key that orders 6.1.0-10 after 6.1.0-9."""
+    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"[.\-+~]", name)]

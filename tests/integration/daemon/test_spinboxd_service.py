@@ -1,0 +1,160 @@
+"""spinbox.service in a real systemd: readiness, the documented API, authorization, bad input."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import (
+    BUS,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    PYTHON,
+    TOP,
+    busctl,
+    call_json,
+    get_property,
+    installed,
+    leftovers,
+)
+
+NOBODY = 65534
+NOBODY_MAY_CALL = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="nobody"><allow send_destination="org.spinstack.Spinbox"/></policy>
+</busconfig>
+"""
+
+
+@pytest.fixture(scope="module")
+def spinbox(systemd: PrivateSystemd) -> Iterator[PrivateSystemd]:
+    with installed(systemd):
+        systemd.systemctl("start", "spinbox.service")
+        yield systemd
+
+
+def _shape(root: ET.Element, name: str) -> dict[str, object]:
+    (iface,) = [e for e in root.iter("interface") if e.get("name") == name]
+    return {
+        "methods": sorted(
+            (m.get("name"), tuple((a.get("direction") or "in", a.get("type")) for a in m.iter("arg")))
+            for m in iface.iter("method")
+        ),
+        "signals": sorted(
+            (s.get("name"), tuple(a.get("type") for a in s.iter("arg"))) for s in iface.iter("signal")
+        ),
+        "properties": sorted((p.get("name"), p.get("type"), p.get("access")) for p in iface.iter("property")),
+    }
+
+
+def test_unit_is_active_only_once_it_serves(spinbox: PrivateSystemd) -> None:
+    # Type=notify: `systemctl start` returned, so READY=1 came; by then the name is owned.
+    assert spinbox.unit_property("spinbox.service", "ActiveState") == "active"
+    assert spinbox.unit_property("spinbox.service", "Type") == "notify"
+    owner = busctl(spinbox, "status", BUS).stdout
+    assert "spinbox.service" in owner
+    assert spinbox.unit_property("spinbox.service", "StatusText") == "0 VMs running"
+    assert spinbox.unit_property("spinbox.service", "WatchdogUSec") == "30s"
+    journal = spinbox.journal("-u", "spinbox.service", "-o", "cat")
+    assert journal.rindex("serving org.spinstack.Spinbox") < journal.rindex("Started spinbox.service")
+
+
+def test_introspection_is_the_documented_xml(spinbox: PrivateSystemd) -> None:
+    served = ET.fromstring(busctl(spinbox, "introspect", "--xml-interface", BUS, MANAGER_PATH).stdout)
+    documented = ET.parse(TOP / "dbus" / f"{MANAGER_IFACE}.xml").getroot()
+    assert _shape(served, MANAGER_IFACE) == _shape(documented, MANAGER_IFACE)
+    table = busctl(spinbox, "introspect", BUS, MANAGER_PATH).stdout
+    for member in (
+        "CreateVM",
+        "GetVM",
+        "ListVMs",
+        "PrepareNetworkNamespace",
+        "VMAdded",
+        "VMRemoved",
+        "Defaults",
+    ):
+        assert f".{member} " in table
+
+
+def test_properties_are_readable_by_anyone(spinbox: PrivateSystemd) -> None:
+    result = busctl(spinbox, "get-property", BUS, MANAGER_PATH, MANAGER_IFACE, "Accelerator", user=NOBODY)
+    assert result.stdout.strip() in ('s "tcg"', 's "kvm"')
+    assert call_json(spinbox, MANAGER_PATH, MANAGER_IFACE, "ListVMs") == [[]]
+    assert get_property(spinbox, MANAGER_PATH, MANAGER_IFACE, "Version")
+
+
+def test_non_root_may_not_create(spinbox: PrivateSystemd) -> None:
+    result = busctl(
+        spinbox,
+        "call",
+        BUS,
+        MANAGER_PATH,
+        MANAGER_IFACE,
+        "CreateVM",
+        "sa{sv}",
+        "denied",
+        "0",
+        user=NOBODY,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Access denied" in result.stderr
+    assert leftovers(spinbox) == {"scopes": [], "qemu": [], "files": [], "netns": []}
+
+
+def test_spinboxd_itself_denies_non_root_without_polkit_grant(spinbox: PrivateSystemd) -> None:
+    # Let nobody past the bus policy, so the call reaches spinboxd's own check
+    # (root, else polkit's org.spinstack.spinbox.manage, which nobody lacks).
+    policy = "/etc/dbus-1/system.d/spinbox-test-nobody.conf"
+    spinbox.write_file(policy, NOBODY_MAY_CALL)
+    reload = ("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "ReloadConfig")
+    busctl(spinbox, *reload)
+    script = (
+        "import asyncio, sys\n"
+        "from dbus_fast import BusType, Message\n"
+        "from dbus_fast.aio.message_bus import MessageBus\n"
+        "async def main():\n"
+        "    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()\n"
+        "    reply = await bus.call(Message(destination='org.spinstack.Spinbox',\n"
+        "        path='/org/spinstack/Spinbox', interface='org.spinstack.Spinbox.Manager',\n"
+        "        member='CreateVM', signature='sa{sv}',\n"
+        "        body=['denied', {}]))\n"
+        "    print(reply.error_name, reply.body)\n"
+        "asyncio.run(main())\n"
+    )
+    try:
+        result = spinbox.run(
+            "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(PYTHON), "-c", script
+        )
+    finally:
+        spinbox.path(policy).unlink()
+        busctl(spinbox, *reload)
+    assert result.stdout.startswith("org.freedesktop.DBus.Error.AccessDenied")
+    assert "CreateVM is denied" in result.stdout
+    assert leftovers(spinbox) == {"scopes": [], "qemu": [], "files": [], "netns": []}
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["sa{sv}", "bad", "1", "vcpus", "s", "two"], "option 'vcpus'"),
+        (["sa{sv}", "bad", "1", "memory-mib", "t", "1"], "option 'memory-mib'"),
+        (["sa{sv}", "bad", "1", "netns", "s", "/nonexistent"], "option 'netns'"),
+        (["sa{sv}", "bad", "1", "colour", "s", "blue"], "option 'colour'"),
+        (["sa{sv}", "../bad", "0"], "VM id"),
+    ],
+)
+def test_malformed_options_get_invalid_argument(spinbox: PrivateSystemd, args: list[str], named: str) -> None:
+    result = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", *args, check=False)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert leftovers(spinbox) == {"scopes": [], "qemu": [], "files": [], "netns": []}
+
+
+def test_unknown_vm_is_not_found(spinbox: PrivateSystemd) -> None:
+    result = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "ghost", check=False)
+    assert "there is no VM 'ghost'" in result.stderr

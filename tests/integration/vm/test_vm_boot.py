@@ -1,0 +1,178 @@
+"""Booting QEMU VMs under TCG and driving them: console, QMP, re-adoption, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guest.mkguest.image import BUSYBOX, ImageConfig, build
+from spinbox.vm import VirtualMachine, VmError, VmSpec, default_kernel, launch
+
+# PID 1 of the test image: says hello on the console, then powers off or idles,
+# as the kernel command line's `spinboxtest=` (init's environment) says.
+TEST_INIT = """
+import os
+import time
+
+
+def main() -> None:
+    print("spinbox-test-init: hello from PID", os.getpid(), flush=True)
+    if os.environ.get("spinboxtest") == "poweroff":
+        os.execv("/bin/busybox", ["poweroff", "-f"])
+    while True:
+        time.sleep(3600)
+"""
+
+BOOT_TIMEOUT = 180.0  # generous: TCG on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def test_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("testinit")
+    (root / "spinboxtestinit").mkdir()
+    (root / "spinboxtestinit" / "__init__.py").write_text("")
+    (root / "spinboxtestinit" / "main.py").write_text(TEST_INIT)
+    output = root / "initrd.img"
+    config = ImageConfig(
+        kernel_version=default_kernel().name.removeprefix("vmlinuz-"),
+        entry="spinboxtestinit.main:main",
+        packages=("spinboxtestinit",),
+        roots=(root,),
+        tools=(BUSYBOX,),
+    )
+    build(config, output)
+    return output
+
+
+def make_spec(image: Path, runtime_dir: Path, **changes: Any) -> VmSpec:
+    spec = VmSpec(vm_id="t1", kernel=default_kernel(), initrd=image, runtime_dir=runtime_dir, accel="tcg")
+    return VmSpec(**{**spec.__dict__, **changes})
+
+
+def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(coro())
+
+
+def assert_gone(pid: int, runtime_dir: Path) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    leftovers = list(runtime_dir.iterdir()) if runtime_dir.exists() else []
+    assert leftovers == []
+
+
+async def read_until(reader: asyncio.StreamReader, marker: bytes) -> bytes:
+    seen = b""
+    while marker not in seen:
+        chunk = await asyncio.wait_for(reader.read(4096), BOOT_TIMEOUT)
+        assert chunk, f"console closed before {marker!r}; it said: {seen.decode(errors='replace')}"
+        seen += chunk
+    return seen
+
+
+def test_console_qmp_and_shutdown(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        vm = await launch(make_spec(test_image, runtime_dir), start=False)
+        try:
+            assert vm.accel == "tcg"
+            assert await vm.status() == "prelaunch"
+            reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
+            await vm.resume()
+            console = await read_until(reader, b"spinbox-test-init: hello from PID 1")
+            assert b"SeaBIOS" in console
+            assert await vm.status() == "running"
+
+            events = vm.events()
+            await vm.pause()
+            assert await vm.status() == "paused"
+            assert (await asyncio.wait_for(anext(events), 30))["event"] == "STOP"
+            await vm.resume()
+            assert await vm.status() == "running"
+            assert (await asyncio.wait_for(anext(events), 30))["event"] == "RESUME"
+            assert set(vm.timeline) >= {"exec", "qmp-up"}
+            status = await vm.shutdown(30)
+            assert status == 0  # QMP quit
+            await asyncio.wait_for(reader.read(), 30)  # to EOF: QEMU closed the console
+            writer.close()
+        finally:
+            await vm.kill()
+        assert_gone(vm.pid, runtime_dir)
+
+    run(scenario)
+
+
+def test_guest_poweroff_ends_the_vm(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        vm = await launch(make_spec(test_image, runtime_dir, kernel_args=("spinboxtest=poweroff",)))
+        try:
+            events = vm.events()
+            assert await asyncio.wait_for(vm.wait_exit(), BOOT_TIMEOUT) == 0
+            assert (await asyncio.wait_for(anext(events), 5))["event"] == "SHUTDOWN"
+            with pytest.raises(VmError, match="is not running"):
+                await vm.status()
+        finally:
+            await vm.kill()
+        assert_gone(vm.pid, runtime_dir)
+
+    run(scenario)
+
+
+def test_attach_re_adopts_a_running_vm(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        first = await launch(make_spec(test_image, runtime_dir), start=False)
+        try:
+            await first.detach()  # as spinboxd does when it exits for a restart
+            vm = await VirtualMachine.attach(runtime_dir)
+            assert vm.pid == first.pid
+            assert vm.control_address == first.control_address
+            assert await vm.status() == "prelaunch"
+            assert vm.timeline["qmp-up"] > 0
+            assert await vm.kill() is None  # not our child: its parent (this test's loop) reaped it
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(VmError, match="no VM state"):
+            await VirtualMachine.attach(runtime_dir)
+
+    run(scenario)
+
+
+def test_missing_kernel_or_image_is_a_sentence(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        missing_kernel = make_spec(test_image, runtime_dir, kernel=tmp_path / "vmlinuz-none")
+        with pytest.raises(
+            VmError, match=r"guest kernel .*vmlinuz-none does not exist: install Debian's cloud"
+        ):
+            await launch(missing_kernel)
+        missing_image = make_spec(tmp_path / "initrd.img", runtime_dir)
+        with pytest.raises(VmError, match=r"build it with `spinbox-mkguest --output .*initrd.img`"):
+            await launch(missing_image)
+        assert not runtime_dir.exists()
+
+    run(scenario)
+
+
+def test_qemu_refusing_to_start_is_reported(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        spec = make_spec(test_image, runtime_dir, extra_args=("-device", "no-such-device"))
+        with pytest.raises(VmError, match=r"failed to start .*no-such-device"):
+            await launch(spec)
+        assert not runtime_dir.exists()
+
+    run(scenario)

@@ -1,0 +1,91 @@
+"""The pure parts of vminitd's boot and channels: command line, mounts, sysfs lookups, logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from guest.vminitd import boot, channels
+from guest.vminitd.reaper import exit_code
+from guest.vminitd.rootfs import find_device
+from guest.vminitd.timeline import Timeline
+from spinbox.ttrpc import TtrpcError
+
+
+def test_kernel_cmdline(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 quiet spinbox.vm=abc spinbox.agent=vsock:1024 a=b=c\n")
+    args = boot.kernel_cmdline(cmdline)
+    assert args["spinbox.vm"] == "abc"
+    assert args["spinbox.agent"] == "vsock:1024"
+    assert args["quiet"] == ""
+    assert args["a"] == "b=c"
+    assert boot.kernel_cmdline(tmp_path / "missing") == {}
+
+
+def test_root_is_initramfs(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text("1 1 0:2 / / rw - rootfs rootfs rw\n22 1 0:5 / /proc rw - proc proc rw\n")
+    assert boot.root_is_initramfs(info)
+    info.write_text("25 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n")
+    assert not boot.root_is_initramfs(info)
+
+
+def test_module_list_missing_is_fine(tmp_path: Path) -> None:
+    assert boot.load_modules(tmp_path / "none") == 0
+
+
+def test_find_port(tmp_path: Path) -> None:
+    for name, port in (("vport1p1", "spinbox.log"), ("vport1p2", "spinbox.agent")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "name").write_text(port + "\n")
+    assert channels.find_port("spinbox.agent", tmp_path, Path("/dev")) == Path("/dev/vport1p2")
+    assert channels.find_port("spinbox.control", tmp_path, Path("/dev")) is None
+
+
+def test_find_device(tmp_path: Path) -> None:
+    for name, serial in (("vda", "layer0"), ("vdb", "upper")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "serial").write_text(serial)
+    (tmp_path / "loop0").mkdir()
+    assert find_device("upper", tmp_path, Path("/dev")) == Path("/dev/vdb")
+    with pytest.raises(TtrpcError, match="serial 'nope'"):
+        find_device("nope", tmp_path, Path("/dev"))
+
+
+def test_exit_codes() -> None:
+    assert exit_code(3 << 8) == 3
+    assert exit_code(15) == 143  # killed by SIGTERM
+    assert exit_code(9) == 137
+
+
+def test_log_priorities() -> None:
+    assert channels.priority(logging.ERROR) == 3
+    assert channels.priority(logging.WARNING) == 4
+    assert channels.priority(logging.INFO) == 6
+    assert channels.priority(logging.DEBUG) == 7
+    assert channels.priority(logging.CRITICAL + 10) == 2
+
+
+def test_log_handler_buffers_without_blocking() -> None:
+    handler = channels.PortLogHandler(capacity=3)
+    logger = logging.getLogger("test-vminitd-buffer")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for i in range(5):
+            logger.warning("line %d\nsecond", i)
+    finally:
+        logger.removeHandler(handler)
+    assert list(handler.lines) == [b"<4>line 2\n second\n", b"<4>line 3\n second\n", b"<4>line 4\n second\n"]
+    assert handler.dropped == 2
+
+
+def test_timeline_keeps_the_first_stamp() -> None:
+    t = Timeline()
+    t.stamp("entry")
+    first = t.stamps["entry"]
+    t.stamp("entry")
+    assert t.stamps["entry"] == first > 0

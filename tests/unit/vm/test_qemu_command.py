@@ -1,0 +1,133 @@
+"""The QEMU command line spinbox builds for a VM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> VmSpec:
+    kernel = tmp_path / "vmlinuz"
+    initrd = tmp_path / "initrd.img"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    return VmSpec(vm_id="vm1", kernel=kernel, initrd=initrd, runtime_dir=tmp_path / "run")
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
+
+
+def test_basic_machine(spec: VmSpec) -> None:
+    argv = QemuCommand(spec, accel="tcg").argv()
+    assert argv[0] == "qemu-system-x86_64"
+    assert option_values(argv, "-machine")[0].startswith("q35,")
+    assert option_values(argv, "-accel") == ["tcg"]
+    assert option_values(argv, "-m") == ["256M"]
+    assert option_values(argv, "-smp") == ["1"]
+    assert option_values(argv, "-kernel") == [str(spec.kernel)]
+    assert option_values(argv, "-initrd") == [str(spec.initrd)]
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot", "-S"):
+        assert flag in argv
+    assert "virtio-rng-pci,id=rng0" in option_values(argv, "-device")
+    assert option_values(argv, "-serial") == ["chardev:console"]
+    assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
+
+
+def test_kvm_uses_the_host_cpu(spec: VmSpec) -> None:
+    argv = QemuCommand(spec, accel="kvm").argv()
+    assert option_values(argv, "-accel") == ["kvm"]
+    assert option_values(argv, "-cpu") == ["host"]
+
+
+def test_kernel_command_line(spec: VmSpec) -> None:
+    spec = VmSpec(**{**spec.__dict__, "kernel_args": ("loglevel=7",)})
+    cmdline = QemuCommand(spec, accel="tcg").kernel_cmdline().split()
+    assert "console=ttyS0" in cmdline
+    assert "spinbox.vm=vm1" in cmdline
+    assert "spinbox.agent=serial" in cmdline
+    assert cmdline[-1] == "loglevel=7"  # the caller's arguments come last and win
+
+
+def test_serial_ports_without_vsock(spec: VmSpec) -> None:
+    command = QemuCommand(spec, accel="tcg")
+    argv = command.argv()
+    devices = option_values(argv, "-device")
+    chardevs = option_values(argv, "-chardev")
+    for name, chardev in (("spinbox.agent", "agent"), ("spinbox.control", "control"), ("spinbox.log", "log")):
+        assert f"virtserialport,bus=vser0.0,chardev={chardev},name={name}" in devices
+        path = spec.runtime_dir / f"{chardev}.sock"
+        assert f"socket,id={chardev},path={path},server=on,wait=off" in chardevs
+    assert not any(d.startswith("vhost-vsock") for d in devices)
+    assert command.agent_address == f"unix:{spec.runtime_dir}/agent.sock"
+    assert command.control_address == f"unix:{spec.runtime_dir}/control.sock"
+
+
+def test_vsock_replaces_agent_ports(spec: VmSpec) -> None:
+    command = QemuCommand(spec, accel="tcg", vsock_cid=42, keep_fds=(9,))
+    argv = command.argv()
+    devices = option_values(argv, "-device")
+    assert "vhost-vsock-pci,id=vsock0,guest-cid=42" in devices
+    assert not any("name=spinbox.agent" in d or "name=spinbox.control" in d for d in devices)
+    assert any("name=spinbox.log" in d for d in devices)  # logs stay on virtio-serial
+    assert command.agent_address == command.control_address == "vsock:42:1024"
+    assert "spinbox.agent=vsock:1024" in command.kernel_cmdline().split()
+    assert command.pass_fds == (9,)
+
+
+def test_disks_and_nics(spec: VmSpec, tmp_path: Path) -> None:
+    layer = tmp_path / "layer,1.erofs"
+    layer.write_bytes(b"")
+    upper = tmp_path / "upper.ext4"
+    upper.write_bytes(b"")
+    spec = VmSpec(
+        **{
+            **spec.__dict__,
+            "disks": (Disk(layer, "layer1", read_only=True), Disk(upper, "upper", read_only=False)),
+            "nics": (Nic(tap_fd=17, mac="52:54:00:12:34:56"),),
+        }
+    )
+    spec.validate()
+    command = QemuCommand(spec, accel="tcg")
+    argv = command.argv()
+    blockdevs = [json.loads(b) for b in option_values(argv, "-blockdev")]
+    assert [b["file"]["filename"] for b in blockdevs] == [str(layer), str(upper)]
+    assert [b["read-only"] for b in blockdevs] == [True, False]
+    devices = option_values(argv, "-device")
+    assert "virtio-blk-pci,id=blk0,drive=disk0,serial=layer1" in devices
+    assert "virtio-blk-pci,id=blk1,drive=disk1,serial=upper" in devices
+    assert option_values(argv, "-netdev") == ["tap,id=net0,fd=17"]
+    assert "virtio-net-pci,id=nic0,netdev=net0,mac=52:54:00:12:34:56" in devices
+    assert command.pass_fds == (17,)
+
+
+def test_commas_in_paths_are_escaped(tmp_path: Path, spec: VmSpec) -> None:
+    spec = VmSpec(**{**spec.__dict__, "runtime_dir": tmp_path / "a,b"})
+    chardevs = option_values(QemuCommand(spec, accel="tcg").argv(), "-chardev")
+    assert f"socket,id=qmp,path={tmp_path}/a,,b/qmp.sock,server=on,wait=off" in chardevs
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vm_id": "bad id"}, "VM id 'bad id' is not valid"),
+        ({"vcpus": 0}, "vcpus must be between 1 and 255"),
+        ({"memory_mib": 8}, "memory_mib must be at least 64 MiB"),
+        ({"accel": "hvf"}, "accel must be"),
+        ({"kernel": Path("/nonexistent/vmlinuz")}, "apt install linux-image-cloud-amd64"),
+        ({"initrd": Path("/nonexistent/initrd.img")}, "spinbox-mkguest --output /nonexistent/initrd.img"),
+        ({"runtime_dir": Path("/run/" + "x" * 100)}, "too long for unix socket paths"),
+        ({"disks": (Disk(Path("/nonexistent.img"), "d1"),)}, "disk image /nonexistent.img does not exist"),
+        ({"disks": (Disk(Path("/dev/null"), "a serial that is far too long"),)}, "disk serial"),
+        ({"nics": (Nic(3, "52:54:00:AA:BB:CC"),)}, "is not of the form"),
+        ({"kernel_args": ("two words",)}, "contains white space"),
+    ],
+)
+def test_bad_specs_are_refused(spec: VmSpec, change: dict[str, object], message: str) -> None:
+    with pytest.raises(VmError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        VmSpec(**{**spec.__dict__, **change}).validate()  # type: ignore[arg-type]
