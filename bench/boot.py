@@ -101,8 +101,9 @@ async def boot_guest(image: Path, run_dir: Path, agent: bool) -> dict[str, float
                     raise RuntimeError("the guest stopped before its init was ready")
                 seen += chunk
             timeline = {**vm.timeline, "init-ready": time.monotonic() - vm.state.stamps["exec"]}
+        start = time.monotonic()
         await vm.shutdown(30)
-        return timeline
+        return {**timeline, "shutdown (after ready)": time.monotonic() - start}
     finally:
         writer.close()
         await vm.kill()
@@ -125,13 +126,20 @@ async def main_async(runs: int) -> None:
         print(f"image: {image.stat().st_size / 1e6:.1f} MB, built in {build_seconds:.2f} s")
         if not agent:
             print("note: no vminitd in this tree; a Python init printing a line stands in for the agent")
-        print(f"{'phase':<28}{'seconds':>10}")
         phases = sorted(
             {p for t in timelines for p in t}, key=lambda p: statistics.median(t[p] for t in timelines)
         )
-        for phase in phases:
-            values = [t[phase] for t in timelines if phase in t]
-            print(f"{phase:<28}{statistics.median(values):>10.3f}")
+        guest = [p for p in phases if p.startswith("guest-")]
+        host = [p for p in phases if p not in guest]
+        for title, group in (
+            ("host phase (s since QEMU's exec)", host),
+            ("guest phase (s since the guest kernel started)", guest),
+        ):
+            if group:
+                print(title)
+            for phase in group:
+                values = [t[phase] for t in timelines if phase in t]
+                print(f"  {phase:<26}{statistics.median(values):>10.3f}")
         floor = statistics.median(floors)
         guest_ready = statistics.median(t[ready] for t in timelines)
         print(f"{'floor (exec to poweroff)':<28}{floor:>10.3f}")

@@ -3,9 +3,9 @@
 Everything runs in a network namespace the bench creates (it re-executes itself
 under `unshare --net`), standing in for the host: spinbox's default CNI network
 (bridge spinbox0, 10.77.0.0/16) gives a QEMU guest a TAP redirected to its veth.
-The guest is the host's kernel with a busybox initramfs whose /init loads the
-virtio-net modules, configures eth0 from what setup_network returned and runs a
-`nc -l` sink per measurement. The same sink on the namespace's loopback is the
+The guest runs on spinbox's own QEMU command line (spinbox.vm) from an image
+built by spinbox-mkguest whose PID 1 configures eth0 from what setup_network
+returned and runs a busybox `nc -l` sink per measurement. The same sink on the namespace's loopback is the
 baseline, measured in the same run.
 
 Usage: bench/net [--mib N] [--runs N] [--accel tcg|kvm]
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -28,74 +27,56 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TOP))
 
+from guest.mkguest.image import BUSYBOX, ImageConfig, build  # noqa: E402
 from spinbox.net import NetConfig, setup_network, teardown_network  # noqa: E402
+from spinbox.vm import VirtualMachine, VmSpec, default_kernel, launch  # noqa: E402
 
 FIRST_PORT = 5001
 BOOT_TIMEOUT = 300.0  # TCG boots take seconds; this only bounds a hung guest
-GUEST_MODULES = ("virtio_pci", "virtio_net")
 
 
-def kernel_and_modules() -> tuple[Path, Path]:
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
-    if not kernels:
-        sys.exit("bench/net: no kernel in /boot (install linux-image-cloud-amd64)")
-    kernel = kernels[-1]
-    return kernel, Path("/lib/modules") / kernel.name.removeprefix("vmlinuz-")
+# PID 1 of the bench guest (an image built by spinbox-mkguest, with busybox):
+# loads the image's modules, configures eth0 as the kernel command line says,
+# starts one `nc -l` sink per run and says so on the console.
+BENCH_INIT = """
+import subprocess
 
 
-def module_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """The .ko files for `wanted` and their dependencies, dependencies first (modules.dep)."""
-    deps: dict[str, list[str]] = {}
-    for line in (modules_dir / "modules.dep").read_text().splitlines():
-        module, _, rest = line.partition(":")
-        deps[module] = rest.split()
-    by_name = {Path(m).name.split(".ko")[0].replace("-", "_"): m for m in deps}
-    order: list[str] = []
-
-    def visit(module: str) -> None:
-        for dep in reversed(deps[module]):
-            visit(dep)
-        if module not in order:
-            order.append(module)
-
-    for name in wanted:
-        if name in by_name:  # absent: built into the kernel
-            visit(by_name[name])
-    return [modules_dir / m for m in order]
+def sh(command):
+    subprocess.run(["/bin/busybox", "sh", "-c", command], check=False)
 
 
-def build_initramfs(work: Path, modules: list[Path], address: str, gateway: str, runs: int) -> Path:
-    root = work / "root"
-    for d in ("bin", "proc", "sys", "dev", "lib/modules"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", root / "bin/busybox")
-    loads = []
-    for module in modules:
-        shutil.copy(module, root / "lib/modules" / module.name)
-        loads.append(f"insmod /lib/modules/{module.name}")
-    sinks = [f"sleep 100000 | nc -l -p {FIRST_PORT + i} > /dev/null &" for i in range(runs)]
-    init = "\n".join(
-        [
-            "#!/bin/busybox sh",
-            "/bin/busybox --install -s /bin",
-            "mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev",
-            *loads,
-            "ip link set lo up",
-            "ip link set eth0 up",
-            f"ip addr add {address} dev eth0",
-            f"ip route add default via {gateway}",
-            *sinks,
-            "echo SPINBOX-BENCH-READY",
-            "sleep 100000",
-        ]
+def main():
+    sh("busybox mkdir -p /proc /sys /dev; busybox mount -t proc proc /proc")
+    sh("busybox mount -t sysfs sys /sys; busybox mount -t devtmpfs dev /dev")
+    for module in open("/etc/spinbox/modules").read().split():
+        sh("busybox insmod " + module)
+    words = [w for w in open("/proc/cmdline").read().split() if w.startswith("spinbox.bench=")]
+    address, gateway, ports = words[0].split("=", 1)[1].split(",", 2)
+    sh("busybox ip link set lo up; busybox ip link set eth0 up")
+    sh("busybox ip addr add %s dev eth0; busybox ip route add default via %s" % (address, gateway))
+    for port in ports.split(","):
+        sh("(busybox sleep 1000000 | busybox nc -l -p %s > /dev/null) &" % port)
+    print("SPINBOX-BENCH-READY", flush=True)
+    sh("busybox sleep 1000000")
+"""
+
+
+def build_image(work: Path) -> Path:
+    root = work / "init"
+    (root / "spinboxbenchinit").mkdir(parents=True)
+    (root / "spinboxbenchinit" / "__init__.py").write_text("")
+    (root / "spinboxbenchinit" / "main.py").write_text(BENCH_INIT)
+    output = work / "initrd.img"
+    config = ImageConfig(
+        kernel_version=default_kernel().name.removeprefix("vmlinuz-"),
+        entry="spinboxbenchinit.main:main",
+        packages=("spinboxbenchinit",),
+        roots=(root,),
+        tools=(BUSYBOX,),
     )
-    (root / "init").write_text(init + "\n")
-    (root / "init").chmod(0o755)
-    image = work / "initramfs.cpio"
-    files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
-    with open(image, "wb") as out:
-        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, stdout=out, check=True)
-    return image
+    build(config, output)
+    return output
 
 
 def connect(host: str, port: int) -> socket.socket:
@@ -139,48 +120,49 @@ def loopback_baseline(size: int, runs: int) -> list[float]:
     return results
 
 
+async def wait_console(vm: VirtualMachine, marker: bytes) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
+    seen = b""
+    try:
+        while marker not in seen:
+            chunk = await asyncio.wait_for(reader.read(4096), BOOT_TIMEOUT)
+            if not chunk:
+                sys.exit(f"bench/net: the guest did not come up; console:\n{seen.decode(errors='replace')}")
+            seen = seen[-4096:] + chunk
+    finally:
+        writer.close()
+
+
 async def guest_throughput(work: Path, size: int, runs: int, accel: str) -> tuple[list[float], float]:
     config = NetConfig(run_dir=work / "run")
+    image = build_image(work)
     network = await setup_network("bench-net", None, config)
     try:
-        [iface] = network.guest.interfaces
-        address = iface.addresses[0]
+        address = network.guest.interfaces[0].addresses[0]
         gateway = network.guest.routes[0].gateway
-        guest_ip = address.split("/")[0]
-        kernel, modules_dir = kernel_and_modules()
-        image = build_initramfs(work, module_order(modules_dir, GUEST_MODULES), address, gateway, runs)
-        nic = network.nics[0]
-        console = work / "console.log"
-        qemu = [
-            "qemu-system-x86_64",
-            "-accel", accel,
-            "-machine", "pc",
-            "-m", "256",
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-kernel", str(kernel),
-            "-initrd", str(image),
-            "-append", "console=ttyS0 quiet panic=-1",
-            "-serial", f"file:{console}",
-            "-netdev", f"tap,id=net0,fd={nic.tap_fd}",
-            "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac}",
-        ]  # fmt: skip
+        ports = ",".join(str(FIRST_PORT + i) for i in range(runs))
+        spec = VmSpec(
+            vm_id="bench-net",
+            kernel=default_kernel(),
+            initrd=image,
+            runtime_dir=work / "vm",
+            kernel_args=(f"spinbox.bench={address},{gateway},{ports}",),
+            nics=tuple(network.nics),
+            accel=accel,  # type: ignore[arg-type]
+        )
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(*qemu, pass_fds=[nic.tap_fd], stdin=subprocess.DEVNULL)
+        vm = await launch(spec)
         network.close()
         try:
-            deadline = started + BOOT_TIMEOUT
-            while "SPINBOX-BENCH-READY" not in (console.read_text() if console.exists() else ""):
-                if proc.returncode is not None or time.monotonic() > deadline:
-                    sys.exit(f"bench/net: the guest did not come up; console:\n{console.read_text()}")
-                await asyncio.sleep(0.2)
+            await wait_console(vm, b"SPINBOX-BENCH-READY")
             boot = time.monotonic() - started
+            guest_ip = address.split("/")[0]
             results = [
                 size / await asyncio.to_thread(send, guest_ip, FIRST_PORT + i, size) for i in range(runs)
             ]
             return results, boot
         finally:
-            proc.kill()
-            await proc.wait()
+            await vm.kill()
     finally:
         network.close()
         await teardown_network("bench-net", config)

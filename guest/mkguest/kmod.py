@@ -23,7 +23,7 @@ REQUIRED_MODULES = (
     "erofs",
     "overlay",
 )
-OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4")
+OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci")
 
 
 def _canonical(name: str) -> str:

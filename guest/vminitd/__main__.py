@@ -59,7 +59,7 @@ async def run_guest(
         tasks.append(asyncio.ensure_future(log_handler.run(log_port)))
     agent = cmdline.get("spinbox.agent", "serial")
     if agent.startswith("vsock:"):
-        await channels.serve_vsock(server, int(agent.removeprefix("vsock:")))
+        await server.serve_vsock(int(agent.removeprefix("vsock:")))
     else:
         for name in (channels.AGENT_PORT, channels.CONTROL_PORT):
             port = await _wait_port(name)

@@ -13,10 +13,12 @@ import contextlib
 import logging
 import os
 import select
-import socket
+import struct
 from pathlib import Path
 
+from guest.vminitd.stdio import read
 from spinbox.ttrpc import Server
+from spinbox.ttrpc.transport import wait_host_connected
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +52,111 @@ async def serve_port(server: Server, path: Path) -> None:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         try:
-            await _wait_for_host(fd)
-            log.debug("host connected to %s", path)
-            await _session(server, fd)
-            log.debug("host left %s", path)
+            await PortSessions(server, fd).run()
         except Exception:
-            log.exception("the session on %s failed; waiting for the next one", path)
+            log.exception("serving %s failed; starting over", path)
             await asyncio.sleep(_POLL_INTERVAL)
         finally:
             os.close(fd)
 
 
-async def _wait_for_host(fd: int) -> None:
-    while True:
-        if host_connected(fd):
-            return
-        await asyncio.sleep(_POLL_INTERVAL)
+_HEADER = struct.Struct(">IIBB")
+_REQUEST, _DATA = 1, 3
+_MAX_FRAME = 4 << 20
 
 
-async def _session(server: Server, fd: int) -> None:
-    """One agent session over the port's fd, until the host goes away (end of file)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=8 << 20)
-    protocol = asyncio.StreamReaderProtocol(reader)
-    rfile = os.fdopen(os.dup(fd), "rb", buffering=0)
-    wfile = os.fdopen(os.dup(fd), "wb", buffering=0)
-    rtransport, _ = await loop.connect_read_pipe(lambda: protocol, rfile)
-    wtransport, wprotocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
-    writer = asyncio.StreamWriter(wtransport, wprotocol, reader, loop)
-    try:
-        await server.serve_connection(reader, writer)
-    finally:
-        rtransport.close()
-        wtransport.close()
+class PortSessions:
+    """Splits a virtio-serial port's one byte stream into ttrpc sessions.
+
+    The port does not say when a host reconnects faster than the guest looks (the
+    close and the open both arrive before the reader runs), nor where garbage
+    ends. So the frames are checked here: a request whose stream id does not
+    increase starts a new session (a new client counts from 1 again), and a
+    header no client would send (bad type, odd size, even stream id) ends the
+    session and drops what has arrived. End of file means the host left.
+    """
+
+    def __init__(self, server: Server, fd: int) -> None:
+        self.server = server
+        self.fd = fd
+        self.buffer = bytearray()
+        self.session: _Session | None = None
+        self.last_request = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if self.session is None:
+                    await wait_host_connected(self.fd, _POLL_INTERVAL)
+                data = await read(self.fd)
+                if not data:  # the host went away
+                    await self._end("the host disconnected")
+                    self.buffer.clear()
+                    await wait_host_connected(self.fd, _POLL_INTERVAL)
+                    continue
+                self.buffer += data
+                await self._frames()
+        finally:
+            await self._end("the agent stopped")
+
+    async def _frames(self) -> None:
+        while len(self.buffer) >= _HEADER.size:
+            length, stream_id, kind, _ = _HEADER.unpack_from(self.buffer)
+            if kind not in (_REQUEST, _DATA) or length > _MAX_FRAME or stream_id % 2 == 0:
+                log.warning("garbage on the agent port (%d bytes); dropping it", len(self.buffer))
+                self.buffer.clear()
+                self._drain()
+                await self._end("garbage")
+                return
+            if len(self.buffer) < _HEADER.size + length:
+                return
+            if kind == _REQUEST:
+                if stream_id <= self.last_request:
+                    await self._end("a new client")
+                self.last_request = stream_id
+            if self.session is None:
+                self.session = _Session(self.server, self.fd)
+                await self.session.start()
+            frame = bytes(self.buffer[: _HEADER.size + length])
+            del self.buffer[: _HEADER.size + length]
+            self.session.reader.feed_data(frame)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.fd, 65536):
+                pass
+
+    async def _end(self, why: str) -> None:
+        session, self.session = self.session, None
+        self.last_request = 0
+        if session is not None:
+            log.debug("agent session ended: %s", why)
+            await session.stop()
 
 
-async def serve_vsock(server: Server, port: int) -> asyncio.AbstractServer:
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    sock.bind((socket.VMADDR_CID_ANY, port))
-    sock.listen(16)
-    sock.setblocking(False)
-    listener: asyncio.AbstractServer = await server.serve_socket(sock)
-    return listener
+class _Session:
+    """One ttrpc connection over the port: frames are fed in, replies go out on a dup of its fd."""
+
+    def __init__(self, server: Server, fd: int) -> None:
+        self.server = server
+        self.fd = fd
+        self.reader = asyncio.StreamReader(limit=_MAX_FRAME * 2)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        wfile = os.fdopen(os.dup(self.fd), "wb", buffering=0)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
+        writer = asyncio.StreamWriter(transport, protocol, self.reader, loop)
+        self.task = asyncio.ensure_future(self.server.serve_connection(self.reader, writer))
+
+    async def stop(self) -> None:
+        self.reader.feed_eof()
+        if self.task is not None:
+            try:
+                await self.task
+            except Exception:
+                log.exception("agent session failed")
 
 
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}

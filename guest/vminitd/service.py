@@ -152,7 +152,10 @@ class AgentService:
             network: Any = importlib.import_module("guest.vminitd.network")
         except ImportError:
             raise TtrpcError(Code.UNIMPLEMENTED, "this guest cannot configure networks") from None
-        await asyncio.get_running_loop().run_in_executor(None, network.apply, req)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, network.apply, req)
+        except network.NetworkConfigError as e:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"network configuration: {e}") from None
         return Empty()
 
     async def mount_rootfs(self, req: pb.MountRootfsRequest) -> pb.MountRootfsResponse:

@@ -9,6 +9,8 @@ from typing import Any
 
 from spinbox.ttrpc import Code, TtrpcError
 
+METRICS_MODULE = "spinbox.api.proto.containerd.cgroups.v2.metrics_pb2"
+
 
 def flat_keyed(text: str) -> dict[str, int]:
     """`key value` lines (memory.stat, cpu.stat, memory.events, pids.events)."""
@@ -57,6 +59,7 @@ class CgroupStats:
     cpu: dict[str, int] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
     memory_current: int | None = None
+    memory_peak: int | None = None
     memory_max: int | None = None
     swap_current: int | None = None
     swap_max: int | None = None
@@ -88,6 +91,7 @@ def read(cgroup: Path) -> CgroupStats:
         cpu=keyed("cpu.stat"),
         memory=keyed("memory.stat"),
         memory_current=one("memory.current"),
+        memory_peak=one("memory.peak"),
         memory_max=one("memory.max"),
         swap_current=one("memory.swap.current"),
         swap_max=one("memory.swap.max"),
@@ -104,9 +108,9 @@ def _fill(message: Any, values: dict[str, int]) -> None:
 
 
 def to_metrics(s: CgroupStats) -> bytes:
-    """Serialized io.containerd.cgroups.v2.Metrics (spinbox/api/proto/metrics.proto)."""
+    """Serialized io.containerd.cgroups.v2.Metrics."""
     try:
-        metrics_pb2: Any = importlib.import_module("spinbox.api.proto.metrics_pb2")
+        metrics_pb2: Any = importlib.import_module(METRICS_MODULE)
     except ImportError:
         raise TtrpcError(Code.UNIMPLEMENTED, "this guest has no cgroups v2 metrics message") from None
     m = metrics_pb2.Metrics()
@@ -116,6 +120,7 @@ def to_metrics(s: CgroupStats) -> bytes:
     _fill(m.cpu, s.cpu)
     _fill(m.memory, s.memory)
     m.memory.usage = s.memory_current or 0
+    m.memory.max_usage = s.memory_peak or 0
     m.memory.usage_limit = s.memory_max if s.memory_max is not None else 0xFFFFFFFFFFFFFFFF
     m.memory.swap_usage = s.swap_current or 0
     m.memory.swap_limit = s.swap_max if s.swap_max is not None else 0xFFFFFFFFFFFFFFFF

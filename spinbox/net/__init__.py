@@ -37,13 +37,13 @@ from __future__ import annotations
 from spinbox.net.config import DEFAULT_CONFLIST, NetConfig
 from spinbox.net.errors import NetworkError
 from spinbox.net.network import (
-    Nic,
     VmNetwork,
     collect_leftovers,
     prepare_netns,
     setup_network,
     teardown_network,
 )
+from spinbox.vm import Nic
 
 __all__ = [
     "DEFAULT_CONFLIST",

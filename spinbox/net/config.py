@@ -62,32 +62,36 @@ class NetConfig:
         """Build from spinbox.toml's [network] table; every key is optional.
 
         enabled = true | false | "off"; conflist = "<file or dir>";
-        plugin-path = "<dir>" | ["<dir>", ...]; subnet = "10.77.0.0/16"; run-dir = "<dir>".
+        plugin_path = "<dir>" | ["<dir>", ...]; subnet = "10.77.0.0/16" ("" for the conflist's);
+        run_dir = "<dir>". Keys may be written with "-" as well as "_" (plugin-path).
         """
-        known = {"enabled", "conflist", "plugin-path", "subnet", "run-dir"}
-        unknown = sorted(set(table) - known)
+        values = {key.replace("-", "_"): value for key, value in table.items()}
+        if len(values) != len(table):
+            raise NetworkError("[network] names a key twice (once with '-', once with '_')")
+        known = {"enabled", "conflist", "plugin_path", "subnet", "run_dir"}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise NetworkError(f"unknown key(s) in [network]: {', '.join(unknown)}")
         kwargs: dict[str, object] = {}
-        if "enabled" in table:
-            enabled = table["enabled"]
+        if "enabled" in values:
+            enabled = values["enabled"]
             if enabled == "off":
                 enabled = False
             if not isinstance(enabled, bool):
                 raise NetworkError(f'[network] enabled must be true, false or "off", not {enabled!r}')
             kwargs["enabled"] = enabled
-        if "conflist" in table:
-            kwargs["conflist"] = Path(_string(table, "conflist"))
-        if "plugin-path" in table:
-            value = table["plugin-path"]
+        if "conflist" in values:
+            kwargs["conflist"] = Path(_string(values, "conflist"))
+        if "plugin_path" in values:
+            value = values["plugin_path"]
             dirs = [value] if isinstance(value, str) else value
-            if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
-                raise NetworkError("[network] plugin-path must be a directory or a list of directories")
+            if not isinstance(dirs, list) or not all(isinstance(d, str) and d for d in dirs):
+                raise NetworkError("[network] plugin_path must be a directory or a list of directories")
             kwargs["plugin_path"] = tuple(Path(d) for d in dirs)
-        if "subnet" in table:
-            kwargs["subnet"] = _string(table, "subnet")
-        if "run-dir" in table:
-            kwargs["run_dir"] = Path(_string(table, "run-dir"))
+        if values.get("subnet") != "" and "subnet" in values:
+            kwargs["subnet"] = _string(values, "subnet")
+        if "run_dir" in values:
+            kwargs["run_dir"] = Path(_string(values, "run_dir"))
         return cls(**kwargs)  # type: ignore[arg-type]
 
 

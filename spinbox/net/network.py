@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -21,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from spinbox.api.proto import agent_pb2
 from spinbox.net import cni, conflist, netns, tap
 from spinbox.net.config import NetConfig
 from spinbox.net.errors import NetworkError
 from spinbox.net.state import CniState, NetState, StateStore, TapState, check_vm_id
+from spinbox.vm import Nic
 
 log = logging.getLogger("spinbox.net")
 
@@ -36,19 +40,12 @@ RESOLVED_UPSTREAM = Path("/run/systemd/resolve/resolv.conf")
 
 
 @dataclass(frozen=True)
-class Nic:
-    """A guest NIC: QEMU's `-netdev tap,fd=<tap_fd>` (the fd has IFF_VNET_HDR) with MAC `mac`."""
-
-    tap_fd: int
-    mac: str
-
-
-@dataclass(frozen=True)
 class VmNetwork:
     """What setup_network gives spinboxd.
 
-    nics: one per guest NIC, in order; the fds are the daemon's to pass to QEMU
-        and to close() afterwards (QEMU keeps its own copies).
+    nics: one spinbox.vm.Nic per guest NIC, in order; the fds (IFF_VNET_HDR,
+        close-on-exec) are the daemon's to pass to QEMU and to close() afterwards
+        (QEMU keeps its own copies).
     guest: the agent's ConfigureNetwork request.
     netns: the namespace the TAPs live in ("" with networking off).
     """
@@ -110,6 +107,7 @@ async def setup_network(vm_id: str, netns_path: str | None, config: NetConfig | 
     """
     config = config or NetConfig()
     check_vm_id(vm_id)
+    netns_path = netns_path or None
     if not config.enabled:
         return VmNetwork(vm_id=vm_id, nics=[], guest=agent_pb2.NetworkConfig())
     store = _store(config)
@@ -141,7 +139,11 @@ async def setup_network(vm_id: str, netns_path: str | None, config: NetConfig | 
             tap_name = f"{tap.TAP_PREFIX}{i}"
             state = state.evolve(taps=(*state.taps, TapState(link=link.name, tap=tap_name)))
             store.save(state)
-            fd = await netns.run_in_async(state.netns, functools.partial(tap.plumb, link, tap_name))
+            try:
+                fd = await netns.run_in_async(state.netns, functools.partial(tap.plumb, link, tap_name))
+            except Exception as e:
+                context = f"cannot create TAP {tap_name} for {link.name} in {state.netns}"
+                raise _as_network_error(e, context) from None
             nics.append(Nic(tap_fd=fd, mac=link.mac))
         guest = guest_config(links, cni.parse_result(result) if result else None)
     except BaseException as e:
@@ -166,7 +168,7 @@ async def _run_cni(store: StateStore, state: NetState, config: NetConfig) -> tup
     store.save(state)
     attachment = cni.Attachment(container_id=state.vm_id, netns=state.netns, ifname=cni_state.ifname)
     result = await cni.add(networks, attachment, config.plugin_path)
-    state = state.evolve(cni=CniState(**{**cni_state.__dict__, "result": result}))
+    state = state.evolve(cni=dataclasses.replace(cni_state, result=result))
     store.save(state)
     return state, result
 
@@ -271,7 +273,8 @@ async def _collect_leases(live: set[str], orphans: dict[str, Path], config: NetC
         return []
     collected = []
     for directory in conflist.lease_dirs(networks):
-        if not directory.is_dir():
+        # Only spinbox's own lease directory: a conflist may share one with other runtimes.
+        if not directory.is_relative_to(config.lease_dir) or not directory.is_dir():
             continue
         for lease in sorted(directory.iterdir()):
             owner = _lease_owner(lease)
@@ -380,6 +383,10 @@ def _check_netns(path: str) -> None:
 def _as_network_error(e: BaseException, context: str) -> BaseException:
     if isinstance(e, NetworkError):
         return e
+    if isinstance(e, NetlinkError):
+        return NetworkError(f"{context}: {os.strerror(e.code)}")
+    if isinstance(e, OSError) and e.strerror:
+        return NetworkError(f"{context}: {e.strerror}")
     if isinstance(e, Exception):
         return NetworkError(f"{context}: {e}")
     return e

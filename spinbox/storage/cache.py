@@ -17,8 +17,9 @@ its lock file, so the second one finds the first one's image.
 An entry is referenced by every prepared rootfs using it (a file under
 refs/, alive while that rootfs's work directory exists) and, when `retain` is
 set, by its source layers for as long as they exist unchanged: the next VM of
-the same image then starts without converting anything. collect() removes
-every entry with no reference left, and whatever a crash left in tmp/.
+the same image then starts without converting anything. collect(), which
+every release also runs, removes each entry with no reference left and
+whatever a crash left in tmp/; spinboxd runs it at start as well.
 """
 
 from __future__ import annotations
@@ -177,14 +178,14 @@ class LayerCache:
         return image
 
     def release(self, keys: Sequence[str], holder: Holder) -> None:
-        """Drop the holder's references, then remove the entries nothing references any more."""
+        """Drop the holder's references, then remove every entry nothing references any more
+        (also those whose layers containerd removed since the last collection)."""
         for key in keys:
             with self.locked(key):
                 remove_file(self.refs / key / holder.name)
                 with contextlib.suppress(OSError):
                     (self.refs / key).rmdir()
-        for key in keys:
-            self._collect_key(key)
+        self.collect_sync()
 
     def referenced(self, key: str) -> bool:
         """Whether a live rootfs or (with retain) a still-existing source references the entry."""

@@ -3,9 +3,10 @@
 Read-only layers become EROFS images, attached read-only over virtio-blk:
 a layer directory (overlayfs snapshotter) is converted once and cached in
 the LayerCache; a layer that already is an EROFS blob (erofs snapshotter) is
-attached as it is. The writable layer is an ext4 image in the rootfs's work
-directory, seeded from the snapshot's upper directory and written back into
-it by writeback().
+attached as it is. The writable layer is a sparse ext4 image in the rootfs's work
+directory (so that directory belongs on a disk, not on a tmpfs), seeded from
+the snapshot's upper directory and written back into it by writeback().
+Layers missing from the cache are converted side by side, in threads.
 
 Device budget. QEMU's microvm machine has 8 virtio-mmio slots, shared with
 the console, agent channels, entropy and network devices, so a rootfs gets at
@@ -30,8 +31,10 @@ layers gets an empty lower, so the guest always has at least one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -51,6 +54,7 @@ UPPER_SERIAL = "sb-up"
 UPPER_IMAGE = "upper.ext4"
 STATE_FILE = "rootfs.json"
 DEFAULT_MAX_LOWER_DEVICES = 4
+MAX_PARALLEL_BUILDS = 4
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 T = TypeVar("T")
@@ -222,15 +226,14 @@ def _prepare(
     holder = Holder.for_work_dir(directory)
     keys: list[str] = []
     try:
-        lowers: list[Path] = []
-        for layer in source.lowers[:separate]:
-            lowers.append(_layer_image(layer, cache, holder, keys))
+        jobs = [_layer_job(layer, cache, holder, keys) for layer in source.lowers[:separate]]
         if flattened:
-            lowers.append(_flattened_image(source.lowers[separate:], cache, holder, keys))
-        if not lowers:
+            jobs.append(_flattened_job(source.lowers[separate:], cache, holder, keys))
+        if not jobs:
             key = chain_key([])
             keys.append(key)
-            lowers.append(cache.acquire(key, [], holder, erofs.build_empty_image))
+            jobs.append(lambda: cache.acquire(key, [], holder, erofs.build_empty_image))
+        lowers = _run_jobs(jobs)
         images = [BlockImage(path, lower_serial(i), True) for i, path in enumerate(lowers)]
         request = agent_pb2.MountRootfsRequest(
             container_id=container_id,
@@ -255,19 +258,29 @@ def _prepare(
         raise
 
 
-def _layer_image(layer: Layer, cache: LayerCache, holder: Holder, keys: list[str]) -> Path:
+def _run_jobs(jobs: Sequence[Callable[[], Path]]) -> list[Path]:
+    """Run image builds side by side (mkfs.erofs uses one core); on failure, after all have ended."""
+    workers = max(1, min(len(jobs), os.cpu_count() or 1, MAX_PARALLEL_BUILDS))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="spinbox-erofs") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [future.result() for future in futures]
+
+
+def _layer_job(layer: Layer, cache: LayerCache, holder: Holder, keys: list[str]) -> Callable[[], Path]:
     if layer.kind is LayerKind.EROFS:
-        return layer.path
+        return lambda: layer.path
     identity = SourceIdentity.of(layer)
     key = layer_key(identity)
     keys.append(key)  # before acquiring: a failure halfway through is released with the rest
-    return cache.acquire(key, [identity], holder, lambda temp: erofs.build_image(temp, layer.path))
+    return lambda: cache.acquire(key, [identity], holder, lambda temp: erofs.build_image(temp, layer.path))
 
 
-def _flattened_image(layers: Sequence[Layer], cache: LayerCache, holder: Holder, keys: list[str]) -> Path:
+def _flattened_job(
+    layers: Sequence[Layer], cache: LayerCache, holder: Holder, keys: list[str]
+) -> Callable[[], Path]:
     identities = [SourceIdentity.of(layer) for layer in layers]
     key = chain_key([layer_key(identity) for identity in identities])
     keys.append(key)
-    return cache.acquire(
+    return lambda: cache.acquire(
         key, identities, holder, lambda temp: erofs.build_flattened_image(temp, layers, cache.tmp)
     )

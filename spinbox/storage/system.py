@@ -35,10 +35,12 @@ def run(argv: Sequence[str], what: str, space_on: Path | None = None, cwd: Path 
     raise StorageError(f"{what} failed: {argv[0]}: {detail}")
 
 
-def os_error(exc: OSError, what: str) -> StorageError:
-    """A StorageError for an OSError met while doing `what`, naming a full disk plainly."""
+def os_error(exc: OSError, what: str, full: Path | None = None) -> StorageError:
+    """A StorageError for an OSError met while doing `what`, naming a full disk plainly
+    (as the one holding `full` when given: the file named by the error may be the source)."""
     where = exc.filename or "?"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = str(full) if full is not None else where
         return StorageError(f"{what} failed: no space left on the file system holding {where}")
     return StorageError(f"{what} failed: {exc.strerror or exc} ({where})")
 

@@ -129,7 +129,7 @@ def write_back(image: Path, snapshot_upper: Path, scratch: Path) -> None:
                 raise StorageError(f"the writable layer {image} has no {UPPER_DIR}/ directory")
             _Mirror().sync_dir(upper, snapshot_upper)
     except OSError as exc:
-        raise os_error(exc, f"writing the writable layer back into {snapshot_upper}") from exc
+        raise os_error(exc, f"writing the writable layer back into {snapshot_upper}", snapshot_upper) from exc
     finally:
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
@@ -181,6 +181,15 @@ class _Mirror:
 
     @staticmethod
     def _replace(dest: Path, create: Callable[[Path], None]) -> None:
+        """Create `dest` anew; an existing one is replaced only once the new one is complete."""
+        if not os.path.lexists(dest):
+            try:
+                create(dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(dest)
+                raise
+            return
         temp = dest.with_name(f".spinbox-wb.{uuid.uuid4().hex[:8]}")
         try:
             create(temp)

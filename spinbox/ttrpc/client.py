@@ -114,11 +114,15 @@ class Client:
         """A unary call; raises TtrpcError for a failed status."""
         stream_id, call = self._start(service, method, request.SerializeToString(), 0, timeout, metadata)
         try:
-            async with asyncio.timeout(timeout) as scope:
+            if timeout is None:
                 await self._out.drain()
                 response = await call.response
+            else:
+                async with asyncio.timeout(timeout) as scope:
+                    await self._out.drain()
+                    response = await call.response
         except TimeoutError:
-            if not scope.expired():
+            if timeout is None or not scope.expired():
                 raise
             raise _deadline(service, method, timeout) from None
         except (ConnectionError, OSError) as e:
@@ -163,6 +167,8 @@ class Client:
                 yield _decode(response_type, payload)
         finally:
             self._calls.pop(stream_id, None)
+            # Releases the connection's reader if it waits for room in the inbox.
+            inbox.end(TtrpcError(Code.CANCELLED, "stream abandoned"))
 
     async def client_stream(
         self,
@@ -213,7 +219,7 @@ class Client:
         """Register a call and write its request frame. Runs without
         suspending, so stream ids reach the wire in increasing order."""
         if self._closed is not None:
-            raise self._closed
+            raise TtrpcError(self._closed.code, self._closed.message)
         request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
         if timeout is not None:
             request.timeout_nano = max(1, int(timeout * 1e9))
@@ -236,7 +242,9 @@ class Client:
         return stream_id, call
 
     def _lost(self, error: Exception) -> TtrpcError:
-        return self._closed or TtrpcError(Code.UNAVAILABLE, f"ttrpc connection lost: {error}")
+        if self._closed is not None:
+            return TtrpcError(self._closed.code, self._closed.message)
+        return TtrpcError(Code.UNAVAILABLE, f"ttrpc connection lost: {error}")
 
     def _shut(self, error: TtrpcError) -> None:
         if self._closed is not None:

@@ -11,12 +11,13 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
+from google.protobuf import symbol_database
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from spinbox.api.proto import rpc_status_pb2, ttrpc_pb2
+from spinbox.api.proto import ttrpc_pb2
 from spinbox.ttrpc import transport
 from spinbox.ttrpc.frame import MAX_MESSAGE, Flags, FrameReader, FrameType, OversizedFrame, ProtocolError
 from spinbox.ttrpc.status import Code, TtrpcError
@@ -30,7 +31,19 @@ UnaryHandler = Callable[[Req, "CallContext"], Awaitable[Message]]
 ServerStreamHandler = Callable[[Req, "CallContext"], AsyncIterator[Message]]
 ClientStreamHandler = Callable[[AsyncIterator[Req], "CallContext"], Awaitable[Message]]
 
-_OK_STATUS = rpc_status_pb2.Status(code=Code.OK)
+
+def ok_response(body: bytes) -> bytes:
+    """ttrpc.Response{status: {code: OK}, payload: body}, encoded by hand:
+    it is built for every successful call."""
+    if not body:
+        return b"\x0a\x00"
+    size = len(body)
+    varint = bytearray()
+    while size > 0x7F:
+        varint.append(size & 0x7F | 0x80)
+        size >>= 7
+    varint.append(size)
+    return b"\x0a\x00\x12" + bytes(varint) + body
 
 
 @dataclass
@@ -86,7 +99,8 @@ class Server:
         self.stream_full_timeout = stream_full_timeout
         self._methods: dict[tuple[str, str], _Method] = {}
         self._connections: set[_ServerConnection] = set()
-        self._listeners: list[tuple[asyncio.Server, Path | None]] = []
+        # Each listener with the unix socket path to remove when it closes.
+        self._listeners: list[tuple[asyncio.Server, str | None]] = []
         self._closing = False
 
     def _add(self, service: str, method: str, entry: _Method) -> None:
@@ -109,6 +123,32 @@ class Server:
         self, service: str, method: str, request_type: type[Req], handler: ClientStreamHandler[Req]
     ) -> None:
         self._add(service, method, _Method(_Kind.CLIENT_STREAM, request_type, handler))
+
+    def add_service(
+        self, service: ServiceDescriptor, implementation: object, name: str | None = None
+    ) -> None:
+        """Register every method of a protobuf service that implementation
+        has an attribute for (same name as the rpc; the kind of handler
+        follows the rpc's streaming). `name` serves it under another service
+        name with the same messages (containerd.task.v3.Task for v2's)."""
+        registry = symbol_database.Default()
+        service_name = name or service.full_name
+        for method in service.methods:
+            handler = getattr(implementation, method.name, None)
+            if handler is None:
+                continue
+            request_type = registry.GetSymbol(method.input_type.full_name)
+            if method.client_streaming and method.server_streaming:
+                raise ValueError(
+                    f"{service.full_name}/{method.name}: bidirectional streams are not supported"
+                )
+            if method.client_streaming:
+                kind = _Kind.CLIENT_STREAM
+            elif method.server_streaming:
+                kind = _Kind.SERVER_STREAM
+            else:
+                kind = _Kind.UNARY
+            self._add(service_name, method.name, _Method(kind, request_type, handler))
 
     def lookup(self, service: str, method: str) -> _Method:
         entry = self._methods.get((service, method))
@@ -134,7 +174,7 @@ class Server:
     async def serve_unix(self, path: str | os.PathLike[str]) -> asyncio.Server:
         """Listen on a unix socket at path (a stale socket there is replaced)."""
         server = await asyncio.start_unix_server(self.serve_connection, path=os.fspath(path))
-        self._listeners.append((server, Path(path)))
+        self._listeners.append((server, os.fspath(path)))
         return server
 
     async def serve_socket(self, sock: socket.socket) -> asyncio.Server:
@@ -176,8 +216,10 @@ class Server:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         try:
             while not self._closing:
-                await transport.wait_host_connected(fd, poll_interval)
-                await self.serve_fd(fd)
+                if transport.host_connected(fd):
+                    await self.serve_fd(fd)
+                else:
+                    await asyncio.sleep(poll_interval)
         finally:
             os.close(fd)
 
@@ -196,7 +238,7 @@ class Server:
             await server.wait_closed()
             if path is not None:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    os.unlink(path)
 
 
 class _ServerConnection:
@@ -331,8 +373,11 @@ class _ServerConnection:
             return
         if not flags & Flags.NO_DATA:
             try:
-                async with asyncio.timeout(self._server.stream_full_timeout):
-                    await inbox.put(payload)
+                if inbox.full:
+                    async with asyncio.timeout(self._server.stream_full_timeout):
+                        await inbox.put(payload)
+                else:
+                    inbox.put_nowait(payload)
             except TimeoutError:
                 self._fail_stream(
                     stream_id,
@@ -353,30 +398,34 @@ class _ServerConnection:
     ) -> None:
         out = self._out
         try:
-            try:
-                async with asyncio.timeout_at(ctx.deadline) as scope:
-                    response = await self._invoke(stream_id, method, ctx, payload, inbox)
-            except TimeoutError:
-                if not scope.expired():
-                    raise
-                raise TtrpcError(
-                    Code.DEADLINE_EXCEEDED, f"{ctx.service}/{ctx.method}: deadline exceeded"
-                ) from None
+            if ctx.deadline is None:
+                response = await self._invoke(stream_id, method, ctx, payload, inbox)
+            else:
+                try:
+                    async with asyncio.timeout_at(ctx.deadline) as scope:
+                        response = await self._invoke(stream_id, method, ctx, payload, inbox)
+                except TimeoutError:
+                    if not scope.expired():
+                        raise
+                    raise TtrpcError(
+                        Code.DEADLINE_EXCEEDED, f"{ctx.service}/{ctx.method}: deadline exceeded"
+                    ) from None
             if method.kind is _Kind.SERVER_STREAM:
                 await out.send(stream_id, FrameType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA)
                 return
             assert response is not None
             body = response.SerializeToString()
             out.check_size(body, "response")
-            await out.send(
-                stream_id,
-                FrameType.RESPONSE,
-                0,
-                ttrpc_pb2.Response(status=_OK_STATUS, payload=body).SerializeToString(),
-            )
+            await out.send(stream_id, FrameType.RESPONSE, 0, ok_response(body))
             return
         except TtrpcError as e:
             error = e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the connection is going away
+            # The handler let a cancellation of its own escape: still answer.
+            error = TtrpcError(Code.CANCELLED, f"{ctx.service}/{ctx.method} was cancelled")
         except (ConnectionError, OSError) as e:
             if self._writer.is_closing():
                 return

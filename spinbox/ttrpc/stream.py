@@ -66,6 +66,10 @@ class Inbox:
     def ended(self) -> bool:
         return self._ended
 
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self._limit
+
     async def put(self, payload: bytes) -> None:
         """Add a payload, waiting while the inbox is full."""
         while len(self._items) >= self._limit and not self._ended:

@@ -12,14 +12,17 @@ from typing import Any
 
 
 class _WriteProtocol(asyncio.streams.FlowControlMixin, asyncio.Protocol):
-    """Flow control for a StreamWriter over a write-only pipe transport."""
+    """Flow control for a StreamWriter over a write-only pipe transport;
+    closing the writer closes the read side too, as with a socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_transport: asyncio.BaseTransport) -> None:
         super().__init__()
+        self._read_transport = read_transport
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._read_transport.close()
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -40,31 +43,33 @@ async def open_fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.Stream
     read_file = os.fdopen(os.dup(fd), "rb", buffering=0)
     write_file = os.fdopen(os.dup(fd), "wb", buffering=0)
     try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), read_file)
+        read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), read_file
+        )
     except BaseException:
         read_file.close()
         write_file.close()
         raise
     try:
-        transport, protocol = await loop.connect_write_pipe(_WriteProtocol, write_file)
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: _WriteProtocol(read_transport), write_file
+        )
     except BaseException:
+        read_transport.close()
         write_file.close()
         raise
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-async def wait_host_connected(fd: int, poll_interval: float) -> None:
-    """Wait until a virtio-serial port has a host on its other end.
+def host_connected(fd: int) -> bool:
+    """Whether a virtio-serial port has a host on its other end.
 
     While no host is connected the port polls as hung up (and reads return
-    end-of-file) and nothing signals a connect, so this polls.
+    end-of-file), and nothing signals a connect: callers poll this.
     """
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLOUT)
-    while True:
-        events = 0
-        for _, mask in poller.poll(0):
-            events |= mask
-        if events and not events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-            return
-        await asyncio.sleep(poll_interval)
+    events = 0
+    for _, mask in poller.poll(0):
+        events |= mask
+    return bool(events) and not events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)

@@ -7,8 +7,6 @@ vsock. Failures arrive as `spinbox.ttrpc.TtrpcError` with the agent's sentence.
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -50,17 +48,6 @@ class AgentAddress:
         return f"vsock:{self.cid}:{self.port}"
 
 
-async def _connect_vsock(cid: int, port: int) -> Client:
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
-    except BaseException:
-        sock.close()
-        raise
-    return await Client.connect_socket(sock)
-
-
 class AgentClient:
     """A connection to one guest agent. Use `await AgentClient.connect(address)`."""
 
@@ -74,7 +61,7 @@ class AgentClient:
         if parsed.kind == "unix":
             client = await Client.connect_unix(parsed.path)
         else:
-            client = await _connect_vsock(parsed.cid, parsed.port)
+            client = await Client.connect_vsock(parsed.cid, parsed.port)
         return cls(client, str(parsed))
 
     async def close(self) -> None:

@@ -1,32 +1,73 @@
-"""spinboxd's two requests to the guest agent over the control channel: Ping and Shutdown."""
+"""The VM's own requests to the guest agent over the control channel: Ping and Shutdown.
+
+The channel is a virtio-serial port whose host end takes one connection at a
+time, and spinboxd makes its own requests on it too; so each request here is a
+session of its own, closed as soon as it is answered. The guest tells one host
+connection from the next only once it has seen the previous one end: a session
+opened right after another may be taken for its continuation and refused
+("stream ids must increase"), and is retried shortly after.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-from typing import Any
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from spinbox.ttrpc import Code, TtrpcError
+from spinbox.vm.agent import AgentClient
+
+T = TypeVar("T")
+
+ATTEMPTS = 5
+RETRY_DELAY = 0.2
 
 
-def _agent_client() -> Any:
-    # spinbox.vm.agent (the typed client) is imported lazily: the VM layer works
-    # without the ttrpc stack until a caller asks the agent for something.
-    return importlib.import_module("spinbox.vm.agent").AgentClient
+def connection_lost(error: BaseException) -> bool:
+    return isinstance(error, (OSError, EOFError)) or (
+        isinstance(error, TtrpcError) and error.code == Code.UNAVAILABLE
+    )
+
+
+def _taken_for_previous_session(error: BaseException) -> bool:
+    return (
+        isinstance(error, TtrpcError)
+        and error.code == Code.INVALID_ARGUMENT
+        and "stream ids" in error.message
+    )
+
+
+async def session(address: str, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+    """Run call on a fresh connection to the agent, retrying sessions the guest took for an old one."""
+    for attempt in range(ATTEMPTS):
+        agent = await AgentClient.connect(address)
+        try:
+            return await call(agent)
+        except TtrpcError as error:
+            if not _taken_for_previous_session(error) or attempt == ATTEMPTS - 1:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                await agent.close()
+        await asyncio.sleep(RETRY_DELAY)
+    raise AssertionError("unreachable")
 
 
 async def ping(address: str) -> dict[str, int]:
     """Ask the agent for Ping; return its boot timeline (CLOCK_BOOTTIME ns by phase)."""
-    client = await _agent_client().connect(address)
-    try:
-        response = await client.ping()
+
+    async def call(agent: AgentClient) -> dict[str, int]:
+        response = await agent.ping()
         return {str(name): int(ns) for name, ns in response.timeline.items()}
-    finally:
-        await client.close()
+
+    return await session(address, call)
 
 
-async def request_shutdown(address: str, timeout: float) -> None:  # noqa: ASYNC109
-    """Ask the agent to shut the guest down in order; the reply may not arrive (it powers off)."""
-    client = await asyncio.wait_for(_agent_client().connect(address), timeout)
+async def shutdown(address: str) -> None:
+    """Ask the agent to shut the guest down in order; a lost connection means it powered off."""
     try:
-        await asyncio.wait_for(client.shutdown(), timeout)
-    finally:
-        await client.close()
+        await session(address, lambda agent: agent.shutdown())
+    except Exception as error:
+        if not connection_lost(error):
+            raise

@@ -168,9 +168,9 @@ class VirtualMachine:
             raise VmError(f"VM {self.vm_id}'s agent did not answer within {timeout:g} s")
         try:
             guest = ping.result()
-        except (OSError, EOFError) as error:
+        except Exception as error:
             raise VmError(
-                f"VM {self.vm_id}'s agent is not reachable at {self.control_address}: {error}"
+                f"VM {self.vm_id}'s agent did not answer Ping at {self.control_address}: {error}"
             ) from None
         self.state.stamps["agent-ready"] = time.monotonic()
         self.state.guest = guest
@@ -184,11 +184,12 @@ class VirtualMachine:
         deadline = asyncio.get_running_loop().time() + timeout
         if "agent-ready" in self.state.stamps and await self._running():
             try:
-                await control.request_shutdown(self.control_address, timeout)
-            except Exception as error:  # the guest may power off before it replies
-                log.debug("VM %s: agent Shutdown: %s", self.vm_id, error)
-            if await self._exited_by(deadline):
-                return await self._exit
+                await asyncio.wait_for(control.shutdown(self.control_address), timeout)
+            except Exception as error:
+                log.warning("VM %s: the agent's Shutdown failed (%s); stopping QEMU", self.vm_id, error)
+            else:
+                if await self._exited_by(deadline):
+                    return await self._exit
         with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
             await asyncio.wait_for(self._qmp.execute("quit"), 5)
         if await self._exited_by(asyncio.get_running_loop().time() + 5):
@@ -293,6 +294,7 @@ async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True
     except BaseException:
         if lease:
             lease.release()
+        _remove_runtime_files(paths, None)
         raise
     finally:
         if lease:

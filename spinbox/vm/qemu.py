@@ -137,6 +137,9 @@ class QemuCommand:
             *_unix_server("console", paths.console),
             "-serial", "chardev:console",
             "-device", "virtio-rng-pci,id=rng0",
+            # A guest kernel panic becomes QMP's GUEST_PANICKED and QEMU's exit with status 1.
+            "-device", "pvpanic-pci,id=panic0",
+            "-action", "panic=exit-failure",
         ]  # fmt: skip
         if self.start_paused:
             argv.append("-S")

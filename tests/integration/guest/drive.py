@@ -51,3 +51,19 @@ async def read_until(chunks: AsyncIterator[bytes], marker: bytes, seen: bytearra
     while marker not in seen:
         seen += await anext(chunks)
     return bytes(seen)
+
+
+async def terminal_session(a: AgentClient, cid: str) -> None:
+    """A shell on a pty sees the window size set before it starts and a resize after."""
+    spec = oci.spec("sh", "-c", "stty size; read x; stty size; exit 5", terminal=True)
+    await a.create_container(cid, spec, pb.IoConfig(stdin=True, stdout=True, terminal=True))
+    await a.resize_pty(cid, width=100, height=30)
+    chunks = a.read_output(cid)
+    seen = bytearray()
+    await a.start(cid)
+    await read_until(chunks, b"30 100", seen)
+    await a.resize_pty(cid, width=120, height=40)
+    await a.write_input(cid, feed(b"go\n"), close_stdin=False)
+    await read_until(chunks, b"40 120", seen)
+    assert (await a.wait(cid)).exit_status == 5
+    await a.delete_process(cid)

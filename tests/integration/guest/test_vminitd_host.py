@@ -167,21 +167,7 @@ def json_process(*args: str, terminal: bool = False) -> bytes:
 def test_terminal_and_resize(agent: HostAgent) -> None:
     agent.rootfs("tty")
 
-    async def body(a: AgentClient) -> None:
-        spec = oci.spec("sh", "-c", "stty size; read x; stty size; exit 5", terminal=True)
-        await a.create_container("tty", spec, pb.IoConfig(stdin=True, stdout=True, terminal=True))
-        await a.resize_pty("tty", width=100, height=30)
-        chunks = a.read_output("tty")
-        seen = bytearray()
-        await a.start("tty")
-        await drive.read_until(chunks, b"30 100", seen)
-        await a.resize_pty("tty", width=120, height=40)
-        await a.write_input("tty", drive.feed(b"go\n"), close_stdin=False)
-        await drive.read_until(chunks, b"40 120", seen)
-        assert (await a.wait("tty")).exit_status == 5
-        await a.delete_process("tty")
-
-    call(agent, body)
+    call(agent, lambda a: drive.terminal_session(a, "tty"))
 
 
 def test_bad_requests_get_sentences(agent: HostAgent) -> None:

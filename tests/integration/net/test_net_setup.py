@@ -174,6 +174,8 @@ def make_container_netns(path: Path, name: str, subnet: str = "10.78.5") -> None
     subprocess.run([*inside, "addr", "add", f"{subnet}.2/24", "dev", "eth0"], check=True)
     subprocess.run([*inside, "link", "set", "eth0", "mtu", "1400", "up"], check=True)
     subprocess.run([*inside, "route", "add", "default", "via", f"{subnet}.1"], check=True)
+    subprocess.run([*inside, "addr", "add", "fd78:5::2/64", "dev", "eth0", "nodad"], check=True)
+    subprocess.run([*inside, "-6", "route", "add", "default", "via", "fd78:5::1"], check=True)
 
 
 def test_existing_interfaces_are_redirected(net_config: NetConfig, tmp_path: Path) -> None:
@@ -184,14 +186,12 @@ def test_existing_interfaces_are_redirected(net_config: NetConfig, tmp_path: Pat
         network = setup("vm-cri", str(ctr), net_config)
         try:
             [iface] = network.guest.interfaces
-            assert (iface.name, iface.mac, iface.mtu, list(iface.addresses)) == (
-                "eth0",
-                mac,
-                1400,
-                ["10.78.5.2/24"],
-            )
-            assert [(r.destination, r.gateway, r.device) for r in network.guest.routes] == [
-                ("0.0.0.0/0", "10.78.5.1", "eth0")
+            assert (iface.name, iface.mac, iface.mtu) == ("eth0", mac, 1400)
+            # IPv6 link-local addresses are left out: the guest makes its own from the same MAC.
+            assert sorted(iface.addresses) == ["10.78.5.2/24", "fd78:5::2/64"]
+            assert sorted((r.destination, r.gateway, r.device) for r in network.guest.routes) == [
+                ("0.0.0.0/0", "10.78.5.1", "eth0"),
+                ("::/0", "fd78:5::1", "eth0"),
             ]
             assert network.nics[0].mac == mac
             assert network.netns == str(ctr)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ UPPER_MIB = 64
 
 
 def base_layers(root: Path) -> list[Path]:
-    """Three layers, topmost first, using whiteouts, opaque dirs, hard links, symlinks, xattrs."""
+    """Three layers, topmost first, using whiteouts, opaque dirs, hard links, symlinks, xattrs
+    (trusted.*, which tmpfs also stores on Debian 12's kernel)."""
     bottom = make_tree(
         root / "l0",
         {
@@ -43,7 +45,7 @@ def base_layers(root: Path) -> list[Path]:
     os.link(bottom / "bin/busybox", bottom / "bin/ls")
     os.chown(bottom / "etc/passwd", 1000, 1001)
     os.chmod(bottom / "etc/passwd", 0o640)
-    os.setxattr(bottom / "usr/lib/a.so", "user.spinbox", b"label")
+    os.setxattr(bottom / "usr/lib/a.so", "trusted.spinbox", b"label")
     middle = make_tree(
         root / "l1",
         {
@@ -110,7 +112,7 @@ def test_layers_become_erofs_disks_that_stack_like_the_snapshot(tmp_path: Path, 
         assert "usr/share/doc/readme" not in seen and "var/cache/junk" not in seen
         assert seen["var/cache/fresh"][3] == b"fresh\n"
         assert seen["root/.history"][3] == b"ls\n"
-        assert seen["usr/lib/a.so"][4] == (("user.spinbox", b"label"),)
+        assert seen["usr/lib/a.so"][4] == (("trusted.spinbox", b"label"),)
     finally:
         release(prepared)
     assert not prepared.directory.exists()
@@ -187,7 +189,7 @@ def test_writeback_puts_the_guests_changes_into_the_snapshot_in_overlay_format(
             os.link(view / "var/log/messages", view / "var/log/messages.1")
             (view / "usr/share/link").symlink_to("../lib/a.so")
             os.chown(view / "etc/motd", 42, 43)
-            os.setxattr(view / "etc/motd", "user.note", b"kept")
+            os.setxattr(view / "etc/motd", "trusted.note", b"kept")
             os.mknod(view / "fifo", stat.S_IFIFO | 0o644)
             for entry in (view / "usr/lib").iterdir():  # rm -rf, then recreate: an opaque dir
                 entry.unlink()
@@ -203,7 +205,7 @@ def test_writeback_puts_the_guests_changes_into_the_snapshot_in_overlay_format(
         assert os.getxattr(upper / "usr/lib", OPAQUE) == b"y"
         assert (upper / "var/log/messages").stat().st_ino == (upper / "var/log/messages.1").stat().st_ino
         assert (upper / "etc/motd").stat().st_uid == 42
-        assert os.getxattr(upper / "etc/motd", "user.note") == b"kept"
+        assert os.getxattr(upper / "etc/motd", "trusted.note") == b"kept"
         assert not any(name.startswith("trusted.overlay.origin") for name in os.listxattr(upper / "etc/motd"))
         with guest_view(prepared, tmp_path / "guest", writable=False) as ext4_view:
             pass  # the ext4 image still mounts cleanly after writeback
@@ -441,3 +443,64 @@ def test_a_cancelled_prepare_gives_everything_back(tmp_path: Path) -> None:
     asyncio.run(cancel_midway())
     assert files_under(tmp_path / "vm") == []
     assert files_under(cache.root) == []
+
+
+def test_builders_in_separate_processes_share_one_image(tmp_path: Path, cache: LayerCache) -> None:
+    layers = base_layers(tmp_path / "snap")
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from spinbox.storage import LayerCache, MountSpec, prepare_rootfs\n"
+        "mount = MountSpec('overlay', 'overlay', '', ('lowerdir=' + sys.argv[2],))\n"
+        "cache = LayerCache(Path(sys.argv[1]))\n"
+        "p = asyncio.run(prepare_rootfs('c1', [mount], Path(sys.argv[3]), cache, 64))\n"
+        "print(' '.join(f'{i.path}:{i.path.stat().st_ino}' for i in p.images))\n"
+    )
+    lowerdir = ":".join(map(str, layers))
+    top = Path(__file__).resolve().parents[3]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(cache.root), lowerdir, str(tmp_path / f"vm{n}")],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=top,
+        )
+        for n in range(3)
+    ]
+    outputs = {proc.communicate()[0] for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(outputs) == 1  # the same images, same inodes: built once
+    assert len(list(cache.images.glob("*.erofs"))) == 3
+    for n in range(3):
+        release(PreparedRootfs.load(tmp_path / f"vm{n}", "c1", cache))
+
+
+def test_a_second_prepare_of_the_same_container_is_refused(tmp_path: Path, cache: LayerCache) -> None:
+    layers = base_layers(tmp_path / "snap")
+    prepared = prepare(cache, [overlay_mount(layers)], tmp_path / "vm")
+    try:
+        with pytest.raises(StorageError, match="a rootfs for c1 is already prepared"):
+            prepare(cache, [overlay_mount(layers)], tmp_path / "vm")
+        assert prepared.directory.is_dir()
+    finally:
+        release(prepared)
+
+
+def test_a_full_snapshot_disk_fails_writeback_with_its_name(tmp_path: Path, cache: LayerCache) -> None:
+    layers = base_layers(tmp_path / "snap")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        upper, work = empty_upper(small)
+        prepared = prepare(cache, [overlay_mount(layers, upper, work)], tmp_path / "vm")
+        try:
+            with guest_view(prepared, tmp_path / "guest") as view:
+                (view / "big").write_bytes(os.urandom(2 * 1024 * 1024))
+            with pytest.raises(StorageError, match=f"no space left on the file system holding {upper}"):
+                asyncio.run(prepared.writeback())
+            assert files_under(prepared.directory) == ["rootfs.json", "upper.ext4"]
+        finally:
+            release(prepared)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,11 @@ def main() -> None:
     print("spinbox-test-init: hello from PID", os.getpid(), flush=True)
     if os.environ.get("spinboxtest") == "poweroff":
         os.execv("/bin/busybox", ["poweroff", "-f"])
+    if os.environ.get("spinboxtest") == "panic":
+        modules = open("/etc/spinbox/modules").read().split()
+        for module in [m for m in modules if "pvpanic" in m]:
+            os.spawnv(os.P_WAIT, "/bin/busybox", ["insmod", module])
+        return
     while True:
         time.sleep(3600)
 """
@@ -89,6 +94,8 @@ def test_console_qmp_and_shutdown(test_image: Path, tmp_path: Path) -> None:
             console = await read_until(reader, b"spinbox-test-init: hello from PID 1")
             assert b"SeaBIOS" in console
             assert await vm.status() == "running"
+            with pytest.raises(VmError, match="agent did not answer within 1 s"):
+                await vm.wait_ready(1)  # this init has no agent
 
             events = vm.events()
             await vm.pause()
@@ -139,7 +146,7 @@ def test_attach_re_adopts_a_running_vm(test_image: Path, tmp_path: Path) -> None
             assert vm.control_address == first.control_address
             assert await vm.status() == "prelaunch"
             assert vm.timeline["qmp-up"] > 0
-            assert await vm.kill() is None  # not our child: its parent (this test's loop) reaped it
+            assert await vm.kill() in (None, -9)  # None when its parent (this loop) reaped it first
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(first.pid, signal.SIGKILL)
@@ -173,6 +180,64 @@ def test_qemu_refusing_to_start_is_reported(test_image: Path, tmp_path: Path) ->
         spec = make_spec(test_image, runtime_dir, extra_args=("-device", "no-such-device"))
         with pytest.raises(VmError, match=r"failed to start .*no-such-device"):
             await launch(spec)
+        assert not runtime_dir.exists()
+
+    run(scenario)
+
+
+def test_guest_image_boots_to_agent_ready(guest_image: Path, tmp_path: Path) -> None:
+    """The real image: vminitd answers Ping on both channels, and Shutdown powers the guest off."""
+    from spinbox.vm.agent import AgentClient
+
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        vm = await launch(make_spec(guest_image, runtime_dir))
+        try:
+            timeline = await vm.wait_ready(BOOT_TIMEOUT)
+            assert timeline["exec"] == 0
+            assert 0 < timeline["qmp-up"] < timeline["agent-ready"]
+            assert {"guest-entry", "guest-modules", "guest-agent-listening"} <= set(timeline)
+            agent = await AgentClient.connect(vm.agent_address)  # the shim's channel
+            try:
+                assert (await agent.ping()).timeline["agent-listening"] > 0
+            finally:
+                await agent.close()
+            assert await vm.shutdown(60) == 0  # the guest powered itself off
+        finally:
+            await vm.kill()
+        assert_gone(vm.pid, runtime_dir)
+
+    run(scenario)
+
+
+def test_guest_panic_is_reported(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def scenario() -> None:
+        # The test init loads pvpanic-pci, then exits: PID 1 exiting panics the kernel.
+        vm = await launch(make_spec(test_image, runtime_dir, kernel_args=("spinboxtest=panic",)))
+        try:
+            events = vm.events()
+            assert await asyncio.wait_for(vm.wait_exit(), BOOT_TIMEOUT) == 1
+            names = [event["event"] async for event in events]
+            assert "GUEST_PANICKED" in names
+        finally:
+            await vm.kill()
+        assert_gone(vm.pid, runtime_dir)
+
+    run(scenario)
+
+
+def test_a_failing_spawn_leaves_nothing(test_image: Path, tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "vm"
+
+    async def refuse(argv: list[str], pass_fds: Sequence[int]) -> int:
+        raise VmError(f"cannot start {argv[0]}")
+
+    async def scenario() -> None:
+        with pytest.raises(VmError, match="cannot start qemu-system-x86_64"):
+            await launch(make_spec(test_image, runtime_dir), spawn=refuse)
         assert not runtime_dir.exists()
 
     run(scenario)

@@ -103,6 +103,11 @@ def test_config_from_table() -> None:
         subnet="10.5.0.0/16",
     )
     assert NetConfig.from_table({}) == NetConfig()
+    assert NetConfig.from_table({"subnet": "", "plugin_path": "/a", "run_dir": "/r"}) == NetConfig(
+        plugin_path=(Path("/a"),), run_dir=Path("/r")
+    )
+    with pytest.raises(NetworkError, match="names a key twice"):
+        NetConfig.from_table({"run-dir": "/a", "run_dir": "/b"})
     with pytest.raises(NetworkError, match="unknown key\\(s\\) in \\[network\\]: bridge"):
         NetConfig.from_table({"bridge": "x"})
     with pytest.raises(NetworkError, match=re.escape("subnet '10.5.0.1/16' is not a valid network")):

@@ -29,6 +29,8 @@ class EchoService:
         server.add_unary(SERVICE, "Sleep", DoubleValue, self.sleep)
         server.add_unary(SERVICE, "Metadata", StringValue, self.metadata)
         server.add_unary(SERVICE, "Deadline", StringValue, self.deadline)
+        server.add_unary(SERVICE, "Grow", Int64Value, self.grow)
+        server.add_unary(SERVICE, "GiveUp", StringValue, self.give_up)
         server.add_server_stream(SERVICE, "Count", Int64Value, self.count)
         server.add_server_stream(SERVICE, "CountThenFail", Int64Value, self.count_then_fail)
         server.add_client_stream(SERVICE, "Sum", Int64Value, self.sum)
@@ -60,6 +62,15 @@ class EchoService:
             return StringValue(value="none")
         left = ctx.deadline - asyncio.get_running_loop().time()
         return StringValue(value="set" if left > 0 else "past")
+
+    async def grow(self, req: Int64Value, ctx: CallContext) -> StringValue:
+        return StringValue(value="g" * req.value)
+
+    async def give_up(self, req: StringValue, ctx: CallContext) -> StringValue:
+        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.cancel()
+        await waiting  # raises CancelledError out of the handler
+        return req
 
     async def count(self, req: Int64Value, ctx: CallContext) -> AsyncIterator[Int64Value]:
         for i in range(req.value):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from pathlib import Path
 
 import pytest
-from google.protobuf.wrappers_pb2 import DoubleValue, StringValue
+from google.protobuf.wrappers_pb2 import DoubleValue, Int64Value, StringValue
 
 from spinbox.ttrpc import Client, Code, Server, TtrpcError
+from spinbox.ttrpc.server import ok_response
 from tests.unit.ttrpc.echo_service import SERVICE, EchoService, run, serving
 
 
@@ -207,5 +211,106 @@ def test_client_close_is_orderly(tmp_path: Path) -> None:
             other = await Client.connect_unix(tmp_path / "ttrpc.sock")
             assert (await other.call(SERVICE, "Echo", StringValue(value="b"), StringValue)).value == "b"
             await other.close()
+
+    run(main)
+
+
+def test_oversized_response_is_resource_exhausted(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, client):
+            with pytest.raises(TtrpcError) as err:
+                await client.call(SERVICE, "Grow", Int64Value(value=5 << 20), StringValue)
+            assert err.value.code is Code.RESOURCE_EXHAUSTED
+            assert (
+                len((await client.call(SERVICE, "Grow", Int64Value(value=1 << 20), StringValue)).value)
+                == 1 << 20
+            )
+
+    run(main)
+
+
+def test_handler_escaping_cancellation_still_answers(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, client):
+            with pytest.raises(TtrpcError) as err:
+                await client.call(SERVICE, "GiveUp", StringValue(), StringValue)
+            assert err.value.code is Code.CANCELLED
+
+    run(main)
+
+
+def test_client_skips_an_oversized_response(tmp_path: Path) -> None:
+    """A peer answering with a frame over the cap fails that call only."""
+    header = struct.Struct(">IIBB")
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            length, stream_id, _, _ = header.unpack(await reader.readexactly(10))
+            await reader.readexactly(length)
+            if stream_id == 1:
+                writer.write(header.pack((4 << 20) + 1, 1, 2, 0) + b"\0" * ((4 << 20) + 1))
+            else:
+                answer = ok_response(StringValue(value="fine").SerializeToString())
+                writer.write(header.pack(len(answer), stream_id, 2, 0) + answer)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async def main() -> None:
+        listener = await asyncio.start_unix_server(peer, path=str(tmp_path / "peer.sock"))
+        client = await Client.connect_unix(tmp_path / "peer.sock")
+        first = asyncio.create_task(client.call(SERVICE, "Echo", StringValue(), StringValue))
+        second = asyncio.create_task(client.call(SERVICE, "Echo", StringValue(), StringValue))
+        with pytest.raises(TtrpcError) as err:
+            await first
+        assert err.value.code is Code.RESOURCE_EXHAUSTED
+        assert (await second).value == "fine"
+        await client.close()
+        listener.close()
+
+    run(main)
+
+
+def test_serve_an_inherited_listening_socket(tmp_path: Path) -> None:
+    """The shim's server gets its listener as a bare fd (fd 3)."""
+
+    async def main() -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / "inherited.sock"))
+        listener.listen()
+        fd = os.dup(listener.fileno())
+        listener.close()
+        server = Server()
+        EchoService().register(server)
+        await server.serve_socket(socket.socket(fileno=fd))
+        client = await Client.connect_unix(tmp_path / "inherited.sock")
+        assert (await client.call(SERVICE, "Echo", StringValue(value="fd"), StringValue)).value == "fd"
+        await client.close()
+        await server.close()
+
+    run(main)
+
+
+def test_calls_beyond_the_connection_limit_are_refused(tmp_path: Path) -> None:
+    service = EchoService()
+
+    async def main() -> None:
+        server = Server(max_calls=10)
+        service.register(server)
+        await server.serve_unix(tmp_path / "s.sock")
+        client = await Client.connect_unix(tmp_path / "s.sock")
+        sleepers = [
+            asyncio.create_task(client.call(SERVICE, "Sleep", DoubleValue(value=3600), DoubleValue))
+            for _ in range(10)
+        ]
+        await service.started.wait()
+        with pytest.raises(TtrpcError) as err:
+            await client.call(SERVICE, "Echo", StringValue(value="one too many"), StringValue)
+        assert err.value.code is Code.RESOURCE_EXHAUSTED
+        assert "more than 10 calls" in err.value.message
+        for task in sleepers:
+            task.cancel()
+        await client.close()
+        await server.close()
 
     run(main)

@@ -35,6 +35,8 @@ def test_basic_machine(spec: VmSpec) -> None:
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot", "-S"):
         assert flag in argv
     assert "virtio-rng-pci,id=rng0" in option_values(argv, "-device")
+    assert "pvpanic-pci,id=panic0" in option_values(argv, "-device")
+    assert option_values(argv, "-action") == ["panic=exit-failure"]
     assert option_values(argv, "-serial") == ["chardev:console"]
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
 
