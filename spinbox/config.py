@@ -24,10 +24,10 @@ errors that name the key, so a typo never silently means "default".
 
     [network]                 # read by spinbox.net (NetConfig.from_table)
     enabled = true            # false or "off": VMs get no NIC
-    conflist = "<spinbox/net/spinbox.conflist>"  # CNI network for VMs without a netns
-    plugin-path = ["/usr/lib/cni", "/opt/cni/bin"]
+    conflist = <spinbox's own> # CNI network for VMs without a netns
+    plugin_path = ["/usr/lib/cni", "/opt/cni/bin"]
     subnet = ""               # replaces the conflist's host-local subnet when set
-    run-dir = "/run/spinbox"
+    run_dir = "/run/spinbox"
 
     [daemon]
     log_level = "info"        # debug, info, warning, error
@@ -36,11 +36,13 @@ errors that name the key, so a typo never silently means "default".
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from spinbox.vm.errors import VmError
+from spinbox.vm.spec import default_kernel
 
 CONFIG_PATH = Path("/etc/spinbox/spinbox.toml")
 DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
@@ -67,10 +69,13 @@ class VmConfig:
     stop_timeout: float = 30.0
 
     def kernel_path(self, boot: Path = Path("/boot")) -> Path | None:
-        """The configured kernel, or the newest Debian cloud kernel under /boot."""
+        """The configured kernel, or the newest Debian cloud kernel under /boot (None: none)."""
         if self.kernel:
             return Path(self.kernel)
-        return newest_cloud_kernel(boot)
+        try:
+            return default_kernel(boot)
+        except VmError:
+            return None
 
     @property
     def initrd_path(self) -> Path:
@@ -107,16 +112,6 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageConfig,
     "daemon": DaemonConfig,
 }
-
-
-def _kernel_version_key(path: Path) -> tuple[tuple[int, int | str], ...]:
-    version = path.name.removeprefix("vmlinuz-")
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~]", version))
-
-
-def newest_cloud_kernel(boot: Path = Path("/boot")) -> Path | None:
-    kernels = sorted(boot.glob("vmlinuz-*-cloud-amd64"), key=_kernel_version_key)
-    return kernels[-1] if kernels else None
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:

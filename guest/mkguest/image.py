@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from guest.mkguest.check import can_check, check_imports
 from guest.mkguest.cpio import Entry, write_newc
 from guest.mkguest.errors import BuildError
 from guest.mkguest.kmod import KERNEL_PACKAGE, KernelModule, ModuleTree
@@ -55,6 +56,7 @@ class ImageConfig:
     python: Path = PYTHON
     tools: tuple[HostTool, ...] = (BUSYBOX, CRUN)
     modules_root: Path = Path("/lib/modules")
+    check: bool = True  # import the entry module inside the image before writing it (as root)
     compression: str = "none"  # fastest to boot under TCG (measured); gzip and zstd are smaller
     mtime: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
 
@@ -66,6 +68,7 @@ class BuildResult:
     kernel_modules: tuple[str, ...]
     python_modules: int
     seconds: float
+    checked: bool  # the entry module was imported inside the image (chroot)
 
 
 class _Tree:
@@ -179,15 +182,20 @@ def build(config: ImageConfig, output: Path) -> BuildResult:
     tree.add(Entry.file(MODULES_LIST, "".join(f"{p}\n" for p in loaded).encode()))
     tree.add(Entry.file("init", _init_script(Path("/usr/bin") / config.python.name, config.entry), 0o755))
 
+    entries = tree.sorted()
+    checked = config.check and can_check()
+    if checked:
+        check_imports(entries, f"/usr/bin/{config.python.name}", module)
     raw = io.BytesIO()
-    write_newc(raw, tree.sorted(), config.mtime)
+    write_newc(raw, entries, config.mtime)
     image = _compress(raw.getvalue(), config.compression)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_bytes(image)
     os.chmod(tmp, 0o644)
     tmp.replace(output)
-    return BuildResult(output, len(image), tuple(loaded), len(pyset.modules), time.monotonic() - start)
+    seconds = time.monotonic() - start
+    return BuildResult(output, len(image), tuple(loaded), len(pyset.modules), seconds, checked)
 
 
 def _kernel_modules(config: ImageConfig) -> list[KernelModule]:

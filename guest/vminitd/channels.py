@@ -18,7 +18,6 @@ from pathlib import Path
 
 from guest.vminitd.stdio import read
 from spinbox.ttrpc import Server
-from spinbox.ttrpc.transport import wait_host_connected
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +86,12 @@ class PortSessions:
         try:
             while True:
                 if self.session is None:
-                    await wait_host_connected(self.fd, _POLL_INTERVAL)
+                    await _wait_host(self.fd)
                 data = await read(self.fd)
                 if not data:  # the host went away
                     await self._end("the host disconnected")
                     self.buffer.clear()
-                    await wait_host_connected(self.fd, _POLL_INTERVAL)
+                    await _wait_host(self.fd)
                     continue
                 self.buffer += data
                 await self._frames()
@@ -224,3 +223,9 @@ class PortLogHandler(logging.Handler):
                     await asyncio.sleep(0.2)
         finally:
             os.close(fd)
+
+
+async def _wait_host(fd: int) -> None:
+    """Wait until the port has a host on its other end (nothing signals it: poll)."""
+    while not host_connected(fd):  # noqa: ASYNC110 (a port signals no connect)
+        await asyncio.sleep(_POLL_INTERVAL)

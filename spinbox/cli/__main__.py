@@ -15,7 +15,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.config import CONFIG_PATH, Config, ConfigError, load
-from spinbox.daemon.host import choose_accelerator, kvm_status
+from spinbox.vm.accel import KvmHost
 
 BUS_NAME = "org.spinstack.Spinbox"
 MANAGER_PATH = "/org/spinstack/Spinbox"
@@ -169,10 +169,15 @@ def _check_rows(config: Config, config_error: str | None) -> list[list[str]]:
         rows.append([name, "ok" if ok else ("warn" if warn else "FAIL"), detail])
 
     row("config", config_error is None, config_error or f"{CONFIG_PATH} (or defaults)")
-    usable, reason = kvm_status()
-    accel, why = choose_accelerator(config.vm.accel)
-    row("kvm", usable, reason, warn=True)
-    row("accelerator", accel == "kvm" or not usable, f"{accel}: {why}")
+    usable, reason = KvmHost().usable()
+    row("kvm", usable, reason or "/dev/kvm is usable", warn=True)
+    wanted = config.vm.accel
+    if wanted == "kvm" and not usable:
+        row("accelerator", False, 'vm.accel is "kvm" but KVM is not usable')
+    elif wanted == "tcg" or not usable:
+        row("accelerator", True, "tcg: VMs run under emulation (much slower than KVM)")
+    else:
+        row("accelerator", True, "kvm")
     qemu = shutil.which("qemu-system-x86_64")
     row("qemu", qemu is not None, qemu or "qemu-system-x86_64 not found (apt install qemu-system-x86)")
     kernel = config.vm.kernel_path()

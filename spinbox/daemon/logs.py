@@ -42,8 +42,13 @@ def journal_sink(vm_id: str, scope: str) -> Sink:
     return send
 
 
+# Terminal escapes (firmware and bootloaders draw with them) and other
+# control characters would make the journal store a line as a binary blob.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _clean(raw: bytes) -> str:
-    return raw.rstrip(b"\r\n").decode("utf-8", "replace").replace("\r", "")
+    return _ESCAPES.sub("", raw.decode("utf-8", "replace")).rstrip()
 
 
 def split_priority(raw: bytes, default: int = 6) -> tuple[int, bytes]:
@@ -57,25 +62,62 @@ def split_priority(raw: bytes, default: int = 6) -> tuple[int, bytes]:
 class LogForwarder:
     """Forwards QEMU's stderr FIFO, the serial console and vminitd's log port."""
 
-    def __init__(self, sink: Sink, fifo: Path, console: Path | None, log_port: Path | None) -> None:
+    def __init__(self, sink: Sink, fifo: Path) -> None:
         self.sink = sink
         self.fifo = fifo
-        self.console = console
-        self.log_port = log_port
         self._tasks: list[asyncio.Task[None]] = []
+        self._fifo_fd = -1
+        self._fifo_buffer = b""
 
-    def start(self) -> None:
+    def start_fifo(self) -> None:
+        """Forward QEMU's stderr (from before QEMU runs, so its start-up errors are kept).
+
+        The FIFO is opened read-write: it then never reports end-of-file while
+        QEMU is not (yet, or any more) holding it, and a read never blocks.
+        """
+        self._fifo_fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        asyncio.get_running_loop().add_reader(self._fifo_fd, self._read_fifo)
+
+    def _read_fifo(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._fifo_fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            lines = (self._fifo_buffer + chunk).split(b"\n")
+            self._fifo_buffer = lines.pop()
+            if len(self._fifo_buffer) > MAX_LINE:
+                lines.append(self._fifo_buffer)
+                self._fifo_buffer = b""
+            for raw in lines:
+                self._line("qemu", raw, False, QEMU_PRIORITY)
+
+    def _stop_fifo(self) -> None:
+        if self._fifo_fd < 0:
+            return
+        asyncio.get_running_loop().remove_reader(self._fifo_fd)
+        self._read_fifo()
+        if self._fifo_buffer:
+            self._line("qemu", self._fifo_buffer, False, QEMU_PRIORITY)
+            self._fifo_buffer = b""
+        os.close(self._fifo_fd)
+        self._fifo_fd = -1
+
+    def start_sockets(self, console: Path | None, log_port: Path | None) -> None:
+        """Forward the serial console and vminitd's log port (once QEMU listens on them)."""
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._forward_fifo()))
-        if self.console is not None:
-            self._tasks.append(loop.create_task(self._forward_socket(self.console, "spinbox-console", False)))
-        if self.log_port is not None:
-            self._tasks.append(loop.create_task(self._forward_socket(self.log_port, "vminitd", True)))
+        if console is not None:
+            self._tasks.append(loop.create_task(self._forward_socket(console, "spinbox-console", False)))
+        if log_port is not None:
+            self._tasks.append(loop.create_task(self._forward_socket(log_port, "vminitd", True)))
 
     async def stop(self, drain: float = 0.5) -> None:
         """Stop forwarding; give streams `drain` seconds to deliver what QEMU left."""
         if drain and self._tasks:
             await asyncio.wait(self._tasks, timeout=drain)
+        self._stop_fifo()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -119,14 +161,3 @@ class LogForwarder:
             await self._pump(reader, identifier, parse_priority, CONSOLE_PRIORITY)
         finally:
             writer.close()
-
-    async def _forward_fifo(self) -> None:
-        loop = asyncio.get_running_loop()
-        fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        reader = asyncio.StreamReader(limit=MAX_LINE)
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-        try:
-            await self._pump(reader, "qemu", False, QEMU_PRIORITY)
-        finally:
-            transport.close()

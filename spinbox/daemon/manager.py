@@ -21,7 +21,7 @@ from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.logs import LogForwarder, journal_sink
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.process import pid_alive
-from spinbox.daemon.spawn import ScopeSpawner, qemu_log_fifo
+from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 
@@ -186,6 +186,11 @@ class VmManager:
             undo.callback(network.close)
             mark("network")
 
+            forwarder = LogForwarder(journal_sink(vm_id, scope), qemu_log_fifo(runtime_dir))
+            make_fifo(qemu_log_fifo(runtime_dir))
+            forwarder.start_fifo()
+            undo.push_async_callback(forwarder.stop)
+
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
@@ -195,9 +200,7 @@ class VmManager:
             state.pid = machine.pid
             state.save(runtime_dir)
 
-            forwarder = self._forwarder(vm_id, runtime_dir, machine)
-            forwarder.start()
-            undo.push_async_callback(forwarder.stop)
+            forwarder.start_sockets(machine.console_socket, machine.log_socket)
 
             await machine.wait_ready(self.config.vm.boot_timeout)
             mark("agent-ready")
@@ -217,12 +220,10 @@ class VmManager:
         return vm
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
-        return LogForwarder(
-            journal_sink(vm_id, scope_name(vm_id)),
-            qemu_log_fifo(runtime_dir),
-            machine.console_socket,
-            machine.log_socket,
-        )
+        forwarder = LogForwarder(journal_sink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))
+        forwarder.start_fifo()
+        forwarder.start_sockets(machine.console_socket, machine.log_socket)
+        return forwarder
 
     def _adopt(self, vm: Vm) -> None:
         loop = asyncio.get_running_loop()
@@ -366,7 +367,6 @@ class VmManager:
                 await self._remove_leftover(state.id, state, directory)
                 continue
             forwarder = self._forwarder(state.id, directory, machine)
-            forwarder.start()
             rootfs = None
             if state.storage_dir:
                 rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)

@@ -25,11 +25,16 @@ from pathlib import Path
 from spinbox.daemon.process import wait_pid_exit
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 
-# $0 is a label for ps; $1 the go-ahead pipe's fd. `read` fails at EOF, i.e.
-# when spinboxd closes the pipe without a go-ahead.
-_WAIT_THEN_EXEC = 'fd=$1; shift; read -r go <&"$fd" || exit 97; eval "exec $fd<&-"; exec "$@"'
+# $0 is a label for ps; stdin is the go-ahead pipe (a shell redirects only
+# single-digit fds). `read` fails at EOF, i.e. when spinboxd closes the pipe
+# without a go-ahead. QEMU then gets /dev/null as stdin.
+_WAIT_THEN_EXEC = 'read -r go || exit 97; exec </dev/null; exec "$@"'
 
 QEMU_LOG_FIFO = "qemu.log"
+
+
+class SpawnError(RuntimeError):
+    pass
 
 
 class ScopedProcess:
@@ -49,6 +54,11 @@ class ScopedProcess:
 
 def qemu_log_fifo(runtime_dir: Path) -> Path:
     return runtime_dir / QEMU_LOG_FIFO
+
+
+def make_fifo(path: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(path, 0o600)
 
 
 class ScopeSpawner:
@@ -73,19 +83,18 @@ class ScopeSpawner:
 
     async def __call__(self, argv: list[str], pass_fds: Sequence[int] = ()) -> ScopedProcess:
         fifo = qemu_log_fifo(self.runtime_dir)
-        if not fifo.exists():
-            os.mkfifo(fifo, 0o600)
+        make_fifo(fifo)
         # O_RDWR: opening never blocks and the pipe never loses its last writer.
         log_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         read_go, write_go = os.pipe()
         try:
             # Popen returns as soon as the shell is forked; nothing here blocks.
             self.process = subprocess.Popen(  # noqa: ASYNC220
-                ["/bin/sh", "-c", _WAIT_THEN_EXEC, f"spinbox-vm-{self.vm_id}", str(read_go), *argv],
-                stdin=subprocess.DEVNULL,
+                ["/bin/sh", "-c", _WAIT_THEN_EXEC, f"spinbox-vm-{self.vm_id}", *argv],
+                stdin=read_go,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(*pass_fds, read_go),
+                pass_fds=tuple(pass_fds),
                 start_new_session=True,
             )
         finally:
@@ -95,7 +104,13 @@ class ScopeSpawner:
         try:
             await self.systemd.start_scope(self.scope, pid, self.description, self.limits)
             self.scope_started = True
-            os.write(write_go, b"go\n")
+            try:
+                os.write(write_go, b"go\n")
+            except BrokenPipeError:
+                status = self.process.wait()
+                raise SpawnError(
+                    f"the process waiting for {self.scope} ended early (status {status})"
+                ) from None
         except BaseException:
             os.close(write_go)
             await self.abort()

@@ -169,6 +169,12 @@ class VirtualMachine:
         try:
             guest = ping.result()
         except Exception as error:
+            # A guest that dies (kernel panic, PID 1 exiting) drops the connection first.
+            await asyncio.wait({self._exit}, timeout=2)
+            if self.exited:
+                raise VmError(
+                    f"VM {self.vm_id} stopped before its agent was ready{self._exit_detail()}"
+                ) from None
             raise VmError(
                 f"VM {self.vm_id}'s agent did not answer Ping at {self.control_address}: {error}"
             ) from None

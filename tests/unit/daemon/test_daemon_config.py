@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.config import Config, ConfigError, load, newest_cloud_kernel, parse
+from spinbox.config import Config, ConfigError, VmConfig, load, parse
 
 TOP = Path(__file__).resolve().parents[3]
 
@@ -69,12 +69,12 @@ def test_bad_values_name_the_key(text: str, named: str) -> None:
         parse(text)
 
 
-def test_newest_cloud_kernel_sorts_versions(tmp_path: Path) -> None:
+def test_kernel_defaults_to_the_newest_cloud_kernel(tmp_path: Path) -> None:
     for version in ("6.1.0-9", "6.1.0-10", "5.10.0-30"):
         (tmp_path / f"vmlinuz-{version}-cloud-amd64").touch()
-    (tmp_path / "vmlinuz-7.0.0-1-amd64").touch()
-    assert newest_cloud_kernel(tmp_path) == tmp_path / "vmlinuz-6.1.0-10-cloud-amd64"
-    assert newest_cloud_kernel(tmp_path / "empty") is None
+    assert VmConfig().kernel_path(tmp_path) == tmp_path / "vmlinuz-6.1.0-10-cloud-amd64"
+    assert VmConfig().kernel_path(tmp_path / "empty") is None
+    assert VmConfig(kernel="/srv/vmlinuz").kernel_path(tmp_path) == Path("/srv/vmlinuz")
 
 
 def test_spinboxd_refuses_a_bad_file_with_a_sentence(tmp_path: Path) -> None:
@@ -90,3 +90,21 @@ def test_spinboxd_refuses_a_bad_file_with_a_sentence(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert "vm.memory_mib must be greater than zero" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_shipped_file_documents_every_default() -> None:
+    """packaging/spinbox.toml, every `#key = value` uncommented, is exactly the defaults."""
+    from spinbox.net import NetConfig
+
+    shipped = (TOP / "packaging" / "spinbox.toml").read_text()
+    uncommented = "\n".join(
+        line.removeprefix("#") if " = " in line else line for line in shipped.splitlines()
+    )
+    config = parse(uncommented)
+    assert config.vm == VmConfig()
+    assert config.storage == Config().storage
+    assert config.daemon == Config().daemon
+    assert NetConfig.from_table(config.network_table) == NetConfig()
+    documented = {line.split("=")[0].strip("# ") for line in shipped.splitlines() if " = " in line}
+    for section in (config.vm, config.storage, config.daemon):
+        assert set(vars(section)) <= documented

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def test_kernel_modules_in_load_order(image: bytes) -> None:
         assert wanted in names
     for path in listed:
         assert "usr" + path in entries  # /lib is a link to usr/lib
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the import check chroots, which needs root")
+def test_a_module_left_out_fails_the_build(tmp_path: Path) -> None:
+    (tmp_path / "brokeninit").mkdir()
+    (tmp_path / "brokeninit" / "__init__.py").write_text("")
+    (tmp_path / "brokeninit" / "main.py").write_text("import tkinter\n")  # never put in images
+    config = ImageConfig(
+        **{**trivial_config(tmp_path).__dict__, "entry": "brokeninit.main:main", "packages": ("brokeninit",)}
+    )
+    with pytest.raises(
+        BuildError, match=r"python cannot import brokeninit.main: .*No module named 'tkinter'"
+    ):
+        build(config, tmp_path / "x.img")
+    assert not (tmp_path / "x.img").exists()
 
 
 def test_modules_dep_resolution(tmp_path: Path) -> None:
