@@ -9,13 +9,14 @@ On a host (tests, debugging): `python -m guest.vminitd --listen unix:PATH --stat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.vminitd import boot, channels, syscalls
 from guest.vminitd.containers import RuntimeConfig
@@ -23,6 +24,9 @@ from guest.vminitd.reaper import Reaper
 from guest.vminitd.service import AgentConfig, AgentService
 from guest.vminitd.timeline import Timeline
 from spinbox.ttrpc import Server
+
+if TYPE_CHECKING:
+    from argparse import Namespace
 
 log = logging.getLogger("vminitd")
 
@@ -78,6 +82,8 @@ async def run_guest(
 def pid1() -> None:
     timeline = Timeline()
     timeline.stamp("entry")
+    # Ctrl-C on the console must not stop PID 1 (children get the default back at spawn).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     log_handler = channels.PortLogHandler()
     logging.basicConfig(level=logging.INFO, format="vminitd: %(message)s", stream=sys.stderr)
@@ -85,6 +91,7 @@ def pid1() -> None:
     logging.getLogger().addHandler(log_handler)
     try:
         boot.mount_filesystems()
+        timeline.stamp_process_start("exec")  # before the interpreter started and imported vminitd
         boot.load_modules()
         timeline.stamp("modules")
         boot.seed_entropy()
@@ -110,7 +117,7 @@ def pid1() -> None:
         time.sleep(5)
 
 
-async def run_host(args: argparse.Namespace) -> None:
+async def run_host(args: Namespace) -> None:
     timeline = Timeline()
     timeline.stamp("entry")
     syscalls.set_child_subreaper()
@@ -143,6 +150,8 @@ def main() -> None:
     if os.getpid() == 1:
         pid1()
         return
+    import argparse  # only off the guest: PID 1 does not pay for it
+
     parser = argparse.ArgumentParser(prog="vminitd", description="The spinbox guest agent, outside a VM.")
     parser.add_argument("--listen", action="append", required=True, help="unix:<path> to serve the agent on")
     parser.add_argument("--state-dir", required=True, help="bundles, crun state and mounts go here")

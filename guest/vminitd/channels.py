@@ -62,6 +62,8 @@ async def serve_port(server: Server, path: Path) -> None:
 _HEADER = struct.Struct(">IIBB")
 _REQUEST, _DATA = 1, 3
 _MAX_FRAME = 4 << 20
+# Bytes 4-9 of a new client's first frame: stream id 1, a request, no flags.
+_FIRST_REQUEST = struct.pack(">IBB", 1, _REQUEST, 0)
 
 
 class PortSessions:
@@ -72,7 +74,8 @@ class PortSessions:
     ends. So the frames are checked here: a request whose stream id does not
     increase starts a new session (a new client counts from 1 again), and a
     header no client would send (bad type, odd size, even stream id) ends the
-    session and drops what has arrived. End of file means the host left.
+    session; bytes are then dropped up to what looks like a new client's first
+    request (stream 1, a request frame, no flags). End of file means the host left.
     """
 
     def __init__(self, server: Server, fd: int) -> None:
@@ -81,6 +84,7 @@ class PortSessions:
         self.buffer = bytearray()
         self.session: _Session | None = None
         self.last_request = 0
+        self.resyncing = False
 
     async def run(self) -> None:
         try:
@@ -91,6 +95,7 @@ class PortSessions:
                 if not data:  # the host went away
                     await self._end("the host disconnected")
                     self.buffer.clear()
+                    self.resyncing = False
                     await _wait_host(self.fd)
                     continue
                 self.buffer += data
@@ -100,13 +105,14 @@ class PortSessions:
 
     async def _frames(self) -> None:
         while len(self.buffer) >= _HEADER.size:
+            if self.resyncing and not self._resync():
+                return
             length, stream_id, kind, _ = _HEADER.unpack_from(self.buffer)
             if kind not in (_REQUEST, _DATA) or length > _MAX_FRAME or stream_id % 2 == 0:
-                log.warning("garbage on the agent port (%d bytes); dropping it", len(self.buffer))
-                self.buffer.clear()
-                self._drain()
+                log.warning("garbage on the agent port; dropping bytes up to the next client's first request")
+                self.resyncing = True
                 await self._end("garbage")
-                return
+                continue
             if len(self.buffer) < _HEADER.size + length:
                 return
             if kind == _REQUEST:
@@ -120,10 +126,16 @@ class PortSessions:
             del self.buffer[: _HEADER.size + length]
             self.session.reader.feed_data(frame)
 
-    def _drain(self) -> None:
-        with contextlib.suppress(OSError):
-            while os.read(self.fd, 65536):
-                pass
+    def _resync(self) -> bool:
+        """Drops bytes before a new client's first request header; False while none is in the buffer."""
+        at = self.buffer.find(_FIRST_REQUEST, 4)
+        if at < 0:
+            # Keep a tail that may be the start of the marker.
+            del self.buffer[: max(0, len(self.buffer) - len(_FIRST_REQUEST) - 4)]
+            return False
+        del self.buffer[: at - 4]
+        self.resyncing = False
+        return True
 
     async def _end(self, why: str) -> None:
         session, self.session = self.session, None
@@ -141,12 +153,13 @@ class _Session:
         self.fd = fd
         self.reader = asyncio.StreamReader(limit=_MAX_FRAME * 2)
         self.task: asyncio.Task[None] | None = None
+        self.transport: asyncio.WriteTransport | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         wfile = os.fdopen(os.dup(self.fd), "wb", buffering=0)
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
-        writer = asyncio.StreamWriter(transport, protocol, self.reader, loop)
+        self.transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
+        writer = asyncio.StreamWriter(self.transport, protocol, self.reader, loop)
         self.task = asyncio.ensure_future(self.server.serve_connection(self.reader, writer))
 
     async def stop(self) -> None:
@@ -156,6 +169,9 @@ class _Session:
                 await self.task
             except Exception:
                 log.exception("agent session failed")
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            # Replies still buffered (the host is gone) must not reach the next host.
+            self.transport.abort()
 
 
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}

@@ -104,7 +104,7 @@ class Container:
 class Stdio:
     """The fds a new process gets, and the host-side ends vminitd keeps."""
 
-    def __init__(self, io: pb.IoConfig, work: Path) -> None:
+    def __init__(self, io: pb.IoConfig, console_path: Path) -> None:
         self.io = io
         self.child: list[int | None] = [None, None, None]
         self.ours: list[int] = []
@@ -112,7 +112,7 @@ class Stdio:
         self.stdout: OutputPipe | None = None
         self.stderr: OutputPipe | None = None
         self.console: socket.socket | None = None
-        self.console_path = work / "console.sock"
+        self.console_path = console_path
         if io.terminal:
             with contextlib.suppress(FileNotFoundError):
                 self.console_path.unlink()
@@ -147,7 +147,7 @@ class Stdio:
             return None
         conn, _ = accept.result()
         with conn:
-            conn.setblocking(True)
+            conn.settimeout(10)  # crun sends the fd right after connecting
             _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
         return fds[0] if fds else None
 
@@ -194,6 +194,8 @@ class Containers:
         self._oom_task: asyncio.Task[None] | None = None
         self.crun_root = config.state_dir / "crun"
         self.bundles = config.state_dir / "bundles"
+        self.consoles = config.state_dir / "console"
+        self.consoles.mkdir(parents=True, exist_ok=True)
 
     # crun
 
@@ -311,7 +313,8 @@ class Containers:
         work = container.bundle / (f"exec-{proc.exec_id}" if proc.exec_id else "init")
         work.mkdir(parents=True, exist_ok=True)
         pid_file = work / "pid"
-        stdio = Stdio(proc.io, work)
+        # Short and unique: a socket path must fit in 108 bytes, whatever the ids' length.
+        stdio = Stdio(proc.io, self.consoles / f"{next(self._counter)}.sock")
         args = [*command, "--pid-file", str(pid_file)]
         if stdio.console is not None:
             args += ["--console-socket", str(stdio.console_path)]

@@ -14,9 +14,6 @@ import os
 import signal
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-from guest.vminitd.stdio import read_to_end
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +25,6 @@ def exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
-
-
-@dataclass(frozen=True)
-class Completed:
-    argv: tuple[str, ...]
-    code: int
-    stdout: bytes
-    stderr: bytes
 
 
 class Reaper:
@@ -108,20 +97,3 @@ class Reaper:
         # A pid just handed out cannot have an old status pending any more.
         self._unclaimed.pop(pid, None)
         return pid, self.watch(pid)
-
-    async def run(self, argv: Sequence[str], stdin: int | None = None) -> Completed:
-        """Runs a command to its end and captures its output."""
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            try:
-                _, done = self.spawn(argv, stdin=stdin, stdout=out_w, stderr=err_w)
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            out, err = await asyncio.gather(read_to_end(out_r), read_to_end(err_r))
-            status = await done
-        finally:
-            os.close(out_r)
-            os.close(err_r)
-        return Completed(tuple(argv), exit_code(status), out, err)

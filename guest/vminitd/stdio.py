@@ -49,13 +49,6 @@ async def read(fd: int, size: int = CHUNK) -> bytes:
             raise
 
 
-async def read_to_end(fd: int) -> bytes:
-    parts = []
-    while data := await read(fd):
-        parts.append(data)
-    return b"".join(parts)
-
-
 async def write_all(fd: int, data: bytes) -> None:
     os.set_blocking(fd, False)
     view = memoryview(data)

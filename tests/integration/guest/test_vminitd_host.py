@@ -236,6 +236,30 @@ def test_garbage_on_the_socket(agent: HostAgent) -> None:
     assert agent.proc.poll() is None
 
 
+def test_exec_on_a_terminal_and_close_stdin(agent: HostAgent) -> None:
+    agent.rootfs("shell")
+
+    async def body(a: AgentClient) -> None:
+        await a.create_container("shell", oci.spec("cat"), pb.IoConfig(stdin=True, stdout=True))
+        out = asyncio.ensure_future(drive.collect(a, "shell"))
+        await a.start("shell")
+        io = pb.IoConfig(stdin=True, stdout=True, terminal=True)
+        await a.exec("shell", "t1", json_process("sh", "-c", "read x; stty size; exit 2", terminal=True), io)
+        await a.start("shell", "t1")
+        await a.resize_pty("shell", width=50, height=20, exec_id="t1")
+        await a.write_input("shell", drive.feed(b"go\n"), exec_id="t1", close_stdin=False)
+        await drive.read_until(a.read_output("shell", "t1"), b"20 50", bytearray())
+        assert (await a.wait("shell", "t1")).exit_status == 2
+        # The init's stdin: data, then CloseStdin ends cat.
+        await a.write_input("shell", drive.feed(b"to cat\n"), close_stdin=False)
+        await a.close_stdin("shell")
+        assert (await a.wait("shell")).exit_status == 0
+        assert await out == b"to cat\n"
+        await a.delete_container("shell")
+
+    call(agent, body)
+
+
 def test_zz_shutdown_stops_the_agent(agent: HostAgent) -> None:
     agent.rootfs("last")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,14 @@ def test_timeline_keeps_the_first_stamp() -> None:
     first = t.stamps["entry"]
     t.stamp("entry")
     assert t.stamps["entry"] == first > 0
+
+
+def test_process_start_stamp(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    fields = ["S"] + ["0"] * 18 + ["250"] + ["0"] * 20  # field 22 (starttime) is 250 ticks
+    stat.write_text("1 (py thon) " + " ".join(fields) + "\n")
+    t = Timeline()
+    t.stamp_process_start("exec", str(stat))
+    assert t.stamps["exec"] == 250 * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    t.stamp_process_start("missing", str(tmp_path / "nope"))
+    assert "missing" not in t.stamps
