@@ -78,3 +78,11 @@ def test_busybox_image_is_a_consistent_oci_layout(tmp_path: Path) -> None:
         names = set(rootfs.getnames())
     assert {"bin/busybox", "bin/sh", "bin/uname"} <= names
     assert build_image(tmp_path / "again.tar", "localhost/test/busybox:1").read_bytes() == out.read_bytes()
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    lines = (TOP / "README.md").read_text().splitlines()
+    commands = [line.strip() for line in lines[:12] if line.startswith("    ")]
+    assert commands == ["make test", "make demo"]
+    targets = (TOP / "Makefile").read_text()
+    assert "\ndemo:" in targets and "\ndeb:" in targets
