@@ -15,6 +15,8 @@ _SCRIPT = r"""
 set -eu
 mount --make-rprivate /
 mount -t tmpfs tmpfs /run
+# Taken before the private /tmp hides it (the tree may live under /tmp).
+cp "$1" /run/spinbox.deb
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /run/.deb
 for d in etc usr var; do
@@ -22,7 +24,6 @@ for d in etc usr var; do
     mount -t overlay overlay -o lowerdir=/$d,upperdir=/run/.deb/$d/upper,workdir=/run/.deb/$d/work /$d
 done
 rm -f /var/lib/man-db/auto-update
-cp "$1" /run/spinbox.deb
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends /run/spinbox.deb
 echo "state: $(dpkg-query -W -f='${db:Status-Abbrev}' spinbox)"
 for f in /var/lib/spinbox/guest/initrd.img /etc/systemd/system/multi-user.target.wants/spinbox.service; do
