@@ -220,6 +220,8 @@ class VmManager:
             mark("agent-ready")
             state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network.guest, mount))
             mark("guest-configured")
+            if network.guest is not None:
+                state.addresses = [a for interface in network.guest.interfaces for a in interface.addresses]
 
             state.agent_address = machine.agent_address
             state.control_address = machine.control_address
