@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,6 @@ from tests.e2e.stack import (
     NOTHING_LEFT,
     RUNTIME,
     Containerd,
-    spinbox_stack,
     wait_until_clean,
 )
 from tests.harness.systemd import PrivateSystemd
@@ -32,12 +30,6 @@ BRIDGE_ADDRESS = "10.77.0.1"
 SERVE_PAGE = "echo hello-from-$(hostname) > /index.html && exec httpd -f -p 80 -h /"
 HTTP_GET = "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc {address} {port}"
 CYCLES = 20
-
-
-@pytest.fixture(scope="module")
-def stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
-    with spinbox_stack(systemd, guest_image):
-        yield systemd
 
 
 @pytest.fixture(scope="module")
@@ -132,36 +124,13 @@ def test_default_network_containers_reach_each_other_the_bridge_and_the_host(
     assert network_leftovers(stack) == NO_NETWORK_LEFT
 
 
-def nerdctl(containerd: Containerd, *args: str, check: bool = True) -> str:
-    result = containerd.systemd.run(
-        str(NERDCTL), "--address", containerd.address, "--namespace", "default",
-        "--cni-path", "/usr/lib/cni", "--data-root", "/var/lib/nerdctl", *args,
-        check=False, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0 or not check, (args, result.stderr)
-    return result.stdout
-
-
 def test_nerdctl_published_port_answers_on_loopback(containerd: Containerd, stack: PrivateSystemd) -> None:
     if containerd.build.name == "1.6":
         pytest.skip("nerdctl v2 needs containerd 1.7 or newer")
     if not NERDCTL.exists():
         pytest.skip("nerdctl is not installed (tools/install-test-clients)")
-    nerdctl(
-        containerd,
-        "run",
-        "-d",
-        "--name",
-        "pub1",
-        "--runtime",
-        RUNTIME,
-        "-p",
-        "18080:80",
-        IMAGE,
-        "sh",
-        "-c",
-        SERVE_PAGE,
-    )
+    options = ("--name", "pub1", "--runtime", RUNTIME, "-p", "18080:80")
+    containerd.nerdctl("run", "-d", *options, IMAGE, "sh", "-c", SERVE_PAGE)
     try:
         # The server starts after `nerdctl run -d` returns: ask until it listens.
         answer = stack.run(
@@ -171,7 +140,7 @@ def test_nerdctl_published_port_answers_on_loopback(containerd: Containerd, stac
         assert answer.returncode == 0, answer.stderr
         assert "200 OK" in answer.stdout and "hello-from-" in answer.stdout
     finally:
-        nerdctl(containerd, "rm", "-f", "pub1", check=False)
+        containerd.nerdctl("rm", "-f", "pub1", check=False)
     # nerdctl v2.1 leaves its client-side FIFOs behind, with runc as well.
     stack.run("sh", "-c", "rm -rf /run/containerd/fifo/*")
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
