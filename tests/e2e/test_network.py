@@ -139,6 +139,9 @@ def test_nerdctl_published_port_answers_on_loopback(containerd: Containerd, stac
         )  # fmt: skip
         assert answer.returncode == 0, answer.stderr
         assert "200 OK" in answer.stdout and "hello-from-" in answer.stdout
+        # What the leftover check below looks for is there while the VM runs.
+        in_use = network_leftovers(stack)
+        assert (len(in_use["netns"]), len(in_use["leases"]), len(in_use["state"])) == (1, 1, 1), in_use
     finally:
         containerd.nerdctl("rm", "-f", "pub1", check=False)
     # nerdctl v2.1 leaves its client-side FIFOs behind, with runc as well.
