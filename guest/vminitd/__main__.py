@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guest.vminitd import boot, channels, syscalls
-from guest.vminitd.containers import RuntimeConfig
+from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.reaper import Reaper
 from guest.vminitd.service import AgentConfig, AgentService
 from guest.vminitd.timeline import Timeline
