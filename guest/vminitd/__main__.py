@@ -72,6 +72,7 @@ async def run_guest(
                 continue
             tasks.append(asyncio.ensure_future(channels.serve_port(server, port)))
     timeline.stamp("agent-listening")
+    boot.stamp_init_exec(timeline)  # before the first request is read: Ping answers with the stamps
     log.info("agent listening (%s); boot took %.2f s", agent, timeline.stamps["agent-listening"] / 1e9)
     await service.stopped.wait()
     await asyncio.sleep(0.3)  # let the Shutdown reply and the last log lines out
@@ -91,7 +92,6 @@ def pid1() -> None:
     logging.getLogger().addHandler(log_handler)
     try:
         boot.mount_filesystems()
-        timeline.stamp_process_start("exec")  # before the interpreter started and imported vminitd
         boot.load_modules()
         timeline.stamp("modules")
         boot.seed_entropy()

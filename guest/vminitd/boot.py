@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from guest.vminitd import syscalls
+from guest.vminitd.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ def mount_filesystems() -> None:
                          ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")):  # fmt: skip
         if not os.path.lexists(link):
             os.symlink(target, link)
+
+
+def stamp_init_exec(timeline: Timeline) -> None:
+    """Stamps "exec": when the kernel ran /init, i.e. before the interpreter started."""
+    try:
+        timeline.stamp_kernel_message("exec", "Run /init as init process", syscalls.read_kernel_log())
+    except OSError as e:
+        log.warning("no exec stamp: %s", e)
 
 
 def load_modules(listing: Path = MODULES_LIST) -> int:
