@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parents[1]
@@ -50,12 +50,12 @@ def build_floor(output: Path) -> None:
         write_newc(out, entries, 0)
 
 
-def build_guest(work: Path) -> tuple[Path, bool, float]:
-    """The image to measure, whether it has the agent, and the build's seconds."""
+def build_guest(work: Path, tree: Path = TOP, name: str = "initrd.img") -> tuple[Path, bool, float]:
+    """The image to measure (its Python from `tree`), whether it has the agent, and the build's seconds."""
     kernel_version = default_kernel().name.removeprefix("vmlinuz-")
-    output = work / "initrd.img"
-    if importlib.util.find_spec("guest.vminitd") is not None:
-        config = ImageConfig(kernel_version=kernel_version)
+    output = work / name
+    if (tree / "guest" / "vminitd" / "__main__.py").is_file():
+        config = ImageConfig(kernel_version=kernel_version, roots=(tree,))
         agent = True
     else:
         (work / "benchinit").mkdir()
@@ -73,12 +73,23 @@ def build_guest(work: Path) -> tuple[Path, bool, float]:
     return output, agent, result.seconds
 
 
-def spec(image: Path, run_dir: Path) -> VmSpec:
-    return VmSpec(vm_id="bench", kernel=default_kernel(), initrd=image, runtime_dir=run_dir)
+@dataclass(frozen=True)
+class Variant:
+    """One configuration to boot: a guest image and extra kernel arguments."""
+
+    name: str
+    image: Path
+    kernel_args: tuple[str, ...] = ()
 
 
-async def boot_floor(image: Path, run_dir: Path) -> float:
-    vm = await launch(spec(image, run_dir))
+def spec(image: Path, run_dir: Path, kernel_args: tuple[str, ...] = ()) -> VmSpec:
+    return VmSpec(
+        vm_id="bench", kernel=default_kernel(), initrd=image, runtime_dir=run_dir, kernel_args=kernel_args
+    )
+
+
+async def boot_floor(image: Path, run_dir: Path, kernel_args: tuple[str, ...]) -> float:
+    vm = await launch(spec(image, run_dir, kernel_args))
     try:
         await asyncio.wait_for(vm.wait_exit(), 300)
         return time.monotonic() - vm.state.stamps["exec"]
@@ -86,8 +97,8 @@ async def boot_floor(image: Path, run_dir: Path) -> float:
         await vm.kill()
 
 
-async def boot_guest(image: Path, run_dir: Path, agent: bool) -> dict[str, float]:
-    vm = await launch(spec(image, run_dir), start=False)
+async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, float]:
+    vm = await launch(spec(variant.image, run_dir, variant.kernel_args), start=False)
     reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
     try:
         await vm.resume()
@@ -109,28 +120,47 @@ async def boot_guest(image: Path, run_dir: Path, agent: bool) -> dict[str, float
         await vm.kill()
 
 
-async def main_async(runs: int) -> None:
+async def main_async(runs: int, compare_tree: Path | None, compare_args: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory(prefix="spinbox-bench-") as tmp:
         work = Path(tmp)
         floor_image = work / "floor.img"
         build_floor(floor_image)
         image, agent, build_seconds = build_guest(work)
+        variants = [Variant("this tree", image)]
+        if compare_tree is not None:
+            other, other_agent, _ = build_guest(work, compare_tree, "compare.img")
+            if other_agent != agent:
+                raise SystemExit(f"bench/boot: {compare_tree} and this tree differ in having vminitd")
+            variants.append(Variant(f"tree {compare_tree}", other))
+        if compare_args:
+            variants.append(Variant(f"+ {' '.join(compare_args)}", image, compare_args))
         ready = "agent-ready" if agent else "init-ready"
-        floors: list[float] = []
-        timelines: list[dict[str, float]] = []
-        for _ in range(runs):  # interleaved, so load on the machine hits both alike
-            floors.append(await boot_floor(floor_image, work / "run"))
-            timelines.append(await boot_guest(image, work / "run", agent))
+        floors: dict[str, list[float]] = {v.name: [] for v in variants if v.kernel_args or v is variants[0]}
+        timelines: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
+        for _ in range(runs):  # interleaved, so load on the machine hits every variant alike
+            for variant in variants:
+                if variant.name in floors:
+                    floors[variant.name].append(
+                        await boot_floor(floor_image, work / "run", variant.kernel_args)
+                    )
+                timelines[variant.name].append(await boot_guest(variant, work / "run", agent))
         accel = choose_accel("auto")
         print(f"kernel: {default_kernel()}  accelerator: {accel}  runs: {runs} (medians)")
         print(f"image: {image.stat().st_size / 1e6:.1f} MB, built in {build_seconds:.2f} s")
         if not agent:
             print("note: no vminitd in this tree; a Python init printing a line stands in for the agent")
-        phases = sorted(
-            {p for t in timelines for p in t}, key=lambda p: statistics.median(t[p] for t in timelines)
-        )
+        first = timelines[variants[0].name]
+        phases = sorted({p for t in first for p in t}, key=lambda p: statistics.median(t[p] for t in first))
+        phases += sorted({p for v in variants for t in timelines[v.name] for p in t} - set(phases))
         guest = [p for p in phases if p.startswith("guest-")]
         host = [p for p in phases if p not in guest]
+        width = max(12, *(len(v.name) for v in variants))
+        print(f"{'':<28}" + "".join(f"{v.name:>{width + 2}}" for v in variants))
+
+        def row(label: str, values: list[list[float]]) -> None:
+            cells = (f"{statistics.median(v):.3f}" if v else "-" for v in values)
+            print(f"{label:<28}" + "".join(f"{c:>{width + 2}}" for c in cells))
+
         for title, group in (
             ("host phase (s since QEMU's exec)", host),
             ("guest phase (s since the guest kernel started)", guest),
@@ -138,20 +168,33 @@ async def main_async(runs: int) -> None:
             if group:
                 print(title)
             for phase in group:
-                values = [t[phase] for t in timelines if phase in t]
-                print(f"  {phase:<26}{statistics.median(values):>10.3f}")
-        floor = statistics.median(floors)
-        guest_ready = statistics.median(t[ready] for t in timelines)
-        print(f"{'floor (exec to poweroff)':<28}{floor:>10.3f}")
-        print(f"ratio {ready} / floor: {guest_ready / floor:.2f}")
+                row(f"  {phase}", [[t[phase] for t in timelines[v.name] if phase in t] for v in variants])
+        row("floor (exec to poweroff)", [floors.get(v.name, []) for v in variants])
+        floor = statistics.median(floors[variants[0].name])
+        for variant in variants:
+            guest_ready = statistics.median(t[ready] for t in timelines[variant.name])
+            own_floor = statistics.median(floors.get(variant.name) or [floor])
+            print(f"ratio {ready} / floor ({variant.name}): {guest_ready / own_floor:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/boot", description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also boot an image built from this checkout's guest sources (e.g. a worktree of main)",
+    )
+    parser.add_argument(
+        "--compare-args", default="", help="also boot this tree's image with these extra kernel arguments"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    asyncio.run(main_async(args.runs))
+    asyncio.run(
+        main_async(
+            args.runs, args.compare_tree and args.compare_tree.resolve(), tuple(args.compare_args.split())
+        )
+    )
 
 
 if __name__ == "__main__":
