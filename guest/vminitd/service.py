@@ -78,8 +78,12 @@ class AgentService:
         reaper: Reaper,
         timeline: Timeline,
         power_off: Callable[[], None] | None = None,
+        devices: Awaitable[None] | None = None,
     ) -> None:
+        """`devices`, when given, is done once the guest's devices are all there
+        (deferred kernel modules): every request but Ping waits for it."""
         self.config = config
+        self.devices = devices
         self.reaper = reaper
         self.timeline = timeline
         self.power_off = power_off
@@ -102,6 +106,11 @@ class AgentService:
 
         config = self.config
         return RootfsManager(config.runtime.rootfs_dir, config.mnt_dir, config.sys_block, config.dev)
+
+    async def _devices(self) -> None:
+        if self.devices is not None:
+            await self.devices
+            self.devices = None
 
     def _loaded(self, name: str) -> bool:
         """Whether a lazily loaded half (`containers`, `rootfs`) exists yet."""
@@ -147,6 +156,8 @@ class AgentService:
         async def call(request: Any, ctx: CallContext) -> Message:
             self.timeline.stamp("first-request")
             try:
+                if method != "Ping":
+                    await self._devices()
                 return await handler(request)
             except Exception as e:
                 raise _translate(e, method) from None
@@ -159,6 +170,7 @@ class AgentService:
         async def call(request: Any, ctx: CallContext) -> AsyncIterator[Message]:
             self.timeline.stamp("first-request")
             try:
+                await self._devices()
                 async for message in handler(request):
                     yield message
             except Exception as e:

@@ -34,7 +34,16 @@ def test_root_is_initramfs(tmp_path: Path) -> None:
 
 
 def test_module_list_missing_is_fine(tmp_path: Path) -> None:
-    assert boot.load_modules(tmp_path / "none") == 0
+    assert boot.read_module_list(tmp_path / "none") == ([], [])
+    assert boot.load_modules([]) == 0
+
+
+def test_module_list_parts(tmp_path: Path) -> None:
+    listing = tmp_path / "modules"
+    listing.write_text("/a.ko\n# a comment\n\n/b.ko\n# deferred: later\n/c.ko\n")
+    assert boot.read_module_list(listing) == (["/a.ko", "/b.ko"], ["/c.ko"])
+    listing.write_text("/a.ko\n/b.ko\n")  # an image built before the mark existed
+    assert boot.read_module_list(listing) == (["/a.ko", "/b.ko"], [])
 
 
 def test_find_port(tmp_path: Path) -> None:
