@@ -75,21 +75,27 @@ def build_guest(work: Path, tree: Path = TOP, name: str = "initrd.img") -> tuple
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration to boot: a guest image and extra kernel arguments."""
+    """One configuration to boot: a guest image, extra kernel arguments, extra QEMU arguments."""
 
     name: str
     image: Path
     kernel_args: tuple[str, ...] = ()
+    qemu_args: tuple[str, ...] = ()
 
 
-def spec(image: Path, run_dir: Path, kernel_args: tuple[str, ...] = ()) -> VmSpec:
+def spec(image: Path, run_dir: Path, variant: Variant | None = None) -> VmSpec:
     return VmSpec(
-        vm_id="bench", kernel=default_kernel(), initrd=image, runtime_dir=run_dir, kernel_args=kernel_args
+        vm_id="bench",
+        kernel=default_kernel(),
+        initrd=image,
+        runtime_dir=run_dir,
+        kernel_args=variant.kernel_args if variant else (),
+        extra_args=variant.qemu_args if variant else (),
     )
 
 
-async def boot_floor(image: Path, run_dir: Path, kernel_args: tuple[str, ...]) -> float:
-    vm = await launch(spec(image, run_dir, kernel_args))
+async def boot_floor(image: Path, run_dir: Path, variant: Variant) -> float:
+    vm = await launch(spec(image, run_dir, variant))
     try:
         await asyncio.wait_for(vm.wait_exit(), 300)
         return time.monotonic() - vm.state.stamps["exec"]
@@ -98,7 +104,7 @@ async def boot_floor(image: Path, run_dir: Path, kernel_args: tuple[str, ...]) -
 
 
 async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, float]:
-    vm = await launch(spec(variant.image, run_dir, variant.kernel_args), start=False)
+    vm = await launch(spec(variant.image, run_dir, variant), start=False)
     reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
     try:
         await vm.resume()
@@ -120,7 +126,12 @@ async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, 
         await vm.kill()
 
 
-async def main_async(runs: int, compare_tree: Path | None, compare_args: tuple[str, ...]) -> None:
+async def main_async(
+    runs: int,
+    compare_tree: Path | None,
+    compare_args: list[tuple[str, ...]],
+    compare_qemu: list[tuple[str, ...]],
+) -> None:
     with tempfile.TemporaryDirectory(prefix="spinbox-bench-") as tmp:
         work = Path(tmp)
         floor_image = work / "floor.img"
@@ -132,17 +143,19 @@ async def main_async(runs: int, compare_tree: Path | None, compare_args: tuple[s
             if other_agent != agent:
                 raise SystemExit(f"bench/boot: {compare_tree} and this tree differ in having vminitd")
             variants.append(Variant(f"tree {compare_tree}", other))
-        if compare_args:
-            variants.append(Variant(f"+ {' '.join(compare_args)}", image, compare_args))
+        for args in compare_args:
+            variants.append(Variant(f"+ {' '.join(args)}", image, args))
+        for args in compare_qemu:
+            variants.append(Variant(f"qemu {' '.join(args)}", image, qemu_args=args))
         ready = "agent-ready" if agent else "init-ready"
-        floors: dict[str, list[float]] = {v.name: [] for v in variants if v.kernel_args or v is variants[0]}
+        floors: dict[str, list[float]] = {
+            v.name: [] for v in variants if v.kernel_args or v.qemu_args or v is variants[0]
+        }
         timelines: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
         for _ in range(runs):  # interleaved, so load on the machine hits every variant alike
             for variant in variants:
                 if variant.name in floors:
-                    floors[variant.name].append(
-                        await boot_floor(floor_image, work / "run", variant.kernel_args)
-                    )
+                    floors[variant.name].append(await boot_floor(floor_image, work / "run", variant))
                 timelines[variant.name].append(await boot_guest(variant, work / "run", agent))
         accel = choose_accel("auto")
         print(f"kernel: {default_kernel()}  accelerator: {accel}  runs: {runs} (medians)")
@@ -186,13 +199,25 @@ def main() -> None:
         help="also boot an image built from this checkout's guest sources (e.g. a worktree of main)",
     )
     parser.add_argument(
-        "--compare-args", default="", help="also boot this tree's image with these extra kernel arguments"
+        "--compare-args",
+        action="append",
+        default=[],
+        help="also boot this tree's image with these extra kernel arguments (may be repeated)",
+    )
+    parser.add_argument(
+        "--compare-qemu",
+        action="append",
+        default=[],
+        help="also boot this tree's image with these QEMU arguments appended, e.g. '-cpu qemu64'",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     asyncio.run(
         main_async(
-            args.runs, args.compare_tree and args.compare_tree.resolve(), tuple(args.compare_args.split())
+            args.runs,
+            args.compare_tree and args.compare_tree.resolve(),
+            [tuple(a.split()) for a in args.compare_args],
+            [tuple(a.split()) for a in args.compare_qemu],
         )
     )
 
