@@ -152,8 +152,8 @@ async def main_async(
             v.name: [] for v in variants if v.kernel_args or v.qemu_args or v is variants[0]
         }
         timelines: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
-        for _ in range(runs):  # interleaved, so load on the machine hits every variant alike
-            for variant in variants:
+        for run in range(runs):  # interleaved and rotated, so load on the machine hits every variant alike
+            for variant in variants[run % len(variants) :] + variants[: run % len(variants)]:
                 if variant.name in floors:
                     floors[variant.name].append(await boot_floor(floor_image, work / "run", variant))
                 timelines[variant.name].append(await boot_guest(variant, work / "run", agent))
