@@ -9,12 +9,15 @@ vminitd exists, a Python init that prints a line on the console stands in.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
+import contextlib
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ sys.path.insert(0, str(TOP))
 
 from guest.mkguest.cpio import Entry, write_newc  # noqa: E402
 from guest.mkguest.image import BUSYBOX, ImageConfig, build  # noqa: E402
-from spinbox.vm import VmSpec, choose_accel, default_kernel, launch  # noqa: E402
+from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu  # noqa: E402
 
 STAND_IN_INIT = """
 import os
@@ -81,6 +84,31 @@ class Variant:
     image: Path
     kernel_args: tuple[str, ...] = ()
     qemu_args: tuple[str, ...] = ()
+    # Another tree's spinbox/vm/qemu.py: its base kernel arguments and firmware replace this tree's.
+    qemu_py: Path | None = None
+
+
+@contextlib.contextmanager
+def qemu_defaults(qemu_py: Path | None) -> Iterator[None]:
+    """This tree's QEMU command line with another tree's base kernel arguments and firmware choice."""
+    if qemu_py is None:
+        yield
+        return
+    names: dict[str, object] = {}
+    for node in ast.parse(qemu_py.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name == "BASE_KERNEL_ARGS":
+                names[name] = ast.literal_eval(node.value)
+            elif name == "QBOOT":
+                names[name] = qemu.QBOOT
+    saved = (qemu.BASE_KERNEL_ARGS, qemu.QBOOT)
+    qemu.BASE_KERNEL_ARGS = names.get("BASE_KERNEL_ARGS", saved[0])  # type: ignore[assignment]
+    qemu.QBOOT = names.get("QBOOT", Path("/nonexistent"))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        qemu.BASE_KERNEL_ARGS, qemu.QBOOT = saved
 
 
 def spec(image: Path, run_dir: Path, variant: Variant | None = None) -> VmSpec:
@@ -95,7 +123,8 @@ def spec(image: Path, run_dir: Path, variant: Variant | None = None) -> VmSpec:
 
 
 async def boot_floor(image: Path, run_dir: Path, variant: Variant) -> float:
-    vm = await launch(spec(image, run_dir, variant))
+    with qemu_defaults(variant.qemu_py):
+        vm = await launch(spec(image, run_dir, variant))
     try:
         await asyncio.wait_for(vm.wait_exit(), 300)
         return time.monotonic() - vm.state.stamps["exec"]
@@ -104,7 +133,8 @@ async def boot_floor(image: Path, run_dir: Path, variant: Variant) -> float:
 
 
 async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, float]:
-    vm = await launch(spec(variant.image, run_dir, variant), start=False)
+    with qemu_defaults(variant.qemu_py):
+        vm = await launch(spec(variant.image, run_dir, variant), start=False)
     reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
     try:
         await vm.resume()
@@ -131,6 +161,7 @@ async def main_async(
     compare_tree: Path | None,
     compare_args: list[tuple[str, ...]],
     compare_qemu: list[tuple[str, ...]],
+    with_qemu: bool,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="spinbox-bench-") as tmp:
         work = Path(tmp)
@@ -143,13 +174,16 @@ async def main_async(
             if other_agent != agent:
                 raise SystemExit(f"bench/boot: {compare_tree} and this tree differ in having vminitd")
             variants.append(Variant(f"tree {compare_tree}", other))
+            qemu_py = compare_tree / "spinbox" / "vm" / "qemu.py"
+            if with_qemu and qemu_py.is_file():
+                variants.append(Variant(f"tree {compare_tree} + its QEMU", other, qemu_py=qemu_py))
         for args in compare_args:
             variants.append(Variant(f"+ {' '.join(args)}", image, args))
         for args in compare_qemu:
             variants.append(Variant(f"qemu {' '.join(args)}", image, qemu_args=args))
         ready = "agent-ready" if agent else "init-ready"
         floors: dict[str, list[float]] = {
-            v.name: [] for v in variants if v.kernel_args or v.qemu_args or v is variants[0]
+            v.name: [] for v in variants if v.kernel_args or v.qemu_args or v.qemu_py or v is variants[0]
         }
         timelines: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
         for run in range(runs):  # interleaved and rotated, so load on the machine hits every variant alike
@@ -210,6 +244,11 @@ def main() -> None:
         default=[],
         help="also boot this tree's image with these QEMU arguments appended, e.g. '-cpu qemu64'",
     )
+    parser.add_argument(
+        "--compare-tree-qemu",
+        action="store_true",
+        help="with --compare-tree, also boot that tree's image with its base kernel arguments and firmware",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     asyncio.run(
@@ -218,6 +257,7 @@ def main() -> None:
             args.compare_tree and args.compare_tree.resolve(),
             [tuple(a.split()) for a in args.compare_args],
             [tuple(a.split()) for a in args.compare_qemu],
+            args.compare_tree_qemu,
         )
     )
 
