@@ -4,6 +4,14 @@ The floor is the same kernel, machine and devices booting a trivial init
 (busybox-static's shell running `poweroff -f`): what no guest image can beat.
 The guest is the real image (vminitd) booted until its agent answers Ping; until
 vminitd exists, a Python init that prints a line on the console stands in.
+
+Variants booted in the same run, interleaved and in rotated order so that load
+on the machine hits all alike: `--kernel PATH` (repeatable) compares kernels
+(each gets its own image, with no modules for a kernel built without them);
+`--compare-tree DIR` an image built from another checkout's guest sources
+(`--compare-tree-qemu`: also with that checkout's base kernel arguments and
+firmware, i.e. a before/after of the whole boot); `--compare-args ARGS` extra
+kernel arguments; `--compare-qemu ARGS` extra QEMU arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ TOP = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TOP))
 
 from guest.mkguest.cpio import Entry, write_newc  # noqa: E402
-from guest.mkguest.image import BUSYBOX, ImageConfig, build  # noqa: E402
+from guest.mkguest.image import BUSYBOX, ImageConfig, build, kernel_version_of  # noqa: E402
+from guest.mkguest.kmod import module_free  # noqa: E402
 from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu  # noqa: E402
 
 STAND_IN_INIT = """
@@ -53,15 +62,17 @@ def build_floor(output: Path) -> None:
         write_newc(out, entries, 0)
 
 
-def build_guest(work: Path, tree: Path = TOP, name: str = "initrd.img") -> tuple[Path, bool, float]:
-    """The image to measure (its Python from `tree`), whether it has the agent, and the build's seconds."""
-    kernel_version = default_kernel().name.removeprefix("vmlinuz-")
-    output = work / name
+def build_guest(work: Path, kernel: Path, tree: Path = TOP, name: str = "") -> tuple[Path, bool, float]:
+    """The image to measure with `kernel` (its Python from `tree`), whether it has the agent,
+    and the build's seconds."""
+    kernel_version = kernel_version_of(kernel)
+    modules = not module_free(kernel)
+    output = work / (name or f"initrd-{kernel_version}.img")
     if (tree / "guest" / "vminitd" / "__main__.py").is_file():
-        config = ImageConfig(kernel_version=kernel_version, roots=(tree,))
+        config = ImageConfig(kernel_version=kernel_version, roots=(tree,), kernel_modules=modules)
         agent = True
     else:
-        (work / "benchinit").mkdir()
+        (work / "benchinit").mkdir(exist_ok=True)
         (work / "benchinit" / "__init__.py").write_text("")
         (work / "benchinit" / "main.py").write_text(STAND_IN_INIT)
         config = ImageConfig(
@@ -70,6 +81,7 @@ def build_guest(work: Path, tree: Path = TOP, name: str = "initrd.img") -> tuple
             packages=("benchinit", "google.protobuf"),
             roots=(work,),
             tools=(BUSYBOX,),
+            kernel_modules=modules,
         )
         agent = False
     result = build(config, output)
@@ -81,6 +93,7 @@ class Variant:
     """One configuration to boot: a guest image, extra kernel arguments, extra QEMU arguments."""
 
     name: str
+    kernel: Path
     image: Path
     kernel_args: tuple[str, ...] = ()
     qemu_args: tuple[str, ...] = ()
@@ -111,14 +124,14 @@ def qemu_defaults(qemu_py: Path | None) -> Iterator[None]:
         qemu.BASE_KERNEL_ARGS, qemu.QBOOT = saved
 
 
-def spec(image: Path, run_dir: Path, variant: Variant | None = None) -> VmSpec:
+def spec(image: Path, run_dir: Path, variant: Variant) -> VmSpec:
     return VmSpec(
         vm_id="bench",
-        kernel=default_kernel(),
+        kernel=variant.kernel,
         initrd=image,
         runtime_dir=run_dir,
-        kernel_args=variant.kernel_args if variant else (),
-        extra_args=variant.qemu_args if variant else (),
+        kernel_args=variant.kernel_args,
+        extra_args=variant.qemu_args,
     )
 
 
@@ -156,8 +169,17 @@ async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, 
         await vm.kill()
 
 
+def _row(title: str, cells: list[str], width: int) -> str:
+    return f"{title:<48}" + "".join(f"{cell:>{width}}" for cell in cells)
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f}" if values else "-"
+
+
 async def main_async(
     runs: int,
+    kernels: list[Path],
     compare_tree: Path | None,
     compare_args: list[tuple[str, ...]],
     compare_qemu: list[tuple[str, ...]],
@@ -167,66 +189,85 @@ async def main_async(
         work = Path(tmp)
         floor_image = work / "floor.img"
         build_floor(floor_image)
-        image, agent, build_seconds = build_guest(work)
-        variants = [Variant("this tree", image)]
+        kernel = kernels[0]
+        builds = [build_guest(work, k) for k in kernels]
+        agent = builds[0][1]
+        variants = [Variant("this tree", kernel, builds[0][0])]
+        for other_kernel, (other_image, _, _) in zip(kernels[1:], builds[1:], strict=True):
+            variants.append(Variant(f"this tree with {other_kernel}", other_kernel, other_image))
         if compare_tree is not None:
-            other, other_agent, _ = build_guest(work, compare_tree, "compare.img")
+            other, other_agent, _ = build_guest(work, kernel, compare_tree, "compare.img")
             if other_agent != agent:
                 raise SystemExit(f"bench/boot: {compare_tree} and this tree differ in having vminitd")
-            variants.append(Variant(f"tree {compare_tree}", other))
+            variants.append(Variant(f"image of {compare_tree}", kernel, other))
             qemu_py = compare_tree / "spinbox" / "vm" / "qemu.py"
             if with_qemu and qemu_py.is_file():
-                variants.append(Variant(f"tree {compare_tree} + its QEMU", other, qemu_py=qemu_py))
+                name = f"image of {compare_tree}, its kernel arguments and firmware"
+                variants.append(Variant(name, kernel, other, qemu_py=qemu_py))
         for args in compare_args:
-            variants.append(Variant(f"+ {' '.join(args)}", image, args))
+            variants.append(Variant(f"kernel arguments + {' '.join(args)}", kernel, builds[0][0], args))
         for args in compare_qemu:
-            variants.append(Variant(f"qemu {' '.join(args)}", image, qemu_args=args))
+            variants.append(Variant(f"QEMU + {' '.join(args)}", kernel, builds[0][0], qemu_args=args))
         ready = "agent-ready" if agent else "init-ready"
-        floors: dict[str, list[float]] = {
-            v.name: [] for v in variants if v.kernel_args or v.qemu_args or v.qemu_py or v is variants[0]
-        }
-        timelines: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
-        for run in range(runs):  # interleaved and rotated, so load on the machine hits every variant alike
-            for variant in variants[run % len(variants) :] + variants[: run % len(variants)]:
-                if variant.name in floors:
-                    floors[variant.name].append(await boot_floor(floor_image, work / "run", variant))
-                timelines[variant.name].append(await boot_guest(variant, work / "run", agent))
-        accel = choose_accel("auto")
-        print(f"kernel: {default_kernel()}  accelerator: {accel}  runs: {runs} (medians)")
-        print(f"image: {image.stat().st_size / 1e6:.1f} MB, built in {build_seconds:.2f} s")
+        # A floor for each variant whose machine or kernel differs from the first's.
+        has_floor = [
+            v is variants[0] or v.kernel != kernel or bool(v.kernel_args or v.qemu_args or v.qemu_py)
+            for v in variants
+        ]
+        floors: list[list[float]] = [[] for _ in variants]
+        timelines: list[list[dict[str, float]]] = [[] for _ in variants]
+        order = list(range(len(variants)))
+        for run in range(runs):  # interleaved and rotated, so load on the machine hits all alike
+            shift = run % len(order)
+            for index in order[shift:] + order[:shift]:
+                variant = variants[index]
+                if has_floor[index]:
+                    floors[index].append(await boot_floor(floor_image, work / "run", variant))
+                timelines[index].append(await boot_guest(variant, work / "run", agent))
+        print(f"accelerator: {choose_accel('auto')}  runs: {runs} (medians)")
         if not agent:
             print("note: no vminitd in this tree; a Python init printing a line stands in for the agent")
-        first = timelines[variants[0].name]
-        phases = sorted({p for t in first for p in t}, key=lambda p: statistics.median(t[p] for t in first))
-        phases += sorted({p for v in variants for t in timelines[v.name] for p in t} - set(phases))
+        for index, variant in enumerate(variants):
+            size = variant.image.stat().st_size / 1e6
+            print(f"v{index + 1}: {variant.name} (kernel {variant.kernel}, image {size:.1f} MB)")
+        width = 10
+        header = [f"v{i + 1}" for i in range(len(variants))]
+        everything = [t for per_variant in timelines for t in per_variant]
+        phases = sorted(
+            {p for t in everything for p in t},
+            key=lambda p: statistics.median(t[p] for t in everything if p in t),
+        )
         guest = [p for p in phases if p.startswith("guest-")]
         host = [p for p in phases if p not in guest]
-        width = max(12, *(len(v.name) for v in variants))
-        print(f"{'':<28}" + "".join(f"{v.name:>{width + 2}}" for v in variants))
-
-        def row(label: str, values: list[list[float]]) -> None:
-            cells = (f"{statistics.median(v):.3f}" if v else "-" for v in values)
-            print(f"{label:<28}" + "".join(f"{c:>{width + 2}}" for c in cells))
-
         for title, group in (
             ("host phase (s since QEMU's exec)", host),
             ("guest phase (s since the guest kernel started)", guest),
         ):
             if group:
-                print(title)
+                print(_row(title, header, width))
             for phase in group:
-                row(f"  {phase}", [[t[phase] for t in timelines[v.name] if phase in t] for v in variants])
-        row("floor (exec to poweroff)", [floors.get(v.name, []) for v in variants])
-        floor = statistics.median(floors[variants[0].name])
-        for variant in variants:
-            guest_ready = statistics.median(t[ready] for t in timelines[variant.name])
-            own_floor = statistics.median(floors.get(variant.name) or [floor])
-            print(f"ratio {ready} / floor ({variant.name}): {guest_ready / own_floor:.2f}")
+                cells = [_median([t[phase] for t in per_variant if phase in t]) for per_variant in timelines]
+                print(_row(f"  {phase}", cells, width))
+        print(_row("floor (exec to poweroff)", [_median(values) for values in floors], width))
+        own_floors = [values or floors[0] for values in floors]
+        ratios = [
+            statistics.median(t[ready] for t in per_variant) / statistics.median(values)
+            for per_variant, values in zip(timelines, own_floors, strict=True)
+        ]
+        print(_row(f"ratio {ready} / floor", [f"{r:.2f}" for r in ratios], width))
+        if compare_tree is not None:
+            print("note: an older tree's guest-exec may be PID 1's fork, not the exec of /init")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/boot", description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--kernel",
+        type=Path,
+        action="append",
+        help="a guest kernel to measure (repeatable; default: the newest Debian cloud kernel)",
+    )
     parser.add_argument(
         "--compare-tree",
         type=Path,
@@ -251,9 +292,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    kernels = [kernel.absolute() for kernel in args.kernel or [default_kernel()]]
+    for kernel in kernels:
+        if not kernel.is_file():
+            parser.error(f"kernel {kernel} does not exist")
     asyncio.run(
         main_async(
             args.runs,
+            kernels,
             args.compare_tree and args.compare_tree.resolve(),
             [tuple(a.split()) for a in args.compare_args],
             [tuple(a.split()) for a in args.compare_qemu],

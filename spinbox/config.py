@@ -13,7 +13,7 @@ errors that name the key, so a typo never silently means "default".
     kernel = ""               # "" = the newest /boot/vmlinuz-*-cloud-amd64
     initrd = "/var/lib/spinbox/guest/initrd.img"
     kernel_args = []          # appended to every VM's kernel command line
-    memory_overhead_mib = 192 # added to guest RAM for the scope's MemoryMax
+    memory_overhead_mib = 256 # added to guest RAM for the scope's MemoryMax (QEMU itself)
     boot_timeout = 120        # seconds until the guest agent must answer
     stop_timeout = 30         # seconds a Stop waits for an orderly shutdown
 
@@ -64,7 +64,7 @@ class VmConfig:
     kernel: str = ""
     initrd: str = str(DEFAULT_INITRD)
     kernel_args: tuple[str, ...] = ()
-    memory_overhead_mib: int = 192
+    memory_overhead_mib: int = 256
     boot_timeout: float = 120.0
     stop_timeout: float = 30.0
 

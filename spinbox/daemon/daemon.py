@@ -89,7 +89,9 @@ class Daemon:
         watchdog.cancel()
         if disconnected.done():
             log.error("lost the system bus connection")
-        # VMs outlive spinboxd: only stop watching them.
+        # VMs outlive spinboxd: only stop watching them. Half-made ones are
+        # undone while the bus (and so systemd) is still reachable.
+        await manager.abandon_creations()
         await manager.stop_all_watchers()
         for task in (stopped, disconnected):
             task.cancel()

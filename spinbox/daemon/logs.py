@@ -4,6 +4,12 @@ Each line becomes one entry with SPINBOX_VM=<id>, a SYSLOG_IDENTIFIER saying
 where it came from (qemu, spinbox-console, vminitd), a PRIORITY and
 OBJECT_SYSTEMD_UNIT=spinbox-vm-<id>.scope, which `journalctl -u <scope>`
 matches for entries logged by root.
+
+While QEMU runs, entries are sent with QEMU's pid as their credentials
+(root may name another process in SCM_CREDENTIALS): journald then files them
+under the scope itself (_SYSTEMD_UNIT, _PID, _COMM of QEMU), and they do not
+clutter `journalctl -u spinbox.service`. Otherwise (QEMU gone, or the kernel
+refuses) they go out with spinboxd's own credentials.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import contextlib
 import logging
 import os
 import re
+import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,20 +34,61 @@ _PRIORITY_PREFIX = re.compile(rb"<([0-7])>")
 QEMU_PRIORITY = 4
 CONSOLE_PRIORITY = 6
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
 Sink = Callable[[str, str, int], None]
 
 
-def journal_sink(vm_id: str, scope: str) -> Sink:
-    def send(identifier: str, message: str, priority: int) -> None:
-        journal.send(
-            message,
-            PRIORITY=str(priority),
-            SYSLOG_IDENTIFIER=identifier,
-            SPINBOX_VM=vm_id,
-            OBJECT_SYSTEMD_UNIT=scope,
-        )
+def native_entry(fields: dict[str, str]) -> bytes:
+    """Fields in journald's native protocol (a value with a newline goes length-prefixed)."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode()
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
 
-    return send
+
+class JournalSink:
+    """Writes a VM's log lines to the journal, as QEMU's when `pid` is set."""
+
+    def __init__(self, vm_id: str, scope: str, socket_path: str = JOURNAL_SOCKET) -> None:
+        self.vm_id = vm_id
+        self.scope = scope
+        self.pid = 0
+        self._path = socket_path
+        self._socket: socket.socket | None = None
+
+    def __call__(self, identifier: str, message: str, priority: int) -> None:
+        fields = {
+            "MESSAGE": message,
+            "PRIORITY": str(priority),
+            "SYSLOG_IDENTIFIER": identifier,
+            "SPINBOX_VM": self.vm_id,
+            "OBJECT_SYSTEMD_UNIT": self.scope,
+        }
+        if self.pid and self._send_as(self.pid, native_entry(fields)):
+            return
+        journal.send(**fields)
+
+    def _send_as(self, pid: int, entry: bytes) -> bool:
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket.connect(self._path)
+            credentials = struct.pack("3i", pid, os.getuid(), os.getgid())
+            self._socket.sendmsg([entry], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, credentials)])
+        except OSError:
+            # E.g. QEMU exited a moment ago (ESRCH) or no CAP_SYS_ADMIN (EPERM).
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
 
 # Terminal escapes (firmware and bootloaders draw with them) and other
@@ -62,7 +111,7 @@ def split_priority(raw: bytes, default: int = 6) -> tuple[int, bytes]:
 class LogForwarder:
     """Forwards QEMU's stderr FIFO, the serial console and vminitd's log port."""
 
-    def __init__(self, sink: Sink, fifo: Path) -> None:
+    def __init__(self, sink: JournalSink, fifo: Path) -> None:
         self.sink = sink
         self.fifo = fifo
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,6 +167,7 @@ class LogForwarder:
         if drain and self._tasks:
             await asyncio.wait(self._tasks, timeout=drain)
         self._stop_fifo()
+        self.sink.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
-from spinbox.daemon.logs import LogForwarder, journal_sink
+from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.process import pid_alive
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
@@ -49,7 +49,6 @@ class Vm:
     machine: Machine
     rootfs: Rootfs | None
     forwarder: LogForwarder
-    adopted: bool = False
     finished: asyncio.Future[None] | None = None
     exit_task: asyncio.Task[None] | None = None
 
@@ -84,6 +83,7 @@ class VmManager:
         self.vms: dict[str, Vm] = {}
         self.publisher: Publisher | None = None
         self._reserved: set[str] = set()
+        self._creating: set[asyncio.Task[Any]] = set()
         self._on_count_changed = on_count_changed
 
     # -- queries ------------------------------------------------------------
@@ -121,15 +121,22 @@ class VmManager:
         if runtime_dir.exists():
             raise AlreadyExists(f"VM {vm_id!r} already exists (state in {runtime_dir})")
         self._reserved.add(vm_id)
+        task = asyncio.current_task()
+        if task is not None:
+            self._creating.add(task)
         try:
             return await self._create(request, runtime_dir)
         except SpinboxError:
             raise
         except Exception as e:
             log.exception("creating VM %s failed", vm_id)
-            raise Failed(f"VM {vm_id!r} could not be created: {e}") from None
+            raise Failed(
+                f"VM {vm_id!r} could not be created: {e} (its logs: journalctl -u {scope_name(vm_id)})"
+            ) from None
         finally:
             self._reserved.discard(vm_id)
+            if task is not None:
+                self._creating.discard(task)
 
     async def _create(self, request: VmRequest, runtime_dir: Path) -> Vm:
         vm_id = request.id
@@ -186,7 +193,7 @@ class VmManager:
             undo.callback(network.close)
             mark("network")
 
-            forwarder = LogForwarder(journal_sink(vm_id, scope), qemu_log_fifo(runtime_dir))
+            forwarder = LogForwarder(JournalSink(vm_id, scope), qemu_log_fifo(runtime_dir))
             make_fifo(qemu_log_fifo(runtime_dir))
             forwarder.start_fifo()
             undo.push_async_callback(forwarder.stop)
@@ -194,12 +201,15 @@ class VmManager:
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            # Undone in reverse: QEMU killed, then its pid no longer named in logs.
+            undo.callback(setattr, forwarder.sink, "pid", 0)
             undo.push_async_callback(machine.kill)
             network.close()
             mark("qemu-started")
             state.pid = machine.pid
             state.save(runtime_dir)
 
+            forwarder.sink.pid = machine.pid
             forwarder.start_sockets(machine.console_socket, machine.log_socket)
 
             await machine.wait_ready(self.config.vm.boot_timeout)
@@ -220,7 +230,8 @@ class VmManager:
         return vm
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
-        forwarder = LogForwarder(journal_sink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))
+        forwarder = LogForwarder(JournalSink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))
+        forwarder.sink.pid = machine.pid
         forwarder.start_fifo()
         forwarder.start_sockets(machine.console_socket, machine.log_socket)
         return forwarder
@@ -228,6 +239,8 @@ class VmManager:
     def _adopt(self, vm: Vm) -> None:
         loop = asyncio.get_running_loop()
         vm.finished = loop.create_future()
+        # Nobody may be waiting when a VM ends by itself; its failure is logged.
+        vm.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.vms[vm.id] = vm
         vm.exit_task = loop.create_task(self._watch_exit(vm))
         if self.publisher is not None:
@@ -262,11 +275,15 @@ class VmManager:
         """Shut the VM down (orderly unless `force`); returns once everything is released."""
         assert vm.finished is not None
         if vm.phase not in ("stopping", "stopped"):
+            was_paused = vm.phase == "paused"
             self._set_phase(vm, "stopping")
             try:
                 if force:
                     await vm.machine.kill()
                 else:
+                    if was_paused:
+                        # Only a running guest can shut down in order.
+                        await vm.machine.resume()
                     if vm.rootfs is not None:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(
@@ -284,6 +301,8 @@ class VmManager:
         assert vm.finished is not None
         try:
             await vm.machine.wait_exit()
+            # From here on the pid may be another process's.
+            vm.forwarder.sink.pid = 0
             log.info("QEMU of VM %s (pid %d) has exited", vm.id, vm.state.pid)
             await self._release(vm)
         except Exception as e:
@@ -328,6 +347,14 @@ class VmManager:
         if errors:
             raise Failed("; ".join(errors))
 
+    async def abandon_creations(self, timeout: float = 30) -> None:  # noqa: ASYNC109
+        """At spinboxd exit: give up VMs still being created, undoing what they took."""
+        tasks = set(self._creating)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
     async def stop_all_watchers(self) -> None:
         """At spinboxd exit: stop watching (the VMs keep running)."""
         for vm in list(self.vms.values()):
@@ -370,7 +397,7 @@ class VmManager:
             rootfs = None
             if state.storage_dir:
                 rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
-            vm = Vm(state, directory, machine, rootfs, forwarder, adopted=True)
+            vm = Vm(state, directory, machine, rootfs, forwarder)
             self._adopt(vm)
             log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
@@ -22,6 +23,12 @@ from tests.integration.daemon.spinboxd import (
 )
 
 NOBODY = 65534
+POLKIT_GRANTS_NOBODY = """polkit.addRule(function(action, subject) {
+    if (action.id == "org.spinstack.spinbox.manage" && subject.user == "nobody") {
+        return polkit.Result.YES;
+    }
+});
+"""
 NOBODY_MAY_CALL = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
@@ -106,35 +113,55 @@ def test_non_root_may_not_create(spinbox: PrivateSystemd) -> None:
     assert leftovers(spinbox) == {"scopes": [], "qemu": [], "files": [], "netns": []}
 
 
-def test_spinboxd_itself_denies_non_root_without_polkit_grant(spinbox: PrivateSystemd) -> None:
-    # Let nobody past the bus policy, so the call reaches spinboxd's own check
-    # (root, else polkit's org.spinstack.spinbox.manage, which nobody lacks).
+def test_polkit_decides_for_callers_the_bus_policy_lets_through(spinbox: PrivateSystemd) -> None:
+    # Let nobody past the bus policy, so the call reaches spinboxd's own check:
+    # root, else polkit's org.spinstack.spinbox.manage.
     policy = "/etc/dbus-1/system.d/spinbox-test-nobody.conf"
+    rule = "/etc/polkit-1/rules.d/50-spinbox-test.rules"
     spinbox.write_file(policy, NOBODY_MAY_CALL)
     reload = ("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "ReloadConfig")
     busctl(spinbox, *reload)
     script = (
         "import asyncio, sys\n"
-        "from dbus_fast import BusType, Message\n"
+        "from dbus_fast import BusType, Message, Variant\n"
         "from dbus_fast.aio.message_bus import MessageBus\n"
         "async def main():\n"
         "    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()\n"
         "    reply = await bus.call(Message(destination='org.spinstack.Spinbox',\n"
         "        path='/org/spinstack/Spinbox', interface='org.spinstack.Spinbox.Manager',\n"
         "        member='CreateVM', signature='sa{sv}',\n"
-        "        body=['denied', {}]))\n"
+        "        body=['nobodys', {'colour': Variant('s', 'blue')}]))\n"
         "    print(reply.error_name, reply.body)\n"
         "asyncio.run(main())\n"
     )
+
+    def create_as_nobody() -> str:
+        argv = (
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            str(PYTHON),
+            "-c",
+            script,
+        )
+        return spinbox.run(*argv).stdout
+
     try:
-        result = spinbox.run(
-            "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(PYTHON), "-c", script
+        denied = create_as_nobody()
+        assert denied.startswith("org.freedesktop.DBus.Error.AccessDenied")
+        assert "uid 65534 is not authorized for org.spinstack.spinbox.manage" in denied
+        # A polkit rule that grants the action: now the request itself is judged.
+        spinbox.write_file(rule, POLKIT_GRANTS_NOBODY)
+        spinbox.wait_for(
+            "polkit to grant the action",
+            lambda: create_as_nobody().startswith("org.spinstack.Spinbox.Error.InvalidArgument"),
         )
     finally:
         spinbox.path(policy).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            spinbox.path(rule).unlink()
         busctl(spinbox, *reload)
-    assert result.stdout.startswith("org.freedesktop.DBus.Error.AccessDenied")
-    assert "CreateVM is denied" in result.stdout
     assert leftovers(spinbox) == {"scopes": [], "qemu": [], "files": [], "netns": []}
 
 
@@ -158,3 +185,17 @@ def test_malformed_options_get_invalid_argument(spinbox: PrivateSystemd, args: l
 def test_unknown_vm_is_not_found(spinbox: PrivateSystemd) -> None:
     result = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "ghost", check=False)
     assert "there is no VM 'ghost'" in result.stderr
+
+
+def test_a_call_starts_the_service_by_bus_activation(spinbox: PrivateSystemd) -> None:
+    spinbox.systemctl("stop", "spinbox.service")
+    assert get_property(spinbox, MANAGER_PATH, MANAGER_IFACE, "Version")
+    assert spinbox.unit_property("spinbox.service", "ActiveState") == "active"
+
+
+def test_spinboxctl_check_reports_the_host(spinbox: PrivateSystemd) -> None:
+    result = spinbox.run("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", "check", check=False)
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:]}
+    assert rows["spinboxd"] == "ok"
+    assert rows["qemu"] == "ok"
+    assert rows["accelerator"] == "ok"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from spinbox.config import VmConfig
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
     BUS,
+    CONFIG,
     MANAGER_IFACE,
     MANAGER_PATH,
     PYTHON,
@@ -86,6 +88,11 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
         assert ("vminitd", "vm-a") in sources
         vminitd = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "vminitd"]
         assert any("agent listening" in e["MESSAGE"] for e in vminitd)
+        # Filed under the scope itself (sent with QEMU's pid), not under spinbox.service.
+        forwarded = [e for e in entries if e.get("SPINBOX_VM") == "vm-a"]
+        assert {e.get("_SYSTEMD_UNIT") for e in forwarded} == {scope}
+        assert {e.get("_PID") for e in forwarded} == {str(pid)}
+        assert "agent listening" not in spinbox.journal("-u", "spinbox.service", "-o", "cat")
 
         timeline = get_property(spinbox, path, VM_IFACE, "BootTimeline")
         assert isinstance(timeline, dict)
@@ -108,7 +115,13 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
 
 
 def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
-    path = create(spinbox, "vm-r")
+    with snapshot(spinbox, "r") as rootfs:
+        restart_and_stop(spinbox, create(spinbox, "vm-r", rootfs))
+    assert no_layer_references(spinbox)
+
+
+def restart_and_stop(spinbox: PrivateSystemd, path: str) -> None:
+    rootfs = get_property(spinbox, path, VM_IFACE, "RootfsPath")
     pid = get_property(spinbox, path, VM_IFACE, "Pid")
     spinbox.systemctl("restart", "spinbox.service")
     assert spinbox.unit_property("spinbox.service", "StatusText") == "1 VM running"
@@ -117,6 +130,7 @@ def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
     )
     assert get_property(spinbox, path, VM_IFACE, "Pid") == pid
     assert get_property(spinbox, path, VM_IFACE, "State") == "running"
+    assert get_property(spinbox, path, VM_IFACE, "RootfsPath") == rootfs
     assert spinbox.path(f"/proc/{pid}").exists()
     restarted = spinbox.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:26]
     stop(spinbox, path)
@@ -189,27 +203,60 @@ def test_a_crash_during_create_is_cleaned_up_when_spinboxd_comes_back(spinbox: P
     assert leftovers(spinbox) == NOTHING
 
 
-def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
-    snapshots = "/var/lib/containerd/spinbox-test"
-    spinbox.run("mkdir", "-p", f"{snapshots}/1/fs/etc", f"{snapshots}/2/fs", f"{snapshots}/2/work")
-    spinbox.write_file(f"{snapshots}/1/fs/etc/hostname", "layer\n")
-    mount = ["overlay", "overlay", "", "3", f"workdir={snapshots}/2/work", f"upperdir={snapshots}/2/fs",
-             f"lowerdir={snapshots}/1/fs"]  # fmt: skip
+def test_stopping_spinboxd_during_a_create_undoes_it(spinbox: PrivateSystemd) -> None:
+    call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", "vm-stop", "0")
+    client = spinbox.popen("busctl", "--timeout=300", *call, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        path = create(spinbox, "vm-fs", ("rootfs", "a(sssas)", "1", *mount), ("container-id", "s", "box"))
-        rootfs = get_property(spinbox, path, VM_IFACE, "RootfsPath")
-        assert isinstance(rootfs, str) and rootfs.startswith("/")
+        spinbox.wait_for(
+            "the VM's scope",
+            lambda: spinbox.unit_property("spinbox-vm-vm-stop.scope", "ActiveState") == "active",
+        )
+        spinbox.systemctl("stop", "spinbox.service")
+        _, err = client.communicate(timeout=60)
+        assert spinbox.unit_property("spinbox.service", "Result") == "success"
+        assert b"Call failed" in err
+        # Undone by the stopping spinboxd itself, not by the next one.
+        assert leftovers(spinbox) == NOTHING
+    finally:
+        client.kill()
+        spinbox.systemctl("start", "spinbox.service")
+
+
+@contextlib.contextmanager
+def snapshot(systemd: PrivateSystemd, name: str) -> Iterator[tuple[str, ...]]:
+    """An overlayfs snapshot as containerd mounts it; yields the CreateVM "rootfs" option."""
+    root = f"/var/lib/containerd/spinbox-test-{name}"
+    systemd.run("mkdir", "-p", f"{root}/1/fs/etc", f"{root}/2/fs", f"{root}/2/work")
+    systemd.write_file(f"{root}/1/fs/etc/hostname", "layer\n")
+    mount = ("overlay", "overlay", "", "3", f"workdir={root}/2/work", f"upperdir={root}/2/fs",
+             f"lowerdir={root}/1/fs")  # fmt: skip
+    try:
+        yield ("rootfs", "a(sssas)", "1", *mount)
+    finally:
+        systemd.run("rm", "-rf", root)
+
+
+def no_layer_references(systemd: PrivateSystemd) -> bool:
+    refs = systemd.path("/var/lib/spinbox/layers/refs")
+    return not refs.exists() or not any(refs.rglob("*.ref"))
+
+
+def test_rootfs_is_mounted_synced_and_released(spinbox: PrivateSystemd) -> None:
+    with snapshot(spinbox, "fs") as rootfs:
+        path = create(spinbox, "vm-fs", rootfs, ("container-id", "s", "box"))
+        assert str(get_property(spinbox, path, VM_IFACE, "RootfsPath")).startswith("/")
         busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
         assert get_property(spinbox, path, VM_IFACE, "State") == "paused"
         busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
         assert get_property(spinbox, path, VM_IFACE, "State") == "running"
         busctl(spinbox, "call", BUS, path, VM_IFACE, "SyncRootfs")
+        # A paused VM is resumed to stop in order (it unmounts and syncs first).
+        busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
         stop(spinbox, path)
-    finally:
-        spinbox.run("rm", "-rf", snapshots)
+    vminitd = spinbox.journal("-u", "spinbox-vm-vm-fs.scope", "-t", "vminitd", "-o", "cat")
+    assert "unmounted the rootfs of container box" in vminitd
     assert leftovers(spinbox) == NOTHING
-    refs = spinbox.path("/var/lib/spinbox/layers/refs")
-    assert not refs.exists() or not any(refs.rglob("*.ref")), sorted(refs.rglob("*"))
+    assert no_layer_references(spinbox)
 
 
 def test_a_prepared_network_namespace_is_used_and_removed(spinbox: PrivateSystemd) -> None:
@@ -242,3 +289,19 @@ def test_twenty_create_stop_cycles_leave_nothing(spinbox: PrivateSystemd) -> Non
     for directory in ("/var/lib/spinbox/vms", "/run/spinbox/net", "/run/spinbox/netns", "/run/spinbox/cid"):
         found = spinbox.path(directory)
         assert not found.exists() or not any(found.iterdir()), directory
+
+
+def test_a_guest_that_never_comes_up_fails_the_create_and_leaves_nothing(spinbox: PrivateSystemd) -> None:
+    config = spinbox.path(CONFIG).read_text()
+    # Not an initramfs: the kernel finds no init, panics, and QEMU exits.
+    spinbox.write_file(CONFIG, '[vm]\ninitrd = "/etc/hostname"\n')
+    spinbox.systemctl("restart", "spinbox.service")
+    try:
+        error = create(spinbox, "vm-bad", check=False)
+    finally:
+        spinbox.write_file(CONFIG, config)
+        spinbox.systemctl("restart", "spinbox.service")
+    assert "VM 'vm-bad' could not be created" in error
+    assert "journalctl -u spinbox-vm-vm-bad.scope" in error
+    assert "Kernel panic" in spinbox.journal("-u", "spinbox-vm-vm-bad.scope", "-o", "cat")
+    assert leftovers(spinbox) == NOTHING

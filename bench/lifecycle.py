@@ -1,0 +1,226 @@
+"""bench/lifecycle: a container's whole life (`ctr run --rm IMAGE true`) in a
+spinbox VM, against runc measured in the same run.
+
+- spinbox: containerd 1.6 and spinbox.service (this tree) inside the tests'
+  private systemd; spinboxd's boot timeline of each VM splits the wall time
+  into guest boot (QEMU started to agent ready) and everything else, the
+  host-side share that the shim, spinboxd and containerd account for.
+- runc: Debian's containerd 1.6 with runc, outside the private systemd (runc
+  needs cgroup controllers that namespace lacks), with its own root, state
+  and socket under a temporary directory.
+- the shim: its resident memory while serving one container, and the wall
+  time of `containerd-shim-spinbox-v1 start` against a bare `python -c pass`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TOP))
+
+from tests.e2e.stack import BUILDS, IMAGE, RUNTIME, Containerd, spinbox_stack  # noqa: E402
+from tests.harness.fixtures import artifacts_dir  # noqa: E402
+from tests.harness.oci import build_image  # noqa: E402
+from tests.harness.systemd import PrivateSystemd  # noqa: E402
+
+PYTHON = Path(os.environ.get("VENV", TOP / ".venv")) / "bin" / "python"
+BUS = "org.spinstack.Spinbox"
+
+
+def guest_image() -> Path:
+    from guest.mkguest.image import ImageConfig, build
+    from spinbox.vm.spec import default_kernel
+
+    output = artifacts_dir() / "guest" / "initrd.img"
+    build(ImageConfig(kernel_version=default_kernel().name.removeprefix("vmlinuz-")), output)
+    return output
+
+
+def timed(argv: list[str]) -> float:
+    start = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return elapsed
+
+
+async def watch_timelines(bus_address: str, found: dict[str, dict[str, float]], stop: asyncio.Event) -> None:
+    """Reads the boot timeline of every VM that exists while the runs go on."""
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio.message_bus import MessageBus
+
+    bus = await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
+    try:
+        while not stop.is_set():
+            reply = await bus.call(
+                Message(destination=BUS, path="/org/spinstack/Spinbox",
+                        interface="org.spinstack.Spinbox.Manager", member="ListVMs")
+            )  # fmt: skip
+            for path in reply.body[0] if reply and reply.body else []:
+                props = await bus.call(
+                    Message(destination=BUS, path=path, interface="org.freedesktop.DBus.Properties",
+                            member="Get", signature="ss", body=["org.spinstack.Spinbox.VM", "BootTimeline"])
+                )  # fmt: skip
+                # The VM may be gone already (an error reply).
+                if props is None or props.message_type != MessageType.METHOD_RETURN:
+                    continue
+                if "agent-ready" in props.body[0].value:
+                    found[path] = dict(props.body[0].value)
+            await asyncio.sleep(0.05)
+    finally:
+        bus.disconnect()
+
+
+async def spinbox_runs(
+    systemd: PrivateSystemd, containerd: Containerd, runs: int
+) -> tuple[list[float], list[float]]:
+    found: dict[str, dict[str, float]] = {}
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_timelines(systemd.bus_address, found, stop))
+    walls = []
+    for n in range(runs):
+        argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, f"bench{n}", "true")
+        walls.append(await asyncio.to_thread(timed, argv))
+    stop.set()
+    await watcher
+    return walls, list(found.values())
+
+
+def shim_rss_kib(systemd: PrivateSystemd, containerd: Containerd) -> int:
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "bench-rss", "sleep", "600")
+    try:
+        (pid,) = systemd.processes("spinbox.shim .*-id bench-rss")
+        status = systemd.run("cat", f"/proc/{pid}/status").stdout
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    finally:
+        containerd.ctr("task", "kill", "-s", "KILL", "bench-rss", check=False)
+        systemd.wait_for(
+            "bench-rss to stop", lambda: containerd.tasks().get("bench-rss") != "RUNNING", timeout=60
+        )
+        containerd.ctr("task", "delete", "bench-rss", check=False)
+        containerd.ctr("container", "delete", "bench-rss", check=False)
+
+
+@contextlib.contextmanager
+def host_containerd(work: Path, image: Path) -> Iterator[list[str]]:
+    """Debian's containerd on the host with a private root; yields the ctr argv prefix."""
+    address = work / "containerd.sock"
+    config = work / "config.toml"
+    config.write_text(
+        f'version = 2\nroot = "{work}/root"\nstate = "{work}/state"\n'
+        f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{address}"\n'
+    )
+    log = (work / "containerd.log").open("wb")
+    daemon = subprocess.Popen(
+        ["containerd", "--config", str(config)], stdout=log, stderr=log, start_new_session=True
+    )
+    ctr = ["ctr", "--address", str(address)]
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([*ctr, "version"], capture_output=True, check=False).returncode != 0:
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit(f"the host containerd did not start; see {work}/containerd.log")
+            time.sleep(0.1)
+        subprocess.run([*ctr, "images", "import", str(image)], capture_output=True, check=True)
+        yield ctr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+        subprocess.run(["umount", "-R", str(work / "state")], capture_output=True, check=False)
+
+
+def start_path(runs: int) -> tuple[list[float], list[float]]:
+    """`containerd-shim-spinbox-v1 start` (lean start-up, bind, spawn the
+    server) and a bare interpreter, each run in a fresh bundle."""
+    env = dict(os.environ, PYTHONPATH=str(TOP))
+    starts, bare = [], []
+    with tempfile.TemporaryDirectory(prefix="spinbox-bench-start-") as tmp:
+        env["SPINBOX_SHIM_SOCKET_DIR"] = f"{tmp}/s"
+        for n in range(runs):
+            bundle = Path(tmp) / f"b{n}"
+            bundle.mkdir()
+            (bundle / "config.json").write_text("{}")
+            argv = [str(PYTHON), "-m", "spinbox.shim", "-namespace", "bench", "-id", f"s{n}",
+                    "-address", f"{tmp}/none.sock", "start"]  # fmt: skip
+            begin = time.monotonic()
+            subprocess.run(argv, cwd=bundle, env=env, capture_output=True, check=True)
+            starts.append(time.monotonic() - begin)
+            bare.append(timed([str(PYTHON), "-c", "pass"]))
+        # The servers `start` launched: each names its socket under tmp.
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                if proc.name.isdigit() and f"{tmp}/s/".encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGTERM)
+    return starts, bare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench/lifecycle", description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/lifecycle runs containerd and VMs: run it as root")
+    image = build_image(artifacts_dir() / "images" / "busybox.tar")
+    initrd = guest_image()
+
+    with (
+        tempfile.TemporaryDirectory(prefix="spinbox-bench-runc-") as tmp,
+        host_containerd(Path(tmp), image) as ctr,
+    ):
+        runc = [timed([*ctr, "run", "--rm", IMAGE, f"runc{n}", "true"]) for n in range(args.runs)]
+
+    with PrivateSystemd.booted(artifacts_dir() / "logs") as systemd, spinbox_stack(systemd, initrd):
+        containerd = Containerd(systemd, BUILDS["1.6"])
+        containerd.start()
+        try:
+            walls, timelines = asyncio.run(spinbox_runs(systemd, containerd, args.runs))
+            rss = shim_rss_kib(systemd, containerd)
+        finally:
+            containerd.stop()
+
+    starts, bare = start_path(max(args.runs, 5))
+    spinbox_s, runc_s = statistics.median(walls), statistics.median(runc)
+    boots = [t["agent-ready"] - t["qemu-started"] for t in timelines if "qemu-started" in t]
+    boot_s = statistics.median(boots) if boots else float("nan")
+    print(f"ctr run --rm IMAGE true, {args.runs} runs each (medians); containerd 1.6, TCG guests")
+    print(f"{'':<44}{'seconds':>10}")
+    print(f"{'runc':<44}{runc_s:>10.3f}")
+    print(f"{'spinbox':<44}{spinbox_s:>10.3f}")
+    print(f"{'  guest boot (qemu to agent)':<44}{boot_s:>10.3f}")
+    print(f"{'  host-side (all but guest boot)':<44}{spinbox_s - boot_s:>10.3f}")
+    phases = sorted(
+        {phase for t in timelines for phase in t},
+        key=lambda p: statistics.median(t[p] for t in timelines if p in t),
+    )
+    for phase in phases:
+        at = statistics.median(t[phase] for t in timelines if phase in t)
+        print(f"{'    CreateVM to ' + phase:<44}{at:>10.3f}")
+    print(f"ratio spinbox / runc: {spinbox_s / runc_s:.1f}")
+    print(f"host-side share of spinbox's wall time: {(spinbox_s - boot_s) / spinbox_s:.0%}")
+    print(f"shim RSS serving one container: {rss / 1024:.1f} MiB")
+    print(
+        f"shim start path: {statistics.median(starts) * 1000:.0f} ms "
+        f"(bare python -c pass: {statistics.median(bare) * 1000:.0f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()

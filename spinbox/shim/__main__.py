@@ -1,0 +1,55 @@
+"""The shim binary. containerd runs it as
+`containerd-shim-spinbox-v1 -namespace NS -address ADDR -publish-binary BIN -id ID
+[-bundle DIR] [-debug] start|delete`
+and the long-lived server is the same binary with no action, its listener on fd 3.
+
+Imports are kept to the standard library until an action needs more:
+`start` runs once per container and its start-up time is the user's wait.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from spinbox.shim.options import USAGE, ShimOptions, UsageError, parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        print(f"containerd-shim-spinbox-v1: {error}\n\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    if options.help:
+        print(USAGE, end="")
+        return 0
+    if options.info:
+        # containerd 2.x asks runtimes for their features; spinbox has no options to report.
+        print("containerd-shim-spinbox-v1: -info is not supported", file=sys.stderr)
+        return 2
+    if options.version:
+        from spinbox import __version__
+
+        print(f"containerd-shim-spinbox-v1:\n  Version: {__version__}\n  Runtime: io.containerd.spinbox.v1")
+        return 0
+    return run(options)
+
+
+def run(options: ShimOptions) -> int:
+    if options.action == "start":
+        from spinbox.shim.bootstrap import start
+
+        return start(options)
+    if options.action == "delete":
+        from spinbox.shim.cleanup import delete
+
+        return delete(options)
+    from spinbox.shim.server import serve
+
+    return serve(options)
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main())

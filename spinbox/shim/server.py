@@ -1,0 +1,113 @@
+"""The long-lived shim: serves the Task API on the listener containerd's
+`start` handed over as fd 3, until Shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from spinbox.shim.options import ShimOptions
+
+log = logging.getLogger("spinbox.shim")
+
+LISTENER_FD = 3
+
+
+def redirect_logs_to_containerd(bundle: Path, debug: bool) -> None:
+    """containerd reads the `log` FIFO in the bundle and puts its lines in its
+    own log; without it (or without a reader) logs go nowhere."""
+    try:
+        fd = os.open(bundle / "log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENXIO):
+            raise
+    else:
+        os.set_blocking(fd, True)
+        os.dup2(fd, 2)
+        os.close(fd)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="spinbox-shim %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def ttrpc_handler(handler: Callable[[Any], Awaitable[Message]]) -> Callable[[Any, Any], Awaitable[Message]]:
+    """Turns the service's named errors into ttrpc statuses."""
+    from spinbox.shim.errors import ShimError
+    from spinbox.shim.service import _spinboxd_error
+    from spinbox.shim.spinboxd import SpinboxdError
+    from spinbox.ttrpc import Code, TtrpcError
+
+    async def handle(request: Any, ctx: Any) -> Message:
+        try:
+            return await handler(request)
+        except ShimError as error:
+            raise TtrpcError(Code[error.code], error.message) from None
+        except SpinboxdError as error:
+            mapped = _spinboxd_error(error, "spinboxd")
+            raise TtrpcError(Code[mapped.code], mapped.message) from None
+
+    return handle
+
+
+async def _serve(options: ShimOptions, listener: socket.socket) -> None:
+    from spinbox.shim.events import EventPublisher, TtrpcEventSender
+    from spinbox.shim.protos import TASK_SERVICES
+    from spinbox.shim.service import TaskService
+    from spinbox.shim.spinboxd import Spinboxd
+    from spinbox.ttrpc import Server
+    from spinbox.vm.agent import AgentClient
+
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, done.set)
+    sender = TtrpcEventSender(options.ttrpc_address, options.namespace)
+    publisher = EventPublisher(options.namespace, sender)
+    service = TaskService(
+        options.namespace,
+        publisher,
+        connect_spinboxd=Spinboxd.connect,
+        connect_agent=AgentClient.connect,
+        on_shutdown=done.set,
+    )
+    server = Server()
+    for service_name in TASK_SERVICES:
+        for method, (request_type, handler) in service.methods().items():
+            server.add_unary(service_name, method, request_type, ttrpc_handler(handler))
+    await server.serve_socket(listener)
+    log.info("serving task %s in namespace %s", options.id, options.namespace)
+    await done.wait()
+    # The reply to Shutdown goes out before the socket closes.
+    await asyncio.sleep(0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(publisher.close(), 10)
+    await sender.close()
+    await server.close()
+
+
+def serve(options: ShimOptions) -> int:
+    bundle = Path(options.bundle or os.getcwd())
+    redirect_logs_to_containerd(bundle, options.debug)
+    try:
+        listener = socket.socket(fileno=LISTENER_FD)
+    except OSError as error:
+        log.error("no listening socket on fd %d: run me through `start`: %s", LISTENER_FD, error)
+        return 1
+    try:
+        asyncio.run(_serve(options, listener))
+    finally:
+        if options.socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(options.socket)
+    return 0

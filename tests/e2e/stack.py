@@ -1,0 +1,228 @@
+"""spinbox's whole stack inside the private systemd: spinbox.service from this
+tree, the shim on PATH through a wrapper, and containerd (Debian's 1.6 or the
+2.x under /opt/spinbox-test) as a unit with the busybox test image imported."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.fixtures import artifacts_dir
+from tests.harness.oci import DEFAULT_REFERENCE, build_image
+from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import PYTHON, TOP, installed
+
+IMAGE = DEFAULT_REFERENCE
+RUNTIME = "io.containerd.spinbox.v1"
+SHIM_WRAPPER = "/usr/local/bin/containerd-shim-spinbox-v1"
+CONTAINERD2 = Path("/opt/spinbox-test/containerd2/usr/bin")
+NERDCTL = Path("/opt/spinbox-test/bin/nerdctl")
+
+
+@dataclass(frozen=True)
+class ContainerdBuild:
+    name: str  # "1.6" or "2.x"
+    bin_dir: Path
+
+    @property
+    def available(self) -> bool:
+        return (self.bin_dir / "containerd").exists() and (self.bin_dir / "ctr").exists()
+
+
+BUILDS = {
+    "1.6": ContainerdBuild("1.6", Path("/usr/bin")),
+    "2.x": ContainerdBuild("2.x", CONTAINERD2),
+}
+
+CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{address}"
+"""
+
+UNIT = """[Unit]
+Description=containerd {name} for spinbox's end-to-end tests
+After=spinbox.service
+
+[Service]
+ExecStart={binary} --config {config}
+Environment=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+Type=simple
+Delegate=yes
+KillMode=process
+"""
+
+
+class Containerd:
+    """One containerd unit inside the private systemd, and its clients."""
+
+    def __init__(self, systemd: PrivateSystemd, build: ContainerdBuild) -> None:
+        self.systemd = systemd
+        self.build = build
+        tag = build.name.replace(".", "")
+        self.unit = f"containerd-e2e-{tag}.service"
+        self.root = f"/var/lib/containerd/e2e-{tag}"
+        self.state = f"/run/containerd-e2e-{tag}"
+        self.address = f"{self.state}/containerd.sock"
+        self.config = f"/etc/containerd/e2e-{tag}.toml"
+
+    def start(self) -> None:
+        self.systemd.write_file(
+            self.config, CONFIG.format(root=self.root, state=self.state, address=self.address)
+        )
+        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
+        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
+        self.systemd.daemon_reload()
+        self.systemd.systemctl("start", self.unit)
+        self.systemd.wait_for(
+            f"{self.unit} to serve", lambda: self.ctr("version", check=False).returncode == 0
+        )
+        image = build_image(artifacts_dir() / "images" / "busybox.tar")
+        self.ctr("images", "import", str(image))
+
+    def stop(self) -> None:
+        self.systemd.systemctl("stop", self.unit, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            self.systemd.path(f"/etc/systemd/system/{self.unit}").unlink()
+        self.systemd.daemon_reload()
+
+    def ctr(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return self.systemd.run(
+            str(self.build.bin_dir / "ctr"), "--address", self.address, *args,
+            check=check, input=input, timeout=timeout,
+        )  # fmt: skip
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        return self.systemd.nsenter(str(self.build.bin_dir / "ctr"), "--address", self.address, *args)
+
+    def run_bytes(
+        self, *args: str, stdin: bytes = b"", timeout: float = 300
+    ) -> subprocess.CompletedProcess[bytes]:
+        """`ctr ARGS` with binary stdin and stdout."""
+        return subprocess.run(
+            self.ctr_argv(*args), input=stdin, capture_output=True, timeout=timeout, check=False
+        )
+
+    def in_pty(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`ctr ARGS` with a terminal of its own (for -t), through script(1)."""
+        command = shlex.join(self.ctr_argv(*args)[len(self.systemd.nsenter()) :])
+        return self.systemd.run("script", "-qec", command, "/dev/null", check=False)
+
+    @contextlib.contextmanager
+    def events(self) -> Iterator[list[tuple[str, dict[str, object]]]]:
+        """`ctr events` while the block runs; afterwards the list holds (topic, event) pairs."""
+        received: list[tuple[str, dict[str, object]]] = []
+        # ctr runs under nsenter's child: it prints its pid inside the namespace to be stopped there.
+        ctr = shlex.join([str(self.build.bin_dir / "ctr"), "--address", self.address, "events"])
+        watcher = subprocess.Popen(
+            self.systemd.nsenter("sh", "-c", f"echo $$; exec {ctr}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert watcher.stdout is not None
+        pid = watcher.stdout.readline().strip()
+        try:
+            # Once containerd answers this, `ctr events` has had time to subscribe.
+            self.ctr("version")
+            yield received
+            time.sleep(1)  # events already published may still be on their way
+        finally:
+            self.systemd.run("kill", pid, check=False)
+            output, _ = watcher.communicate(timeout=30)
+        for line in output.splitlines():
+            # 2026-11-30 09:59:40.169 +0000 UTC default /tasks/create {...}
+            parts = line.split(" ", 6)
+            if len(parts) == 7:
+                received.append((parts[5], json.loads(parts[6])))
+
+    def tasks(self) -> dict[str, str]:
+        """Task id -> status, from `ctr task ls`."""
+        lines = self.ctr("task", "ls").stdout.splitlines()[1:]
+        return {line.split()[0]: line.split()[-1] for line in lines if line.strip()}
+
+
+def task_topics(events: list[tuple[str, dict[str, object]]], container_id: str) -> list[str]:
+    """The /tasks/* topics about one container, in the order containerd got
+    them; those about an exec end in `:<exec id>`."""
+    topics = []
+    for topic, event in events:
+        if not topic.startswith("/tasks/") or event.get("container_id") != container_id:
+            continue
+        process = event.get("exec_id") or event.get("id") or container_id
+        topics.append(topic if process == container_id else f"{topic}:{process}")
+    return topics
+
+
+def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, object]:
+    """Everything a finished container may leave behind."""
+    units = systemd.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "spinbox-vm-*").stdout
+    vm_dir = systemd.path("/run/spinbox/vm")
+    shims = [p for p in systemd.processes("spinbox.shim") if p]
+    return {
+        "scopes": [line.split()[0] for line in units.splitlines() if line.strip()],
+        "qemu": systemd.processes("qemu-system"),
+        "vm-files": sorted(str(p) for p in vm_dir.rglob("*")) if vm_dir.exists() else [],
+        "shims": shims,
+        "tasks": containerd.ctr("task", "ls", "-q").stdout.split(),
+        "containers": containerd.ctr("containers", "ls", "-q").stdout.split(),
+        "shim-sockets": sorted(p.name for p in systemd.path("/run/containerd/s").glob("*")),
+        "netns": sorted(p.name for p in systemd.path("/run/netns").glob("spinbox-*")),
+        "fifos": sorted(str(p) for p in systemd.path("/run/containerd/fifo").rglob("*")),
+        "mounts": [
+            target
+            for target in systemd.run("findmnt", "-rn", "-o", "TARGET").stdout.split()
+            if target.startswith(("/run/spinbox/", "/var/lib/spinbox/")) or ".runtime.v2.task/" in target
+        ],
+    }
+
+
+NOTHING_LEFT = {
+    "scopes": [],
+    "qemu": [],
+    "vm-files": [],
+    "shims": [],
+    "tasks": [],
+    "containers": [],
+    "shim-sockets": [],
+    "netns": [],
+    "fifos": [],
+    "mounts": [],
+}
+
+
+def wait_until_clean(
+    systemd: PrivateSystemd, containerd: Containerd, timeout: float = 60
+) -> dict[str, object]:
+    """Leftovers once teardown (which runs asynchronously) had time to finish."""
+    deadline = time.monotonic() + timeout
+    found = leftovers(systemd, containerd)
+    while found != NOTHING_LEFT and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = leftovers(systemd, containerd)
+    return found
+
+
+@contextlib.contextmanager
+def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
+    """spinbox.service with the session's guest image, and the shim on PATH."""
+    config = f'[vm]\naccel = "tcg"\ninitrd = "{guest_image}"\n'
+    wrapper = f'#!/bin/sh\nPYTHONPATH={TOP} exec {PYTHON} -m spinbox.shim "$@"\n'
+    with installed(systemd, config=config):
+        systemd.write_file(SHIM_WRAPPER, wrapper, mode=0o755)
+        systemd.systemctl("start", "spinbox.service")
+        try:
+            yield systemd
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                systemd.path(SHIM_WRAPPER).unlink()

@@ -1,0 +1,85 @@
+"""The shim binary's command line and the address `start` prints per containerd version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spinbox.shim.bootstrap import format_address, group_id, read_annotations, socket_path
+from spinbox.shim.options import UsageError, parse_args
+
+
+def test_parses_containerd_flags_and_environment() -> None:
+    argv = [
+        "-namespace", "default", "-address", "/run/containerd/containerd.sock",
+        "-publish-binary", "/usr/bin/containerd", "-id", "t1", "-debug", "start",
+    ]  # fmt: skip
+    env = {"TTRPC_ADDRESS": "/run/containerd/containerd.sock.ttrpc", "MAX_SHIM_VERSION": "3"}
+    options = parse_args(argv, env)
+    assert options.namespace == "default"
+    assert options.address == "/run/containerd/containerd.sock"
+    assert options.id == "t1"
+    assert options.debug
+    assert options.action == "start"
+    assert options.ttrpc_address.endswith(".ttrpc")
+    assert options.max_shim_version == 3
+
+
+def test_namespace_from_environment_and_version_flag() -> None:
+    assert parse_args(["--version"], {}).version
+    assert parse_args(["-v"], {}).version
+    assert parse_args(["-id=x", "delete"], {"NAMESPACE": "k8s.io"}).namespace == "k8s.io"
+    assert parse_args([], {}).action == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-bogus"], "unknown flag -bogus"),
+        (["-id"], "flag -id needs a value"),
+        (["run"], "unknown action 'run'"),
+        (["start", "delete"], "unexpected argument"),
+    ],
+)
+def test_rejects_bad_command_lines(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_args(argv, {})
+
+
+def test_containerd_1_6_gets_a_plain_address() -> None:
+    path = Path("/run/containerd/s/abc")
+    assert format_address(path, 0) == "unix:///run/containerd/s/abc"
+
+
+@pytest.mark.parametrize(("max_version", "printed"), [(2, 2), (3, 3), (4, 3)])
+def test_newer_containerd_gets_json_bootstrap_params(max_version: int, printed: int) -> None:
+    text = format_address(Path("/run/containerd/s/abc"), max_version)
+    assert json.loads(text) == {
+        "version": printed,
+        "address": "unix:///run/containerd/s/abc",
+        "protocol": "ttrpc",
+    }
+
+
+def test_socket_path_is_short_and_stable() -> None:
+    long_id = "x" * 200
+    first = socket_path("/run/containerd/containerd.sock", "default", long_id)
+    assert first == socket_path("/run/containerd/containerd.sock", "default", long_id)
+    assert len(str(first)) < 108
+    assert first != socket_path("/run/containerd/containerd.sock", "other", long_id)
+
+
+def test_pod_containers_share_their_sandbox_shim(tmp_path: Path) -> None:
+    spec = {
+        "annotations": {
+            "io.kubernetes.cri.sandbox-id": "pod1",
+            "io.kubernetes.cri.container-type": "container",
+        }
+    }
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    annotations = read_annotations(tmp_path)
+    assert group_id("c1", annotations) == "pod1"
+    assert group_id("c1", {}) == "c1"
+    assert read_annotations(tmp_path / "missing") == {}
