@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE = "spinbox.agent.v1.Agent"
+# Requests served before the deferred kernel modules are loaded (the others wait for them).
+_WITHOUT_DEVICES = ("Ping", "Shutdown")
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -79,7 +81,7 @@ class AgentService:
         devices: Awaitable[None] | None = None,
     ) -> None:
         """`devices`, when given, is done once the guest's devices are all there
-        (deferred kernel modules): every request but Ping waits for it."""
+        (deferred kernel modules): requests other than Ping and Shutdown wait for it."""
         self.config = config
         self.devices = devices
         self.reaper = reaper
@@ -154,7 +156,7 @@ class AgentService:
         async def call(request: Any, ctx: CallContext) -> Message:
             self.timeline.stamp("first-request")
             try:
-                if method != "Ping":
+                if method not in _WITHOUT_DEVICES:
                     await self._devices()
                 return await handler(request)
             except Exception as e:
