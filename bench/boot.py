@@ -255,6 +255,14 @@ async def main_async(
             for per_variant, values in zip(timelines, own_floors, strict=True)
         ]
         print(_row(f"ratio {ready} / floor", [f"{r:.2f}" for r in ratios], width))
+        # Boots of one run are close in time: their differences shed most of the machine's load swings.
+        for phase in (ready, "guest-first-request"):
+            if len(variants) > 1 and all(phase in t for per_variant in timelines for t in per_variant):
+                diffs = [
+                    _median([t[phase] - t0[phase] for t, t0 in zip(per_variant, timelines[0], strict=True)])
+                    for per_variant in timelines
+                ]
+                print(_row(f"{phase} minus v1's in the same run", diffs, width))
         if compare_tree is not None:
             print("note: an older tree's guest-exec may be PID 1's fork, not the exec of /init")
 
