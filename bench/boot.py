@@ -5,22 +5,28 @@ The floor is the same kernel, machine and devices booting a trivial init
 The guest is the real image (vminitd) booted until its agent answers Ping; until
 vminitd exists, a Python init that prints a line on the console stands in.
 
-`--kernel PATH` (repeatable) compares kernels in one run, e.g. Debian's cloud
-kernel against kernel/build's module-free one: each gets its own image (no
-modules for a kernel built without them) and its own floor, and the boots are
-interleaved so that load on the machine hits all alike.
+Variants booted in the same run, interleaved and in rotated order so that load
+on the machine hits all alike: `--kernel PATH` (repeatable) compares kernels
+(each gets its own image, with no modules for a kernel built without them);
+`--compare-tree DIR` an image built from another checkout's guest sources
+(`--compare-tree-qemu`: also with that checkout's base kernel arguments and
+firmware, i.e. a before/after of the whole boot); `--compare-args ARGS` extra
+kernel arguments; `--compare-qemu ARGS` extra QEMU arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
-import importlib.util
+import contextlib
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parents[1]
@@ -29,7 +35,7 @@ sys.path.insert(0, str(TOP))
 from guest.mkguest.cpio import Entry, write_newc  # noqa: E402
 from guest.mkguest.image import BUSYBOX, ImageConfig, build, kernel_version_of  # noqa: E402
 from guest.mkguest.kmod import module_free  # noqa: E402
-from spinbox.vm import VmSpec, choose_accel, default_kernel, launch  # noqa: E402
+from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu  # noqa: E402
 
 STAND_IN_INIT = """
 import os
@@ -56,13 +62,14 @@ def build_floor(output: Path) -> None:
         write_newc(out, entries, 0)
 
 
-def build_guest(work: Path, kernel: Path) -> tuple[Path, bool, float]:
-    """The image to measure with `kernel`, whether it has the agent, and the build's seconds."""
+def build_guest(work: Path, kernel: Path, tree: Path = TOP, name: str = "") -> tuple[Path, bool, float]:
+    """The image to measure with `kernel` (its Python from `tree`), whether it has the agent,
+    and the build's seconds."""
     kernel_version = kernel_version_of(kernel)
     modules = not module_free(kernel)
-    output = work / f"initrd-{kernel_version}.img"
-    if importlib.util.find_spec("guest.vminitd") is not None:
-        config = ImageConfig(kernel_version=kernel_version, kernel_modules=modules)
+    output = work / (name or f"initrd-{kernel_version}.img")
+    if (tree / "guest" / "vminitd" / "__main__.py").is_file():
+        config = ImageConfig(kernel_version=kernel_version, roots=(tree,), kernel_modules=modules)
         agent = True
     else:
         (work / "benchinit").mkdir(exist_ok=True)
@@ -81,12 +88,56 @@ def build_guest(work: Path, kernel: Path) -> tuple[Path, bool, float]:
     return output, agent, result.seconds
 
 
-def spec(kernel: Path, image: Path, run_dir: Path) -> VmSpec:
-    return VmSpec(vm_id="bench", kernel=kernel, initrd=image, runtime_dir=run_dir)
+@dataclass(frozen=True)
+class Variant:
+    """One configuration to boot: a guest image, extra kernel arguments, extra QEMU arguments."""
+
+    name: str
+    kernel: Path
+    image: Path
+    kernel_args: tuple[str, ...] = ()
+    qemu_args: tuple[str, ...] = ()
+    # Another tree's spinbox/vm/qemu.py: its base kernel arguments and firmware replace this tree's.
+    qemu_py: Path | None = None
 
 
-async def boot_floor(kernel: Path, image: Path, run_dir: Path) -> float:
-    vm = await launch(spec(kernel, image, run_dir))
+@contextlib.contextmanager
+def qemu_defaults(qemu_py: Path | None) -> Iterator[None]:
+    """This tree's QEMU command line with another tree's base kernel arguments and firmware choice."""
+    if qemu_py is None:
+        yield
+        return
+    names: dict[str, object] = {}
+    for node in ast.parse(qemu_py.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name == "BASE_KERNEL_ARGS":
+                names[name] = ast.literal_eval(node.value)
+            elif name == "QBOOT":
+                names[name] = qemu.QBOOT
+    saved = (qemu.BASE_KERNEL_ARGS, qemu.QBOOT)
+    qemu.BASE_KERNEL_ARGS = names.get("BASE_KERNEL_ARGS", saved[0])  # type: ignore[assignment]
+    qemu.QBOOT = names.get("QBOOT", Path("/nonexistent"))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        qemu.BASE_KERNEL_ARGS, qemu.QBOOT = saved
+
+
+def spec(image: Path, run_dir: Path, variant: Variant) -> VmSpec:
+    return VmSpec(
+        vm_id="bench",
+        kernel=variant.kernel,
+        initrd=image,
+        runtime_dir=run_dir,
+        kernel_args=variant.kernel_args,
+        extra_args=variant.qemu_args,
+    )
+
+
+async def boot_floor(image: Path, run_dir: Path, variant: Variant) -> float:
+    with qemu_defaults(variant.qemu_py):
+        vm = await launch(spec(image, run_dir, variant))
     try:
         await asyncio.wait_for(vm.wait_exit(), 300)
         return time.monotonic() - vm.state.stamps["exec"]
@@ -94,8 +145,9 @@ async def boot_floor(kernel: Path, image: Path, run_dir: Path) -> float:
         await vm.kill()
 
 
-async def boot_guest(kernel: Path, image: Path, run_dir: Path, agent: bool) -> dict[str, float]:
-    vm = await launch(spec(kernel, image, run_dir), start=False)
+async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, float]:
+    with qemu_defaults(variant.qemu_py):
+        vm = await launch(spec(variant.image, run_dir, variant), start=False)
     reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
     try:
         await vm.resume()
@@ -125,37 +177,68 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.3f}" if values else "-"
 
 
-async def main_async(runs: int, kernels: list[Path]) -> None:
+async def main_async(
+    runs: int,
+    kernels: list[Path],
+    compare_tree: Path | None,
+    compare_args: list[tuple[str, ...]],
+    compare_qemu: list[tuple[str, ...]],
+    with_qemu: bool,
+) -> None:
     with tempfile.TemporaryDirectory(prefix="spinbox-bench-") as tmp:
         work = Path(tmp)
         floor_image = work / "floor.img"
         build_floor(floor_image)
-        images = [build_guest(work, kernel) for kernel in kernels]
-        agent = images[0][1]
+        kernel = kernels[0]
+        builds = [build_guest(work, k) for k in kernels]
+        agent = builds[0][1]
+        variants = [Variant("this tree", kernel, builds[0][0])]
+        for other_kernel, (other_image, _, _) in zip(kernels[1:], builds[1:], strict=True):
+            variants.append(Variant(f"this tree with {other_kernel}", other_kernel, other_image))
+        if compare_tree is not None:
+            other, other_agent, _ = build_guest(work, kernel, compare_tree, "compare.img")
+            if other_agent != agent:
+                raise SystemExit(f"bench/boot: {compare_tree} and this tree differ in having vminitd")
+            variants.append(Variant(f"image of {compare_tree}", kernel, other))
+            qemu_py = compare_tree / "spinbox" / "vm" / "qemu.py"
+            if with_qemu and qemu_py.is_file():
+                name = f"image of {compare_tree}, its kernel arguments and firmware"
+                variants.append(Variant(name, kernel, other, qemu_py=qemu_py))
+        for args in compare_args:
+            variants.append(Variant(f"kernel arguments + {' '.join(args)}", kernel, builds[0][0], args))
+        for args in compare_qemu:
+            variants.append(Variant(f"QEMU + {' '.join(args)}", kernel, builds[0][0], qemu_args=args))
         ready = "agent-ready" if agent else "init-ready"
-        floors: list[list[float]] = [[] for _ in kernels]
-        timelines: list[list[dict[str, float]]] = [[] for _ in kernels]
-        for _ in range(runs):  # interleaved, so load on the machine hits all alike
-            for index, (kernel, (image, _, _)) in enumerate(zip(kernels, images, strict=True)):
-                floors[index].append(await boot_floor(kernel, floor_image, work / "run"))
-                timelines[index].append(await boot_guest(kernel, image, work / "run", agent))
+        # A floor for each variant whose machine or kernel differs from the first's.
+        has_floor = [
+            v is variants[0] or v.kernel != kernel or bool(v.kernel_args or v.qemu_args or v.qemu_py)
+            for v in variants
+        ]
+        floors: list[list[float]] = [[] for _ in variants]
+        timelines: list[list[dict[str, float]]] = [[] for _ in variants]
+        order = list(range(len(variants)))
+        for run in range(runs):  # interleaved and rotated, so load on the machine hits all alike
+            shift = run % len(order)
+            for index in order[shift:] + order[:shift]:
+                variant = variants[index]
+                if has_floor[index]:
+                    floors[index].append(await boot_floor(floor_image, work / "run", variant))
+                timelines[index].append(await boot_guest(variant, work / "run", agent))
         print(f"accelerator: {choose_accel('auto')}  runs: {runs} (medians)")
         if not agent:
             print("note: no vminitd in this tree; a Python init printing a line stands in for the agent")
-        for index, (kernel, (image, _, seconds)) in enumerate(zip(kernels, images, strict=True)):
-            print(
-                f"kernel {index + 1}: {kernel} ({kernel.stat().st_size / 1e6:.1f} MB); "
-                f"image {image.stat().st_size / 1e6:.1f} MB, built in {seconds:.2f} s"
-            )
-        width = 12
-        everything = [t for per_kernel in timelines for t in per_kernel]
+        for index, variant in enumerate(variants):
+            size = variant.image.stat().st_size / 1e6
+            print(f"v{index + 1}: {variant.name} (kernel {variant.kernel}, image {size:.1f} MB)")
+        width = 10
+        header = [f"v{i + 1}" for i in range(len(variants))]
+        everything = [t for per_variant in timelines for t in per_variant]
         phases = sorted(
             {p for t in everything for p in t},
             key=lambda p: statistics.median(t[p] for t in everything if p in t),
         )
         guest = [p for p in phases if p.startswith("guest-")]
         host = [p for p in phases if p not in guest]
-        header = [f"kernel {i + 1}" for i in range(len(kernels))]
         for title, group in (
             ("host phase (s since QEMU's exec)", host),
             ("guest phase (s since the guest kernel started)", guest),
@@ -163,14 +246,25 @@ async def main_async(runs: int, kernels: list[Path]) -> None:
             if group:
                 print(_row(title, header, width))
             for phase in group:
-                cells = [_median([t[phase] for t in per_kernel if phase in t]) for per_kernel in timelines]
+                cells = [_median([t[phase] for t in per_variant if phase in t]) for per_variant in timelines]
                 print(_row(f"  {phase}", cells, width))
         print(_row("floor (exec to poweroff)", [_median(values) for values in floors], width))
+        own_floors = [values or floors[0] for values in floors]
         ratios = [
-            statistics.median(t[ready] for t in per_kernel) / statistics.median(values)
-            for per_kernel, values in zip(timelines, floors, strict=True)
+            statistics.median(t[ready] for t in per_variant) / statistics.median(values)
+            for per_variant, values in zip(timelines, own_floors, strict=True)
         ]
         print(_row(f"ratio {ready} / floor", [f"{r:.2f}" for r in ratios], width))
+        # Boots of one run are close in time: their differences shed most of the machine's load swings.
+        for phase in (ready, "guest-first-request"):
+            if len(variants) > 1 and all(phase in t for per_variant in timelines for t in per_variant):
+                diffs = [
+                    _median([t[phase] - t0[phase] for t, t0 in zip(per_variant, timelines[0], strict=True)])
+                    for per_variant in timelines
+                ]
+                print(_row(f"{phase} minus v1's in the same run", diffs, width))
+        if compare_tree is not None:
+            print("note: an older tree's guest-exec may be PID 1's fork, not the exec of /init")
 
 
 def main() -> None:
@@ -182,13 +276,44 @@ def main() -> None:
         action="append",
         help="a guest kernel to measure (repeatable; default: the newest Debian cloud kernel)",
     )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also boot an image built from this checkout's guest sources (e.g. a worktree of main)",
+    )
+    parser.add_argument(
+        "--compare-args",
+        action="append",
+        default=[],
+        help="also boot this tree's image with these extra kernel arguments (may be repeated)",
+    )
+    parser.add_argument(
+        "--compare-qemu",
+        action="append",
+        default=[],
+        help="also boot this tree's image with these QEMU arguments appended, e.g. '-cpu qemu64'",
+    )
+    parser.add_argument(
+        "--compare-tree-qemu",
+        action="store_true",
+        help="with --compare-tree, also boot that tree's image with its base kernel arguments and firmware",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     kernels = [kernel.absolute() for kernel in args.kernel or [default_kernel()]]
     for kernel in kernels:
         if not kernel.is_file():
             parser.error(f"kernel {kernel} does not exist")
-    asyncio.run(main_async(args.runs, kernels))
+    asyncio.run(
+        main_async(
+            args.runs,
+            kernels,
+            args.compare_tree and args.compare_tree.resolve(),
+            [tuple(a.split()) for a in args.compare_args],
+            [tuple(a.split()) for a in args.compare_qemu],
+            args.compare_tree_qemu,
+        )
+    )
 
 
 if __name__ == "__main__":

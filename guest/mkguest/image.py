@@ -16,8 +16,9 @@ from pathlib import Path, PurePosixPath
 from guest.mkguest.check import can_check, check_imports
 from guest.mkguest.cpio import Entry, write_newc
 from guest.mkguest.errors import BuildError
-from guest.mkguest.kmod import KERNEL_PACKAGE, KernelModule, ModuleTree
+from guest.mkguest.kmod import AGENT_MODULES, KERNEL_PACKAGE, KernelModule, ModuleTree
 from guest.mkguest.python import python_files
+from guest.vminitd.boot import DEFERRED_MARK
 
 TOP = Path(__file__).resolve().parents[2]
 DEFAULT_ENTRY = "guest.vminitd.__main__:main"
@@ -175,12 +176,16 @@ def build(config: ImageConfig, output: Path) -> BuildResult:
     for library in shared_libraries(binaries):
         tree.add_host_file(library)
 
-    loaded = []
-    for ko in modules:
+    loaded: list[str] = []
+    listing: list[str] = []
+    for ko in sorted(modules, key=lambda ko: not ko.early):  # stable: dependency order kept
         image_path = f"lib/modules/{config.kernel_version}/{ko.path}"
         tree.add(Entry.file(f"usr/{image_path}" if "lib" in tree.entries else image_path, ko.data))
+        if not ko.early and len(listing) == len(loaded):
+            listing.append(f"{DEFERRED_MARK}: not needed to serve the agent")
         loaded.append("/" + image_path)
-    tree.add(Entry.file(MODULES_LIST, "".join(f"{p}\n" for p in loaded).encode()))
+        listing.append("/" + image_path)
+    tree.add(Entry.file(MODULES_LIST, "".join(f"{line}\n" for line in listing).encode()))
     tree.add(Entry.file("init", _init_script(Path("/usr/bin") / config.python.name, config.entry), 0o755))
 
     entries = tree.sorted()
@@ -209,7 +214,8 @@ def _kernel_modules(config: ImageConfig) -> list[KernelModule]:
             f"(apt install {KERNEL_PACKAGE} for Debian's cloud kernel)"
         )
     kernel = ModuleTree(modules_dir)
-    return [kernel.load(relative) for relative in kernel.resolve()]
+    early = set(kernel.resolve(required=AGENT_MODULES, optional=()))
+    return [kernel.load(relative, relative in early) for relative in kernel.resolve()]
 
 
 def kernel_version_of(kernel: Path) -> str:

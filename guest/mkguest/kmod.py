@@ -23,6 +23,9 @@ REQUIRED_MODULES = (
     "erofs",
     "overlay",
 )
+# What the agent's virtio-serial channel needs (on either transport): vminitd loads these (and their
+# dependencies) before it serves, and the others while it serves.
+AGENT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console")
 OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci")
 # The config symbol that builds each required module into a kernel without modules.
 BUILTIN_SYMBOLS = {
@@ -49,6 +52,7 @@ def _module_name(path: str) -> str:
 class KernelModule:
     path: str  # relative to /lib/modules/<kver>, with the compression suffix dropped
     data: bytes
+    early: bool = True  # loaded before the agent serves
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class ModuleTree:
                 )
         return order
 
-    def load(self, relative: str) -> KernelModule:
+    def load(self, relative: str, early: bool = True) -> KernelModule:
         path = self.root / relative
         data = path.read_bytes()
         if relative.endswith(".xz"):
@@ -113,7 +117,7 @@ class ModuleTree:
             data = subprocess.run(["zstd", "-dcq", str(path)], check=True, capture_output=True).stdout
         elif not relative.endswith(".ko"):
             raise BuildError(f"kernel module {path} has a compression spinbox-mkguest does not know")
-        return KernelModule(relative[: relative.index(".ko") + 3], data)
+        return KernelModule(relative[: relative.index(".ko") + 3], data, early)
 
 
 def module_free(kernel: Path) -> bool:

@@ -10,6 +10,7 @@ On a host (tests, debugging): `python -m guest.vminitd --listen unix:PATH --stat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guest.vminitd import boot, channels, syscalls
-from guest.vminitd.containers import RuntimeConfig
+from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.reaper import Reaper
 from guest.vminitd.service import AgentConfig, AgentService
 from guest.vminitd.timeline import Timeline
@@ -45,7 +46,10 @@ async def _wait_port(name: str) -> Path | None:
 
 
 async def run_guest(
-    timeline: Timeline, cmdline: dict[str, str], log_handler: channels.PortLogHandler
+    timeline: Timeline,
+    cmdline: dict[str, str],
+    log_handler: channels.PortLogHandler,
+    devices: concurrent.futures.Future[None] | None,
 ) -> None:
     reaper = Reaper()
     reaper.start()
@@ -54,7 +58,9 @@ async def run_guest(
         rootfs_dir=GUEST_STATE / "rootfs",
         no_pivot=boot.root_is_initramfs(),
     )
-    service = AgentService(AgentConfig(runtime=runtime, mnt_dir=GUEST_STATE / "mnt"), reaper, timeline)
+    config = AgentConfig(runtime=runtime, mnt_dir=GUEST_STATE / "mnt")
+    ready = asyncio.wrap_future(devices) if devices is not None else None
+    service = AgentService(config, reaper, timeline, devices=ready)
     server = Server()
     service.register(server)
     tasks = []
@@ -72,6 +78,7 @@ async def run_guest(
                 continue
             tasks.append(asyncio.ensure_future(channels.serve_port(server, port)))
     timeline.stamp("agent-listening")
+    boot.stamp_init_exec(timeline)  # before the first request is read: Ping answers with the stamps
     log.info("agent listening (%s); boot took %.2f s", agent, timeline.stamps["agent-listening"] / 1e9)
     await service.stopped.wait()
     await asyncio.sleep(0.3)  # let the Shutdown reply and the last log lines out
@@ -89,21 +96,25 @@ def pid1() -> None:
     logging.basicConfig(level=logging.INFO, format="vminitd: %(message)s", stream=sys.stderr)
     log_handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(log_handler)
+    devices = None
     try:
         boot.mount_filesystems()
-        timeline.stamp_process_start("exec")  # before the interpreter started and imported vminitd
-        boot.load_modules()
-        timeline.stamp("modules")
-        boot.seed_entropy()
-        boot.enable_cgroup_controllers()
         cmdline = boot.kernel_cmdline()
         log.info("vminitd starting for VM %s", cmdline.get("spinbox.vm", "?"))
+        early, deferred = boot.read_module_list()
+        if cmdline.get("spinbox.agent", "serial").startswith("vsock:"):
+            early, deferred = early + deferred, []  # vsock's modules are not among the early ones
+        log.info("loaded %d kernel modules", boot.load_modules(early))
+        timeline.stamp("modules")
+        # Block devices, network, file systems and entropy come up while the agent starts.
+        devices = boot.start_deferred_boot(deferred, timeline)
+        boot.enable_cgroup_controllers()
     except BaseException:
         log.exception("boot failed; serving the agent anyway")
         cmdline = {}
     while True:
         try:
-            asyncio.run(run_guest(timeline, cmdline, log_handler))
+            asyncio.run(run_guest(timeline, cmdline, log_handler, devices))
             break
         except BaseException:
             log.exception("the agent failed; restarting it")

@@ -6,16 +6,23 @@ missing piece can still answer Ping and say what is wrong.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import errno
 import logging
 import os
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from guest.vminitd import syscalls
+from guest.vminitd.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
 MODULES_LIST = Path("/etc/spinbox/modules")
+# The line of MODULES_LIST after which modules are not needed to serve the agent.
+DEFERRED_MARK = "# deferred"
 CGROUP_CONTROLLERS = ("cpu", "memory", "pids", "io")
 
 _NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
@@ -53,24 +60,65 @@ def mount_filesystems() -> None:
             os.symlink(target, link)
 
 
-def load_modules(listing: Path = MODULES_LIST) -> int:
-    """Loads the .ko files named in `listing` (one path a line, in dependency order)."""
+def stamp_init_exec(timeline: Timeline) -> None:
+    """Stamps "exec": when the kernel ran /init, i.e. before the interpreter started."""
+    try:
+        timeline.stamp_kernel_message("exec", "Run /init as init process", syscalls.read_kernel_log())
+    except OSError as e:
+        log.warning("no exec stamp: %s", e)
+
+
+def read_module_list(listing: Path = MODULES_LIST) -> tuple[list[str], list[str]]:
+    """The .ko paths of `listing` (one a line, in dependency order): those to load
+    before serving, and those after the DEFERRED_MARK line, which may load while
+    the agent already serves (an older list without the mark has only the first)."""
     try:
         lines = listing.read_text().splitlines()
     except FileNotFoundError:
-        return 0
-    loaded = 0
+        return [], []
+    early: list[str] = []
+    deferred: list[str] = []
+    part = early
     for line in lines:
         path = line.strip()
-        if not path or path.startswith("#"):
-            continue
+        if path.startswith(DEFERRED_MARK):
+            part = deferred
+        elif path and not path.startswith("#"):
+            part.append(path)
+    return early, deferred
+
+
+def load_modules(paths: Iterable[str]) -> int:
+    """Loads kernel modules in the order given; a failing one is logged and skipped."""
+    loaded = 0
+    for path in paths:
         try:
             if syscalls.finit_module(path):
                 loaded += 1
         except OSError as e:
             log.error("%s", e)
-    log.info("loaded %d kernel modules", loaded)
     return loaded
+
+
+def start_deferred_boot(paths: list[str], timeline: Timeline) -> concurrent.futures.Future[None]:
+    """Loads the deferred modules, then seeds entropy (virtio-rng is one of them),
+    in a thread of the lowest priority: it takes the CPU only while the agent's
+    own start waits. The future is done when the devices are all there."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            loaded = load_modules(paths)
+            timeline.stamp("modules-deferred")
+            log.info("loaded %d deferred kernel modules", loaded)
+            seed_entropy()
+        finally:
+            done.set_result(None)
+
+    threading.Thread(target=run, name="deferred-boot", daemon=True).start()
+    return done
 
 
 def seed_entropy(hwrng: Path = Path("/dev/hwrng"), size: int = 64) -> None:

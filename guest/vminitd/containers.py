@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from guest.vminitd import stats, validate
+from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.reaper import Reaper, exit_code
 from guest.vminitd.stdio import InputPipe, OutputPipe
 from guest.vminitd.syscalls import set_window_size
@@ -32,18 +33,6 @@ log = logging.getLogger(__name__)
 
 # Namespaces a container may not join by path: the paths name host objects, and the VM is the sandbox.
 _DROPPED_NAMESPACES = ("network",)
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    state_dir: Path
-    rootfs_dir: Path
-    crun: str = "/usr/bin/crun"
-    crun_args: tuple[str, ...] = ()
-    no_pivot: bool = False
-    cgroup_root: Path = Path("/sys/fs/cgroup")
-    # Containers get the cgroup /<cgroup_parent>/<id>; empty: crun manages no cgroups.
-    cgroup_parent: str = "spinbox"
 
 
 @dataclass

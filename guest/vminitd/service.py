@@ -12,9 +12,8 @@ import importlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -22,24 +21,30 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import guest.vminitd
 from guest.vminitd import validate
-from guest.vminitd.containers import Containers, Process, RuntimeConfig
+from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.reaper import Reaper
-from guest.vminitd.rootfs import RootfsManager
 from guest.vminitd.stdio import Busy
 from guest.vminitd.timeline import Timeline
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import CallContext, Code, Server, TtrpcError
 
+if TYPE_CHECKING:
+    from guest.vminitd.containers import Containers, Process
+    from guest.vminitd.rootfs import RootfsManager
+
 log = logging.getLogger(__name__)
 
 SERVICE = "spinbox.agent.v1.Agent"
+# Requests served before the deferred kernel modules are loaded (the others wait for them).
+_WITHOUT_DEVICES = ("Ping", "Shutdown")
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 
 
-@dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(NamedTuple):  # see config.py: not a dataclass, for the boot's sake
+    """The runtime's settings and where block devices are found and mounted."""
+
     runtime: RuntimeConfig
     mnt_dir: Path
     sys_block: Path = Path("/sys/block")
@@ -73,15 +78,43 @@ class AgentService:
         reaper: Reaper,
         timeline: Timeline,
         power_off: Callable[[], None] | None = None,
+        devices: Awaitable[None] | None = None,
     ) -> None:
+        """`devices`, when given, is done once the guest's devices are all there
+        (deferred kernel modules): requests other than Ping and Shutdown wait for it."""
         self.config = config
+        self.devices = devices
+        self.reaper = reaper
         self.timeline = timeline
-        self.containers = Containers(config.runtime, reaper)
-        self.rootfs = RootfsManager(config.runtime.rootfs_dir, config.mnt_dir, config.sys_block, config.dev)
         self.power_off = power_off
         self.stopped = asyncio.Event()
         for d in (config.runtime.state_dir, config.runtime.rootfs_dir, config.mnt_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+    # The container and rootfs halves load at their first request: the agent
+    # answers Ping without waiting for their modules (crun, json, overlay mounts).
+
+    @functools.cached_property
+    def containers(self) -> Containers:
+        from guest.vminitd.containers import Containers
+
+        return Containers(self.config.runtime, self.reaper)
+
+    @functools.cached_property
+    def rootfs(self) -> RootfsManager:
+        from guest.vminitd.rootfs import RootfsManager
+
+        config = self.config
+        return RootfsManager(config.runtime.rootfs_dir, config.mnt_dir, config.sys_block, config.dev)
+
+    async def _devices(self) -> None:
+        if self.devices is not None:
+            await self.devices
+            self.devices = None
+
+    def _loaded(self, name: str) -> bool:
+        """Whether a lazily loaded half (`containers`, `rootfs`) exists yet."""
+        return name in self.__dict__
 
     def register(self, server: Server) -> None:
         unary: list[tuple[str, type[Message], Callable[[Any], Awaitable[Message]]]] = [
@@ -123,6 +156,8 @@ class AgentService:
         async def call(request: Any, ctx: CallContext) -> Message:
             self.timeline.stamp("first-request")
             try:
+                if method not in _WITHOUT_DEVICES:
+                    await self._devices()
                 return await handler(request)
             except Exception as e:
                 raise _translate(e, method) from None
@@ -135,6 +170,7 @@ class AgentService:
         async def call(request: Any, ctx: CallContext) -> AsyncIterator[Message]:
             self.timeline.stamp("first-request")
             try:
+                await self._devices()
                 async for message in handler(request):
                     yield message
             except Exception as e:
@@ -178,8 +214,10 @@ class AgentService:
     async def shutdown(self, req: pb.ShutdownRequest) -> Empty:
         log.info("shutting down%s", " (forced)" if req.force else "")
         if not req.force:
-            await self.containers.shutdown()
-            await asyncio.get_running_loop().run_in_executor(None, self.rootfs.unmount_all)
+            if self._loaded("containers"):
+                await self.containers.shutdown()
+            if self._loaded("rootfs"):
+                await asyncio.get_running_loop().run_in_executor(None, self.rootfs.unmount_all)
         os.sync()
         # Answer first; power off once the reply is on its way.
         asyncio.get_running_loop().call_later(0.2, self._stop)

@@ -19,6 +19,7 @@ MS_BIND = 0x1000
 MNT_DETACH = 0x2
 
 RB_POWER_OFF = 0x4321FEDC
+SYSLOG_ACTION_READ_ALL = 3
 PR_SET_CHILD_SUBREAPER = 36
 SYS_FINIT_MODULE = 313  # x86_64
 FIFREEZE = 0xC0045877
@@ -56,6 +57,13 @@ def power_off() -> None:
 
 def set_child_subreaper() -> None:
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def read_kernel_log(size: int = 1 << 16) -> str:
+    """The last `size` bytes of the kernel log, without consuming them (syslog(2) READ_ALL)."""
+    buffer = ctypes.create_string_buffer(size)
+    length = _check(_libc.klogctl(SYSLOG_ACTION_READ_ALL, buffer, size), "syslog(READ_ALL)")
+    return buffer.raw[:length].decode(errors="replace")
 
 
 def finit_module(path: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 
@@ -14,12 +13,18 @@ class Timeline:
         """Records the first time `phase` happens; later calls keep the first stamp."""
         self.stamps.setdefault(phase, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
 
-    def stamp_process_start(self, phase: str, stat: str = "/proc/self/stat") -> None:
-        """Records when this process was exec'd (kernel clock ticks since boot; /proc must be mounted)."""
-        try:
-            with open(stat) as f:
-                fields = f.read().rpartition(")")[2].split()
-            ticks = int(fields[19])  # field 22 of stat, counted after the command name
-        except (OSError, ValueError, IndexError):
+    def stamp_kernel_message(self, phase: str, message: str, kernel_log: str) -> None:
+        """Records the time of the last `[seconds] message` line of the kernel log (printk time).
+
+        PID 1's start time in /proc says when the kernel forked it, early in boot,
+        not when it exec'd /init: the kernel's own "Run /init" line says that.
+        """
+        end = kernel_log.rfind(f"] {message}")
+        if end < 0:
             return
-        self.stamps.setdefault(phase, ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK"))
+        start = kernel_log.rfind("[", 0, end)
+        try:
+            seconds, _, micros = kernel_log[start + 1 : end].strip().partition(".")
+            self.stamps.setdefault(phase, int(seconds) * 1_000_000_000 + int(micros.ljust(6, "0")[:6]) * 1000)
+        except ValueError:
+            return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -72,6 +71,8 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
         raise InvalidRequest(f"the {what} is {len(data)} bytes; at most {MAX_SPEC} are allowed")
     if not data:
         raise InvalidRequest(f"the {what} is empty")
+    import json  # here: only container requests need it, and the agent's boot does not wait for it
+
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:

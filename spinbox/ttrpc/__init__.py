@@ -31,8 +31,21 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
-from spinbox.ttrpc.client import Client
+from typing import TYPE_CHECKING
+
 from spinbox.ttrpc.server import CallContext, Server
 from spinbox.ttrpc.status import Code, TtrpcError
 
+if TYPE_CHECKING:
+    from spinbox.ttrpc.client import Client
+
 __all__ = ["CallContext", "Client", "Code", "Server", "TtrpcError"]
+
+
+def __getattr__(name: str) -> object:
+    # The client loads on first use: a process that only serves (the guest agent) never pays for it.
+    if name == "Client":
+        from spinbox.ttrpc.client import Client
+
+        return Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size
@@ -44,16 +44,16 @@ class ProtocolError(Exception):
     """The peer broke the framing; the connection cannot continue."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+# Records are NamedTuples, not dataclasses: a dataclass costs about four
+# times as much to define, and the guest agent's boot imports this module.
+class Frame(NamedTuple):
     stream_id: int
     type: FrameType
     flags: int
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OversizedFrame:
+class OversizedFrame(NamedTuple):
     """A frame larger than the message cap, read past and dropped."""
 
     stream_id: int

@@ -10,8 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf import symbol_database
 from google.protobuf.descriptor import ServiceDescriptor
@@ -46,15 +45,27 @@ def ok_response(body: bytes) -> bytes:
     return b"\x0a\x00\x12" + bytes(varint) + body
 
 
-@dataclass
 class CallContext:
     """What a handler knows about the call it serves."""
 
-    service: str
-    method: str
-    metadata: dict[str, list[str]] = field(default_factory=dict)
-    # Event-loop time (loop.time()) by which the caller wants an answer.
-    deadline: float | None = None
+    # A plain class, not a dataclass: defining a dataclass costs the guest agent's boot.
+    __slots__ = ("deadline", "metadata", "method", "service")
+
+    def __init__(
+        self,
+        service: str,
+        method: str,
+        metadata: dict[str, list[str]] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.metadata: dict[str, list[str]] = {} if metadata is None else metadata
+        # Event-loop time (loop.time()) by which the caller wants an answer.
+        self.deadline = deadline
+
+    def __repr__(self) -> str:
+        return f"CallContext({self.service}/{self.method}, deadline={self.deadline})"
 
     def first(self, key: str) -> str | None:
         """The first metadata value under key, if any."""
@@ -68,8 +79,7 @@ class _Kind(enum.Enum):
     CLIENT_STREAM = "client-stream"
 
 
-@dataclass(frozen=True)
-class _Method:
+class _Method(NamedTuple):
     kind: _Kind
     request_type: type[Message]
     handler: Callable[..., Any]

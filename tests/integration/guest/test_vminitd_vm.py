@@ -121,6 +121,11 @@ def test_boot_timeline(guest: GuestVM) -> None:
     resp = guest.run(guest.agent.ping())
     t = resp.timeline
     assert 0 < t["exec"] <= t["entry"] <= t["modules"] <= t["agent-listening"] <= t["first-request"]
+    # Block devices and file systems load while the agent serves; other requests wait for them.
+    with pytest.raises(TtrpcError, match="no-such-container"):
+        guest.run(guest.agent.pids("no-such-container"))
+    t = guest.run(guest.agent.ping()).timeline
+    assert t["modules"] <= t["modules-deferred"]
     print("guest timeline (s):", {k: round(v / 1e9, 3) for k, v in sorted(t.items(), key=lambda kv: kv[1])})
 
 

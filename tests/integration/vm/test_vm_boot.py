@@ -91,8 +91,7 @@ def test_console_qmp_and_shutdown(test_image: Path, tmp_path: Path) -> None:
             assert await vm.status() == "prelaunch"
             reader, writer = await asyncio.open_unix_connection(str(vm.console_socket))
             await vm.resume()
-            console = await read_until(reader, b"spinbox-test-init: hello from PID 1")
-            assert b"SeaBIOS" in console
+            await read_until(reader, b"spinbox-test-init: hello from PID 1")  # the console reached init
             assert await vm.status() == "running"
             with pytest.raises(VmError, match="agent did not answer within 1 s"):
                 await vm.wait_ready(1)  # this init has no agent

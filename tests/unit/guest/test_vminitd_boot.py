@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,16 @@ def test_root_is_initramfs(tmp_path: Path) -> None:
 
 
 def test_module_list_missing_is_fine(tmp_path: Path) -> None:
-    assert boot.load_modules(tmp_path / "none") == 0
+    assert boot.read_module_list(tmp_path / "none") == ([], [])
+    assert boot.load_modules([]) == 0
+
+
+def test_module_list_parts(tmp_path: Path) -> None:
+    listing = tmp_path / "modules"
+    listing.write_text("/a.ko\n# a comment\n\n/b.ko\n# deferred: later\n/c.ko\n")
+    assert boot.read_module_list(listing) == (["/a.ko", "/b.ko"], ["/c.ko"])
+    listing.write_text("/a.ko\n/b.ko\n")  # an image built before the mark existed
+    assert boot.read_module_list(listing) == (["/a.ko", "/b.ko"], [])
 
 
 def test_find_port(tmp_path: Path) -> None:
@@ -92,12 +100,15 @@ def test_timeline_keeps_the_first_stamp() -> None:
     assert t.stamps["entry"] == first > 0
 
 
-def test_process_start_stamp(tmp_path: Path) -> None:
-    stat = tmp_path / "stat"
-    fields = ["S"] + ["0"] * 18 + ["250"] + ["0"] * 20  # field 22 (starttime) is 250 ticks
-    stat.write_text("1 (py thon) " + " ".join(fields) + "\n")
+def test_kernel_message_stamp() -> None:
+    log = (
+        "<6>[    0.500000] Run /init as init process\n"
+        "<6>[    2.953722] Run /init as init process\n"
+        "<6>[    3.100000] virtio_blk virtio1: [vda] 2048 512-byte logical blocks\n"
+    )
     t = Timeline()
-    t.stamp_process_start("exec", str(stat))
-    assert t.stamps["exec"] == 250 * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    t.stamp_process_start("missing", str(tmp_path / "nope"))
-    assert "missing" not in t.stamps
+    t.stamp_kernel_message("exec", "Run /init as init process", log)
+    assert t.stamps["exec"] == 2_953_722_000
+    t.stamp_kernel_message("missing", "Run /sbin/init as init process", log)
+    t.stamp_kernel_message("garbled", "x", "<6>[  abc] x\n")
+    assert "missing" not in t.stamps and "garbled" not in t.stamps

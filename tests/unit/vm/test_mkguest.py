@@ -12,6 +12,7 @@ from guest.mkguest.__main__ import main as mkguest_main
 from guest.mkguest.errors import BuildError
 from guest.mkguest.image import BUSYBOX, ImageConfig, build
 from guest.mkguest.kmod import ModuleTree
+from guest.vminitd import boot
 from spinbox.vm.spec import default_kernel
 
 TRIVIAL_INIT = """
@@ -101,14 +102,20 @@ def test_image_layout(image: bytes) -> None:
     assert not [p for p in entries if p.endswith(".py")]  # bytecode only
 
 
-def test_kernel_modules_in_load_order(image: bytes) -> None:
+def test_kernel_modules_in_load_order(image: bytes, tmp_path: Path) -> None:
     entries = read_newc(image)
-    listed = entries["etc/spinbox/modules"][1].decode().split()
+    (tmp_path / "modules").write_bytes(entries["etc/spinbox/modules"][1])
+    lines = (tmp_path / "modules").read_text().splitlines()
+    listed = [line for line in lines if not line.startswith("#")]
     names = [Path(p).name for p in listed]
     assert names.index("virtio_ring.ko") < names.index("virtio.ko") < names.index("virtio_pci.ko")
     assert names.index("virtio.ko") < names.index("virtio_console.ko")
     for wanted in ("virtio_blk.ko", "virtio_net.ko", "virtio-rng.ko", "erofs.ko", "overlay.ko"):
         assert wanted in names
+    # What the agent's port needs comes first; the rest loads while the agent serves.
+    early, deferred = boot.read_module_list(tmp_path / "modules")
+    assert [Path(p).name for p in early][-1] == "virtio_console.ko"
+    assert {"virtio_blk.ko", "erofs.ko", "overlay.ko"} <= {Path(p).name for p in deferred}
     for path in listed:
         assert "usr" + path in entries  # /lib is a link to usr/lib
 
