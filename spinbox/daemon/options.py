@@ -60,6 +60,12 @@ def check_vm_id(vm_id: str) -> str:
     return vm_id
 
 
+def check_container_id(container_id: str, what: str = "container id") -> str:
+    if not VM_ID_RE.fullmatch(container_id):
+        raise InvalidArgument(f"{what} {container_id!r} is not a valid container id")
+    return container_id
+
+
 def escape_path_element(text: str) -> str:
     """An object path element for any text, escaped the way systemd does (sd_bus_path_encode)."""
     if not text:
@@ -82,13 +88,13 @@ def _value(options: dict[str, Variant], key: str) -> Any:
     return variant.value
 
 
-def _mounts(value: list[list[Any]]) -> tuple[Mount, ...]:
+def parse_mounts(value: list[list[Any]], what: str = "option 'rootfs'") -> tuple[Mount, ...]:
     mounts = []
     for i, (type_, source, target, mount_options) in enumerate(value):
         if not type_:
-            raise InvalidArgument(f"option 'rootfs': mount {i} has no type")
+            raise InvalidArgument(f"{what}: mount {i} has no type")
         if not source:
-            raise InvalidArgument(f"option 'rootfs': mount {i} has no source")
+            raise InvalidArgument(f"{what}: mount {i} has no source")
         mounts.append(Mount(type_, source, target, tuple(mount_options)))
     return tuple(mounts)
 
@@ -109,10 +115,9 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
         raise InvalidArgument(
             f"option 'memory-mib' must be between 64 and {defaults.max_memory_mib}, not {memory}"
         )
-    rootfs = _mounts(_value(options, "rootfs")) if "rootfs" in options else ()
+    rootfs = parse_mounts(_value(options, "rootfs")) if "rootfs" in options else ()
     container_id = _value(options, "container-id") if "container-id" in options else vm_id
-    if not VM_ID_RE.fullmatch(container_id):
-        raise InvalidArgument(f"option 'container-id' {container_id!r} is not a valid container id")
+    check_container_id(container_id, "option 'container-id'")
 
     netns = None
     if "netns" in options:

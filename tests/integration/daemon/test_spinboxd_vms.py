@@ -305,3 +305,46 @@ def test_a_guest_that_never_comes_up_fails_the_create_and_leaves_nothing(spinbox
     assert "journalctl -u spinbox-vm-vm-bad.scope" in error
     assert "Kernel panic" in spinbox.journal("-u", "spinbox-vm-vm-bad.scope", "-o", "cat")
     assert leftovers(spinbox) == NOTHING
+
+
+def add_rootfs(
+    systemd: PrivateSystemd, path: str, container_id: str, rootfs: tuple[str, ...], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """AddRootfs through busctl with the mounts of a snapshot() option."""
+    mounts = rootfs[2:]  # drop the option's name and signature
+    call = ("call", BUS, path, VM_IFACE, "AddRootfs", "sa(sssas)", container_id, *mounts)
+    return busctl(systemd, "--timeout=300", *call, check=check)
+
+
+def test_a_pod_adds_and_removes_rootfses_in_its_running_vm(spinbox: PrivateSystemd) -> None:
+    with (
+        snapshot(spinbox, "pod0") as pause,
+        snapshot(spinbox, "pod1") as app,
+        snapshot(spinbox, "pod2") as side,
+    ):
+        path = create(spinbox, "vm-pod", pause, ("container-id", "s", "pause"))
+        added = add_rootfs(spinbox, path, "app", app)
+        guest_path = added.stdout.split(maxsplit=1)[1].strip().strip('"')
+        assert guest_path.startswith("/") and guest_path.endswith("/app")
+
+        again = add_rootfs(spinbox, path, "app", app, check=False)
+        assert "org.spinstack.Spinbox.Error.AlreadyExists" in again.stderr or "already has" in again.stderr
+        bad = add_rootfs(spinbox, path, "bad", ("", "", "1", "", "", "", "0"), check=False)
+        assert bad.returncode != 0 and "has no type" in bad.stderr
+        missing = busctl(spinbox, "call", BUS, path, VM_IFACE, "RemoveRootfs", "s", "nope", check=False)
+        assert missing.returncode != 0 and "no added rootfs for container 'nope'" in missing.stderr
+
+        # A restarted spinboxd re-adopts the VM with its added rootfs.
+        spinbox.systemctl("restart", "spinbox.service")
+        path = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "vm-pod").stdout
+        path = path.split()[1].strip('"')
+        busctl(spinbox, "--timeout=120", "call", BUS, path, VM_IFACE, "RemoveRootfs", "s", "app")
+        # Its disks' ports are free again; a VM that stops releases what is still added.
+        add_rootfs(spinbox, path, "app", app)
+        add_rootfs(spinbox, path, "side", side)
+        stop(spinbox, path)
+    vminitd = spinbox.journal("-u", "spinbox-vm-vm-pod.scope", "-t", "vminitd", "-o", "cat")
+    assert "mounted the rootfs of container side" in vminitd
+    assert "unmounted the rootfs of container app" in vminitd
+    assert leftovers(spinbox) == NOTHING
+    assert no_layer_references(spinbox)
