@@ -159,6 +159,7 @@ class VmManager:
             "tasks-max": limits.tasks_max,
             "accelerator": self.backend.accelerator(),
             "annotations": dict(request.annotations),
+            "hotplug-ports": request.hotplug_ports,
         }
         state = VmState(
             id=vm_id,

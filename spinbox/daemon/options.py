@@ -26,7 +26,11 @@ OPTION_SIGNATURES = {
     "netns": "s",
     "kernel-args": "as",
     "annotations": "a{ss}",
+    "hotplug-ports": "u",
 }
+# Spare PCIe root ports cost boot time (measured with bench/boot): only VMs
+# that get further rootfses later (a pod's) ask for them.
+MAX_HOTPLUG_PORTS = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class VmRequest:
     netns: str | None
     kernel_args: tuple[str, ...]
     annotations: tuple[tuple[str, str], ...]
+    hotplug_ports: int = 0
 
 
 def check_vm_id(vm_id: str) -> str:
@@ -140,6 +145,12 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
     if "annotations" in options:
         annotations = tuple(sorted(_value(options, "annotations").items()))
 
+    hotplug_ports = _value(options, "hotplug-ports") if "hotplug-ports" in options else 0
+    if not 0 <= hotplug_ports <= MAX_HOTPLUG_PORTS:
+        raise InvalidArgument(
+            f"option 'hotplug-ports' must be between 0 and {MAX_HOTPLUG_PORTS}, not {hotplug_ports}"
+        )
+
     return VmRequest(
         id=vm_id,
         vcpus=vcpus,
@@ -149,4 +160,5 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
         netns=netns,
         kernel_args=kernel_args,
         annotations=annotations,
+        hotplug_ports=hotplug_ports,
     )

@@ -125,6 +125,7 @@ class QemuBackend:
             disks=tuple(disks),
             nics=tuple(nics),
             accel=self._accel,  # type: ignore[arg-type]
+            hotplug_ports=request.hotplug_ports,
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)

@@ -16,7 +16,6 @@ DEFAULT_IMAGE = Path("/var/lib/spinbox/guest/initrd.img")
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-DEFAULT_HOTPLUG_PORTS = 16
 MAX_HOTPLUG_PORTS = 64
 _SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 # sun_path is 108 bytes including the terminating NUL.
@@ -53,7 +52,7 @@ class VmSpec:
     nics: tuple[Nic, ...] = ()
     accel: Accel = "auto"
     # Spare PCIe root ports for disks hot-plugged later (a pod's further containers).
-    hotplug_ports: int = DEFAULT_HOTPLUG_PORTS
+    hotplug_ports: int = 0
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
 

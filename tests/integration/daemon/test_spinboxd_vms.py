@@ -322,7 +322,7 @@ def test_a_pod_adds_and_removes_rootfses_in_its_running_vm(spinbox: PrivateSyste
         snapshot(spinbox, "pod1") as app,
         snapshot(spinbox, "pod2") as side,
     ):
-        path = create(spinbox, "vm-pod", pause, ("container-id", "s", "pause"))
+        path = create(spinbox, "vm-pod", pause, ("container-id", "s", "pause"), ("hotplug-ports", "u", "4"))
         added = add_rootfs(spinbox, path, "app", app)
         guest_path = added.stdout.split(maxsplit=1)[1].strip().strip('"')
         assert guest_path.startswith("/") and guest_path.endswith("/app")
@@ -342,6 +342,10 @@ def test_a_pod_adds_and_removes_rootfses_in_its_running_vm(spinbox: PrivateSyste
         # Its disks' ports are free again; a VM that stops releases what is still added.
         add_rootfs(spinbox, path, "app", app)
         add_rootfs(spinbox, path, "side", side)
+        # Two disks each (a layer and the writable one): the four ports are taken.
+        full = add_rootfs(spinbox, path, "more", side, check=False)
+        assert full.returncode != 0 and "no spare PCIe port left" in full.stderr
+        assert not spinbox.path("/var/lib/spinbox/vms/vm-pod/rootfs-more").exists()
         stop(spinbox, path)
     vminitd = spinbox.journal("-u", "spinbox-vm-vm-pod.scope", "-t", "vminitd", "-o", "cat")
     assert "mounted the rootfs of container side" in vminitd
