@@ -226,3 +226,86 @@ def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[Privat
         finally:
             with contextlib.suppress(FileNotFoundError):
                 systemd.path(SHIM_WRAPPER).unlink()
+
+
+# Kubernetes' CRI: containerd 1.6's CRI plugin with the `spinbox` runtime handler
+# (the tables of packaging/containerd/cri-v2.toml), pods on a CNI bridge, and crictl.
+CRICTL = Path("/opt/spinbox-test/bin/crictl")
+PAUSE_IMAGE = "localhost/spinbox/pause:latest"
+POD_SUBNET = "10.88.77.0/24"
+CRI_CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "/etc/cni/net.d"
+{runtimes}"""
+CNI_CONFLIST = {
+    "cniVersion": "1.0.0",
+    "name": "spinbox-e2e-pods",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "sbpods0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": POD_SUBNET}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        }
+    ],
+}
+CNI_FILE = "/etc/cni/net.d/10-spinbox-e2e-pods.conflist"
+
+
+class CriContainerd(Containerd):
+    """containerd with its CRI plugin on, the spinbox handler configured as the package says."""
+
+    def __init__(self, systemd: PrivateSystemd, build: ContainerdBuild) -> None:
+        super().__init__(systemd, build)
+        tag = "cri" + build.name.replace(".", "")
+        self.unit = f"containerd-e2e-{tag}.service"
+        self.root = f"/var/lib/containerd/e2e-{tag}"
+        self.state = f"/run/containerd-e2e-{tag}"
+        self.address = f"{self.state}/containerd.sock"
+        self.config = f"/etc/containerd/e2e-{tag}.toml"
+
+    def start(self) -> None:
+        runtimes = (TOP / "packaging/containerd/cri-v2.toml").read_text()
+        self.systemd.write_file(CNI_FILE, json.dumps(CNI_CONFLIST))
+        config = CRI_CONFIG.format(
+            root=self.root, state=self.state, address=self.address, pause=PAUSE_IMAGE, runtimes=runtimes
+        )
+        self.systemd.write_file(self.config, config)
+        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
+        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
+        self.systemd.daemon_reload()
+        self.systemd.systemctl("start", self.unit)
+        self.systemd.wait_for(
+            f"{self.unit} to serve CRI", lambda: self.crictl("version", check=False).returncode == 0
+        )
+        images = artifacts_dir() / "images"
+        for image in (
+            build_image(images / "busybox.tar"),
+            build_image(images / "pause.tar", PAUSE_IMAGE, cmd=("sleep", "2147483647")),
+        ):
+            self.ctr("-n", "k8s.io", "images", "import", str(image))
+
+    def stop(self) -> None:
+        super().stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.systemd.path(CNI_FILE).unlink()
+
+    def crictl(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return self.systemd.run(
+            str(CRICTL), "--runtime-endpoint", f"unix://{self.address}", "--image-endpoint",
+            f"unix://{self.address}", "--timeout", "240s", *args, check=check, timeout=timeout,
+        )  # fmt: skip
