@@ -228,12 +228,14 @@ def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[Privat
                 systemd.path(SHIM_WRAPPER).unlink()
 
 
-# Kubernetes' CRI: containerd 1.6's CRI plugin with the `spinbox` runtime handler
-# (the tables of packaging/containerd/cri-v2.toml), pods on a CNI bridge, and crictl.
+# Kubernetes' CRI: containerd's CRI plugin with the `spinbox` runtime handler
+# configured as packaging/containerd/ says (1.6: cri-v2.toml appended to the main
+# file; 2.x: cri-v3.toml imported from conf.d), pods on a CNI bridge, and crictl.
 CRICTL = Path("/opt/spinbox-test/bin/crictl")
 PAUSE_IMAGE = "localhost/spinbox/pause:latest"
 POD_SUBNET = "10.88.77.0/24"
-CRI_CONFIG = """version = 2
+CRI_CONFIG = {
+    "1.6": """version = 2
 root = "{root}"
 state = "{state}"
 [grpc]
@@ -243,7 +245,21 @@ state = "{state}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "/etc/cni/net.d"
-{runtimes}"""
+""",
+    "2.x": """version = 3
+root = "{root}"
+state = "{state}"
+imports = ["/etc/containerd/conf.d/*.toml"]
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{pause}"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["/usr/lib/cni"]
+  conf_dir = "/etc/cni/net.d"
+""",
+}
+CRI_DROP_IN = "/etc/containerd/conf.d/spinbox.toml"
 CNI_CONFLIST = {
     "cniVersion": "1.0.0",
     "name": "spinbox-e2e-pods",
@@ -277,11 +293,14 @@ class CriContainerd(Containerd):
         self.config = f"/etc/containerd/e2e-{tag}.toml"
 
     def start(self) -> None:
-        runtimes = (TOP / "packaging/containerd/cri-v2.toml").read_text()
         self.systemd.write_file(CNI_FILE, json.dumps(CNI_CONFLIST))
-        config = CRI_CONFIG.format(
-            root=self.root, state=self.state, address=self.address, pause=PAUSE_IMAGE, runtimes=runtimes
+        config = CRI_CONFIG[self.build.name].format(
+            root=self.root, state=self.state, address=self.address, pause=PAUSE_IMAGE
         )
+        if self.build.name == "1.6":
+            config += (TOP / "packaging/containerd/cri-v2.toml").read_text()
+        else:
+            self.systemd.install(TOP / "packaging/containerd/cri-v3.toml", CRI_DROP_IN, mode=0o644)
         self.systemd.write_file(self.config, config)
         unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
         self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
@@ -299,8 +318,9 @@ class CriContainerd(Containerd):
 
     def stop(self) -> None:
         super().stop()
-        with contextlib.suppress(FileNotFoundError):
-            self.systemd.path(CNI_FILE).unlink()
+        for path in (CNI_FILE, CRI_DROP_IN):
+            with contextlib.suppress(FileNotFoundError):
+                self.systemd.path(path).unlink()
 
     def crictl(
         self, *args: str, check: bool = True, timeout: float = 300

@@ -1,4 +1,4 @@
-"""Kubernetes pods through containerd 1.6's CRI plugin and crictl: the runtime
+"""Kubernetes pods through containerd's CRI plugin (1.6 and 2.x) and crictl: the runtime
 handler `spinbox` gives a pod one VM, and every container of the pod runs in it."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from tests.harness.systemd import PrivateSystemd
 WORK = "/run/spinbox-e2e-cri"
 
 
-@pytest.fixture(scope="module")
-def cri(systemd: PrivateSystemd, guest_image: Path) -> Iterator[CriContainerd]:
-    build = BUILDS["1.6"]
+@pytest.fixture(scope="module", params=sorted(BUILDS), ids=lambda name: f"containerd-{name}")
+def cri(
+    request: pytest.FixtureRequest, systemd: PrivateSystemd, guest_image: Path
+) -> Iterator[CriContainerd]:
+    build = BUILDS[request.param]
     if not build.available or not CRICTL.exists():
-        pytest.skip("containerd 1.6 or crictl is not installed (tools/install-test-clients)")
+        pytest.skip(f"containerd {build.name} or crictl is not installed (tools/install-test-clients)")
     with spinbox_stack(systemd, guest_image):
         instance = CriContainerd(systemd, build)
         instance.start()
