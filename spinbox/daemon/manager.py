@@ -345,7 +345,10 @@ class VmManager:
                     await vm.machine.remove_disk(serial)
                 except Exception as e:
                     errors.append(f"disk {serial}: {e}")
-            await rootfs.release()
+            try:
+                await rootfs.release()
+            except Exception as e:
+                errors.append(f"storage: {e}")
             del vm.added[container_id]
             del vm.state.added_rootfs[container_id]
             vm.state.save(vm.runtime_dir)

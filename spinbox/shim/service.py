@@ -140,6 +140,17 @@ def _spinboxd_error(error: SpinboxdError, doing: str) -> ShimError:
     return ShimError(code, f"{doing}: {error.message}")
 
 
+def _create_error(error: BaseException, doing: str) -> BaseException:
+    """What a failed Create raises: spinboxd's, hooks' and stdio's errors as named shim errors."""
+    if isinstance(error, SpinboxdError):
+        return _spinboxd_error(error, doing)
+    if isinstance(error, HookError):
+        return precondition(str(error))
+    if isinstance(error, StdioError):
+        return invalid(str(error))
+    return error
+
+
 def _wants_new_netns(spec: dict[str, Any]) -> bool:
     for ns in (spec.get("linux") or {}).get("namespaces") or []:
         if isinstance(ns, dict) and ns.get("type") == "network":
@@ -335,31 +346,10 @@ class TaskService:
             vm = await spinboxd.create_vm(request)
             hook_pid = hook_pid or vm.pid
             agent = await self._connect_agent(vm.agent_address)
-            state.io = await ProcessIO.open(stdio, req.id, self.namespace)
-            io_config = agent_pb2.IoConfig(
-                stdin=stdio.stdin.kind == Kind.FIFO,
-                stdout=state.io.stdout is not None,
-                stderr=state.io.stderr is not None and not req.terminal,
-                terminal=req.terminal,
-            )
-            await agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
-            state.process.pid = vm.pid
-            self._start_copying(agent, state)
-            await run_hooks(
-                "prestart",
-                hooks.prestart,
-                state_json(spec, req.id, "created", hook_pid, req.bundle),
-                fatal=True,
-            )
+            await self._create_in_guest(agent, req, spec, guest_spec, hooks, stdio, state, vm.pid, hook_pid)
         except BaseException as error:
             await self._abandon(vm_id, vm is not None or bool(netns and hook_pid), agent, state)
-            if isinstance(error, SpinboxdError):
-                raise _spinboxd_error(error, f"cannot create the VM for {req.id!r}") from None
-            if isinstance(error, HookError):
-                raise precondition(str(error)) from None
-            if isinstance(error, StdioError):
-                raise invalid(str(error)) from None
-            raise
+            raise _create_error(error, f"cannot create the VM for {req.id!r}") from None
         container = Container(
             id=req.id,
             bundle=req.bundle,
@@ -374,6 +364,33 @@ class TaskService:
         )
         container.oom_watcher = asyncio.get_running_loop().create_task(self._watch_oom(container))
         return container
+
+    async def _create_in_guest(
+        self,
+        agent: Agent,
+        req: task.CreateTaskRequest,
+        spec: dict[str, Any],
+        guest_spec: dict[str, Any],
+        hooks: HostHooks,
+        stdio: StdioConfig,
+        state: ProcessState,
+        vm_pid: int,
+        hook_pid: int,
+    ) -> None:
+        """The container in the guest (its rootfs mounted there), its output copied, prestart hooks run."""
+        state.io = await ProcessIO.open(stdio, req.id, self.namespace)
+        io_config = agent_pb2.IoConfig(
+            stdin=stdio.stdin.kind == Kind.FIFO,
+            stdout=state.io.stdout is not None,
+            stderr=state.io.stderr is not None and not req.terminal,
+            terminal=req.terminal,
+        )
+        await agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
+        state.process.pid = vm_pid
+        self._start_copying(agent, state)
+        await run_hooks(
+            "prestart", hooks.prestart, state_json(spec, req.id, "created", hook_pid, req.bundle), fatal=True
+        )
 
     async def _add_to_pod(
         self,
@@ -390,7 +407,7 @@ class TaskService:
         state = ProcessState(
             Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
         )
-        added = created = False
+        added = False
         try:
             await run_hooks(
                 "createRuntime",
@@ -400,42 +417,21 @@ class TaskService:
             )
             await spinboxd.add_rootfs(pod.vm.path, req.id, mounts)
             added = True
-            state.io = await ProcessIO.open(stdio, req.id, self.namespace)
-            io_config = agent_pb2.IoConfig(
-                stdin=stdio.stdin.kind == Kind.FIFO,
-                stdout=state.io.stdout is not None,
-                stderr=state.io.stderr is not None and not req.terminal,
-                terminal=req.terminal,
-            )
-            await pod.agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
-            created = True
-            state.process.pid = pod.vm.pid
-            self._start_copying(pod.agent, state)
-            await run_hooks(
-                "prestart",
-                hooks.prestart,
-                state_json(spec, req.id, "created", pod.vm.pid, req.bundle),
-                fatal=True,
+            await self._create_in_guest(
+                pod.agent, req, spec, guest_spec, hooks, stdio, state, pod.vm.pid, pod.vm.pid
             )
         except BaseException as error:
             await self._stop_copying(state)
-            if created:
+            if added:
                 with contextlib.suppress(Exception):
                     await pod.agent.delete_container(req.id)
-            if added:
                 try:
                     await spinboxd.remove_rootfs(pod.vm.path, req.id)
                 except Exception as undo_error:
                     log.error(
                         "could not remove the rootfs of %s after a failed create: %s", req.id, undo_error
                     )
-            if isinstance(error, SpinboxdError):
-                raise _spinboxd_error(error, f"cannot add {req.id!r} to the VM of pod {pod.id!r}") from None
-            if isinstance(error, HookError):
-                raise precondition(str(error)) from None
-            if isinstance(error, StdioError):
-                raise invalid(str(error)) from None
-            raise
+            raise _create_error(error, f"cannot add {req.id!r} to the VM of pod {pod.id!r}") from None
         return Container(
             id=req.id,
             bundle=req.bundle,

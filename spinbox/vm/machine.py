@@ -162,6 +162,11 @@ class VirtualMachine:
         if disk.serial in self.state.hotplugged.values():
             raise VmError(f"VM {self.vm_id} already has a hot-plugged disk with serial {disk.serial!r}")
         free = [i for i in range(self.state.hotplug_ports) if hotplug_port(i) not in self.state.hotplugged]
+        if not self.state.hotplug_ports:
+            raise VmError(
+                f"VM {self.vm_id} has no spare PCIe ports to plug disk {disk.serial!r} into "
+                "(a VM gets them at its start: VmSpec.hotplug_ports, CreateVM's hotplug-ports)"
+            )
         if not free:
             raise VmError(
                 f"VM {self.vm_id} has no spare PCIe port left for disk {disk.serial!r} "

@@ -64,10 +64,12 @@ KillMode=process
 class Containerd:
     """One containerd unit inside the private systemd, and its clients."""
 
+    kind = ""  # in the names of its unit and directories
+
     def __init__(self, systemd: PrivateSystemd, build: ContainerdBuild) -> None:
         self.systemd = systemd
         self.build = build
-        tag = build.name.replace(".", "")
+        tag = self.kind + build.name.replace(".", "")
         self.unit = f"containerd-e2e-{tag}.service"
         self.root = f"/var/lib/containerd/e2e-{tag}"
         self.state = f"/run/containerd-e2e-{tag}"
@@ -75,18 +77,19 @@ class Containerd:
         self.config = f"/etc/containerd/e2e-{tag}.toml"
 
     def start(self) -> None:
-        self.systemd.write_file(
-            self.config, CONFIG.format(root=self.root, state=self.state, address=self.address)
-        )
-        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
-        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
-        self.systemd.daemon_reload()
-        self.systemd.systemctl("start", self.unit)
+        self.start_unit(CONFIG.format(root=self.root, state=self.state, address=self.address))
         self.systemd.wait_for(
             f"{self.unit} to serve", lambda: self.ctr("version", check=False).returncode == 0
         )
         image = build_image(artifacts_dir() / "images" / "busybox.tar")
         self.ctr("images", "import", str(image))
+
+    def start_unit(self, config: str) -> None:
+        self.systemd.write_file(self.config, config)
+        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
+        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
+        self.systemd.daemon_reload()
+        self.systemd.systemctl("start", self.unit)
 
     def stop(self) -> None:
         self.systemd.systemctl("stop", self.unit, check=False)
@@ -283,14 +286,7 @@ CNI_FILE = "/etc/cni/net.d/10-spinbox-e2e-pods.conflist"
 class CriContainerd(Containerd):
     """containerd with its CRI plugin on, the spinbox handler configured as the package says."""
 
-    def __init__(self, systemd: PrivateSystemd, build: ContainerdBuild) -> None:
-        super().__init__(systemd, build)
-        tag = "cri" + build.name.replace(".", "")
-        self.unit = f"containerd-e2e-{tag}.service"
-        self.root = f"/var/lib/containerd/e2e-{tag}"
-        self.state = f"/run/containerd-e2e-{tag}"
-        self.address = f"{self.state}/containerd.sock"
-        self.config = f"/etc/containerd/e2e-{tag}.toml"
+    kind = "cri"
 
     def start(self) -> None:
         self.systemd.write_file(CNI_FILE, json.dumps(CNI_CONFLIST))
@@ -301,11 +297,7 @@ class CriContainerd(Containerd):
             config += (TOP / "packaging/containerd/cri-v2.toml").read_text()
         else:
             self.systemd.install(TOP / "packaging/containerd/cri-v3.toml", CRI_DROP_IN, mode=0o644)
-        self.systemd.write_file(self.config, config)
-        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
-        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
-        self.systemd.daemon_reload()
-        self.systemd.systemctl("start", self.unit)
+        self.start_unit(config)
         self.systemd.wait_for(
             f"{self.unit} to serve CRI", lambda: self.crictl("version", check=False).returncode == 0
         )
