@@ -680,8 +680,10 @@ class TaskService:
             container.oom_watcher.cancel()
         try:
             if container.sandbox:
-                # The pod's VM stays for its other containers; only this rootfs goes.
-                await (await self.spinboxd()).remove_rootfs(container.vm.path, container.id)
+                # The pod's VM stays for its other containers; only this rootfs goes
+                # (unless the sandbox went first, and its VM with everything in it).
+                if container.sandbox in self.containers:
+                    await (await self.spinboxd()).remove_rootfs(container.vm.path, container.id)
             else:
                 with contextlib.suppress(Exception):
                     await container.agent.close()

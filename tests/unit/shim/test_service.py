@@ -362,10 +362,14 @@ def test_a_pods_containers_share_the_sandboxs_vm(tmp_path: Path) -> None:
         assert stray.value.code == "FAILED_PRECONDITION" and "'elsewhere'" in str(stray.value)
         await service.delete(task.DeleteRequest(id="app"))
         assert spinboxd.live == {"default-sb"} and not agent.closed
+        # A container left when its sandbox goes was stopped with the pod's VM.
+        await service.create(task.CreateTaskRequest(id="late", bundle=str(app_bundle)))
         await service.delete(task.DeleteRequest(id="sb"))
         assert not spinboxd.live and agent.closed
+        await service.delete(task.DeleteRequest(id="late"))
+        assert not service.containers
 
     asyncio.run(scenario())
     assert [r.vm_id for r in spinboxd.requests] == ["default-sb"]
     vm = "/org/spinstack/Spinbox/vm/default-sb"
-    assert spinboxd.calls == [f"AddRootfs {vm} app", f"RemoveRootfs {vm} app"]
+    assert spinboxd.calls == [f"AddRootfs {vm} app", f"RemoveRootfs {vm} app", f"AddRootfs {vm} late"]
