@@ -266,12 +266,15 @@ class VmManager:
         self._set_phase(vm, "running")
 
     async def sync_rootfs(self, vm: Vm) -> None:
-        if vm.rootfs is None:
+        """Write every rootfs of the VM back (a pod's further containers' too)."""
+        rootfses = {**({vm.state.container_id: vm.rootfs} if vm.rootfs is not None else {}), **vm.added}
+        if not rootfses:
             raise Failed(f"VM {vm.id!r} has no writable rootfs to sync")
         if vm.phase != "running":
             raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
-        await self.backend.quiesce_guest(vm.machine, vm.state.container_id, unmount=False)
-        await vm.rootfs.writeback()
+        for container_id, rootfs in rootfses.items():
+            await self.backend.quiesce_guest(vm.machine, container_id, unmount=False)
+            await rootfs.writeback()
 
     # -- a pod's further containers -----------------------------------------
 

@@ -14,6 +14,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.config import VmConfig
+from spinbox.vm.agent import AgentClient
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
     BUS,
@@ -28,6 +29,8 @@ from tests.integration.daemon.spinboxd import (
     installed,
     leftovers,
 )
+from tests.integration.guest.oci import busybox_rootfs
+from tests.integration.guest.oci import spec as oci_spec
 
 NOTHING: dict[str, object] = {"scopes": [], "qemu": [], "files": [], "netns": []}
 MIB = 1024 * 1024
@@ -316,16 +319,36 @@ def add_rootfs(
     return busctl(systemd, "--timeout=300", *call, check=check)
 
 
+async def run_in_guest(address: str, container_id: str, *args: str) -> int:
+    """Run a container to its end on a rootfs the guest has mounted; its exit status."""
+    agent = await AgentClient.connect(address)
+    try:
+        await agent.create_container(container_id, oci_spec(*args))
+        await agent.start(container_id)
+        status = (await agent.wait(container_id)).exit_status
+        await agent.delete_container(container_id)
+        return status
+    finally:
+        await agent.close()
+
+
 def test_a_pod_adds_and_removes_rootfses_in_its_running_vm(spinbox: PrivateSystemd) -> None:
     with (
         snapshot(spinbox, "pod0") as pause,
         snapshot(spinbox, "pod1") as app,
         snapshot(spinbox, "pod2") as side,
     ):
+        app_root = "/var/lib/containerd/spinbox-test-pod1"
+        busybox_rootfs(spinbox.path(f"{app_root}/1/fs"))
         path = create(spinbox, "vm-pod", pause, ("container-id", "s", "pause"), ("hotplug-ports", "u", "4"))
         added = add_rootfs(spinbox, path, "app", app)
         guest_path = added.stdout.split(maxsplit=1)[1].strip().strip('"')
         assert guest_path.startswith("/") and guest_path.endswith("/app")
+        # A container runs on the added rootfs; what it writes reaches the snapshot.
+        agent = "unix:" + str(spinbox.path("/run/spinbox/vm/vm-pod/agent.sock"))
+        assert asyncio.run(run_in_guest(agent, "app", "sh", "-c", "echo pod > /written")) == 0
+        busctl(spinbox, "--timeout=120", "call", BUS, path, VM_IFACE, "SyncRootfs")
+        assert spinbox.path(f"{app_root}/2/fs/written").read_text() == "pod\n"
 
         again = add_rootfs(spinbox, path, "app", app, check=False)
         assert "org.spinstack.Spinbox.Error.AlreadyExists" in again.stderr or "already has" in again.stderr
