@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e lint proto deb install demo clean
+.PHONY: setup test test-unit test-integration test-e2e lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -49,6 +49,9 @@ install: proto
 # it, and run a container in a VM (tools/demo says how to clean up after).
 demo: deb
 	$(PYTHON) ./tools/demo
+
+demo-clean:
+	$(PYTHON) ./tools/demo clean
 
 clean:
 	find spinbox guest -name '*_pb2.py' -o -name '*_pb2.pyi' | xargs -r rm -f

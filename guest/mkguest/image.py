@@ -58,6 +58,7 @@ class ImageConfig:
     modules_root: Path = Path("/lib/modules")
     check: bool = True  # import the entry module inside the image before writing it (as root)
     compression: str = "none"  # fastest to boot under TCG (measured); gzip and zstd are smaller
+    kernel_modules: bool = True  # False for a kernel built without modules (kmod.module_free)
     mtime: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
 
 
@@ -199,6 +200,8 @@ def build(config: ImageConfig, output: Path) -> BuildResult:
 
 
 def _kernel_modules(config: ImageConfig) -> list[KernelModule]:
+    if not config.kernel_modules:
+        return []
     modules_dir = config.modules_root / config.kernel_version
     if not modules_dir.is_dir():
         raise BuildError(

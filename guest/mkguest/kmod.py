@@ -24,6 +24,17 @@ REQUIRED_MODULES = (
     "overlay",
 )
 OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci")
+# The config symbol that builds each required module into a kernel without modules.
+BUILTIN_SYMBOLS = {
+    "virtio_pci": "CONFIG_VIRTIO_PCI",
+    "virtio_mmio": "CONFIG_VIRTIO_MMIO",
+    "virtio_blk": "CONFIG_VIRTIO_BLK",
+    "virtio_net": "CONFIG_VIRTIO_NET",
+    "virtio_console": "CONFIG_VIRTIO_CONSOLE",
+    "virtio_rng": "CONFIG_HW_RANDOM_VIRTIO",
+    "erofs": "CONFIG_EROFS_FS",
+    "overlay": "CONFIG_OVERLAY_FS",
+}
 
 
 def _canonical(name: str) -> str:
@@ -103,3 +114,25 @@ class ModuleTree:
         elif not relative.endswith(".ko"):
             raise BuildError(f"kernel module {path} has a compression spinbox-mkguest does not know")
         return KernelModule(relative[: relative.index(".ko") + 3], data)
+
+
+def module_free(kernel: Path) -> bool:
+    """Whether `kernel` was built without module support, by the config-<name> beside vmlinuz-<name>.
+
+    Such a kernel (kernel/build makes one) needs nothing from /lib/modules, but must
+    have every required module built in; BuildError names those it lacks.
+    """
+    _, dash, name = kernel.name.partition("-")
+    config = kernel.with_name(f"config-{name}")
+    if not dash or not config.is_file():
+        return False
+    lines = config.read_text().splitlines()
+    if "# CONFIG_MODULES is not set" not in lines:
+        return False
+    missing = [module for module, symbol in BUILTIN_SYMBOLS.items() if f"{symbol}=y" not in lines]
+    if missing:
+        raise BuildError(
+            f"kernel {kernel} has no module support and does not build in {', '.join(missing)} "
+            f"(see {config}): the guest needs them"
+        )
+    return True

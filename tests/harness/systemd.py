@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -32,14 +33,39 @@ _BOOT_SCRIPT = r"""
 set -eu
 mount --make-rprivate /
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /run/.harness
 mount -t tmpfs -o mode=0700 tmpfs /run/.harness
+# The tree under test (and its virtualenv) stay visible even where they live
+# under /tmp, which is private here: set aside before the tmpfs hides them,
+# then bound back at the same path.
+n=0
+for keep in $HARNESS_KEEP; do
+    case "$keep" in
+    /tmp/*)
+        mkdir -p /run/.harness/keep/$n
+        mount --rbind "$keep" /run/.harness/keep/$n
+        n=$((n + 1)) ;;
+    esac
+done
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+n=0
+for keep in $HARNESS_KEEP; do
+    case "$keep" in
+    /tmp/*)
+        mkdir -p "$keep"
+        mount --rbind /run/.harness/keep/$n "$keep"
+        n=$((n + 1)) ;;
+    esac
+done
 for d in etc usr var; do
     mkdir -p /run/.harness/$d/upper /run/.harness/$d/work
     mount -t overlay overlay \
         -o lowerdir=/$d,upperdir=/run/.harness/$d/upper,workdir=/run/.harness/$d/work /$d
 done
+# systemd-tmpfiles must never empty /tmp at boot, whatever is mounted there.
+mkdir -p /etc/tmpfiles.d
+ln -sf /dev/null /etc/tmpfiles.d/tmp.conf
+ln -sf /dev/null /etc/tmpfiles.d/x11.conf
 # Stores that other overlays or loop devices are built on need a real
 # filesystem underneath, not an overlay.
 for d in /var/lib/containerd /var/lib/spinbox /var/lib/cni /var/lib/nerdctl /var/log/journal; do
@@ -64,6 +90,13 @@ _UNSHARE_ARGV = [
     "unshare", "--pid", "--fork", "--mount", "--mount-proc", "--net", "--uts",
     "sh", "-c", _BOOT_SCRIPT,
 ]  # fmt: skip
+
+
+def _kept_paths() -> list[str]:
+    """Host paths the namespace must see although they may sit under /tmp."""
+    top = Path(__file__).resolve().parents[2]
+    paths = {str(top), sys.prefix, os.environ.get("SPINBOX_TEST_ARTIFACTS", "")}
+    return sorted(p for p in paths if p and " " not in p)
 
 
 class HarnessError(RuntimeError):
@@ -100,6 +133,7 @@ class PrivateSystemd:
             "container": "spinbox-test",
             "HARNESS_NAME": f"spinbox-test-{self.name}",
             "HARNESS_CGROUP": str(self.cgroup),
+            "HARNESS_KEEP": " ".join(_kept_paths()),
         }
         with open(self.log_path, "wb") as log:
             self._unshare = subprocess.Popen(

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parents[2]
-SOURCES = [p for p in ("spinbox", "guest", "tests", "bench") if (TOP / p).exists()]
+SOURCES = [p for p in ("spinbox", "guest", "tests", "bench", "kernel") if (TOP / p).exists()]
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:

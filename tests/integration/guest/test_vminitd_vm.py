@@ -49,9 +49,16 @@ class GuestVM:
         self.agent = await AgentClient.connect(self.vm.agent_address)
 
 
-def build_images(work: Path) -> tuple[Path, Path, Path]:
+def guest_kernels() -> list[Path]:
+    """Debian's cloud kernel, and kernel/build's module-free kernel when it has been built here."""
+    spinbox_kernel = TOP / "build" / "kernel" / "vmlinuz-spinbox"
+    return [spec_module.default_kernel(), *([spinbox_kernel] if spinbox_kernel.is_file() else [])]
+
+
+def build_images(work: Path, kernel: Path) -> tuple[Path, Path, Path]:
     initrd = work / "initrd.img"
-    subprocess.run([sys.executable, "-m", "guest.mkguest", "--output", str(initrd)], cwd=TOP, check=True)
+    mkguest = [sys.executable, "-m", "guest.mkguest", "--kernel", str(kernel), "--output", str(initrd)]
+    subprocess.run(mkguest, cwd=TOP, check=True)
     rootfs = oci.busybox_rootfs(work / "busybox")
     erofs = work / "busybox.erofs"
     subprocess.run(["mkfs.erofs", "--quiet", str(erofs), str(rootfs)], check=True, capture_output=True)
@@ -62,14 +69,15 @@ def build_images(work: Path) -> tuple[Path, Path, Path]:
     return initrd, erofs, upper
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+@pytest.fixture(scope="module", params=guest_kernels(), ids=lambda kernel: kernel.name)
+def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    kernel: Path = request.param
     work = tmp_path_factory.mktemp("guestvm")
-    initrd, erofs, upper = build_images(work)
+    initrd, erofs, upper = build_images(work, kernel)
     runtime_dir = work / "vm"
     spec = spec_module.VmSpec(
         vm_id="guest-test",
-        kernel=spec_module.default_kernel(),
+        kernel=kernel,
         initrd=initrd,
         runtime_dir=runtime_dir,
         vcpus=1,
