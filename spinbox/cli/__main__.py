@@ -120,6 +120,7 @@ async def cmd_status(client: Spinboxd, args: argparse.Namespace) -> int:
         ["Scope", vm["Scope"]],
         ["Agent", vm["AgentAddress"]],
         ["Rootfs (guest)", vm["RootfsPath"] or "-"],
+        ["Addresses", " ".join(vm.get("Addresses", [])) or "-"],
         ["vCPUs", str(resources.get("vcpus", "?"))],
         ["Memory", _mib(resources)],
         ["MemoryMax", str(resources.get("memory-max", "?"))],

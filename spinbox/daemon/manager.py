@@ -86,6 +86,8 @@ class VmManager:
         self.vms: dict[str, Vm] = {}
         self.publisher: Publisher | None = None
         self._reserved: set[str] = set()
+        # VMs being created whose QEMU (and so its scope and logs) was started.
+        self._launched: set[str] = set()
         self._creating: set[asyncio.Task[Any]] = set()
         self._on_count_changed = on_count_changed
 
@@ -133,10 +135,11 @@ class VmManager:
             raise
         except Exception as e:
             log.exception("creating VM %s failed", vm_id)
-            raise Failed(
-                f"VM {vm_id!r} could not be created: {e} (its logs: journalctl -u {scope_name(vm_id)})"
-            ) from None
+            # Before QEMU started (storage, network), only spinboxd's own log says more.
+            logs = scope_name(vm_id) if vm_id in self._launched else "spinbox.service"
+            raise Failed(f"VM {vm_id!r} could not be created: {e} (logs: journalctl -u {logs})") from None
         finally:
+            self._launched.discard(vm_id)
             self._reserved.discard(vm_id)
             if task is not None:
                 self._creating.discard(task)
@@ -204,6 +207,7 @@ class VmManager:
 
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
+            self._launched.add(vm_id)
             machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
             # Undone in reverse: QEMU killed, then its pid no longer named in logs.
             undo.callback(setattr, forwarder.sink, "pid", 0)
@@ -220,6 +224,8 @@ class VmManager:
             mark("agent-ready")
             state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network.guest, mount))
             mark("guest-configured")
+            if network.guest is not None:
+                state.addresses = [a for interface in network.guest.interfaces for a in interface.addresses]
 
             state.agent_address = machine.agent_address
             state.control_address = machine.control_address

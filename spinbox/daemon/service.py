@@ -162,6 +162,10 @@ class VMInterface(DocumentedInterface):
         return self.vm.state.rootfs_path
 
     @dbus_property(access=PropertyAccess.READ)
+    def Addresses(self) -> "as":
+        return list(self.vm.state.addresses)
+
+    @dbus_property(access=PropertyAccess.READ)
     def Resources(self) -> "a{sv}":
         return _variants(self.vm.state.resources)
 

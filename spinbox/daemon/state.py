@@ -32,6 +32,7 @@ class VmState:
     agent_address: str = ""
     control_address: str = ""
     rootfs_path: str = ""
+    addresses: list[str] = field(default_factory=list)
     container_id: str = ""
     netns: str = ""
     network: bool = False

@@ -105,6 +105,14 @@ class Containerd:
             check=check, input=input, timeout=timeout,
         )  # fmt: skip
 
+    def nerdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`nerdctl ARGS` against this containerd, with Debian's CNI plugins."""
+        return self.systemd.run(
+            str(NERDCTL), "--address", self.address, "--namespace", "default",
+            "--cni-path", "/usr/lib/cni", "--data-root", "/var/lib/nerdctl", *args,
+            check=check, timeout=300,
+        )  # fmt: skip
+
     def ctr_argv(self, *args: str) -> list[str]:
         return self.systemd.nsenter(str(self.build.bin_dir / "ctr"), "--address", self.address, *args)
 

@@ -19,19 +19,12 @@ from tests.e2e.stack import (
     NOTHING_LEFT,
     RUNTIME,
     Containerd,
-    spinbox_stack,
     task_topics,
     wait_until_clean,
 )
 from tests.harness.systemd import PrivateSystemd
 
 SIXTEEN_MIB = 16 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
-    with spinbox_stack(systemd, guest_image):
-        yield systemd
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDS), ids=lambda name: f"containerd-{name}")
@@ -186,12 +179,7 @@ def test_nerdctl_run(containerd: Containerd, stack: PrivateSystemd) -> None:
         pytest.skip("nerdctl v2 needs containerd 1.7 or newer")
     if not NERDCTL.exists():
         pytest.skip("nerdctl is not installed (tools/install-test-clients)")
-    result = stack.run(
-        str(NERDCTL), "--address", containerd.address, "--namespace", "default",
-        "--cni-path", "/usr/lib/cni", "--data-root", "/var/lib/nerdctl",
-        "run", "--rm", "--runtime", RUNTIME, IMAGE, "echo", "ok",
-        check=False, timeout=300,
-    )  # fmt: skip
+    result = containerd.nerdctl("run", "--rm", "--runtime", RUNTIME, IMAGE, "echo", "ok", check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"
     # nerdctl v2.1 leaves its client-side FIFOs behind, with runc as well.

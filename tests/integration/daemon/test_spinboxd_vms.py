@@ -104,7 +104,13 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
         listing = spinboxctl(spinbox, "list")
         assert "vm-a" in listing and "running" in listing and str(pid) in listing
         assert "agent-ready" in spinboxctl(spinbox, "timeline", "vm-a")
-        assert scope in spinboxctl(spinbox, "status", "vm-a")
+        # On spinbox's default network: one address, shown by spinboxctl too.
+        addresses = get_property(spinbox, path, VM_IFACE, "Addresses")
+        assert isinstance(addresses, list) and len(addresses) == 1
+        address = addresses[0]
+        assert address.startswith("10.77.") and address.endswith("/16")
+        status = spinboxctl(spinbox, "status", "vm-a")
+        assert scope in status and address in status
         assert "Linux version" in spinboxctl(spinbox, "logs", "vm-a")
 
         again = create(spinbox, "vm-a", check=False)
