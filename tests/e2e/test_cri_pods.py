@@ -10,26 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.stack import BUILDS, CRICTL, IMAGE, POD_SUBNET, CriContainerd, spinbox_stack
+from tests.e2e.stack import BUILDS, CRICTL, IMAGE, POD_SUBNET, CriContainerd
 from tests.harness.systemd import PrivateSystemd
 
 WORK = "/run/spinbox-e2e-cri"
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDS), ids=lambda name: f"containerd-{name}")
-def cri(
-    request: pytest.FixtureRequest, systemd: PrivateSystemd, guest_image: Path
-) -> Iterator[CriContainerd]:
+def cri(request: pytest.FixtureRequest, stack: PrivateSystemd) -> Iterator[CriContainerd]:
     build = BUILDS[request.param]
     if not build.available or not CRICTL.exists():
         pytest.skip(f"containerd {build.name} or crictl is not installed (tools/install-test-clients)")
-    with spinbox_stack(systemd, guest_image):
-        instance = CriContainerd(systemd, build)
-        instance.start()
-        try:
-            yield instance
-        finally:
-            instance.stop()
+    instance = CriContainerd(stack, build)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
 
 
 def write_json(systemd: PrivateSystemd, name: str, value: object) -> str:
