@@ -35,6 +35,7 @@ sys.path.insert(0, str(TOP))
 from guest.mkguest.cpio import Entry, write_newc  # noqa: E402
 from guest.mkguest.image import BUSYBOX, ImageConfig, build, kernel_version_of  # noqa: E402
 from guest.mkguest.kmod import module_free  # noqa: E402
+from spinbox.shim.service import POD_HOTPLUG_PORTS  # noqa: E402
 from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu  # noqa: E402
 
 STAND_IN_INIT = """
@@ -99,6 +100,8 @@ class Variant:
     qemu_args: tuple[str, ...] = ()
     # Another tree's spinbox/vm/qemu.py: its base kernel arguments and firmware replace this tree's.
     qemu_py: Path | None = None
+    # Spare PCIe ports, as a pod's VM has for its later containers' disks.
+    hotplug_ports: int = 0
 
 
 @contextlib.contextmanager
@@ -132,6 +135,7 @@ def spec(image: Path, run_dir: Path, variant: Variant) -> VmSpec:
         runtime_dir=run_dir,
         kernel_args=variant.kernel_args,
         extra_args=variant.qemu_args,
+        hotplug_ports=variant.hotplug_ports,
     )
 
 
@@ -208,10 +212,14 @@ async def main_async(
             variants.append(Variant(f"kernel arguments + {' '.join(args)}", kernel, builds[0][0], args))
         for args in compare_qemu:
             variants.append(Variant(f"QEMU + {' '.join(args)}", kernel, builds[0][0], qemu_args=args))
+        name = f"pod VM ({POD_HOTPLUG_PORTS} spare ports)"
+        variants.append(Variant(name, kernel, builds[0][0], hotplug_ports=POD_HOTPLUG_PORTS))
         ready = "agent-ready" if agent else "init-ready"
         # A floor for each variant whose machine or kernel differs from the first's.
         has_floor = [
-            v is variants[0] or v.kernel != kernel or bool(v.kernel_args or v.qemu_args or v.qemu_py)
+            v is variants[0]
+            or v.kernel != kernel
+            or bool(v.kernel_args or v.qemu_args or v.qemu_py or v.hotplug_ports)
             for v in variants
         ]
         floors: list[list[float]] = [[] for _ in variants]

@@ -20,3 +20,5 @@ class RuntimeConfig(NamedTuple):
     cgroup_root: Path = Path("/sys/fs/cgroup")
     # Containers get the cgroup /<cgroup_parent>/<id>; empty: crun manages no cgroups.
     cgroup_parent: str = "spinbox"
+    # Where the network sysctls of a pod's namespace are written.
+    proc_sys: Path = Path("/proc/sys")

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Namespaces a container may not join by path: the paths name host objects, and the VM is the sandbox.
 _DROPPED_NAMESPACES = ("network",)
+# Keys of network sysctls; their dots become directories under /proc/sys.
+_NET_SYSCTL = re.compile(r"^net(\.[A-Za-z0-9_-]+)+$")
 
 
 @dataclass
@@ -251,6 +254,24 @@ class Containers:
             ns.pop("path", None)
             kept.append(ns)
         linux["namespaces"] = kept
+        sysctl = linux.get("sysctl")
+        if isinstance(sysctl, dict):
+            net = {str(k): str(v) for k, v in sysctl.items() if str(k).startswith("net.")}
+            if net:
+                linux["sysctl"] = {k: v for k, v in sysctl.items() if not str(k).startswith("net.")}
+                self._apply_net_sysctls(container_id, net)
+
+    def _apply_net_sysctls(self, container_id: str, values: dict[str, str]) -> None:
+        """Network sysctls (e.g. the CRI's net.ipv4.ip_unprivileged_port_start): the container
+        shares the VM's network namespace, which is its pod's, so they are set there."""
+        for key, value in values.items():
+            if not _NET_SYSCTL.match(key):
+                raise validate.InvalidRequest(f"the OCI spec's sysctl {key!r} is not a valid network sysctl")
+            path = self.config.proc_sys.joinpath(*key.split("."))
+            try:
+                path.write_text(value)
+            except OSError as e:
+                log.warning("container %s: cannot set sysctl %s=%s: %s", container_id, key, value, e.strerror)
 
     def _check_program(self, rootfs: Path, doc: dict[str, Any], proc: dict[str, Any], name: str) -> None:
         mounted = [m["destination"].rstrip("/") + "/" for m in doc.get("mounts", [])]

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +25,24 @@ log = logging.getLogger(__name__)
 FSTYPES = ("erofs", "ext4")
 
 
-def find_device(serial: str, sys_block: Path = Path("/sys/block"), dev: Path = Path("/dev")) -> Path:
-    """The block device whose virtio-blk serial is `serial`."""
-    for entry in sorted(sys_block.glob("vd*")):
-        with contextlib.suppress(OSError):
-            if (entry / "serial").read_text().strip() == serial:
-                return dev / entry.name
-    raise TtrpcError(Code.NOT_FOUND, f"no block device has the serial {serial!r}")
+# A disk hot-plugged just before MountRootfs (a pod's further containers)
+# appears once the guest kernel has handled the hotplug event.
+DEVICE_WAIT = 10.0
+
+
+def find_device(
+    serial: str, sys_block: Path = Path("/sys/block"), dev: Path = Path("/dev"), wait: float = 0.0
+) -> Path:
+    """The block device whose virtio-blk serial is `serial`, waiting up to `wait` seconds for it."""
+    deadline = time.monotonic() + wait
+    while True:
+        for entry in sorted(sys_block.glob("vd*")):
+            with contextlib.suppress(OSError):
+                if (entry / "serial").read_text().strip() == serial:
+                    return dev / entry.name
+        if time.monotonic() >= deadline:
+            raise TtrpcError(Code.NOT_FOUND, f"no block device has the serial {serial!r}")
+        time.sleep(0.02)
 
 
 @dataclass
@@ -48,8 +60,10 @@ class RootfsManager:
         mnt_dir: Path,
         sys_block: Path = Path("/sys/block"),
         dev: Path = Path("/dev"),
+        device_wait: float = DEVICE_WAIT,
     ) -> None:
         self.rootfs_dir = rootfs_dir
+        self.device_wait = device_wait
         self.mnt_dir = mnt_dir
         self.sys_block = sys_block
         self.dev = dev
@@ -130,7 +144,7 @@ class RootfsManager:
     def _mount_device(
         self, device: pb.BlockDevice, point: Path, read_only: bool, state: MountedRootfs
     ) -> None:
-        source = find_device(device.serial, self.sys_block, self.dev)
+        source = find_device(device.serial, self.sys_block, self.dev, self.device_wait)
         point.mkdir(parents=True, exist_ok=True)
         flags = syscalls.MS_RDONLY if read_only else 0
         try:

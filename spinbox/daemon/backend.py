@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spinbox.config import Config
-from spinbox.daemon.options import VmRequest
+from spinbox.daemon.options import Mount, VmRequest
 
 Spawn = Callable[[list[str], Sequence[int]], Awaitable[Any]]
 
@@ -40,6 +40,8 @@ class Machine(Protocol):
     async def kill(self) -> Any: ...
     async def wait_exit(self) -> Any: ...
     async def detach(self) -> None: ...
+    async def add_disk(self, disk: Any) -> None: ...
+    async def remove_disk(self, serial: str) -> None: ...
 
 
 class Rootfs(Protocol):
@@ -73,6 +75,12 @@ class Backend(Protocol):
         """The prepared rootfs, its disks (spinbox.vm.Disk) and its MountRootfsRequest."""
         ...
 
+    async def prepare_added_rootfs(
+        self, container_id: str, mounts: Sequence[Mount], work_dir: Path, serial_prefix: str
+    ) -> tuple[Rootfs, Sequence[Any], Any]:
+        """The same for a further container of a running VM, its disks' serials starting with the prefix."""
+        ...
+
     def restore_rootfs(self, work_dir: Path, container_id: str) -> Rootfs | None:
         """The rootfs prepared in `work_dir` by an earlier spinboxd, if any."""
         ...
@@ -99,6 +107,10 @@ class Backend(Protocol):
 
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
         """Configure the network and mount the rootfs in the guest; the rootfs path ("" without)."""
+        ...
+
+    async def mount_rootfs(self, machine: Machine, mount: Any) -> str:
+        """Have the guest mount a rootfs (agent_pb2.MountRootfsRequest); its guest path."""
         ...
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:

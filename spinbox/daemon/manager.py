@@ -11,15 +11,15 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
-from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
+from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
 from spinbox.daemon.logs import JournalSink, LogForwarder
-from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
+from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_vm_id, escape_path_element
 from spinbox.daemon.process import pid_alive
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
@@ -51,6 +51,9 @@ class Vm:
     forwarder: LogForwarder
     finished: asyncio.Future[None] | None = None
     exit_task: asyncio.Task[None] | None = None
+    # A pod's further containers' rootfses, by container id (state.added_rootfs says more).
+    added: dict[str, Rootfs] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def id(self) -> str:
@@ -159,6 +162,7 @@ class VmManager:
             "tasks-max": limits.tasks_max,
             "accelerator": self.backend.accelerator(),
             "annotations": dict(request.annotations),
+            "hotplug-ports": request.hotplug_ports,
         }
         state = VmState(
             id=vm_id,
@@ -268,12 +272,98 @@ class VmManager:
         self._set_phase(vm, "running")
 
     async def sync_rootfs(self, vm: Vm) -> None:
-        if vm.rootfs is None:
+        """Write every rootfs of the VM back (a pod's further containers' too)."""
+        rootfses = {**({vm.state.container_id: vm.rootfs} if vm.rootfs is not None else {}), **vm.added}
+        if not rootfses:
             raise Failed(f"VM {vm.id!r} has no writable rootfs to sync")
         if vm.phase != "running":
             raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
-        await self.backend.quiesce_guest(vm.machine, vm.state.container_id, unmount=False)
-        await vm.rootfs.writeback()
+        for container_id, rootfs in rootfses.items():
+            await self.backend.quiesce_guest(vm.machine, container_id, unmount=False)
+            await rootfs.writeback()
+
+    # -- a pod's further containers -----------------------------------------
+
+    async def add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[Mount, ...]) -> str:
+        """Prepare a further container's rootfs, hot-plug its disks and have the guest mount it."""
+        check_container_id(container_id)
+        if not mounts:
+            raise InvalidArgument(f"the rootfs of container {container_id!r} has no mounts")
+        async with vm.lock:
+            if vm.phase != "running":
+                raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
+            if container_id == vm.state.container_id or container_id in vm.added:
+                raise AlreadyExists(f"VM {vm.id!r} already has a rootfs for container {container_id!r}")
+            used = {entry["prefix"] for entry in vm.state.added_rootfs.values()}
+            prefix = next(f"sb{n}" for n in range(1, len(used) + 2) if f"sb{n}" not in used)
+            if not vm.state.storage_dir:
+                vm.state.storage_dir = str(self.storage_dir / vm.id)
+                vm.state.save(vm.runtime_dir)
+            try:
+                return await self._add_rootfs(vm, container_id, mounts, prefix)
+            except SpinboxError:
+                raise
+            except Exception as e:
+                log.exception("adding the rootfs of %s to VM %s failed", container_id, vm.id)
+                raise Failed(
+                    f"the rootfs of container {container_id!r} could not be added to VM {vm.id!r}: {e}"
+                ) from None
+
+    async def _add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[Mount, ...], prefix: str) -> str:
+        work_dir = Path(vm.state.storage_dir)
+        async with AsyncExitStack() as undo:
+            rootfs, disks, mount = await self.backend.prepare_added_rootfs(
+                container_id, mounts, work_dir, prefix
+            )
+            undo.push_async_callback(rootfs.release)
+            for disk in disks:
+                await vm.machine.add_disk(disk)
+                undo.push_async_callback(vm.machine.remove_disk, disk.serial)
+            path = await self.backend.mount_rootfs(vm.machine, mount)
+            vm.added[container_id] = rootfs
+            vm.state.added_rootfs[container_id] = {
+                "prefix": prefix,
+                "serials": [disk.serial for disk in disks],
+                "path": path,
+            }
+            vm.state.save(vm.runtime_dir)
+            undo.pop_all()
+        log.info("VM %s: added the rootfs of container %s at %s", vm.id, container_id, path)
+        return path
+
+    async def remove_rootfs(self, vm: Vm, container_id: str) -> None:
+        """Have the guest unmount a further container's rootfs, write it back, unplug and release it."""
+        async with vm.lock:
+            rootfs = vm.added.get(container_id)
+            if rootfs is None:
+                raise NotFound(f"VM {vm.id!r} has no added rootfs for container {container_id!r}")
+            if vm.phase not in ("running", "paused"):
+                raise Failed(f"VM {vm.id!r} is {vm.phase}")
+            try:
+                await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
+            except Exception as e:
+                raise Failed(f"the guest could not unmount the rootfs of {container_id!r}: {e}") from None
+            errors = []
+            try:
+                await rootfs.writeback()
+            except Exception as e:
+                log.exception("writing back the rootfs of %s failed", container_id)
+                errors.append(f"writeback: {e}")
+            for serial in vm.state.added_rootfs[container_id]["serials"]:
+                try:
+                    await vm.machine.remove_disk(serial)
+                except Exception as e:
+                    errors.append(f"disk {serial}: {e}")
+            try:
+                await rootfs.release()
+            except Exception as e:
+                errors.append(f"storage: {e}")
+            del vm.added[container_id]
+            del vm.state.added_rootfs[container_id]
+            vm.state.save(vm.runtime_dir)
+        log.info("VM %s: removed the rootfs of container %s", vm.id, container_id)
+        if errors:
+            raise Failed(f"removing the rootfs of {container_id!r} from VM {vm.id!r}: " + "; ".join(errors))
 
     # -- stop ---------------------------------------------------------------
 
@@ -290,11 +380,11 @@ class VmManager:
                     if was_paused:
                         # Only a running guest can shut down in order.
                         await vm.machine.resume()
-                    if vm.rootfs is not None:
+                    writable = [*vm.added, *([vm.state.container_id] if vm.rootfs is not None else [])]
+                    for container_id in writable:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(
-                                self.backend.quiesce_guest(vm.machine, vm.state.container_id, unmount=True),
-                                timeout,
+                                self.backend.quiesce_guest(vm.machine, container_id, unmount=True), timeout
                             )
                     await vm.machine.shutdown(timeout)
             except Exception:
@@ -325,14 +415,15 @@ class VmManager:
             self._set_phase(vm, "stopping")
         await vm.forwarder.stop()
         errors = []
-        if vm.rootfs is not None:
+        rootfses = [*vm.added.values(), *([vm.rootfs] if vm.rootfs is not None else [])]
+        for rootfs in rootfses:
             try:
-                await vm.rootfs.writeback()
+                await rootfs.writeback()
             except Exception as e:
-                log.exception("writing back the rootfs of VM %s failed", vm.id)
+                log.exception("writing back a rootfs of VM %s failed", vm.id)
                 errors.append(f"writeback: {e}")
             try:
-                await vm.rootfs.release()
+                await rootfs.release()
             except Exception as e:
                 errors.append(f"storage: {e}")
         if vm.state.network:
@@ -401,9 +492,14 @@ class VmManager:
                 continue
             forwarder = self._forwarder(state.id, directory, machine)
             rootfs = None
+            added: dict[str, Rootfs] = {}
             if state.storage_dir:
                 rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
-            vm = Vm(state, directory, machine, rootfs, forwarder)
+                for container_id in state.added_rootfs:
+                    restored = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
+                    if restored is not None:
+                        added[container_id] = restored
+            vm = Vm(state, directory, machine, rootfs, forwarder, added=added)
             self._adopt(vm)
             log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
         try:
@@ -428,8 +524,10 @@ class VmManager:
         except Exception:
             log.exception("cleaning up after VM %s failed", vm_id)
         if state is not None and state.storage_dir:
-            rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
-            if rootfs is not None:
+            for container_id in [state.container_id, *state.added_rootfs]:
+                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
+                if rootfs is None:
+                    continue
                 with contextlib.suppress(Exception):
                     await rootfs.writeback()
                 with contextlib.suppress(Exception):

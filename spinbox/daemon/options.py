@@ -26,7 +26,11 @@ OPTION_SIGNATURES = {
     "netns": "s",
     "kernel-args": "as",
     "annotations": "a{ss}",
+    "hotplug-ports": "u",
 }
+# Spare PCIe root ports cost boot time (measured with bench/boot): only VMs
+# that get further rootfses later (a pod's) ask for them.
+MAX_HOTPLUG_PORTS = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class VmRequest:
     netns: str | None
     kernel_args: tuple[str, ...]
     annotations: tuple[tuple[str, str], ...]
+    hotplug_ports: int = 0
 
 
 def check_vm_id(vm_id: str) -> str:
@@ -58,6 +63,12 @@ def check_vm_id(vm_id: str) -> str:
             "starting with a letter or digit"
         )
     return vm_id
+
+
+def check_container_id(container_id: str, what: str = "container id") -> str:
+    if not VM_ID_RE.fullmatch(container_id):
+        raise InvalidArgument(f"{what} {container_id!r} is not a valid container id")
+    return container_id
 
 
 def escape_path_element(text: str) -> str:
@@ -82,13 +93,13 @@ def _value(options: dict[str, Variant], key: str) -> Any:
     return variant.value
 
 
-def _mounts(value: list[list[Any]]) -> tuple[Mount, ...]:
+def parse_mounts(value: list[list[Any]], what: str = "option 'rootfs'") -> tuple[Mount, ...]:
     mounts = []
     for i, (type_, source, target, mount_options) in enumerate(value):
         if not type_:
-            raise InvalidArgument(f"option 'rootfs': mount {i} has no type")
+            raise InvalidArgument(f"{what}: mount {i} has no type")
         if not source:
-            raise InvalidArgument(f"option 'rootfs': mount {i} has no source")
+            raise InvalidArgument(f"{what}: mount {i} has no source")
         mounts.append(Mount(type_, source, target, tuple(mount_options)))
     return tuple(mounts)
 
@@ -109,10 +120,9 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
         raise InvalidArgument(
             f"option 'memory-mib' must be between 64 and {defaults.max_memory_mib}, not {memory}"
         )
-    rootfs = _mounts(_value(options, "rootfs")) if "rootfs" in options else ()
+    rootfs = parse_mounts(_value(options, "rootfs")) if "rootfs" in options else ()
     container_id = _value(options, "container-id") if "container-id" in options else vm_id
-    if not VM_ID_RE.fullmatch(container_id):
-        raise InvalidArgument(f"option 'container-id' {container_id!r} is not a valid container id")
+    check_container_id(container_id, "option 'container-id'")
 
     netns = None
     if "netns" in options:
@@ -135,6 +145,12 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
     if "annotations" in options:
         annotations = tuple(sorted(_value(options, "annotations").items()))
 
+    hotplug_ports = _value(options, "hotplug-ports") if "hotplug-ports" in options else 0
+    if not 0 <= hotplug_ports <= MAX_HOTPLUG_PORTS:
+        raise InvalidArgument(
+            f"option 'hotplug-ports' must be between 0 and {MAX_HOTPLUG_PORTS}, not {hotplug_ports}"
+        )
+
     return VmRequest(
         id=vm_id,
         vcpus=vcpus,
@@ -144,4 +160,5 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
         netns=netns,
         kernel_args=kernel_args,
         annotations=annotations,
+        hotplug_ports=hotplug_ports,
     )

@@ -12,7 +12,7 @@ from spinbox import net, storage, vm
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
-from spinbox.daemon.options import VmRequest
+from spinbox.daemon.options import Mount, VmRequest
 from spinbox.vm import control
 from spinbox.vm.agent import AgentClient
 
@@ -45,11 +45,16 @@ class QemuBackend:
         return self._cache
 
     async def prepare_rootfs(self, request: VmRequest, work_dir: Path) -> tuple[Rootfs, Sequence[Any], Any]:
-        mounts = [storage.MountSpec(m.type, m.source, m.target, m.options) for m in request.rootfs]
+        return await self.prepare_added_rootfs(request.container_id, request.rootfs, work_dir, "sb")
+
+    async def prepare_added_rootfs(
+        self, container_id: str, mounts: Sequence[Mount], work_dir: Path, serial_prefix: str
+    ) -> tuple[Rootfs, Sequence[Any], Any]:
+        specs = [storage.MountSpec(m.type, m.source, m.target, m.options) for m in mounts]
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
         upper_size = 0 if self.config.storage.tmpfs_upper else self.config.storage.upper_size_mib
         prepared = await storage.prepare_rootfs(
-            request.container_id, mounts, work_dir, self._layer_cache(), upper_size
+            container_id, specs, work_dir, self._layer_cache(), upper_size, serial_prefix=serial_prefix
         )
         prepared.save()
         disks = [vm.Disk(path=i.path, serial=i.serial, read_only=i.read_only) for i in prepared.images]
@@ -120,6 +125,7 @@ class QemuBackend:
             disks=tuple(disks),
             nics=tuple(nics),
             accel=self._accel,  # type: ignore[arg-type]
+            hotplug_ports=request.hotplug_ports,
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)
@@ -141,6 +147,12 @@ class QemuBackend:
             return ""
 
         return await control.session(machine.control_address, configure)
+
+    async def mount_rootfs(self, machine: Machine, mount: Any) -> str:
+        async def mount_it(agent: AgentClient) -> str:
+            return str(await agent.mount_rootfs(mount))
+
+        return await control.session(machine.control_address, mount_it)
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
         async def quiesce(agent: AgentClient) -> None:

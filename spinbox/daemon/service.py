@@ -24,7 +24,7 @@ import spinbox
 from spinbox.config import Config
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.manager import MANAGER_PATH, Vm, VmManager
-from spinbox.daemon.options import parse_request
+from spinbox.daemon.options import parse_mounts, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ VM_IFACE = "org.spinstack.Spinbox.VM"
 # Calls that change state: root only, or whom polkit authorizes.
 GUARDED = {
     MANAGER_IFACE: {"CreateVM", "PrepareNetworkNamespace"},
-    VM_IFACE: {"Stop", "Kill", "Pause", "Resume", "SyncRootfs"},
+    VM_IFACE: {"Stop", "Kill", "Pause", "Resume", "SyncRootfs", "AddRootfs", "RemoveRootfs"},
 }
 XML_DIRS = (
     Path(__file__).resolve().parents[2] / "dbus",  # running from the source tree
@@ -121,6 +121,21 @@ class VMInterface(DocumentedInterface):
     @method()
     async def SyncRootfs(self):
         await _answer(f"syncing the rootfs of VM {self.vm.id!r}", self.manager.sync_rootfs(self.vm))
+
+    @method()
+    async def AddRootfs(self, container_id: "s", mounts: "a(sssas)") -> "s":
+        async def add() -> str:
+            parsed = parse_mounts(mounts, f"the rootfs of {container_id!r}")
+            return await self.manager.add_rootfs(self.vm, container_id, parsed)
+
+        return await _answer(f"adding the rootfs of {container_id!r} to VM {self.vm.id!r}", add())
+
+    @method()
+    async def RemoveRootfs(self, container_id: "s"):
+        await _answer(
+            f"removing the rootfs of {container_id!r} from VM {self.vm.id!r}",
+            self.manager.remove_rootfs(self.vm, container_id),
+        )
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":

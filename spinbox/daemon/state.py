@@ -37,6 +37,9 @@ class VmState:
     netns: str = ""
     network: bool = False
     storage_dir: str = ""
+    # A pod's further containers: container id → {"prefix": disk serial prefix,
+    # "serials": [hot-plugged disks], "path": guest rootfs path}.
+    added_rootfs: dict[str, dict[str, Any]] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
     timeline: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0

@@ -42,6 +42,10 @@ from spinbox.storage import MountSpec
 log = logging.getLogger(__name__)
 
 METRICS_TYPE = "io.containerd.cgroups.v2.Metrics"
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+# A pod's VM takes its further containers' disks on spare PCIe ports, up to
+# 5 disks per container (4 read-only layer disks and the writable one).
+POD_HOTPLUG_PORTS = 16
 STOP_TIMEOUT_MS = 10_000
 
 
@@ -82,6 +86,8 @@ class VmManager(Protocol):
     async def create_vm(self, request: VmRequest) -> VmInfo: ...
     async def prepare_network_namespace(self, vm_id: str) -> tuple[str, int]: ...
     async def get_vm(self, vm_id: str) -> str | None: ...
+    async def add_rootfs(self, path: str, container_id: str, mounts: Any) -> str: ...
+    async def remove_rootfs(self, path: str, container_id: str) -> None: ...
     async def vm_call(self, path: str, member: str, signature: str = "", body: Any = ()) -> None: ...
     async def stop_vm(
         self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120
@@ -117,6 +123,8 @@ class Container:
     hook_pid: int
     execs: dict[str, ProcessState] = field(default_factory=dict)
     oom_watcher: asyncio.Task[None] | None = None
+    # Set for a pod's further container: it shares the sandbox's VM and agent.
+    sandbox: str = ""
 
 
 def _now() -> datetime:
@@ -130,6 +138,17 @@ def _stamp(at: datetime | None) -> Any:
 def _spinboxd_error(error: SpinboxdError, doing: str) -> ShimError:
     code = SPINBOXD_CODES.get(error.kind) or SPINBOXD_CODES.get(error.name) or "UNKNOWN"
     return ShimError(code, f"{doing}: {error.message}")
+
+
+def _create_error(error: BaseException, doing: str) -> BaseException:
+    """What a failed Create raises: spinboxd's, hooks' and stdio's errors as named shim errors."""
+    if isinstance(error, SpinboxdError):
+        return _spinboxd_error(error, doing)
+    if isinstance(error, HookError):
+        return precondition(str(error))
+    if isinstance(error, StdioError):
+        return invalid(str(error))
+    return error
 
 
 def _wants_new_netns(spec: dict[str, Any]) -> bool:
@@ -250,16 +269,19 @@ class TaskService:
             raise invalid(str(error)) from None
         annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION, "")
-        if sandbox and sandbox != req.id and sandbox in self.containers:
-            raise unimplemented(
-                f"container {req.id!r} belongs to pod {sandbox!r}; spinbox runs one container per VM "
-                "and cannot add a container to a running pod VM yet"
-            )
         self._creating.add(req.id)
         try:
-            container = await self._create_vm_and_container(
-                req, spec, guest_spec, sizing, hooks, stdio, annotations
-            )
+            if sandbox and sandbox != req.id:
+                pod = self.containers.get(sandbox)
+                if pod is None or pod.sandbox:
+                    raise precondition(
+                        f"container {req.id!r} belongs to pod {sandbox!r}, which this shim does not run"
+                    )
+                container = await self._add_to_pod(req, spec, guest_spec, hooks, stdio, pod)
+            else:
+                container = await self._create_vm_and_container(
+                    req, spec, guest_spec, sizing, hooks, stdio, annotations
+                )
         finally:
             self._creating.discard(req.id)
         self.containers[req.id] = container
@@ -317,35 +339,17 @@ class TaskService:
                 kernel_args=sizing.kernel_args,
                 netns=netns,
                 annotations=tuple(sorted(annotations.items())),
+                hotplug_ports=POD_HOTPLUG_PORTS
+                if annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
+                else 0,
             )
             vm = await spinboxd.create_vm(request)
             hook_pid = hook_pid or vm.pid
             agent = await self._connect_agent(vm.agent_address)
-            state.io = await ProcessIO.open(stdio, req.id, self.namespace)
-            io_config = agent_pb2.IoConfig(
-                stdin=stdio.stdin.kind == Kind.FIFO,
-                stdout=state.io.stdout is not None,
-                stderr=state.io.stderr is not None and not req.terminal,
-                terminal=req.terminal,
-            )
-            await agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
-            state.process.pid = vm.pid
-            self._start_copying(agent, state)
-            await run_hooks(
-                "prestart",
-                hooks.prestart,
-                state_json(spec, req.id, "created", hook_pid, req.bundle),
-                fatal=True,
-            )
+            await self._create_in_guest(agent, req, spec, guest_spec, hooks, stdio, state, vm.pid, hook_pid)
         except BaseException as error:
             await self._abandon(vm_id, vm is not None or bool(netns and hook_pid), agent, state)
-            if isinstance(error, SpinboxdError):
-                raise _spinboxd_error(error, f"cannot create the VM for {req.id!r}") from None
-            if isinstance(error, HookError):
-                raise precondition(str(error)) from None
-            if isinstance(error, StdioError):
-                raise invalid(str(error)) from None
-            raise
+            raise _create_error(error, f"cannot create the VM for {req.id!r}") from None
         container = Container(
             id=req.id,
             bundle=req.bundle,
@@ -360,6 +364,87 @@ class TaskService:
         )
         container.oom_watcher = asyncio.get_running_loop().create_task(self._watch_oom(container))
         return container
+
+    async def _create_in_guest(
+        self,
+        agent: Agent,
+        req: task.CreateTaskRequest,
+        spec: dict[str, Any],
+        guest_spec: dict[str, Any],
+        hooks: HostHooks,
+        stdio: StdioConfig,
+        state: ProcessState,
+        vm_pid: int,
+        hook_pid: int,
+    ) -> None:
+        """The container in the guest (its rootfs mounted there), its output copied, prestart hooks run."""
+        state.io = await ProcessIO.open(stdio, req.id, self.namespace)
+        io_config = agent_pb2.IoConfig(
+            stdin=stdio.stdin.kind == Kind.FIFO,
+            stdout=state.io.stdout is not None,
+            stderr=state.io.stderr is not None and not req.terminal,
+            terminal=req.terminal,
+        )
+        await agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
+        state.process.pid = vm_pid
+        self._start_copying(agent, state)
+        await run_hooks(
+            "prestart", hooks.prestart, state_json(spec, req.id, "created", hook_pid, req.bundle), fatal=True
+        )
+
+    async def _add_to_pod(
+        self,
+        req: task.CreateTaskRequest,
+        spec: dict[str, Any],
+        guest_spec: dict[str, Any],
+        hooks: HostHooks,
+        stdio: StdioConfig,
+        pod: Container,
+    ) -> Container:
+        """A further container of a pod: its rootfs is added to the sandbox's running VM."""
+        spinboxd = await self.spinboxd()
+        mounts = tuple(MountSpec(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs)
+        state = ProcessState(
+            Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
+        )
+        added = False
+        try:
+            await run_hooks(
+                "createRuntime",
+                hooks.create_runtime,
+                state_json(spec, req.id, "creating", pod.vm.pid, req.bundle),
+                fatal=True,
+            )
+            await spinboxd.add_rootfs(pod.vm.path, req.id, mounts)
+            added = True
+            await self._create_in_guest(
+                pod.agent, req, spec, guest_spec, hooks, stdio, state, pod.vm.pid, pod.vm.pid
+            )
+        except BaseException as error:
+            await self._stop_copying(state)
+            if added:
+                with contextlib.suppress(Exception):
+                    await pod.agent.delete_container(req.id)
+                try:
+                    await spinboxd.remove_rootfs(pod.vm.path, req.id)
+                except Exception as undo_error:
+                    log.error(
+                        "could not remove the rootfs of %s after a failed create: %s", req.id, undo_error
+                    )
+            raise _create_error(error, f"cannot add {req.id!r} to the VM of pod {pod.id!r}") from None
+        return Container(
+            id=req.id,
+            bundle=req.bundle,
+            spec=spec,
+            hooks=hooks,
+            vm_id=pod.vm_id,
+            vm=pod.vm,
+            agent=pod.agent,
+            init=state,
+            rootfs=list(req.rootfs),
+            hook_pid=pod.vm.pid,
+            sandbox=pod.id,
+        )
 
     async def _abandon(self, vm_id: str, has_vm: bool, agent: Agent | None, state: ProcessState) -> None:
         """Gives back what a failed Create took."""
@@ -593,11 +678,19 @@ class TaskService:
             log.warning("guest could not delete %s: %s", container.id, error)
         if container.oom_watcher is not None:
             container.oom_watcher.cancel()
-        with contextlib.suppress(Exception):
-            await container.agent.close()
         try:
-            await (await self.spinboxd()).stop_vm(container.vm_id, STOP_TIMEOUT_MS)
+            if container.sandbox:
+                # The pod's VM stays for its other containers; only this rootfs goes
+                # (unless the sandbox went first, and its VM with everything in it).
+                if container.sandbox in self.containers:
+                    await (await self.spinboxd()).remove_rootfs(container.vm.path, container.id)
+            else:
+                with contextlib.suppress(Exception):
+                    await container.agent.close()
+                await (await self.spinboxd()).stop_vm(container.vm_id, STOP_TIMEOUT_MS)
         except SpinboxdError as error:
+            if container.sandbox:
+                raise _spinboxd_error(error, f"cannot remove the rootfs of {container.id!r}") from None
             raise _spinboxd_error(error, f"cannot stop the VM of {container.id!r}") from None
         finally:
             del self.containers[container.id]

@@ -43,6 +43,7 @@ class VmRequest:
     kernel_args: tuple[str, ...] = ()
     netns: str = ""
     annotations: tuple[tuple[str, str], ...] = ()
+    hotplug_ports: int = 0
 
     def options(self) -> dict[str, Variant]:
         options: dict[str, Variant] = {
@@ -61,6 +62,8 @@ class VmRequest:
             options["netns"] = Variant("s", self.netns)
         if self.annotations:
             options["annotations"] = Variant("a{ss}", dict(self.annotations))
+        if self.hotplug_ports:
+            options["hotplug-ports"] = Variant("u", self.hotplug_ports)
         return options
 
 
@@ -166,6 +169,15 @@ class Spinboxd:
     async def prepare_network_namespace(self, vm_id: str) -> tuple[str, int]:
         path, pid = await self._call(MANAGER_PATH, MANAGER, "PrepareNetworkNamespace", "s", [vm_id])
         return str(path), int(pid)
+
+    async def add_rootfs(self, path: str, container_id: str, mounts: Sequence[MountSpec]) -> str:
+        """A further container's rootfs in a pod's running VM; its guest path."""
+        body = [container_id, [[m.type, m.source, m.target, list(m.options)] for m in mounts]]
+        (guest_path,) = await self._call(path, VM, "AddRootfs", "sa(sssas)", body)
+        return str(guest_path)
+
+    async def remove_rootfs(self, path: str, container_id: str) -> None:
+        await self._call(path, VM, "RemoveRootfs", "s", [container_id])
 
     async def vm_call(self, path: str, member: str, signature: str = "", body: Sequence[Any] = ()) -> None:
         await self._call(path, VM, member, signature, body)

@@ -60,8 +60,8 @@ _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 T = TypeVar("T")
 
 
-def lower_serial(index: int) -> str:
-    return f"sb-l{index}"
+def lower_serial(index: int, prefix: str = "sb") -> str:
+    return f"{prefix}-l{index}"
 
 
 @dataclass(frozen=True)
@@ -189,15 +189,20 @@ async def prepare_rootfs(
     upper_size_mib: int,
     *,
     max_lower_devices: int = DEFAULT_MAX_LOWER_DEVICES,
+    serial_prefix: str = "sb",
 ) -> PreparedRootfs:
     """Block images and the guest's MountRootfsRequest for a container's rootfs.
 
-    The files live in `work_dir/rootfs-<container_id>/`. upper_size_mib 0 gives the
+    The files live in `work_dir/rootfs-<container_id>/`. Disk serials start with
+    `serial_prefix` (`<prefix>-l<N>`, `<prefix>-up`): rootfses sharing a VM need
+    different prefixes. upper_size_mib 0 gives the
     guest a tmpfs upper instead of an ext4 image (its changes are not written back).
     The blocking work runs in a thread; if this is cancelled, what it took is given back.
     """
     return await _in_thread(
-        lambda: _prepare(container_id, mounts, work_dir, cache, upper_size_mib, max_lower_devices),
+        lambda: _prepare(
+            container_id, mounts, work_dir, cache, upper_size_mib, max_lower_devices, serial_prefix
+        ),
         PreparedRootfs.release_sync,
     )
 
@@ -209,6 +214,7 @@ def _prepare(
     cache: LayerCache,
     upper_size_mib: int,
     max_lower_devices: int,
+    serial_prefix: str = "sb",
 ) -> PreparedRootfs:
     if not _CONTAINER_ID.match(container_id):
         raise StorageError(f"the container id {container_id!r} is not a valid containerd id")
@@ -234,7 +240,7 @@ def _prepare(
             keys.append(key)
             jobs.append(lambda: cache.acquire(key, [], holder, erofs.build_empty_image))
         lowers = _run_jobs(jobs)
-        images = [BlockImage(path, lower_serial(i), True) for i, path in enumerate(lowers)]
+        images = [BlockImage(path, lower_serial(i, serial_prefix), True) for i, path in enumerate(lowers)]
         request = agent_pb2.MountRootfsRequest(
             container_id=container_id,
             lowers=[agent_pb2.BlockDevice(serial=i.serial, fstype="erofs", read_only=True) for i in images],
@@ -245,10 +251,9 @@ def _prepare(
             else:
                 image = directory / UPPER_IMAGE
                 upper.create_upper_image(image, upper_size_mib, source.upper, directory)
-                images.append(BlockImage(image, UPPER_SERIAL, False))
-                request.upper.CopyFrom(
-                    agent_pb2.BlockDevice(serial=UPPER_SERIAL, fstype="ext4", read_only=False)
-                )
+                serial = f"{serial_prefix}-up"
+                images.append(BlockImage(image, serial, False))
+                request.upper.CopyFrom(agent_pb2.BlockDevice(serial=serial, fstype="ext4", read_only=False))
         prepared = PreparedRootfs(container_id, directory, cache, keys, images, request, source.upper)
         prepared.save()
         return prepared

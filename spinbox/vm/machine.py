@@ -27,14 +27,16 @@ from spinbox.vm.process import (
     send_signal,
     spawn_subprocess,
 )
-from spinbox.vm.qemu import QemuCommand, RuntimePaths
-from spinbox.vm.spec import VmSpec
+from spinbox.vm.qemu import QemuCommand, RuntimePaths, hotplug_port
+from spinbox.vm.spec import Disk, VmSpec, check_disk
 
 log = logging.getLogger(__name__)
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
 QMP_TIMEOUT = 30.0
 EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME")
+# How long the guest may take to let go of a hot-unplugged disk.
+UNPLUG_TIMEOUT = 30.0
 
 
 @dataclass
@@ -48,6 +50,9 @@ class VmState:
     agent_address: str
     control_address: str
     cid: int | None = None
+    # Spare PCIe root ports, and the serial of the disk hot-plugged into each one in use.
+    hotplug_ports: int = 0
+    hotplugged: dict[str, str] = field(default_factory=dict)
     # time.monotonic() of each host-side phase ("exec", "qmp-up", "agent-ready").
     stamps: dict[str, float] = field(default_factory=dict)
     # CLOCK_BOOTTIME nanoseconds of each guest phase, from the agent's Ping.
@@ -151,6 +156,78 @@ class VirtualMachine:
     async def resume(self) -> None:
         await self._execute("cont")
 
+    async def add_disk(self, disk: Disk) -> None:
+        """Hot-plug a disk into a spare PCIe root port; the guest finds it by serial."""
+        check_disk(disk)
+        if disk.serial in self.state.hotplugged.values():
+            raise VmError(f"VM {self.vm_id} already has a hot-plugged disk with serial {disk.serial!r}")
+        free = [i for i in range(self.state.hotplug_ports) if hotplug_port(i) not in self.state.hotplugged]
+        if not self.state.hotplug_ports:
+            raise VmError(
+                f"VM {self.vm_id} has no spare PCIe ports to plug disk {disk.serial!r} into "
+                "(a VM gets them at its start: VmSpec.hotplug_ports, CreateVM's hotplug-ports)"
+            )
+        if not free:
+            raise VmError(
+                f"VM {self.vm_id} has no spare PCIe port left for disk {disk.serial!r} "
+                f"(all {self.state.hotplug_ports} are in use)"
+            )
+        port = hotplug_port(free[0])
+        node, device = f"{port}-drive", f"{port}-blk"
+        await self._execute(
+            "blockdev-add",
+            {
+                "driver": "raw",
+                "node-name": node,
+                "read-only": disk.read_only,
+                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only},
+            },
+        )
+        try:
+            await self._execute(
+                "device_add",
+                {"driver": "virtio-blk-pci", "id": device, "drive": node, "serial": disk.serial, "bus": port},
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._execute("blockdev-del", {"node-name": node})
+            raise
+        self.state.hotplugged[port] = disk.serial
+        self._save()
+
+    async def remove_disk(self, serial: str, timeout: float = UNPLUG_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Unplug a hot-plugged disk (the guest must have unmounted it) and close its image."""
+        port = next((p for p, s in self.state.hotplugged.items() if s == serial), None)
+        if port is None:
+            raise VmError(f"VM {self.vm_id} has no hot-plugged disk with serial {serial!r}")
+        node, device = f"{port}-drive", f"{port}-blk"
+        listener = EventListener(("DEVICE_DELETED",))
+        self._qmp.register_listener(listener)
+        try:
+            await self._execute("device_del", {"id": device})
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise VmError(
+                        f"VM {self.vm_id}: the guest did not release disk {serial!r} within {timeout:g} s"
+                    )
+                get = asyncio.ensure_future(listener.get())
+                await asyncio.wait({get, self._exit}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    if self.exited:
+                        raise VmNotRunning(f"VM {self.vm_id} is not running")
+                    continue
+                data = get.result().get("data")
+                if isinstance(data, dict) and data.get("device") == device:
+                    break
+        finally:
+            self._qmp.remove_listener(listener)
+        await self._execute("blockdev-del", {"node-name": node})
+        del self.state.hotplugged[port]
+        self._save()
+
     def events(self) -> EventStream:
         """QMP events (SHUTDOWN, GUEST_PANICKED, STOP, RESUME) from now on, until QEMU exits."""
         return EventStream(self._qmp, self._exit)
@@ -222,11 +299,11 @@ class VirtualMachine:
     def _save(self) -> None:
         self.state.save(self.paths.state)
 
-    async def _execute(self, command: str) -> dict[str, Any]:
+    async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.exited:
             raise VmNotRunning(f"VM {self.vm_id} is not running")
         try:
-            reply = await self._qmp.execute(command)
+            reply = await self._qmp.execute(command, arguments)
         except QMPError as error:
             raise VmError(f"VM {self.vm_id}: QMP {command} failed: {error}") from None
         return reply if isinstance(reply, dict) else {}
@@ -313,6 +390,7 @@ async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True
         agent_address=command.agent_address,
         control_address=command.control_address,
         cid=lease.cid if lease else None,
+        hotplug_ports=spec.hotplug_ports,
         stamps={"exec": exec_time},
     )
     state.save(paths.state)

@@ -71,6 +71,11 @@ class RuntimePaths:
         return (self.qmp, self.console, self.agent, self.control, self.log)
 
 
+def hotplug_port(index: int) -> str:
+    """The id of the index-th spare PCIe root port."""
+    return f"hp{index}"
+
+
 def _escape(value: str | Path) -> str:
     """QEMU option values double their commas."""
     return str(value).replace(",", ",,")
@@ -154,6 +159,16 @@ class QemuCommand:
             argv += ["-bios", str(QBOOT)]
         if self.start_paused:
             argv.append("-S")
+        for index in range(spec.hotplug_ports):
+            # Root ports of 8 per slot (functions of one multifunction slot) keep
+            # bus 0's slots free; no I/O window: modern virtio devices need none.
+            slot, function = 0x10 + index // 8, index % 8
+            multifunction = ",multifunction=on" if function == 0 else ""
+            argv += [
+                "-device",
+                f"pcie-root-port,id={hotplug_port(index)},bus=pcie.0,chassis={index + 1},"
+                f"addr={slot:#x}.{function}{multifunction},io-reserve=0",
+            ]  # fmt: skip
         for index, disk in enumerate(spec.disks):
             node = f"disk{index}"
             blockdev = {

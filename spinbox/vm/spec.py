@@ -16,6 +16,7 @@ DEFAULT_IMAGE = Path("/var/lib/spinbox/guest/initrd.img")
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+MAX_HOTPLUG_PORTS = 64
 _SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 # sun_path is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
@@ -50,6 +51,8 @@ class VmSpec:
     disks: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = ()
     accel: Accel = "auto"
+    # Spare PCIe root ports for disks hot-plugged later (a pod's further containers).
+    hotplug_ports: int = 0
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
 
@@ -66,6 +69,10 @@ class VmSpec:
             raise VmError(f"memory_mib must be at least 64 MiB, not {self.memory_mib}")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise VmError(f"accel must be 'auto', 'kvm' or 'tcg', not {self.accel!r}")
+        if not 0 <= self.hotplug_ports <= MAX_HOTPLUG_PORTS:
+            raise VmError(
+                f"hotplug_ports must be between 0 and {MAX_HOTPLUG_PORTS}, not {self.hotplug_ports}"
+            )
         check_kernel(self.kernel)
         check_initrd(self.initrd)
         longest = self.runtime_dir / "console.sock"
@@ -76,15 +83,10 @@ class VmSpec:
             )
         serials: set[str] = set()
         for disk in self.disks:
-            if not _SERIAL.match(disk.serial):
-                raise VmError(
-                    f"disk serial {disk.serial!r} is not valid: use 1 to 20 letters, digits, '_', '.' or '-'"
-                )
+            check_disk(disk)
             if disk.serial in serials:
                 raise VmError(f"disk serial {disk.serial!r} is used twice")
             serials.add(disk.serial)
-            if not disk.path.exists():
-                raise VmError(f"disk image {disk.path} does not exist")
         for nic in self.nics:
             if not _MAC.match(nic.mac):
                 raise VmError(
@@ -95,6 +97,15 @@ class VmSpec:
         for arg in self.kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise VmError(f"kernel argument {arg!r} is empty or contains white space")
+
+
+def check_disk(disk: Disk) -> None:
+    if not _SERIAL.match(disk.serial):
+        raise VmError(
+            f"disk serial {disk.serial!r} is not valid: use 1 to 20 letters, digits, '_', '.' or '-'"
+        )
+    if not disk.path.exists():
+        raise VmError(f"disk image {disk.path} does not exist")
 
 
 def check_kernel(path: Path) -> None:

@@ -64,10 +64,12 @@ KillMode=process
 class Containerd:
     """One containerd unit inside the private systemd, and its clients."""
 
+    kind = ""  # in the names of its unit and directories
+
     def __init__(self, systemd: PrivateSystemd, build: ContainerdBuild) -> None:
         self.systemd = systemd
         self.build = build
-        tag = build.name.replace(".", "")
+        tag = self.kind + build.name.replace(".", "")
         self.unit = f"containerd-e2e-{tag}.service"
         self.root = f"/var/lib/containerd/e2e-{tag}"
         self.state = f"/run/containerd-e2e-{tag}"
@@ -75,18 +77,19 @@ class Containerd:
         self.config = f"/etc/containerd/e2e-{tag}.toml"
 
     def start(self) -> None:
-        self.systemd.write_file(
-            self.config, CONFIG.format(root=self.root, state=self.state, address=self.address)
-        )
-        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
-        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
-        self.systemd.daemon_reload()
-        self.systemd.systemctl("start", self.unit)
+        self.start_unit(CONFIG.format(root=self.root, state=self.state, address=self.address))
         self.systemd.wait_for(
             f"{self.unit} to serve", lambda: self.ctr("version", check=False).returncode == 0
         )
         image = build_image(artifacts_dir() / "images" / "busybox.tar")
         self.ctr("images", "import", str(image))
+
+    def start_unit(self, config: str) -> None:
+        self.systemd.write_file(self.config, config)
+        unit = UNIT.format(name=self.build.name, binary=self.build.bin_dir / "containerd", config=self.config)
+        self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
+        self.systemd.daemon_reload()
+        self.systemd.systemctl("start", self.unit)
 
     def stop(self) -> None:
         self.systemd.systemctl("stop", self.unit, check=False)
@@ -234,3 +237,95 @@ def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[Privat
         finally:
             with contextlib.suppress(FileNotFoundError):
                 systemd.path(SHIM_WRAPPER).unlink()
+
+
+# Kubernetes' CRI: containerd's CRI plugin with the `spinbox` runtime handler
+# configured as packaging/containerd/ says (1.6: cri-v2.toml appended to the main
+# file; 2.x: cri-v3.toml imported from conf.d), pods on a CNI bridge, and crictl.
+CRICTL = Path("/opt/spinbox-test/bin/crictl")
+PAUSE_IMAGE = "localhost/spinbox/pause:latest"
+POD_SUBNET = "10.88.77.0/24"
+CRI_CONFIG = {
+    "1.6": """version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "/etc/cni/net.d"
+""",
+    "2.x": """version = 3
+root = "{root}"
+state = "{state}"
+imports = ["/etc/containerd/conf.d/*.toml"]
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{pause}"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["/usr/lib/cni"]
+  conf_dir = "/etc/cni/net.d"
+""",
+}
+CRI_DROP_IN = "/etc/containerd/conf.d/spinbox.toml"
+CNI_CONFLIST = {
+    "cniVersion": "1.0.0",
+    "name": "spinbox-e2e-pods",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "sbpods0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": POD_SUBNET}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        }
+    ],
+}
+CNI_FILE = "/etc/cni/net.d/10-spinbox-e2e-pods.conflist"
+
+
+class CriContainerd(Containerd):
+    """containerd with its CRI plugin on, the spinbox handler configured as the package says."""
+
+    kind = "cri"
+
+    def start(self) -> None:
+        self.systemd.write_file(CNI_FILE, json.dumps(CNI_CONFLIST))
+        config = CRI_CONFIG[self.build.name].format(
+            root=self.root, state=self.state, address=self.address, pause=PAUSE_IMAGE
+        )
+        if self.build.name == "1.6":
+            config += (TOP / "packaging/containerd/cri-v2.toml").read_text()
+        else:
+            self.systemd.install(TOP / "packaging/containerd/cri-v3.toml", CRI_DROP_IN, mode=0o644)
+        self.start_unit(config)
+        self.systemd.wait_for(
+            f"{self.unit} to serve CRI", lambda: self.crictl("version", check=False).returncode == 0
+        )
+        images = artifacts_dir() / "images"
+        for image in (
+            build_image(images / "busybox.tar"),
+            build_image(images / "pause.tar", PAUSE_IMAGE, cmd=("sleep", "2147483647")),
+        ):
+            self.ctr("-n", "k8s.io", "images", "import", str(image))
+
+    def stop(self) -> None:
+        super().stop()
+        for path in (CNI_FILE, CRI_DROP_IN):
+            with contextlib.suppress(FileNotFoundError):
+                self.systemd.path(path).unlink()
+
+    def crictl(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return self.systemd.run(
+            str(CRICTL), "--runtime-endpoint", f"unix://{self.address}", "--image-endpoint",
+            f"unix://{self.address}", "--timeout", "240s", *args, check=check, timeout=timeout,
+        )  # fmt: skip

@@ -65,14 +65,16 @@ def _json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build_image(out: Path, reference: str = DEFAULT_REFERENCE, busybox: Path = BUSYBOX) -> Path:
-    """Writes the OCI image layout tar `out` holding one image named `reference`."""
+def build_image(
+    out: Path, reference: str = DEFAULT_REFERENCE, busybox: Path = BUSYBOX, cmd: tuple[str, ...] = ("sh",)
+) -> Path:
+    """Writes the OCI image layout tar `out` holding one image named `reference`, running `cmd`."""
     layer = busybox_layer(busybox)
     config = _json(
         {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+            "config": {"Env": ["PATH=/bin"], "Cmd": list(cmd), "WorkingDir": "/"},
             "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(layer).hexdigest()}"]},
         }
     )

@@ -14,6 +14,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.config import VmConfig
+from spinbox.vm.agent import AgentClient
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
     BUS,
@@ -28,6 +29,8 @@ from tests.integration.daemon.spinboxd import (
     installed,
     leftovers,
 )
+from tests.integration.guest.oci import busybox_rootfs
+from tests.integration.guest.oci import spec as oci_spec
 
 NOTHING: dict[str, object] = {"scopes": [], "qemu": [], "files": [], "netns": []}
 MIB = 1024 * 1024
@@ -311,3 +314,70 @@ def test_a_guest_that_never_comes_up_fails_the_create_and_leaves_nothing(spinbox
     assert "journalctl -u spinbox-vm-vm-bad.scope" in error
     assert "Kernel panic" in spinbox.journal("-u", "spinbox-vm-vm-bad.scope", "-o", "cat")
     assert leftovers(spinbox) == NOTHING
+
+
+def add_rootfs(
+    systemd: PrivateSystemd, path: str, container_id: str, rootfs: tuple[str, ...], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """AddRootfs through busctl with the mounts of a snapshot() option."""
+    mounts = rootfs[2:]  # drop the option's name and signature
+    call = ("call", BUS, path, VM_IFACE, "AddRootfs", "sa(sssas)", container_id, *mounts)
+    return busctl(systemd, "--timeout=300", *call, check=check)
+
+
+async def run_in_guest(address: str, container_id: str, *args: str) -> int:
+    """Run a container to its end on a rootfs the guest has mounted; its exit status."""
+    agent = await AgentClient.connect(address)
+    try:
+        await agent.create_container(container_id, oci_spec(*args))
+        await agent.start(container_id)
+        status = (await agent.wait(container_id)).exit_status
+        await agent.delete_container(container_id)
+        return status
+    finally:
+        await agent.close()
+
+
+def test_a_pod_adds_and_removes_rootfses_in_its_running_vm(spinbox: PrivateSystemd) -> None:
+    with (
+        snapshot(spinbox, "pod0") as pause,
+        snapshot(spinbox, "pod1") as app,
+        snapshot(spinbox, "pod2") as side,
+    ):
+        app_root = "/var/lib/containerd/spinbox-test-pod1"
+        busybox_rootfs(spinbox.path(f"{app_root}/1/fs"))
+        path = create(spinbox, "vm-pod", pause, ("container-id", "s", "pause"), ("hotplug-ports", "u", "4"))
+        added = add_rootfs(spinbox, path, "app", app)
+        guest_path = added.stdout.split(maxsplit=1)[1].strip().strip('"')
+        assert guest_path.startswith("/") and guest_path.endswith("/app")
+        # A container runs on the added rootfs; what it writes reaches the snapshot.
+        agent = "unix:" + str(spinbox.path("/run/spinbox/vm/vm-pod/agent.sock"))
+        assert asyncio.run(run_in_guest(agent, "app", "sh", "-c", "echo pod > /written")) == 0
+        busctl(spinbox, "--timeout=120", "call", BUS, path, VM_IFACE, "SyncRootfs")
+        assert spinbox.path(f"{app_root}/2/fs/written").read_text() == "pod\n"
+
+        again = add_rootfs(spinbox, path, "app", app, check=False)
+        assert "org.spinstack.Spinbox.Error.AlreadyExists" in again.stderr or "already has" in again.stderr
+        bad = add_rootfs(spinbox, path, "bad", ("", "", "1", "", "", "", "0"), check=False)
+        assert bad.returncode != 0 and "has no type" in bad.stderr
+        missing = busctl(spinbox, "call", BUS, path, VM_IFACE, "RemoveRootfs", "s", "nope", check=False)
+        assert missing.returncode != 0 and "no added rootfs for container 'nope'" in missing.stderr
+
+        # A restarted spinboxd re-adopts the VM with its added rootfs.
+        spinbox.systemctl("restart", "spinbox.service")
+        path = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "vm-pod").stdout
+        path = path.split()[1].strip('"')
+        busctl(spinbox, "--timeout=120", "call", BUS, path, VM_IFACE, "RemoveRootfs", "s", "app")
+        # Its disks' ports are free again; a VM that stops releases what is still added.
+        add_rootfs(spinbox, path, "app", app)
+        add_rootfs(spinbox, path, "side", side)
+        # Two disks each (a layer and the writable one): the four ports are taken.
+        full = add_rootfs(spinbox, path, "more", side, check=False)
+        assert full.returncode != 0 and "no spare PCIe port left" in full.stderr
+        assert not spinbox.path("/var/lib/spinbox/vms/vm-pod/rootfs-more").exists()
+        stop(spinbox, path)
+    vminitd = spinbox.journal("-u", "spinbox-vm-vm-pod.scope", "-t", "vminitd", "-o", "cat")
+    assert "mounted the rootfs of container side" in vminitd
+    assert "unmounted the rootfs of container app" in vminitd
+    assert leftovers(spinbox) == NOTHING
+    assert no_layer_references(spinbox)

@@ -112,6 +112,13 @@ class FakeSpinboxd:
     async def vm_call(self, path: str, member: str, signature: str = "", body: Any = ()) -> None:
         self.calls.append(member)
 
+    async def add_rootfs(self, path: str, container_id: str, mounts: Any) -> str:
+        self.calls.append(f"AddRootfs {path} {container_id}")
+        return f"/run/rootfs/{container_id}"
+
+    async def remove_rootfs(self, path: str, container_id: str) -> None:
+        self.calls.append(f"RemoveRootfs {path} {container_id}")
+
     async def stop_vm(self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120) -> None:
         self.live.discard(vm_id)
 
@@ -330,3 +337,39 @@ def test_deleting_a_created_container_releases_its_waiters(tmp_path: Path) -> No
 
     assert asyncio.run(scenario()) == 137
     assert not spinboxd.live
+
+
+def test_a_pods_containers_share_the_sandboxs_vm(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    recorder = Recorder(log)
+    spinboxd = FakeSpinboxd()
+    agent = FakeAgent([])
+    for name in ("sb", "app", "stray"):
+        (tmp_path / name).mkdir()
+    sandbox_bundle = make_bundle(tmp_path / "sb", **{"io.kubernetes.cri.sandbox-id": "sb"})
+    app_bundle = make_bundle(tmp_path / "app", **{"io.kubernetes.cri.sandbox-id": "sb"})
+    stray_bundle = make_bundle(tmp_path / "stray", **{"io.kubernetes.cri.sandbox-id": "elsewhere"})
+
+    async def scenario() -> None:
+        service = make_service(agent, spinboxd, recorder)
+        await service.create(task.CreateTaskRequest(id="sb", bundle=str(sandbox_bundle)))
+        created = await service.create(
+            task.CreateTaskRequest(id="app", bundle=str(app_bundle), stdout=f"file://{log}")
+        )
+        assert created.pid == 4242  # the pod VM's QEMU
+        with pytest.raises(ShimError) as stray:
+            await service.create(task.CreateTaskRequest(id="stray", bundle=str(stray_bundle)))
+        assert stray.value.code == "FAILED_PRECONDITION" and "'elsewhere'" in str(stray.value)
+        await service.delete(task.DeleteRequest(id="app"))
+        assert spinboxd.live == {"default-sb"} and not agent.closed
+        # A container left when its sandbox goes was stopped with the pod's VM.
+        await service.create(task.CreateTaskRequest(id="late", bundle=str(app_bundle)))
+        await service.delete(task.DeleteRequest(id="sb"))
+        assert not spinboxd.live and agent.closed
+        await service.delete(task.DeleteRequest(id="late"))
+        assert not service.containers
+
+    asyncio.run(scenario())
+    assert [r.vm_id for r in spinboxd.requests] == ["default-sb"]
+    vm = "/org/spinstack/Spinbox/vm/default-sb"
+    assert spinboxd.calls == [f"AddRootfs {vm} app", f"RemoveRootfs {vm} app", f"AddRootfs {vm} late"]
