@@ -93,6 +93,9 @@ class Backend(Protocol):
 
     async def teardown_network(self, vm_id: str) -> None: ...
     async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None: ...
+    async def collect_storage_leftovers(self) -> None:
+        """Layer cache entries nothing references any more and what a crash left in it."""
+        ...
 
     async def launch(
         self,

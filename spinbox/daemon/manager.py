@@ -24,6 +24,7 @@ from spinbox.daemon.process import pid_alive
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
+from spinbox.storage.system import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class VmManager:
                 work_dir = self.storage_dir / vm_id
                 state.storage_dir = str(work_dir)
                 state.save(runtime_dir)
-                undo.callback(shutil.rmtree, work_dir, ignore_errors=True)
+                undo.push_async_callback(asyncio.to_thread, remove_tree, work_dir)
                 rootfs, disk_list, mount = await self.backend.prepare_rootfs(request, work_dir)
                 undo.push_async_callback(rootfs.release)
                 disks = list(disk_list)
@@ -432,7 +433,7 @@ class VmManager:
             except Exception as e:
                 errors.append(f"network: {e}")
         if vm.state.storage_dir:
-            shutil.rmtree(vm.state.storage_dir, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, Path(vm.state.storage_dir))
         await self.systemd.stop_unit(vm.state.scope)
         await self.systemd.wait_gone(vm.state.scope)
         shutil.rmtree(vm.runtime_dir, ignore_errors=True)
@@ -506,6 +507,10 @@ class VmManager:
             await self.backend.collect_network_leftovers(sorted(self.vms))
         except Exception:
             log.exception("collecting network leftovers failed")
+        try:
+            await self.backend.collect_storage_leftovers()
+        except Exception:
+            log.exception("collecting storage leftovers failed")
 
     async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
         if (
@@ -532,5 +537,7 @@ class VmManager:
                     await rootfs.writeback()
                 with contextlib.suppress(Exception):
                     await rootfs.release()
-            shutil.rmtree(state.storage_dir, ignore_errors=True)
+            # Unmount-first: a mount a crash left must neither block the removal
+            # nor have its source's files removed through it.
+            await asyncio.to_thread(remove_tree, Path(state.storage_dir))
         shutil.rmtree(directory, ignore_errors=True)

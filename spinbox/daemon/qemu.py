@@ -66,6 +66,11 @@ class QemuBackend:
         except storage.StorageError:
             return None
 
+    async def collect_storage_leftovers(self) -> None:
+        removed = await self._layer_cache().collect()
+        if removed:
+            log.info("removed %d unused layer image(s) from the cache", len(removed))
+
     # -- network ------------------------------------------------------------
 
     def _net_config(self) -> net.NetConfig:

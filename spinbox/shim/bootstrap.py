@@ -13,8 +13,10 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+import spinbox
 from spinbox.shim.options import ShimOptions
 
 # Overridable for tests and benchmarks that run beside a real containerd.
@@ -23,6 +25,8 @@ SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # The highest task API version spinbox serves (containerd.task.v3.Task).
 SHIM_VERSION = 3
+# The directory holding the spinbox package `start` runs from.
+PACKAGE_ROOT = Path(spinbox.__file__).resolve().parent.parent
 
 
 class StartError(Exception):
@@ -125,7 +129,19 @@ def spawn_server(options: ShimOptions, listener: socket.socket, path: Path) -> i
     else:
         actions.append((os.POSIX_SPAWN_DUP2, fd, 3))
     argv = server_argv(options, path)
-    return os.posix_spawn(argv[0], argv, dict(os.environ), file_actions=actions, setsid=True)
+    env = server_environment(os.environ)
+    return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+
+
+def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`start`'s environment, with the directory this spinbox was imported from first
+    on PYTHONPATH: the server runs the same code whatever containerd's environment
+    holds (a packaged spinbox lives outside python3's own module path)."""
+    env = dict(environ)
+    root = str(PACKAGE_ROOT)
+    rest = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
+    return env
 
 
 def start(options: ShimOptions) -> int:

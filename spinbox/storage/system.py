@@ -80,6 +80,7 @@ def remove_tree(path: Path) -> None:
     with open("/proc/self/mounts") as mounts:
         targets = [line.split()[1] for line in mounts]
     prefix = str(path) + "/"
-    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+    inside = (t for t in targets if t == str(path) or t.startswith(prefix))
+    for target in sorted(inside, key=len, reverse=True):
         unmount(Path(target))
     shutil.rmtree(path, ignore_errors=True)

@@ -235,11 +235,16 @@ class VirtualMachine:
     async def wait_ready(self, timeout: float) -> dict[str, float]:  # noqa: ASYNC109 (the contract's name)
         """Wait until the agent answers Ping on the control channel; return the timeline."""
         ping = asyncio.ensure_future(control.ping(self.control_address))
-        done, _ = await asyncio.wait({ping, self._exit}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(
+                {ping, self._exit}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            # Cancelled (a CreateVM given up): the Ping goes too, its connection closed.
+            await _cancel(ping)
+            raise
         if ping not in done:
-            ping.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ping
+            await _cancel(ping)
             if self._exit in done:
                 raise VmError(f"VM {self.vm_id} stopped before its agent was ready{self._exit_detail()}")
             raise VmError(f"VM {self.vm_id}'s agent did not answer within {timeout:g} s")
@@ -334,6 +339,13 @@ class VirtualMachine:
         if isinstance(self._process, QemuChild) and self._process.tail:
             detail += ": " + " / ".join(self._process.tail)
         return detail
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel the task and wait until it has ended, retrieving whatever it raised."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 class EventStream:

@@ -128,3 +128,46 @@ def test_version_and_bad_usage(tmp_path: Path) -> None:
     bad = shim("-frobnicate", bundle=tmp_path, env={})
     assert bad.returncode == 2
     assert b"unknown flag -frobnicate" in bad.stderr
+
+
+def test_start_runs_its_server_from_where_spinbox_is_without_pythonpath(
+    tmp_path: Path, socket_dir: str
+) -> None:
+    # As packaged: a wrapper puts spinbox's private module directory on its own
+    # sys.path only; containerd's environment has no PYTHONPATH.
+    wrapper = tmp_path / "containerd-shim-spinbox-v1"
+    wrapper.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(TOP)!r})\n"
+        "from spinbox.shim.__main__ import main\nsys.exit(main())\n"
+    )
+    wrapper.chmod(0o755)
+    bundle, env = make_bundle(tmp_path, socket_dir)
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ("-namespace", "unit", "-id", "c2", "-address", str(tmp_path / "containerd.sock"), "start")
+    result = subprocess.run(
+        [str(wrapper), *args],
+        cwd=bundle,
+        env={**environ, **env, "MAX_SHIM_VERSION": "3"},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    socket_path = Path(json.loads(result.stdout)["address"].removeprefix("unix://"))
+
+    async def talk() -> int:
+        client = await Client.connect_unix(str(socket_path))
+        try:
+            connected = await client.call(
+                "containerd.task.v3.Task", "Connect", task.ConnectRequest(id="c2"), task.ConnectResponse
+            )
+            await client.call("containerd.task.v3.Task", "Shutdown", task.ShutdownRequest(id="c2"), Empty)
+        finally:
+            await client.close()
+        return connected.shim_pid
+
+    shim_pid = asyncio.run(talk())
+    deadline = time.monotonic() + 30
+    while running(shim_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(shim_pid)

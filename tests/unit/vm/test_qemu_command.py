@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec
+from spinbox.config import VmConfig
+from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_basic_machine(spec: VmSpec) -> None:
     argv = QemuCommand(spec, accel="tcg").argv()
     assert argv[0] == "qemu-system-x86_64"
     assert option_values(argv, "-machine")[0].startswith("q35,")
-    assert option_values(argv, "-accel") == ["tcg"]
+    assert option_values(argv, "-accel") == ["tcg,tb-size=128"]
     assert option_values(argv, "-m") == ["256M"]
     assert option_values(argv, "-smp") == ["1"]
     assert option_values(argv, "-kernel") == [str(spec.kernel)]
@@ -39,6 +40,16 @@ def test_basic_machine(spec: VmSpec) -> None:
     assert option_values(argv, "-action") == ["panic=exit-failure"]
     assert option_values(argv, "-serial") == ["chardev:console"]
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
+
+
+def test_tcg_translation_cache_fits_in_the_memory_overhead(
+    spec: VmSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QEMU's own memory besides guest RAM and this cache, measured at agent-ready under TCG.
+    measured_qemu_mib = 89
+    assert qemu.TCG_TB_SIZE_MIB + measured_qemu_mib <= VmConfig().memory_overhead_mib
+    monkeypatch.setattr(qemu, "TCG_TB_SIZE_MIB", 0)
+    assert option_values(QemuCommand(spec, accel="tcg").argv(), "-accel") == ["tcg"]
 
 
 def test_kvm_uses_the_host_cpu(spec: VmSpec) -> None:

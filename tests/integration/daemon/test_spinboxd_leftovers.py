@@ -1,0 +1,53 @@
+"""What a crash left on disk is gone once spinboxd comes back: per-VM storage, unused layer images."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import installed
+
+LAYERS = "/var/lib/spinbox/layers"
+KEY = "0" * 64
+
+
+@pytest.fixture
+def spinbox(systemd: PrivateSystemd) -> Iterator[PrivateSystemd]:
+    with installed(systemd):
+        yield systemd
+
+
+def test_storage_a_crash_left_is_unmounted_removed_and_collected(spinbox: PrivateSystemd) -> None:
+    # A previous spinboxd died while VM vm-gone was being created: its state,
+    # its storage directory with a read-only mount still in it, an unreferenced
+    # layer image and a half-built one.
+    storage = "/var/lib/spinbox/vms/vm-gone"
+    state = {
+        "id": "vm-gone",
+        "phase": "creating",
+        "scope": "spinbox-vm-vm-gone.scope",
+        "storage_dir": storage,
+    }
+    spinbox.write_file("/run/spinbox/vm/vm-gone/state.json", json.dumps(state))
+    spinbox.write_file("/var/lib/spinbox/layer-source/keep", "the source's data\n")
+    spinbox.path(f"{storage}/mnt").mkdir(parents=True)
+    spinbox.run("mount", "--bind", "-o", "ro", "/var/lib/spinbox/layer-source", f"{storage}/mnt")
+    spinbox.write_file(f"{LAYERS}/images/{KEY}.erofs", b"\0" * 4096)
+    spinbox.write_file(f"{LAYERS}/tmp/{KEY}.0123abcd.erofs", b"\0" * 4096)
+    try:
+        spinbox.systemctl("start", "spinbox.service")
+
+        assert f" {storage}/" not in spinbox.run("cat", "/proc/self/mounts").stdout
+        assert not spinbox.path(storage).exists()
+        assert not spinbox.path("/run/spinbox/vm/vm-gone").exists()
+        assert spinbox.path("/var/lib/spinbox/layer-source/keep").read_text() == "the source's data\n"
+        assert sorted(p.name for p in spinbox.path(f"{LAYERS}/images").iterdir()) == []
+        assert sorted(p.name for p in spinbox.path(f"{LAYERS}/tmp").iterdir()) == []
+    finally:
+        spinbox.run("umount", f"{storage}/mnt", check=False)
+        spinbox.run(
+            "rm", "-rf", storage, "/var/lib/spinbox/layer-source", f"{LAYERS}/images", f"{LAYERS}/tmp"
+        )

@@ -1,0 +1,50 @@
+"""A cancelled wait_ready (a CreateVM given up) ends its Ping cleanly: nothing left running or unretrieved."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import QMPClient
+
+from spinbox.vm.machine import VirtualMachine, VmState
+from spinbox.vm.process import spawn_subprocess
+
+
+def test_cancelled_wait_ready_closes_its_ping(tmp_path: Path) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        problems: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: problems.append(context))
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+        async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await accepted.put((reader, writer))
+
+        control = tmp_path / "control.sock"
+        server = await asyncio.start_unix_server(never_answer, path=str(control))
+        process = await spawn_subprocess(["sleep", "600"], ())
+        state = VmState("cancel", process.pid, None, "tcg", f"unix:{control}", f"unix:{control}")
+        vm = VirtualMachine(tmp_path, state, process, QMPClient("cancel"))
+        try:
+            waiting = asyncio.ensure_future(vm.wait_ready(600))
+            reader, writer = await asyncio.wait_for(accepted.get(), 60)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            # The Ping's connection was closed by the cancellation, not left waiting.
+            await asyncio.wait_for(reader.read(), 60)  # the unanswered request, then the end
+            assert reader.at_eof()
+            writer.close()
+        finally:
+            await vm.kill()
+            server.close()
+        del waiting
+        gc.collect()
+        await asyncio.sleep(0)
+        return problems
+
+    assert asyncio.run(scenario()) == []
