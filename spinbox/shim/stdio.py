@@ -11,6 +11,7 @@ containerd names each stream with a string:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
@@ -95,14 +96,14 @@ class StdioConfig:
         return config
 
 
-class Sink:
+class Sink(abc.ABC):
     """Where one output stream goes."""
 
-    async def write(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
 
-    async def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def close(self) -> None: ...
 
 
 class _PipeProtocol(asyncio.Protocol):
