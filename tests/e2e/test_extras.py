@@ -4,6 +4,7 @@ memory limit, and an OCI poststop hook on the host."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Iterator
 
@@ -66,7 +67,7 @@ def test_run_with_terminal(containerd: Containerd, stack: PrivateSystemd) -> Non
     )
     result = stack.run("script", "-qec", f"stty rows 33 cols 77; {ctr}", "/dev/null", check=False)
     assert result.returncode == 4, result.stdout + result.stderr
-    lines = result.stdout.replace("\r", "").splitlines()
+    lines = [line for line in result.stdout.replace("\r", "").splitlines() if line]
     assert "/dev/pts/" in lines[0], result.stdout
     assert lines[1] == "33 77", result.stdout
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
@@ -95,4 +96,38 @@ def test_update_changes_the_memory_limit(containerd: Containerd, stack: PrivateS
     finally:
         containerd.nerdctl("rm", "-f", "u1", check=False)
     stack.run("sh", "-c", "rm -rf /run/containerd/fifo/*")
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+# ctr has no flag for hooks; a CDI device (which ctr 2.x resolves from /etc/cdi) brings one.
+CDI_SPEC = {
+    "cdiVersion": "0.6.0",
+    "kind": "spinbox.test/hooks",
+    "devices": [{"name": "poststop", "containerEdits": {"env": ["SPINBOX_CDI=applied"]}}],
+    "containerEdits": {
+        "hooks": [
+            {
+                "hookName": "poststop",
+                "path": "/bin/sh",
+                "args": ["sh", "-c", "cat > /run/spinbox-e2e-poststop.json"],
+            }
+        ]
+    },
+}
+
+
+def test_poststop_hook_runs_on_the_host_after_delete(containerd: Containerd, stack: PrivateSystemd) -> None:
+    stack.write_file("/etc/cdi/spinbox-e2e.json", json.dumps(CDI_SPEC))
+    state = stack.path("/run/spinbox-e2e-poststop.json")
+    try:
+        result = containerd.ctr(
+            "run", "--rm", "--runtime", RUNTIME, "--device", "spinbox.test/hooks=poststop",
+            IMAGE, "h1", "sh", "-c", "echo $SPINBOX_CDI",
+        )  # fmt: skip
+        assert result.stdout == "applied\n"
+        # The hook got the container's state on stdin.
+        assert json.loads(state.read_text())["id"] == "h1"
+    finally:
+        stack.path("/etc/cdi/spinbox-e2e.json").unlink()
+        state.unlink(missing_ok=True)
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
