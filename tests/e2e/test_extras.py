@@ -19,12 +19,8 @@ def containerd(stack: PrivateSystemd) -> Iterator[Containerd]:
     build = BUILDS["2.x"]
     if not build.available:
         pytest.skip("containerd 2.x is not installed (tools/install-test-clients)")
-    instance = Containerd(stack, build)
-    instance.start()
-    try:
+    with Containerd.running(stack, build) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 MIB = 1024 * 1024
