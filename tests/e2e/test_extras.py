@@ -68,18 +68,22 @@ def test_nerdctl_update_and_commit(containerd: Containerd, stack: PrivateSystemd
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
-def test_run_with_terminal(containerd: Containerd, stack: PrivateSystemd) -> None:
-    # The terminal script(1) gives ctr is 33x77; ctr passes its size on to the guest's.
-    ctr = shlex.join(
-        containerd.ctr_argv(
-            "run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "t1", "sh", "-c", "tty; stty size; exit 4"
-        )[len(stack.nsenter()) :]
+def test_run_with_terminal_follows_resizes(containerd: Containerd, stack: PrivateSystemd) -> None:
+    # ctr gets a 33x77 terminal from script(1) and passes its size on to the
+    # guest's; once the container is up, the terminal becomes 40x90 (SIGWINCH).
+    ctr = shlex.join(containerd.ctr_argv()[len(stack.nsenter()) :])
+    guest = 'tty; stty size; touch /up; while [ "$(stty size)" = "33 77" ]; do sleep 0.1; done; stty size'
+    host = (
+        "stty rows 33 cols 77; "
+        f"{ctr} run -t --rm --runtime {RUNTIME} {IMAGE} t1 sh -c {shlex.quote(guest)} & "
+        f"until {ctr} task exec --exec-id up t1 test -e /up 2>/dev/null; do sleep 0.2; done; "
+        "stty rows 40 cols 90; kill -WINCH $!; wait $!"
     )
-    result = stack.run("script", "-qec", f"stty rows 33 cols 77; {ctr}", "/dev/null", check=False)
-    assert result.returncode == 4, result.stdout + result.stderr
+    result = stack.run("script", "-qec", host, "/dev/null", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.replace("\r", "").splitlines() if line]
     assert "/dev/pts/" in lines[0], result.stdout
-    assert lines[1] == "33 77", result.stdout
+    assert lines[1:] == ["33 77", "40 90"], result.stdout
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
