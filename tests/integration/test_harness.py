@@ -56,8 +56,9 @@ def test_teardown_leaves_nothing() -> None:
     with PrivateSystemd.booted(artifacts_dir() / "logs") as instance:
         pid = instance.pid
         cgroup = instance.cgroup
-        instance.run("systemd-run", "--unit=harness-sleeper", "sleep", "infinity")
-        assert instance.processes("sleep infinity")
+        # A duration no other test uses, so the check below sees only this sleeper.
+        instance.run("systemd-run", "--unit=harness-sleeper", "sleep", "86401")
+        assert instance.processes("sleep 86401")
     assert not cgroup.exists()
     assert not Path(f"/proc/{pid}").exists()
-    assert not host_leftovers(["^sleep infinity$"])
+    assert not host_leftovers(["^sleep 86401$"])
