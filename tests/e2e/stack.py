@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from tests.harness.fixtures import artifacts_dir
 from tests.harness.oci import DEFAULT_REFERENCE, build_image
@@ -90,6 +91,17 @@ class Containerd:
         self.systemd.write_file(f"/etc/systemd/system/{self.unit}", unit)
         self.systemd.daemon_reload()
         self.systemd.systemctl("start", self.unit)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, systemd: PrivateSystemd, build: ContainerdBuild) -> Iterator[Self]:
+        """The unit started for the block, stopped afterwards."""
+        instance = cls(systemd, build)
+        instance.start()
+        try:
+            yield instance
+        finally:
+            instance.stop()
 
     def stop(self) -> None:
         self.systemd.systemctl("stop", self.unit, check=False)

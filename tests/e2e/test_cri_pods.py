@@ -21,12 +21,8 @@ def cri(request: pytest.FixtureRequest, stack: PrivateSystemd) -> Iterator[CriCo
     build = BUILDS[request.param]
     if not build.available or not CRICTL.exists():
         pytest.skip(f"containerd {build.name} or crictl is not installed (tools/install-test-clients)")
-    instance = CriContainerd(stack, build)
-    instance.start()
-    try:
+    with CriContainerd.running(stack, build) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def write_json(systemd: PrivateSystemd, name: str, value: object) -> str:

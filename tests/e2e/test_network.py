@@ -36,12 +36,8 @@ CYCLES = 20
 def containerd(stack: PrivateSystemd) -> Iterator[Containerd]:
     """containerd 2.x where installed (nerdctl needs it), else Debian's 1.6."""
     build = BUILDS["2.x"] if BUILDS["2.x"].available else BUILDS["1.6"]
-    instance = Containerd(stack, build)
-    instance.start()
-    try:
+    with Containerd.running(stack, build) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def network_leftovers(systemd: PrivateSystemd) -> dict[str, list[str]]:

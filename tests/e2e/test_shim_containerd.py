@@ -32,12 +32,8 @@ def containerd(request: pytest.FixtureRequest, stack: PrivateSystemd) -> Iterato
     build = BUILDS[request.param]
     if not build.available:
         pytest.skip(f"containerd {build.name} is not installed (tools/install-test-clients)")
-    instance = Containerd(stack, build)
-    instance.start()
-    try:
+    with Containerd.running(stack, build) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def guest_kernel_release() -> str:
