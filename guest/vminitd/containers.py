@@ -286,6 +286,8 @@ class Containers:
             if path.exists():
                 raise validate.InvalidRequest(f"bind file for mounts[{f.mount}]: given twice")
             path.write_bytes(f.content)
+            os.chown(path, f.uid, f.gid)
+            path.chmod(f.mode & 0o7777 or 0o644)
             mount["source"] = str(path)
 
     def _apply_net_sysctls(self, container_id: str, values: dict[str, str]) -> None:

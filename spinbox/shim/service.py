@@ -187,8 +187,8 @@ def _is_bind(mount: object) -> bool:
 BIND_FILE_LIMIT = 1 << 20
 
 
-def _read_bind_file(source: str) -> bytes | str:
-    """The content of a host file for a bind mount, or why it cannot be copied in."""
+def _read_bind_file(source: str) -> agent_pb2.BindFile | str:
+    """A host file for a bind mount (content, permissions, owner), or why it cannot be copied in."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
@@ -213,7 +213,7 @@ def _read_bind_file(source: str) -> bytes | str:
     data = b"".join(chunks)
     if len(data) > BIND_FILE_LIMIT:
         return f"it is larger than {BIND_FILE_LIMIT} bytes"
-    return data
+    return agent_pb2.BindFile(content=data, mode=stat.S_IMODE(info.st_mode), uid=info.st_uid, gid=info.st_gid)
 
 
 def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.BindFile]]:
@@ -238,16 +238,17 @@ def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.Bind
         if not _is_bind(m):
             kept.append(m)
             continue
-        content = _read_bind_file(str(m.get("source") or ""))
-        if isinstance(content, str):
+        file = _read_bind_file(str(m.get("source") or ""))
+        if isinstance(file, str):
             log.warning(
                 "host bind mount %s of %s is not shared into the VM: %s",
                 m.get("destination"),
                 m.get("source"),
-                content,
+                file,
             )
             continue
-        files.append(agent_pb2.BindFile(mount=len(kept), content=content))
+        file.mount = len(kept)
+        files.append(file)
         kept.append(m)
     guest["mounts"] = kept
     return guest, files

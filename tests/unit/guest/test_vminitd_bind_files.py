@@ -36,11 +36,16 @@ def spec() -> dict[str, Any]:
 def test_bind_files_become_the_sources_of_their_mounts(tmp_path: Path) -> None:
     c = containers(tmp_path)
     doc = spec()
-    files = [pb.BindFile(mount=1, content=b"10.1.2.3 foo\n"), pb.BindFile(mount=2, content=b"")]
+    files = [
+        pb.BindFile(mount=1, content=b"10.1.2.3 foo\n", mode=0o640, uid=1000, gid=1001),
+        pb.BindFile(mount=2, content=b""),
+    ]
     c._write_bind_files("c1", doc, files)
     hosts = Path(doc["mounts"][1]["source"])
     assert hosts.is_relative_to(tmp_path / "state" / "binds" / "c1")
     assert hosts.read_bytes() == b"10.1.2.3 foo\n"
+    info = hosts.stat()
+    assert (info.st_mode & 0o7777, info.st_uid, info.st_gid) == (0o640, 1000, 1001)
     assert doc["mounts"][1]["options"] == ["rbind", "ro"]
     assert Path(doc["mounts"][2]["source"]).read_bytes() == b""
     assert doc["mounts"][0]["source"] == "proc"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,6 +312,7 @@ def test_host_file_binds_travel_to_the_guest_and_others_stay_on_the_host(
 ) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("10.1.2.3 foo\n")
+    hosts.chmod(0o666)
     big = tmp_path / "big"
     big.write_bytes(b"x" * (BIND_FILE_LIMIT + 1))
     exact = tmp_path / "exact"
@@ -338,6 +340,7 @@ def test_host_file_binds_travel_to_the_guest_and_others_stay_on_the_host(
     assert guest["mounts"][1]["options"] == ["rbind", "rw"]
     assert guest["mounts"][2]["options"] == ["bind", "ro"]
     assert [(f.mount, f.content) for f in files] == [(1, b"10.1.2.3 foo\n"), (2, b"y" * BIND_FILE_LIMIT)]
+    assert (files[0].mode, files[0].uid) == (0o666, os.getuid())
     assert len(spec["mounts"]) == 7
     text = caplog.text
     assert "/data" in text and "directories are not shared" in text
