@@ -185,6 +185,9 @@ def _is_bind(mount: object) -> bool:
 # Host files up to this size are copied into the guest for a bind mount
 # (/etc/hosts, /etc/resolv.conf and the like are far smaller).
 BIND_FILE_LIMIT = 1 << 20
+# All of a container's bind files together, so CreateContainer stays well
+# within a ttrpc message (4 MiB).
+BIND_FILES_TOTAL = 2 << 20
 
 
 def _read_bind_file(source: str) -> agent_pb2.BindFile | str:
@@ -220,7 +223,8 @@ def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.Bind
     """The spec as the guest's runtime reads it, with the host files its bind mounts need.
 
     The runtime-spec version becomes one the guest's crun accepts. A bind mount
-    of a regular host file of at most BIND_FILE_LIMIT bytes (nerdctl's and the
+    of a regular host file of at most BIND_FILE_LIMIT bytes (BIND_FILES_TOTAL
+    for all of them; nerdctl's and the
     CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname) keeps its place and
     options; the file's content travels along and the guest binds its own
     copy. Other host bind mounts (directories, larger files) do not exist in
@@ -234,11 +238,14 @@ def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.Bind
         return guest, []
     kept: list[Any] = []
     files: list[agent_pb2.BindFile] = []
+    total = 0
     for m in mounts:
         if not _is_bind(m):
             kept.append(m)
             continue
         file = _read_bind_file(str(m.get("source") or ""))
+        if not isinstance(file, str) and total + len(file.content) > BIND_FILES_TOTAL:
+            file = f"the container's bind files together would exceed {BIND_FILES_TOTAL} bytes"
         if isinstance(file, str):
             log.warning(
                 "host bind mount %s of %s is not shared into the VM: %s",
@@ -248,6 +255,7 @@ def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.Bind
             )
             continue
         file.mount = len(kept)
+        total += len(file.content)
         files.append(file)
         kept.append(m)
     guest["mounts"] = kept

@@ -332,6 +332,7 @@ def test_host_file_binds_travel_to_the_guest_and_others_stay_on_the_host(
             },
             {"destination": "/null", "type": "bind", "source": "/dev/null", "options": ["bind"]},
             {"destination": "/exact", "source": str(exact), "options": ["bind", "ro"]},
+            {"destination": "/exact2", "source": str(exact), "options": ["bind"]},
         ],
     }
     with caplog.at_level("WARNING"):
@@ -339,14 +340,18 @@ def test_host_file_binds_travel_to_the_guest_and_others_stay_on_the_host(
     assert [m["destination"] for m in guest["mounts"]] == ["/proc", "/etc/hosts", "/exact"]
     assert guest["mounts"][1]["options"] == ["rbind", "rw"]
     assert guest["mounts"][2]["options"] == ["bind", "ro"]
-    assert [(f.mount, f.content) for f in files] == [(1, b"10.1.2.3 foo\n"), (2, b"y" * BIND_FILE_LIMIT)]
+    assert [(f.mount, f.content) for f in files] == [
+        (1, b"10.1.2.3 foo\n"),
+        (2, b"y" * BIND_FILE_LIMIT),
+    ]
     assert (files[0].mode, files[0].uid) == (0o666, os.getuid())
-    assert len(spec["mounts"]) == 7
+    assert len(spec["mounts"]) == 8
     text = caplog.text
     assert "/data" in text and "directories are not shared" in text
     assert "/big" in text and "larger than" in text
     assert "/gone" in text and "cannot open it" in text
     assert "/null" in text and "not a regular file" in text
+    assert "/exact2" in text and "together would exceed" in text
 
 
 def test_deleting_a_created_container_releases_its_waiters(tmp_path: Path) -> None:
