@@ -17,7 +17,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,7 @@ class Containers:
         self.crun_root = config.state_dir / "crun"
         self.bundles = config.state_dir / "bundles"
         self.consoles = config.state_dir / "console"
+        self.binds = config.state_dir / "binds"
         self.consoles.mkdir(parents=True, exist_ok=True)
 
     # crun
@@ -261,6 +262,34 @@ class Containers:
                 linux["sysctl"] = {k: v for k, v in sysctl.items() if not str(k).startswith("net.")}
                 self._apply_net_sysctls(container_id, net)
 
+    def _write_bind_files(self, container_id: str, doc: dict[str, Any], files: Sequence[pb.BindFile]) -> None:
+        """The host files of bind mounts, each written to a file of the container's own that
+        becomes its mount's source. Writes in the guest do not go back to the host."""
+        directory = self.binds / container_id
+        shutil.rmtree(directory, ignore_errors=True)
+        if not files:
+            return
+        mounts = doc.get("mounts", [])
+        directory.mkdir(parents=True)
+        for f in files:
+            if f.mount >= len(mounts):
+                raise validate.InvalidRequest(
+                    f"bind file for mounts[{f.mount}]: the OCI spec has no such mount"
+                )
+            mount = mounts[f.mount]
+            options = mount.get("options") or []
+            if not (mount.get("type") == "bind" or "bind" in options or "rbind" in options):
+                raise validate.InvalidRequest(
+                    f"bind file for mounts[{f.mount}]: that mount is not a bind mount"
+                )
+            path = directory / str(f.mount)
+            if path.exists():
+                raise validate.InvalidRequest(f"bind file for mounts[{f.mount}]: given twice")
+            path.write_bytes(f.content)
+            os.chown(path, f.uid, f.gid)
+            path.chmod(f.mode & 0o7777 or 0o644)
+            mount["source"] = str(path)
+
     def _apply_net_sysctls(self, container_id: str, values: dict[str, str]) -> None:
         """Network sysctls (e.g. the CRI's net.ipv4.ip_unprivileged_port_start): the container
         shares the VM's network namespace, which is its pod's, so they are set there."""
@@ -295,6 +324,11 @@ class Containers:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid} has no rootfs: mount it first")
         self._prepare_spec(cid, doc, rootfs, req.io.terminal)
         self._check_program(rootfs, doc, doc["process"], f"container {cid}")
+        try:
+            self._write_bind_files(cid, doc, req.files)
+        except BaseException:
+            shutil.rmtree(self.binds / cid, ignore_errors=True)
+            raise
         bundle = self.bundles / cid
         if bundle.exists():
             shutil.rmtree(bundle)
@@ -313,6 +347,7 @@ class Containers:
             with contextlib.suppress(CrunError):
                 await self.crun("delete", "--force", cid)
             shutil.rmtree(bundle, ignore_errors=True)
+            shutil.rmtree(self.binds / cid, ignore_errors=True)
             raise
         self._ensure_oom_watch()
         log.info("created container %s (pid %d)", cid, init.pid)
@@ -472,6 +507,7 @@ class Containers:
             proc.io_ready.set()
         self.containers.pop(container.id, None)
         shutil.rmtree(container.bundle, ignore_errors=True)
+        shutil.rmtree(self.binds / container.id, ignore_errors=True)
         log.info("deleted container %s", container.id)
 
     def pids(self, container_id: str) -> list[pb.ProcessInfo]:

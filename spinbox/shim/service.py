@@ -10,7 +10,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+import stat
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +55,11 @@ class Agent(Protocol):
 
     async def close(self) -> None: ...
     async def create_container(
-        self, container_id: str, spec: bytes, io: agent_pb2.IoConfig | None = None
+        self,
+        container_id: str,
+        spec: bytes,
+        io: agent_pb2.IoConfig | None = None,
+        files: Sequence[agent_pb2.BindFile] = (),
     ) -> int: ...
     async def exec(
         self, container_id: str, exec_id: str, process: bytes, io: agent_pb2.IoConfig | None = None
@@ -177,22 +182,84 @@ def _is_bind(mount: object) -> bool:
     return mount.get("type") == "bind" or "bind" in options or "rbind" in options
 
 
-def for_guest(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as the guest's runtime reads it: a runtime-spec version its
-    crun accepts, and no bind mounts of host paths, which do not exist in
-    the VM (nerdctl's /etc/hosts and resolv.conf, for example)."""
+# Host files up to this size are copied into the guest for a bind mount
+# (/etc/hosts, /etc/resolv.conf and the like are far smaller).
+BIND_FILE_LIMIT = 1 << 20
+# All of a container's bind files together, so CreateContainer stays well
+# within a ttrpc message (4 MiB).
+BIND_FILES_TOTAL = 2 << 20
+
+
+def _read_bind_file(source: str) -> agent_pb2.BindFile | str:
+    """A host file for a bind mount (content, permissions, owner), or why it cannot be copied in."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as error:
+        return f"cannot open it: {error.strerror}"
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            return "directories are not shared into the VM"
+        if not stat.S_ISREG(info.st_mode):
+            return "it is not a regular file"
+        if info.st_size > BIND_FILE_LIMIT:
+            return f"it is larger than {BIND_FILE_LIMIT} bytes"
+        chunks: list[bytes] = []
+        size = 0
+        while size <= BIND_FILE_LIMIT and (chunk := os.read(fd, BIND_FILE_LIMIT + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as error:
+        return f"cannot read it: {error.strerror}"
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > BIND_FILE_LIMIT:
+        return f"it is larger than {BIND_FILE_LIMIT} bytes"
+    return agent_pb2.BindFile(content=data, mode=stat.S_IMODE(info.st_mode), uid=info.st_uid, gid=info.st_gid)
+
+
+def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.BindFile]]:
+    """The spec as the guest's runtime reads it, with the host files its bind mounts need.
+
+    The runtime-spec version becomes one the guest's crun accepts. A bind mount
+    of a regular host file of at most BIND_FILE_LIMIT bytes (BIND_FILES_TOTAL
+    for all of them; nerdctl's and the
+    CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname) keeps its place and
+    options; the file's content travels along and the guest binds its own
+    copy. Other host bind mounts (directories, larger files) do not exist in
+    the VM: they are left out with a log line rather than failing the container.
+    """
     guest = dict(spec)
     if not str(spec.get("ociVersion", "")).startswith("1.0"):
         guest["ociVersion"] = GUEST_OCI_VERSION
     mounts = spec.get("mounts") or []
-    host_binds = [m for m in mounts if _is_bind(m)]
-    if host_binds:
-        log.warning(
-            "host bind mounts are not shared into the VM; leaving out %s",
-            ", ".join(str(m.get("destination")) for m in host_binds),
-        )
-        guest["mounts"] = [m for m in mounts if not _is_bind(m)]
-    return guest
+    if not any(_is_bind(m) for m in mounts):
+        return guest, []
+    kept: list[Any] = []
+    files: list[agent_pb2.BindFile] = []
+    total = 0
+    for m in mounts:
+        if not _is_bind(m):
+            kept.append(m)
+            continue
+        file = _read_bind_file(str(m.get("source") or ""))
+        if not isinstance(file, str) and total + len(file.content) > BIND_FILES_TOTAL:
+            file = f"the container's bind files together would exceed {BIND_FILES_TOTAL} bytes"
+        if isinstance(file, str):
+            log.warning(
+                "host bind mount %s of %s is not shared into the VM: %s",
+                m.get("destination"),
+                m.get("source"),
+                file,
+            )
+            continue
+        file.mount = len(kept)
+        total += len(file.content)
+        files.append(file)
+        kept.append(m)
+    guest["mounts"] = kept
+    return guest, files
 
 
 def load_spec(bundle: str) -> dict[str, Any]:
@@ -385,7 +452,8 @@ class TaskService:
             stderr=state.io.stderr is not None and not req.terminal,
             terminal=req.terminal,
         )
-        await agent.create_container(req.id, json.dumps(for_guest(guest_spec)).encode(), io_config)
+        spec_for_guest, files = await asyncio.to_thread(for_guest, guest_spec)
+        await agent.create_container(req.id, json.dumps(spec_for_guest).encode(), io_config, files)
         state.process.pid = vm_pid
         self._start_copying(agent, state)
         await run_hooks(

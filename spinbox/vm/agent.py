@@ -7,7 +7,7 @@ vsock. Failures arrive as `spinbox.ttrpc.TtrpcError` with the agent's sentence.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -113,9 +113,15 @@ class AgentClient:
         container_id: str,
         spec: bytes,
         io: pb.IoConfig | None = None,
+        files: Sequence[pb.BindFile] = (),
     ) -> int:
-        """Creates the container (crun create); returns the init process's guest pid."""
-        req = pb.CreateContainerRequest(container_id=container_id, spec=spec, io=io or pb.IoConfig())
+        """Creates the container (crun create); returns the init process's guest pid.
+
+        `files`: contents of host files for the spec's bind mounts (BindFile.mount
+        is the mount's index)."""
+        req = pb.CreateContainerRequest(
+            container_id=container_id, spec=spec, io=io or pb.IoConfig(), files=list(files)
+        )
         resp = await self._call("CreateContainer", req, pb.CreateContainerResponse)
         return resp.pid
 
