@@ -45,6 +45,20 @@ def find_device(
         time.sleep(0.02)
 
 
+def mount_when_ready(source: Path, point: Path, fstype: str, flags: int, wait: float) -> None:
+    """mount(2) of a block device, retrying for up to `wait` seconds while it
+    answers ENXIO: a hot-plugged disk shows in sysfs a moment before it opens."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            syscalls.mount(str(source), str(point), fstype, flags)
+            return
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
+
+
 @dataclass
 class MountedRootfs:
     container_id: str
@@ -148,7 +162,7 @@ class RootfsManager:
         point.mkdir(parents=True, exist_ok=True)
         flags = syscalls.MS_RDONLY if read_only else 0
         try:
-            syscalls.mount(str(source), str(point), device.fstype, flags | syscalls.MS_NODEV)
+            mount_when_ready(source, point, device.fstype, flags | syscalls.MS_NODEV, self.device_wait)
         except OSError as e:
             raise TtrpcError(
                 Code.FAILED_PRECONDITION,
