@@ -35,7 +35,7 @@ sys.path.insert(0, str(TOP))
 from guest.mkguest.cpio import Entry, write_newc  # noqa: E402
 from guest.mkguest.image import BUSYBOX, ImageConfig, build, kernel_version_of  # noqa: E402
 from guest.mkguest.kmod import module_free  # noqa: E402
-from spinbox.shim.service import POD_HOTPLUG_PORTS  # noqa: E402
+from spinbox.shim.create import POD_HOTPLUG_PORTS  # noqa: E402
 from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu  # noqa: E402
 
 STAND_IN_INIT = """

@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spinbox.vm.errors import VmError
-from spinbox.vm.spec import default_kernel
+from spinbox.host import newest_cloud_kernel
 
 CONFIG_PATH = Path("/etc/spinbox/spinbox.toml")
 DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
@@ -72,10 +71,7 @@ class VmConfig:
         """The configured kernel, or the newest Debian cloud kernel under /boot (None: none)."""
         if self.kernel:
             return Path(self.kernel)
-        try:
-            return default_kernel(boot)
-        except VmError:
-            return None
+        return newest_cloud_kernel(boot)
 
     @property
     def initrd_path(self) -> Path:

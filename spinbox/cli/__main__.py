@@ -11,21 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio.message_bus import MessageBus
-
+from spinbox.busclient import BusClient, SpinboxdError
+from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.config import CONFIG_PATH, Config, ConfigError, load
-from spinbox.vm.accel import KvmHost
+from spinbox.host import KvmHost
 
-BUS_NAME = "org.spinstack.Spinbox"
-MANAGER_PATH = "/org/spinstack/Spinbox"
-MANAGER_IFACE = "org.spinstack.Spinbox.Manager"
-VM_IFACE = "org.spinstack.Spinbox.VM"
 CNI_PLUGIN_PATH = ("/usr/lib/cni", "/opt/cni/bin")
-
-
-class CliError(Exception):
-    pass
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -35,51 +26,21 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return _plain(value.value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 class Spinboxd:
-    """A thin client of org.spinstack.Spinbox."""
+    """What spinboxctl asks of org.spinstack.Spinbox."""
 
-    def __init__(self, bus: MessageBus) -> None:
-        self.bus = bus
+    def __init__(self, client: BusClient) -> None:
+        self.client = client
 
     @classmethod
     async def connect(cls, address: str | None) -> Spinboxd:
-        try:
-            if address:
-                bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
-            else:
-                bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        except OSError as e:
-            raise CliError(f"cannot reach the system bus: {e}") from None
-        return cls(bus)
+        return cls(await BusClient.connect(address))
 
     async def call(self, path: str, interface: str, member: str, signature: str = "", body: Any = ()) -> Any:
-        reply = await self.bus.call(
-            Message(
-                destination=BUS_NAME,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=list(body),
-            )
-        )
-        assert reply is not None
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body else reply.error_name
-            raise CliError(str(text))
-        return reply.body
+        return await self.client.call(path, interface, member, signature, body)
 
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
-        (values,) = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])
-        return {k: _plain(v) for k, v in values.items()}
+        return await self.client.properties(path, interface)
 
     async def vm_path(self, vm_id: str) -> str:
         (path,) = await self.call(MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", [vm_id])
@@ -220,8 +181,8 @@ async def cmd_check(address: str | None, config_path: Path) -> int:
         client = await Spinboxd.connect(address)
         props = await client.properties(MANAGER_PATH, MANAGER_IFACE)
         rows.append(["spinboxd", "ok", f"version {props['Version']}, accelerator {props['Accelerator']}"])
-    except CliError as e:
-        rows.append(["spinboxd", "FAIL", f"not reachable: {e}"])
+    except SpinboxdError as e:
+        rows.append(["spinboxd", "FAIL", f"not reachable: {e.message}"])
     print(table(["CHECK", "RESULT", "DETAIL"], rows))
     return 1 if any(r[1] == "FAIL" for r in rows) else 0
 
@@ -271,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_logs(args)
     try:
         return asyncio.run(run(args))
-    except CliError as e:
+    except SpinboxdError as e:
         print(f"spinboxctl: {e}", file=sys.stderr)
         return 1
 

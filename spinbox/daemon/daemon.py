@@ -14,11 +14,12 @@ from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 from systemd import daemon as sd_daemon
 
+from spinbox.busnames import BUS_NAME
 from spinbox.config import Config
 from spinbox.daemon.auth import Authorizer, AuthorizingFilter
 from spinbox.daemon.backend import Backend
 from spinbox.daemon.manager import VmManager
-from spinbox.daemon.service import BUS_NAME, GUARDED, export_manager
+from spinbox.daemon.service import GUARDED, export_manager
 from spinbox.daemon.state import RUN_DIR
 from spinbox.daemon.systemd import SystemdManager
 

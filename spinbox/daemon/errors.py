@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dbus_fast import DBusError
 
-ERROR_PREFIX = "org.spinstack.Spinbox.Error."
+from spinbox.busnames import ERROR_PREFIX
 
 
 class SpinboxError(DBusError):

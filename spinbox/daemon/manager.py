@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
@@ -27,8 +28,6 @@ from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.storage.system import remove_tree
 
 log = logging.getLogger(__name__)
-
-MANAGER_PATH = "/org/spinstack/Spinbox"
 
 
 def vm_object_path(vm_id: str) -> str:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from spinbox import net, storage, vm
+from spinbox.agent import AgentClient
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.options import Mount, VmRequest
 from spinbox.vm import control
-from spinbox.vm.agent import AgentClient
 
 log = logging.getLogger(__name__)
 

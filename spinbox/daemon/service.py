@@ -21,16 +21,14 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 import spinbox
+from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.config import Config
 from spinbox.daemon.errors import Failed
-from spinbox.daemon.manager import MANAGER_PATH, Vm, VmManager
+from spinbox.daemon.manager import Vm, VmManager
 from spinbox.daemon.options import parse_mounts, parse_request
 
 log = logging.getLogger(__name__)
 
-BUS_NAME = "org.spinstack.Spinbox"
-MANAGER_IFACE = "org.spinstack.Spinbox.Manager"
-VM_IFACE = "org.spinstack.Spinbox.VM"
 # Calls that change state: root only, or whom polkit authorizes.
 GUARDED = {
     MANAGER_IFACE: {"CreateVM", "PrepareNetworkNamespace"},

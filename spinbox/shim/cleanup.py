@@ -15,7 +15,8 @@ from spinbox.shim.options import ShimOptions
 
 async def _remove_vm(namespace: str, container_id: str) -> bool:
     """Kills and removes the VM; False if it is still there afterwards."""
-    from spinbox.shim.spinboxd import Spinboxd, SpinboxdError, vm_id_for
+    from spinbox.busclient import SpinboxdError
+    from spinbox.shim.spinboxd import Spinboxd, vm_id_for
 
     vm_id = vm_id_for(namespace, container_id)
     try:

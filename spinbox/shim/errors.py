@@ -3,6 +3,8 @@ the server turns each into a ttrpc status carrying the sentence."""
 
 from __future__ import annotations
 
+from spinbox.busclient import SpinboxdError
+
 
 class ShimError(Exception):
     def __init__(self, code: str, message: str) -> None:
@@ -40,3 +42,9 @@ SPINBOXD_CODES = {
     "org.freedesktop.DBus.Error.ServiceUnknown": "UNAVAILABLE",
     "org.freedesktop.DBus.Error.AccessDenied": "PERMISSION_DENIED",
 }
+
+
+def spinboxd_error(error: SpinboxdError, doing: str) -> ShimError:
+    """spinboxd's D-Bus error as a shim error, its sentence after what the shim was doing."""
+    code = SPINBOXD_CODES.get(error.kind) or SPINBOXD_CODES.get(error.name) or "UNKNOWN"
+    return ShimError(code, f"{doing}: {error.message}")

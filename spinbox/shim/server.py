@@ -43,9 +43,8 @@ def redirect_logs_to_containerd(bundle: Path, debug: bool) -> None:
 
 def ttrpc_handler(handler: Callable[[Any], Awaitable[Message]]) -> Callable[[Any, Any], Awaitable[Message]]:
     """Turns the service's named errors into ttrpc statuses."""
-    from spinbox.shim.errors import ShimError
-    from spinbox.shim.service import _spinboxd_error
-    from spinbox.shim.spinboxd import SpinboxdError
+    from spinbox.busclient import SpinboxdError
+    from spinbox.shim.errors import ShimError, spinboxd_error
     from spinbox.ttrpc import Code, TtrpcError
 
     async def handle(request: Any, ctx: Any) -> Message:
@@ -54,19 +53,19 @@ def ttrpc_handler(handler: Callable[[Any], Awaitable[Message]]) -> Callable[[Any
         except ShimError as error:
             raise TtrpcError(Code[error.code], error.message) from None
         except SpinboxdError as error:
-            mapped = _spinboxd_error(error, "spinboxd")
+            mapped = spinboxd_error(error, "spinboxd")
             raise TtrpcError(Code[mapped.code], mapped.message) from None
 
     return handle
 
 
 async def _serve(options: ShimOptions, listener: socket.socket) -> None:
+    from spinbox.agent import AgentClient
     from spinbox.shim.events import EventPublisher, TtrpcEventSender
     from spinbox.shim.protos import TASK_SERVICES
     from spinbox.shim.service import TaskService
     from spinbox.shim.spinboxd import Spinboxd
     from spinbox.ttrpc import Server
-    from spinbox.vm.agent import AgentClient
 
     done = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -9,28 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio.message_bus import MessageBus
+from dbus_fast import Variant
 
-from spinbox.storage import MountSpec
-
-BUS_NAME = "org.spinstack.Spinbox"
-MANAGER_PATH = "/org/spinstack/Spinbox"
-MANAGER = "org.spinstack.Spinbox.Manager"
-VM = "org.spinstack.Spinbox.VM"
-PROPERTIES = "org.freedesktop.DBus.Properties"
-ERROR_PREFIX = "org.spinstack.Spinbox.Error."
-
-
-class SpinboxdError(Exception):
-    """A D-Bus error from spinboxd; `kind` is the last part of its name
-    (NotFound, InvalidArgument, AlreadyExists, Failed, ...)."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
-        self.kind = name.removeprefix(ERROR_PREFIX) if name.startswith(ERROR_PREFIX) else name
-        self.message = message
+from spinbox.busclient import BusClient, SpinboxdError
+from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
+from spinbox.mounts import MountSpec
 
 
 @dataclass(frozen=True)
@@ -92,74 +75,37 @@ def vm_id_for(namespace: str, group_id: str) -> str:
     return f"{prefix}-{digest}" if prefix else digest
 
 
-def _unwrap(value: Any) -> Any:
-    return value.value if isinstance(value, Variant) else value
-
-
-async def _connect_bus(bus_address: str | None) -> MessageBus:
-    try:
-        if bus_address:
-            return await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
-        return await MessageBus(bus_type=BusType.SYSTEM).connect()
-    except Exception as error:
-        raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
-
-
 class Spinboxd:
-    """spinboxd's API on the system bus. A restart of spinboxd keeps the bus
-    connection; one of the bus itself is followed by a reconnect."""
+    """spinboxd's API on the system bus, as the shim uses it."""
 
-    def __init__(self, bus: MessageBus, bus_address: str | None = None) -> None:
-        self.bus = bus
-        self.bus_address = bus_address
+    def __init__(self, client: BusClient) -> None:
+        self.client = client
 
     @classmethod
     async def connect(cls, bus_address: str | None = None) -> Spinboxd:
-        return cls(await _connect_bus(bus_address), bus_address)
+        return cls(await BusClient.connect(bus_address))
 
     def close(self) -> None:
-        self.bus.disconnect()
-
-    async def _call(
-        self, path: str, interface: str, member: str, signature: str = "", body: Sequence[Any] = ()
-    ) -> list[Any]:
-        message = Message(
-            destination=BUS_NAME,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-        )
-        if not self.bus.connected:
-            self.bus = await _connect_bus(self.bus_address)
-        reply = await self.bus.call(message)
-        if reply is None:
-            raise SpinboxdError("NoReply", f"spinboxd did not answer {member}")
-        if reply.message_type == MessageType.ERROR:
-            name = str(reply.error_name or "")
-            text = str(reply.body[0]) if reply.body else name or "unknown error"
-            raise SpinboxdError(name, text)
-        return list(reply.body)
+        self.client.close()
 
     async def create_vm(self, request: VmRequest) -> VmInfo:
-        (path,) = await self._call(
-            MANAGER_PATH, MANAGER, "CreateVM", "sa{sv}", [request.vm_id, request.options()]
+        (path,) = await self.client.call(
+            MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", [request.vm_id, request.options()]
         )
         return await self.vm_info(path)
 
     async def vm_info(self, path: str) -> VmInfo:
-        (props,) = await self._call(path, PROPERTIES, "GetAll", "s", [VM])
+        props = await self.client.properties(path, VM_IFACE)
         return VmInfo(
             path=path,
-            agent_address=str(_unwrap(props.get("AgentAddress", ""))),
-            rootfs_path=str(_unwrap(props.get("RootfsPath", ""))),
-            pid=int(_unwrap(props.get("Pid", 0))),
+            agent_address=str(props.get("AgentAddress", "")),
+            rootfs_path=str(props.get("RootfsPath", "")),
+            pid=int(props.get("Pid", 0)),
         )
 
     async def get_vm(self, vm_id: str) -> str | None:
         try:
-            (path,) = await self._call(MANAGER_PATH, MANAGER, "GetVM", "s", [vm_id])
+            (path,) = await self.client.call(MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", [vm_id])
         except SpinboxdError as error:
             if error.kind == "NotFound":
                 return None
@@ -167,20 +113,22 @@ class Spinboxd:
         return str(path)
 
     async def prepare_network_namespace(self, vm_id: str) -> tuple[str, int]:
-        path, pid = await self._call(MANAGER_PATH, MANAGER, "PrepareNetworkNamespace", "s", [vm_id])
+        path, pid = await self.client.call(
+            MANAGER_PATH, MANAGER_IFACE, "PrepareNetworkNamespace", "s", [vm_id]
+        )
         return str(path), int(pid)
 
     async def add_rootfs(self, path: str, container_id: str, mounts: Sequence[MountSpec]) -> str:
         """A further container's rootfs in a pod's running VM; its guest path."""
         body = [container_id, [[m.type, m.source, m.target, list(m.options)] for m in mounts]]
-        (guest_path,) = await self._call(path, VM, "AddRootfs", "sa(sssas)", body)
+        (guest_path,) = await self.client.call(path, VM_IFACE, "AddRootfs", "sa(sssas)", body)
         return str(guest_path)
 
     async def remove_rootfs(self, path: str, container_id: str) -> None:
-        await self._call(path, VM, "RemoveRootfs", "s", [container_id])
+        await self.client.call(path, VM_IFACE, "RemoveRootfs", "s", [container_id])
 
     async def vm_call(self, path: str, member: str, signature: str = "", body: Sequence[Any] = ()) -> None:
-        await self._call(path, VM, member, signature, body)
+        await self.client.call(path, VM_IFACE, member, signature, body)
 
     async def stop_vm(self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120) -> None:
         """Stops (or kills) the VM and returns once spinboxd has released it."""

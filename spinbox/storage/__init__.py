@@ -5,9 +5,9 @@ See spinbox.storage.rootfs for the scheme, spinbox.storage.cache for the layer c
 
 from __future__ import annotations
 
+from spinbox.mounts import MountSpec
 from spinbox.storage.cache import LayerCache
 from spinbox.storage.errors import StorageError
-from spinbox.storage.mounts import MountSpec
 from spinbox.storage.rootfs import BlockImage, PreparedRootfs, prepare_rootfs
 
 __all__ = ["BlockImage", "LayerCache", "MountSpec", "PreparedRootfs", "StorageError", "prepare_rootfs"]

@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from spinbox.mounts import MountSpec
 from spinbox.storage.errors import StorageError
 
 # The file the erofs snapshotter keeps next to a committed layer's `fs` dir.
@@ -36,16 +37,6 @@ EROFS_LAYER_BLOB = "layer.erofs"
 _OVERLAY_TYPES = ("overlay", "format/overlay", "format/mkdir/overlay")
 _BIND_TYPES = ("bind", "rbind", "format/bind")
 _TEMPLATE = re.compile(r"^\{\{\s*(mount|overlay)\s+(\d+)(?:\s+(\d+))?\s*\}\}(.*)$")
-
-
-@dataclass(frozen=True)
-class MountSpec:
-    """One containerd mount (containerd.types.Mount without its target's use)."""
-
-    type: str
-    source: str
-    target: str
-    options: tuple[str, ...]
 
 
 class LayerKind(enum.Enum):

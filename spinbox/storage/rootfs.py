@@ -44,10 +44,11 @@ from typing import TypeVar
 from google.protobuf import json_format
 
 from spinbox.api.proto import agent_pb2
+from spinbox.mounts import MountSpec
 from spinbox.storage import erofs, upper
 from spinbox.storage.cache import FORMAT, Holder, LayerCache, SourceIdentity, chain_key, layer_key
 from spinbox.storage.errors import StorageError
-from spinbox.storage.mounts import Layer, LayerKind, MountSpec, parse_mounts
+from spinbox.storage.mounts import Layer, LayerKind, parse_mounts
 from spinbox.storage.system import os_error, remove_tree
 
 UPPER_SERIAL = "sb-up"

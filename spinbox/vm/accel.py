@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
+from spinbox.host import KvmHost
 from spinbox.vm.errors import VmError
 from spinbox.vm.spec import Accel
 
 log = logging.getLogger(__name__)
 
 _warned = False
-
-
-@dataclass(frozen=True)
-class KvmHost:
-    """The host facts the choice depends on (paths are parameters for tests)."""
-
-    dev_kvm: Path = Path("/dev/kvm")
-    pvm_module: Path = Path("/sys/module/kvm_pvm")
-
-    def usable(self) -> tuple[bool, str]:
-        """Whether KVM can run spinbox's guests, and if not, why not."""
-        if not self.dev_kvm.exists():
-            return False, f"{self.dev_kvm} does not exist"
-        if self.pvm_module.exists():
-            # PVM runs only PVM-enabled guest kernels; an ordinary kernel hangs at boot.
-            return False, "the host's KVM is PVM (kvm_pvm), which cannot run ordinary guest kernels"
-        if not os.access(self.dev_kvm, os.R_OK | os.W_OK):
-            return False, f"{self.dev_kvm} is not readable and writable"
-        return True, ""
 
 
 def choose_accel(wanted: Accel, host: KvmHost | None = None) -> str:

@@ -15,8 +15,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from spinbox.agent import AgentClient
 from spinbox.ttrpc import Code, TtrpcError
-from spinbox.vm.agent import AgentClient
 
 T = TypeVar("T")
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from spinbox.host import KERNEL_PACKAGE, newest_cloud_kernel
 from spinbox.vm.errors import VmError
 
 Accel = Literal["auto", "kvm", "tcg"]
 
-KERNEL_PACKAGE = "linux-image-cloud-amd64"
 DEFAULT_IMAGE = Path("/var/lib/spinbox/guest/initrd.img")
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -123,15 +123,10 @@ def check_initrd(path: Path) -> None:
 
 def default_kernel(boot: Path = Path("/boot")) -> Path:
     """The newest installed Debian cloud kernel (linux-image-cloud-amd64)."""
-    candidates = sorted(boot.glob("vmlinuz-*-cloud-amd64"), key=lambda p: _version_key(p.name))
-    if not candidates:
+    kernel = newest_cloud_kernel(boot)
+    if kernel is None:
         raise VmError(
             f"no Debian cloud kernel in {boot} (vmlinuz-*-cloud-amd64): "
             f"install it with `apt install {KERNEL_PACKAGE}`"
         )
-    return candidates[-1]
-
-
-def _version_key(name: str) -> list[tuple[int, str]]:
-    """Sort key that orders 6.1.0-10 after 6.1.0-9."""
-    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"[.\-+~]", name)]
+    return kernel

@@ -13,8 +13,8 @@ import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio.message_bus import MessageBus
 
+from spinbox.agent import AgentClient
 from spinbox.config import VmConfig
-from spinbox.vm.agent import AgentClient
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
     BUS,

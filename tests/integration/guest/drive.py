@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from spinbox.agent import AgentClient
 from spinbox.api.proto import agent_pb2 as pb
-from spinbox.vm.agent import AgentClient
 from tests.integration.guest import oci
 
 

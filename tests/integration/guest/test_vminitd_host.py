@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from spinbox.agent import AgentClient
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import Code, TtrpcError
-from spinbox.vm.agent import AgentClient
 from tests.integration.guest import drive, oci
 
 TOP = Path(__file__).resolve().parents[3]

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from spinbox.agent import AgentClient
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.api.proto import ttrpc_pb2
 from spinbox.ttrpc import Code, TtrpcError
-from spinbox.vm.agent import AgentClient
 from tests.integration.guest import drive, oci
 
 machine = pytest.importorskip("spinbox.vm.machine", reason="the VM layer is not in this tree yet")

@@ -17,9 +17,9 @@ import pytest
 
 from guest.mkguest import python as mkguest_python
 from spinbox import net
+from spinbox.agent import AgentClient
 from spinbox.net import NetConfig
 from spinbox.vm import VmSpec, default_kernel, launch
-from spinbox.vm.agent import AgentClient
 
 BOOT_TIMEOUT = 300.0  # generous: TCG on a loaded 2-core machine
 

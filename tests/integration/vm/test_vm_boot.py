@@ -186,7 +186,7 @@ def test_qemu_refusing_to_start_is_reported(test_image: Path, tmp_path: Path) ->
 
 def test_guest_image_boots_to_agent_ready(guest_image: Path, tmp_path: Path) -> None:
     """The real image: vminitd answers Ping on both channels, and Shutdown powers the guest off."""
-    from spinbox.vm.agent import AgentClient
+    from spinbox.agent import AgentClient
 
     runtime_dir = tmp_path / "vm"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spinbox.vm.agent import AgentAddress
+from spinbox.agent import AgentAddress
 
 
 def test_parse() -> None:

@@ -16,12 +16,15 @@ import pytest
 from google.protobuf.message import Message
 
 from spinbox.api.proto import agent_pb2
+from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
+from spinbox.shim.bindfiles import BIND_FILE_LIMIT
 from spinbox.shim.errors import ShimError
+from spinbox.shim.guestspec import for_guest
 from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import task
-from spinbox.shim.service import BIND_FILE_LIMIT, TaskService, for_guest
-from spinbox.shim.spinboxd import SpinboxdError, VmInfo, VmRequest, vm_id_for
+from spinbox.shim.service import TaskService
+from spinbox.shim.spinboxd import VmInfo, VmRequest, vm_id_for
 
 
 class FakeAgent:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from spinbox.host import KvmHost
 from spinbox.vm import VmError, accel
-from spinbox.vm.accel import KvmHost, choose_accel
+from spinbox.vm.accel import choose_accel
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,85 @@
+"""A small client of spinboxd's D-Bus API: one method call with its named
+error, and an object's properties. The shim and spinboxctl both speak to
+spinboxd through it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio.message_bus import MessageBus
+
+from spinbox.busnames import BUS_NAME, ERROR_PREFIX, PROPERTIES_IFACE
+
+
+class SpinboxdError(Exception):
+    """A D-Bus error from spinboxd; `kind` is the last part of its name
+    (NotFound, InvalidArgument, AlreadyExists, Failed, ...)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.kind = name.removeprefix(ERROR_PREFIX) if name.startswith(ERROR_PREFIX) else name
+        self.message = message
+
+
+def plain(value: Any) -> Any:
+    """A D-Bus value without its Variant wrappers."""
+    if isinstance(value, Variant):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+async def connect_bus(bus_address: str | None) -> MessageBus:
+    try:
+        if bus_address:
+            return await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
+        return await MessageBus(bus_type=BusType.SYSTEM).connect()
+    except Exception as error:
+        raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
+
+
+class BusClient:
+    """Calls to org.spinstack.Spinbox. A restart of spinboxd keeps the bus
+    connection; a lost connection to the bus itself is made again."""
+
+    def __init__(self, bus: MessageBus, bus_address: str | None = None) -> None:
+        self.bus = bus
+        self.bus_address = bus_address
+
+    @classmethod
+    async def connect(cls, bus_address: str | None = None) -> BusClient:
+        return cls(await connect_bus(bus_address), bus_address)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def call(
+        self, path: str, interface: str, member: str, signature: str = "", body: Sequence[Any] = ()
+    ) -> list[Any]:
+        message = Message(
+            destination=BUS_NAME,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
+        if not self.bus.connected:
+            self.bus = await connect_bus(self.bus_address)
+        reply = await self.bus.call(message)
+        if reply is None:
+            raise SpinboxdError("NoReply", f"spinboxd did not answer {member}")
+        if reply.message_type == MessageType.ERROR:
+            name = str(reply.error_name or "")
+            text = str(reply.body[0]) if reply.body else name or "unknown error"
+            raise SpinboxdError(name, text)
+        return list(reply.body)
+
+    async def properties(self, path: str, interface: str) -> dict[str, Any]:
+        """All properties of `interface` on the object at `path`, as plain values."""
+        (values,) = await self.call(path, PROPERTIES_IFACE, "GetAll", "s", [interface])
+        return {str(k): plain(v) for k, v in values.items()}

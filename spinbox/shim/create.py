@@ -1,0 +1,254 @@
+"""Create, after the Task API has validated the request: a container in a
+VM of its own, or a pod's further container in its sandbox's VM. Every
+failure gives back what the attempt took (VM, rootfs, stdio, agent
+connection) and becomes a named shim error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from spinbox.api.proto import agent_pb2
+from spinbox.busclient import SpinboxdError
+from spinbox.mounts import MountSpec
+from spinbox.shim import exits, pump
+from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
+from spinbox.shim.errors import invalid, precondition, spinboxd_error
+from spinbox.shim.guestspec import for_guest
+from spinbox.shim.hooks import HookError, HostHooks, run_hooks, state_json
+from spinbox.shim.process import Process
+from spinbox.shim.protos import task
+from spinbox.shim.sizing import VmSizing
+from spinbox.shim.spinboxd import VmInfo, VmRequest, vm_id_for
+from spinbox.shim.stdio import Kind, ProcessIO, StdioConfig, StdioError
+
+log = logging.getLogger(__name__)
+
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+# A pod's VM takes its further containers' disks on spare PCIe ports, up to
+# 5 disks per container (4 read-only layer disks and the writable one).
+POD_HOTPLUG_PORTS = 16
+
+
+def load_spec(bundle: str) -> dict[str, Any]:
+    path = Path(bundle) / "config.json"
+    try:
+        spec = json.loads(path.read_bytes())
+    except OSError as error:
+        raise invalid(f"cannot read the OCI spec {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise invalid(f"the OCI spec {path} is not valid JSON: {error}") from None
+    if not isinstance(spec, dict):
+        raise invalid(f"the OCI spec {path} is not a JSON object")
+    return spec
+
+
+def create_error(error: BaseException, doing: str) -> BaseException:
+    """What a failed Create raises: spinboxd's, hooks' and stdio's errors as named shim errors."""
+    if isinstance(error, SpinboxdError):
+        return spinboxd_error(error, doing)
+    if isinstance(error, HookError):
+        return precondition(str(error))
+    if isinstance(error, StdioError):
+        return invalid(str(error))
+    return error
+
+
+def wants_new_netns(spec: dict[str, Any]) -> bool:
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            return not ns.get("path")
+    return False
+
+
+def netns_path(spec: dict[str, Any]) -> str:
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
+            return str(ns["path"])
+    return ""
+
+
+def rootfs_mounts(req: task.CreateTaskRequest) -> tuple[MountSpec, ...]:
+    return tuple(MountSpec(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs)
+
+
+class ContainerCreator:
+    """Builds a Container for a validated CreateTaskRequest."""
+
+    def __init__(
+        self,
+        namespace: str,
+        spinboxd: Callable[[], Awaitable[VmManager]],
+        connect_agent: Callable[[str], Awaitable[Agent]],
+        publisher: Publisher,
+    ) -> None:
+        self.namespace = namespace
+        self.spinboxd = spinboxd
+        self.connect_agent = connect_agent
+        self.publisher = publisher
+
+    async def in_new_vm(
+        self,
+        req: task.CreateTaskRequest,
+        spec: dict[str, Any],
+        guest_spec: dict[str, Any],
+        sizing: VmSizing,
+        hooks: HostHooks,
+        stdio: StdioConfig,
+        annotations: dict[str, str],
+    ) -> Container:
+        """A container in a VM of its own (a pod's sandbox is one)."""
+        spinboxd = await self.spinboxd()
+        vm_id = vm_id_for(self.namespace, req.id)
+        netns = netns_path(spec)
+        hook_pid = 0
+        vm: VmInfo | None = None
+        agent: Agent | None = None
+        state = ProcessState(
+            Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
+        )
+        try:
+            if hooks and wants_new_netns(spec):
+                # Hooks such as nerdctl's configure the network through
+                # /proc/<pid>/ns/net before the container exists.
+                netns, hook_pid = await spinboxd.prepare_network_namespace(vm_id)
+            await run_hooks(
+                "createRuntime",
+                hooks.create_runtime,
+                state_json(spec, req.id, "creating", hook_pid, req.bundle),
+                fatal=True,
+            )
+            request = VmRequest(
+                vm_id=vm_id,
+                container_id=req.id,
+                rootfs=rootfs_mounts(req),
+                vcpus=sizing.vcpus,
+                memory_mib=sizing.memory_mib,
+                kernel_args=sizing.kernel_args,
+                netns=netns,
+                annotations=tuple(sorted(annotations.items())),
+                hotplug_ports=POD_HOTPLUG_PORTS
+                if annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
+                else 0,
+            )
+            vm = await spinboxd.create_vm(request)
+            hook_pid = hook_pid or vm.pid
+            agent = await self.connect_agent(vm.agent_address)
+            await self._create_in_guest(agent, req, spec, guest_spec, hooks, stdio, state, vm.pid, hook_pid)
+        except BaseException as error:
+            await self._abandon(vm_id, vm is not None or bool(netns and hook_pid), agent, state)
+            raise create_error(error, f"cannot create the VM for {req.id!r}") from None
+        container = Container(
+            id=req.id,
+            bundle=req.bundle,
+            spec=spec,
+            hooks=hooks,
+            vm_id=vm_id,
+            vm=vm,
+            agent=agent,
+            init=state,
+            rootfs=list(req.rootfs),
+            hook_pid=hook_pid,
+        )
+        container.oom_watcher = asyncio.get_running_loop().create_task(
+            exits.watch_oom(container, self.publisher)
+        )
+        return container
+
+    async def in_pod(
+        self,
+        req: task.CreateTaskRequest,
+        spec: dict[str, Any],
+        guest_spec: dict[str, Any],
+        hooks: HostHooks,
+        stdio: StdioConfig,
+        pod: Container,
+    ) -> Container:
+        """A further container of a pod: its rootfs is added to the sandbox's running VM."""
+        spinboxd = await self.spinboxd()
+        state = ProcessState(
+            Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
+        )
+        added = False
+        try:
+            await run_hooks(
+                "createRuntime",
+                hooks.create_runtime,
+                state_json(spec, req.id, "creating", pod.vm.pid, req.bundle),
+                fatal=True,
+            )
+            await spinboxd.add_rootfs(pod.vm.path, req.id, rootfs_mounts(req))
+            added = True
+            await self._create_in_guest(
+                pod.agent, req, spec, guest_spec, hooks, stdio, state, pod.vm.pid, pod.vm.pid
+            )
+        except BaseException as error:
+            await pump.stop(state)
+            if added:
+                with contextlib.suppress(Exception):
+                    await pod.agent.delete_container(req.id)
+                try:
+                    await spinboxd.remove_rootfs(pod.vm.path, req.id)
+                except Exception as undo_error:
+                    log.error(
+                        "could not remove the rootfs of %s after a failed create: %s", req.id, undo_error
+                    )
+            raise create_error(error, f"cannot add {req.id!r} to the VM of pod {pod.id!r}") from None
+        return Container(
+            id=req.id,
+            bundle=req.bundle,
+            spec=spec,
+            hooks=hooks,
+            vm_id=pod.vm_id,
+            vm=pod.vm,
+            agent=pod.agent,
+            init=state,
+            rootfs=list(req.rootfs),
+            hook_pid=pod.vm.pid,
+            sandbox=pod.id,
+        )
+
+    async def _create_in_guest(
+        self,
+        agent: Agent,
+        req: task.CreateTaskRequest,
+        spec: dict[str, Any],
+        guest_spec: dict[str, Any],
+        hooks: HostHooks,
+        stdio: StdioConfig,
+        state: ProcessState,
+        vm_pid: int,
+        hook_pid: int,
+    ) -> None:
+        """The container in the guest (its rootfs mounted there), its output copied, prestart hooks run."""
+        state.io = await ProcessIO.open(stdio, req.id, self.namespace)
+        io_config = agent_pb2.IoConfig(
+            stdin=stdio.stdin.kind == Kind.FIFO,
+            stdout=state.io.stdout is not None,
+            stderr=state.io.stderr is not None and not req.terminal,
+            terminal=req.terminal,
+        )
+        spec_for_guest, files = await asyncio.to_thread(for_guest, guest_spec)
+        await agent.create_container(req.id, json.dumps(spec_for_guest).encode(), io_config, files)
+        state.process.pid = vm_pid
+        pump.start_output(agent, state)
+        await run_hooks(
+            "prestart", hooks.prestart, state_json(spec, req.id, "created", hook_pid, req.bundle), fatal=True
+        )
+
+    async def _abandon(self, vm_id: str, has_vm: bool, agent: Agent | None, state: ProcessState) -> None:
+        """Gives back what a failed Create took."""
+        await pump.stop(state)
+        if agent is not None:
+            with contextlib.suppress(Exception):
+                await agent.close()
+        if has_vm:
+            try:
+                await (await self.spinboxd()).stop_vm(vm_id, 0, kill=True)
+            except Exception as error:
+                log.error("could not remove VM %s after a failed create: %s", vm_id, error)

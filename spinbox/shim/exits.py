@@ -1,0 +1,80 @@
+"""A process's exit and a container's OOM kills, as containerd learns them.
+
+The exit path is written once, in `watch_exit`, and ordered: reap (the
+agent's Wait), drain the output, record the exit, and only then publish
+TaskExit, so everything a process wrote reaches containerd before its exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from spinbox.shim import events as topics
+from spinbox.shim.container import Container, ProcessState, Publisher
+from spinbox.shim.protos import events
+
+log = logging.getLogger(__name__)
+
+# The exit status of a process whose VM went away: killed (128 + SIGKILL).
+KILLED = 128 + 9
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def stamp(at: datetime | None) -> Any:
+    """A protobuf timestamp; the epoch for a process that has not exited."""
+    return topics.timestamp(at) if at is not None else topics.timestamp(datetime.fromtimestamp(0, UTC))
+
+
+def watch(container: Container, state: ProcessState, publisher: Publisher) -> None:
+    """Starts the process's exit watch, once."""
+    if state.watcher is None:
+        state.watcher = asyncio.get_running_loop().create_task(watch_exit(container, state, publisher))
+
+
+async def watch_exit(container: Container, state: ProcessState, publisher: Publisher) -> None:
+    proc = state.process
+    try:
+        result = await container.agent.wait(proc.container_id, proc.exec_id)
+        status = result.exit_status
+        at = result.exited_at.ToDatetime(UTC) if result.HasField("exited_at") else now()
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        # The guest went away (VM killed): report the process as killed.
+        log.error("lost %s: %s", proc.name, error)
+        status, at = KILLED, now()
+    # Everything the process wrote reaches containerd before its exit does.
+    if state.outputs:
+        await asyncio.gather(*state.outputs, return_exceptions=True)
+    if state.stdin is not None and not state.stdin.done():
+        state.stdin.cancel()
+    if state.io is not None:
+        await state.io.close()
+    proc.exited(status, at)
+    publisher.publish(
+        topics.TASK_EXIT,
+        events.TaskExit(
+            container_id=proc.container_id,
+            id=proc.exec_id or proc.container_id,
+            pid=proc.pid,
+            exit_status=status,
+            exited_at=stamp(at),
+        ),
+    )
+
+
+async def watch_oom(container: Container, publisher: Publisher) -> None:
+    """Publishes TaskOOM for each OOM kill the guest reports, until its event stream ends."""
+    try:
+        async for event in container.agent.events():
+            if event.HasField("oom"):
+                publisher.publish(topics.TASK_OOM, events.TaskOOM(container_id=event.oom.container_id))
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        log.debug("event stream of %s ended: %s", container.id, error)
