@@ -1,7 +1,9 @@
-"""Containers and their processes, run with crun.
+"""The lifecycle of containers and their processes: create, start, signal,
+wait, delete; their exits (from the Reaper) and OOM kills as events.
 
 A container is a bundle (config.json whose root is the rootfs MountRootfs made)
-plus its init process; exec processes join it. Exits come from the Reaper.
+plus its init process; exec processes join it. crun runs them (crun.py), with
+the spec rewritten for the guest (spec.py) and their stdio (process_stdio.py).
 """
 
 from __future__ import annotations
@@ -12,30 +14,26 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import signal
-import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guest.vminitd import stats, validate
 from guest.vminitd.config import RuntimeConfig
+from guest.vminitd.crun import Crun, CrunError
+from guest.vminitd.process_stdio import Stdio
 from guest.vminitd.reaper import Reaper, exit_code
+from guest.vminitd.spec import check_program, prepare_spec, write_bind_files
 from guest.vminitd.stdio import InputPipe, OutputPipe
 from guest.vminitd.syscalls import set_window_size
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)
-
-# Namespaces a container may not join by path: the paths name host objects, and the VM is the sandbox.
-_DROPPED_NAMESPACES = ("network",)
-# Keys of network sysctls; their dots become directories under /proc/sys.
-_NET_SYSCTL = re.compile(r"^net(\.[A-Za-z0-9_-]+)+$")
 
 
 @dataclass
@@ -93,89 +91,6 @@ class Container:
             raise TtrpcError(Code.NOT_FOUND, f"container {self.id} has no exec {exec_id!r}") from None
 
 
-class Stdio:
-    """The fds a new process gets, and the host-side ends vminitd keeps."""
-
-    def __init__(self, io: pb.IoConfig, console_path: Path) -> None:
-        self.io = io
-        self.child: list[int | None] = [None, None, None]
-        self.ours: list[int] = []
-        self.stdin: InputPipe | None = None
-        self.stdout: OutputPipe | None = None
-        self.stderr: OutputPipe | None = None
-        self.console: socket.socket | None = None
-        self.console_path = console_path
-        if io.terminal:
-            with contextlib.suppress(FileNotFoundError):
-                self.console_path.unlink()
-            self.console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.console.bind(str(self.console_path))
-            self.console.listen(1)
-            self.console.setblocking(False)
-            return
-        if io.stdin:
-            r, w = os.pipe()
-            self.child[0] = r
-            self.stdin = InputPipe(w)
-        if io.stdout:
-            r, w = os.pipe()
-            self.child[1] = w
-            self.stdout = OutputPipe(r)
-        if io.stderr:
-            r, w = os.pipe()
-            self.child[2] = w
-            self.stderr = OutputPipe(r)
-
-    async def receive_pty(self, done: asyncio.Future[Any]) -> int | None:
-        """The pty master crun sends over the console socket, or None if crun ended first."""
-        assert self.console is not None
-        loop = asyncio.get_running_loop()
-        accept: asyncio.Future[Any] = asyncio.ensure_future(loop.sock_accept(self.console))
-        await asyncio.wait({accept, done}, return_when=asyncio.FIRST_COMPLETED)
-        if not accept.done():
-            await asyncio.sleep(0)  # crun may have connected just before it exited
-        if not accept.done():
-            accept.cancel()
-            return None
-        conn, _ = accept.result()
-        with conn:
-            conn.settimeout(10)  # crun sends the fd right after connecting
-            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
-        return fds[0] if fds else None
-
-    def attach(self, proc: Process, pty: int | None) -> None:
-        proc.stdin, proc.stdout, proc.stderr = self.stdin, self.stdout, self.stderr
-        if pty is not None:
-            proc.pty = pty
-            if self.io.stdout:
-                proc.stdout = OutputPipe(os.dup(pty))
-            if self.io.stdin:
-                proc.stdin = InputPipe(os.dup(pty), terminal=True)
-
-    def close_child_ends(self) -> None:
-        for fd in self.child:
-            if fd is not None:
-                os.close(fd)
-        self.child = [None, None, None]
-        if self.console is not None:
-            self.console.close()
-            self.console = None
-            with contextlib.suppress(FileNotFoundError):
-                self.console_path.unlink()
-
-    def discard(self) -> None:
-        self.close_child_ends()
-        for out in (self.stdout, self.stderr):
-            if out is not None:
-                out.close()
-        if self.stdin is not None:
-            os.close(self.stdin.fd)
-
-
-class CrunError(Exception):
-    pass
-
-
 class Containers:
     def __init__(self, config: RuntimeConfig, reaper: Reaper) -> None:
         self.config = config
@@ -184,39 +99,13 @@ class Containers:
         self._subscribers: set[asyncio.Queue[pb.Event]] = set()
         self._counter = itertools.count()
         self._oom_task: asyncio.Task[None] | None = None
-        self.crun_root = config.state_dir / "crun"
+        self.crun = Crun(config, reaper)
         self.bundles = config.state_dir / "bundles"
         self.consoles = config.state_dir / "console"
         self.binds = config.state_dir / "binds"
         self.consoles.mkdir(parents=True, exist_ok=True)
 
     # crun
-
-    async def crun(
-        self,
-        *args: str,
-        stdio: tuple[int | None, int | None, int | None] = (None, None, None),
-    ) -> None:
-        """Runs one crun command; a failure raises CrunError with crun's own message."""
-        log_file = self.config.state_dir / "logs" / f"crun-{next(self._counter)}.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        argv = [
-            self.config.crun,
-            "--root", str(self.crun_root),
-            "--log", f"file:{log_file}",
-            *self.config.crun_args,
-            *args,
-        ]  # fmt: skip
-        try:
-            _, done = self.reaper.spawn(argv, *stdio)
-            code = exit_code(await done)
-            if code != 0:
-                text = log_file.read_text(errors="replace").strip() if log_file.exists() else ""
-                message = text.splitlines()[-1] if text else f"exit status {code}"
-                raise CrunError(f"crun {args[0]} failed: {message}")
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                log_file.unlink()
 
     def get(self, container_id: str) -> Container:
         validate.container_id(container_id)
@@ -234,86 +123,6 @@ class Containers:
 
     # Lifecycle
 
-    def _prepare_spec(self, container_id: str, doc: dict[str, Any], rootfs: Path, terminal: bool) -> None:
-        readonly = bool(doc.get("root", {}).get("readonly", False))
-        doc["root"] = {"path": str(rootfs), "readonly": readonly}
-        doc["process"]["terminal"] = terminal
-        if doc.pop("hooks", None):
-            log.warning("container %s: hooks run on the host, not in the guest; dropped them", container_id)
-        linux = doc.setdefault("linux", {})
-        if self.config.cgroup_parent:
-            linux["cgroupsPath"] = f"/{self.config.cgroup_parent}/{container_id}"
-        else:
-            linux.pop("cgroupsPath", None)
-        namespaces = linux.get("namespaces", [])
-        if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
-            raise validate.InvalidRequest("the OCI spec's linux.namespaces is not a list of objects")
-        kept = []
-        for ns in namespaces:
-            if ns.get("type") in _DROPPED_NAMESPACES:
-                continue
-            ns.pop("path", None)
-            kept.append(ns)
-        linux["namespaces"] = kept
-        sysctl = linux.get("sysctl")
-        if isinstance(sysctl, dict):
-            net = {str(k): str(v) for k, v in sysctl.items() if str(k).startswith("net.")}
-            if net:
-                linux["sysctl"] = {k: v for k, v in sysctl.items() if not str(k).startswith("net.")}
-                self._apply_net_sysctls(container_id, net)
-
-    def _write_bind_files(self, container_id: str, doc: dict[str, Any], files: Sequence[pb.BindFile]) -> None:
-        """The host files of bind mounts, each written to a file of the container's own that
-        becomes its mount's source. Writes in the guest do not go back to the host."""
-        directory = self.binds / container_id
-        shutil.rmtree(directory, ignore_errors=True)
-        if not files:
-            return
-        mounts = doc.get("mounts", [])
-        directory.mkdir(parents=True)
-        for f in files:
-            if f.mount >= len(mounts):
-                raise validate.InvalidRequest(
-                    f"bind file for mounts[{f.mount}]: the OCI spec has no such mount"
-                )
-            mount = mounts[f.mount]
-            options = mount.get("options") or []
-            if not (mount.get("type") == "bind" or "bind" in options or "rbind" in options):
-                raise validate.InvalidRequest(
-                    f"bind file for mounts[{f.mount}]: that mount is not a bind mount"
-                )
-            path = directory / str(f.mount)
-            if path.exists():
-                raise validate.InvalidRequest(f"bind file for mounts[{f.mount}]: given twice")
-            path.write_bytes(f.content)
-            os.chown(path, f.uid, f.gid)
-            path.chmod(f.mode & 0o7777 or 0o644)
-            mount["source"] = str(path)
-
-    def _apply_net_sysctls(self, container_id: str, values: dict[str, str]) -> None:
-        """Network sysctls (e.g. the CRI's net.ipv4.ip_unprivileged_port_start): the container
-        shares the VM's network namespace, which is its pod's, so they are set there."""
-        for key, value in values.items():
-            if not _NET_SYSCTL.match(key):
-                raise validate.InvalidRequest(f"the OCI spec's sysctl {key!r} is not a valid network sysctl")
-            path = self.config.proc_sys.joinpath(*key.split("."))
-            try:
-                path.write_text(value)
-            except OSError as e:
-                log.warning("container %s: cannot set sysctl %s=%s: %s", container_id, key, value, e.strerror)
-
-    def _check_program(self, rootfs: Path, doc: dict[str, Any], proc: dict[str, Any], name: str) -> None:
-        mounted = [m["destination"].rstrip("/") + "/" for m in doc.get("mounts", [])]
-        program: str = proc["args"][0]
-        if program.startswith("/") and any(program.startswith(m) for m in mounted):
-            return  # it comes from a mount; crun finds out
-        if validate.executable_in_rootfs(str(rootfs), proc) is None:
-            where = "" if "/" in program else " in any directory of its PATH"
-            raise TtrpcError(
-                Code.INVALID_ARGUMENT,
-                f"the program {program!r} of {name} is not an executable file in its rootfs{where}",
-            )
-
     async def create(self, req: pb.CreateContainerRequest) -> Container:
         cid = validate.container_id(req.container_id)
         doc = validate.spec(req.spec)
@@ -322,10 +131,10 @@ class Containers:
         rootfs = self.config.rootfs_dir / cid
         if not rootfs.is_dir():
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid} has no rootfs: mount it first")
-        self._prepare_spec(cid, doc, rootfs, req.io.terminal)
-        self._check_program(rootfs, doc, doc["process"], f"container {cid}")
+        prepare_spec(self.config, cid, doc, rootfs, req.io.terminal)
+        check_program(rootfs, doc, doc["process"], f"container {cid}")
         try:
-            self._write_bind_files(cid, doc, req.files)
+            write_bind_files(self.binds, cid, doc, req.files)
         except BaseException:
             shutil.rmtree(self.binds / cid, ignore_errors=True)
             raise
@@ -345,7 +154,7 @@ class Containers:
         except BaseException:
             del self.containers[cid]
             with contextlib.suppress(CrunError):
-                await self.crun("delete", "--force", cid)
+                await self.crun.run("delete", "--force", cid)
             shutil.rmtree(bundle, ignore_errors=True)
             shutil.rmtree(self.binds / cid, ignore_errors=True)
             raise
@@ -374,7 +183,7 @@ class Containers:
         args.append(container.id)
         try:
             crun = asyncio.ensure_future(
-                self.crun(*args, stdio=(stdio.child[0], stdio.child[1], stdio.child[2]))
+                self.crun.run(*args, stdio=(stdio.child[0], stdio.child[1], stdio.child[2]))
             )
             pty = None
             if stdio.console is not None:
@@ -418,7 +227,7 @@ class Containers:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {container.id} already has exec {eid}")
         spec = validate.process(validate.json_object(req.process, "exec process"), "the exec process")
         spec["terminal"] = req.io.terminal
-        self._check_program(container.rootfs, {}, spec, f"exec {eid}")
+        check_program(container.rootfs, {}, spec, f"exec {eid}")
         proc = Process(container.id, eid, req.io, spec)
         container.execs[eid] = proc
         return proc
@@ -436,7 +245,7 @@ class Containers:
                     raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container_id} is not running")
                 await self._spawn(container, proc, ["exec"])
             else:
-                await self.crun("start", container_id)
+                await self.crun.run("start", container_id)
         except CrunError as e:
             proc.started = False
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name}: {e}") from None
@@ -450,7 +259,7 @@ class Containers:
         container, proc = self.find(req.container_id, req.exec_id)
         if req.all:
             try:
-                await self.crun("kill", "--all", container.id, str(sig))
+                await self.crun.run("kill", "--all", container.id, str(sig))
             except CrunError as e:
                 raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
             return
@@ -497,7 +306,7 @@ class Containers:
     async def _remove(self, container: Container, force: bool) -> None:
         args = ["delete", "--force", container.id] if force else ["delete", container.id]
         try:
-            await self.crun(*args)
+            await self.crun.run(*args)
         except CrunError as e:
             if not force:
                 raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
@@ -524,7 +333,7 @@ class Containers:
     async def pause(self, container_id: str, resume: bool = False) -> None:
         container = self.get(container_id)
         try:
-            await self.crun("resume" if resume else "pause", container.id)
+            await self.crun.run("resume" if resume else "pause", container.id)
         except CrunError as e:
             raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
 
@@ -540,7 +349,7 @@ class Containers:
         path = container.bundle / f"resources-{next(self._counter)}.json"
         path.write_bytes(req.resources)
         try:
-            await self.crun("update", "--resources", str(path), container.id)
+            await self.crun.run("update", "--resources", str(path), container.id)
         except CrunError as e:
             raise TtrpcError(Code.INVALID_ARGUMENT, str(e)) from None
         finally:

@@ -10,6 +10,7 @@ import pytest
 
 from guest.vminitd import validate
 from guest.vminitd.containers import Containers, RuntimeConfig
+from guest.vminitd.spec import write_bind_files
 from spinbox.api.proto import agent_pb2 as pb
 
 
@@ -40,7 +41,7 @@ def test_bind_files_become_the_sources_of_their_mounts(tmp_path: Path) -> None:
         pb.BindFile(mount=1, content=b"10.1.2.3 foo\n", mode=0o640, uid=1000, gid=1001),
         pb.BindFile(mount=2, content=b""),
     ]
-    c._write_bind_files("c1", doc, files)
+    write_bind_files(c.binds, "c1", doc, files)
     hosts = Path(doc["mounts"][1]["source"])
     assert hosts.is_relative_to(tmp_path / "state" / "binds" / "c1")
     assert hosts.read_bytes() == b"10.1.2.3 foo\n"
@@ -63,4 +64,4 @@ def test_bind_files_that_match_no_bind_mount_are_refused(
     tmp_path: Path, files: list[pb.BindFile], problem: str
 ) -> None:
     with pytest.raises(validate.InvalidRequest, match=problem):
-        containers(tmp_path)._write_bind_files("c1", spec(), files)
+        write_bind_files(containers(tmp_path).binds, "c1", spec(), files)

@@ -10,6 +10,7 @@ import pytest
 
 from guest.vminitd import validate
 from guest.vminitd.containers import Containers, RuntimeConfig
+from guest.vminitd.spec import prepare_spec
 
 
 def prepare(tmp_path: Path, sysctl: dict[str, str]) -> tuple[dict[str, Any], Path]:
@@ -22,7 +23,7 @@ def prepare(tmp_path: Path, sysctl: dict[str, str]) -> tuple[dict[str, Any], Pat
         "process": {"args": ["sleep"]},
         "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}], "sysctl": sysctl},
     }
-    containers._prepare_spec("pod", doc, tmp_path / "rootfs" / "pod", terminal=False)
+    prepare_spec(containers.config, "pod", doc, tmp_path / "rootfs" / "pod", terminal=False)
     return doc, proc_sys
 
 
