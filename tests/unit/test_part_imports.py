@@ -1,0 +1,72 @@
+"""Each part loads only its own code and the leaf modules parts share
+(spinbox.agent, spinbox.mounts, spinbox.busnames, spinbox.busclient,
+spinbox.host, spinbox.config): the shim no spinboxd, VM (QEMU, QMP, CID
+leases) or storage (mkfs, mount) code; spinboxctl no spinboxd or VM code;
+vminitd, which runs in the guest, no host code at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness.imports import check_imports, forbidden_loads, package_modules
+
+# The shim's modules, and those its server loads once it serves.
+SHIM = [*package_modules("spinbox.shim"), "spinbox.agent", "spinbox.ttrpc"]
+SHIM_FORBIDDEN = ("spinbox.daemon", "spinbox.vm", "spinbox.storage", "spinbox.net", "spinbox.cli", "qemu")
+
+CLI = ["spinbox.cli", "spinbox.cli.__main__"]
+CLI_FORBIDDEN = ("spinbox.daemon", "spinbox.vm", "spinbox.storage", "spinbox.net", "spinbox.shim", "qemu")
+
+VMINITD = package_modules("guest.vminitd")
+# What of spinbox the guest image carries: the agent API's messages and ttrpc.
+VMINITD_SPINBOX = ("spinbox.api", "spinbox.ttrpc")
+VMINITD_FORBIDDEN = ("dbus_fast", "pyroute2", "qemu", "guest.mkguest")
+
+
+def test_the_shim_loads_no_daemon_vm_or_storage_code() -> None:
+    check_imports("the shim", SHIM, SHIM_FORBIDDEN)
+
+
+def test_spinboxctl_loads_no_daemon_or_vm_code() -> None:
+    check_imports("spinboxctl", CLI, CLI_FORBIDDEN)
+
+
+def test_the_configuration_loads_no_vm_code() -> None:
+    check_imports("spinbox.config", ["spinbox.config"], ("spinbox.vm", "spinbox.daemon", "spinbox.storage"))
+
+
+def test_vminitd_loads_no_host_code() -> None:
+    check_imports(
+        "vminitd",
+        VMINITD,
+        VMINITD_FORBIDDEN,
+        only=VMINITD_SPINBOX,
+        within="spinbox",
+    )
+
+
+def test_the_parts_modules_are_all_checked() -> None:
+    assert "spinbox.shim.service" in SHIM and "spinbox.shim.create" in SHIM
+    assert "guest.vminitd.containers" in VMINITD and "guest.vminitd.__main__" in VMINITD
+
+
+def test_the_check_fails_on_a_forbidden_import(tmp_path: Path) -> None:
+    # A shim module that reaches for the VM machinery, and a guest one for spinboxd's bus names.
+    (tmp_path / "shim_extra.py").write_text("import spinbox.shim.service\nimport spinbox.vm.machine\n")
+    (tmp_path / "guest_extra.py").write_text("import guest.vminitd.service\nimport spinbox.busnames\n")
+    bad = forbidden_loads(["shim_extra"], SHIM_FORBIDDEN, path=[tmp_path])
+    assert "spinbox.vm.machine" in bad
+    assert "spinbox.vm.qemu" in bad
+    with pytest.raises(AssertionError, match=r"the shim loads modules it must not: .*spinbox\.vm\.machine"):
+        check_imports("the shim", ["shim_extra"], SHIM_FORBIDDEN, path=[tmp_path])
+    with pytest.raises(AssertionError, match=r"vminitd loads modules it must not: spinbox\.busnames$"):
+        check_imports(
+            "vminitd",
+            ["guest_extra"],
+            VMINITD_FORBIDDEN,
+            only=VMINITD_SPINBOX,
+            within="spinbox",
+            path=[tmp_path],
+        )
