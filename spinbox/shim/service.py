@@ -55,7 +55,6 @@ class TaskService:
         self.publisher = publisher
         self._connect_spinboxd = connect_spinboxd
         self._spinboxd: VmManager | None = None
-        self._connect_agent = connect_agent
         self._on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
