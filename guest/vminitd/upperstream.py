@@ -1,0 +1,166 @@
+"""The writable layer as a stream for the host (spinbox.api.upper_format).
+
+Walks an overlay upper directory and yields the stream in pieces: every
+directory, regular file (holes skipped), symlink, hard link, whiteout, FIFO
+and socket with its mode, owner, times and extended attributes. A device
+node other than a whiteout has no place in a layer spinbox writes back: it
+fails the export with a sentence naming it, rather than being left out.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from spinbox.api.upper_format import (
+    DATA_CHUNK,
+    DATA_HEAD,
+    END_BODY,
+    ENTRY_HEAD,
+    GUEST_ONLY_XATTRS,
+    MAGIC,
+    RECORD_HEAD,
+    U8,
+    U16,
+    U32,
+    VERSION,
+    Kind,
+    RecordType,
+)
+
+# The stream is handed out in pieces of about this size.
+PIECE = 1 << 20
+
+
+class ExportError(Exception):
+    """The upper directory holds something that cannot be written back."""
+
+
+def _record(kind: RecordType, payload: bytes) -> bytes:
+    return RECORD_HEAD.pack(kind, len(payload)) + payload
+
+
+def _entry(
+    kind: Kind, st: os.stat_result, path: bytes, target: bytes, xattrs: list[tuple[bytes, bytes]]
+) -> bytes:
+    size = st.st_size if kind is Kind.REGULAR else 0
+    parts = [
+        ENTRY_HEAD.pack(
+            kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, size
+        ),
+        U16.pack(len(path)),
+        path,
+        U16.pack(len(target)),
+        target,
+        U16.pack(len(xattrs)),
+    ]
+    for name, value in xattrs:
+        parts += [U8.pack(len(name)), name, U32.pack(len(value)), value]
+    return _record(RecordType.ENTRY, b"".join(parts))
+
+
+def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+    return [
+        (name.encode(), os.getxattr(path, name, follow_symlinks=False))
+        for name in sorted(names)
+        if name not in GUEST_ONLY_XATTRS
+    ]
+
+
+def _kind(st: os.stat_result, shown: bytes) -> Kind:
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        return Kind.DIRECTORY
+    if stat.S_ISREG(mode):
+        return Kind.REGULAR
+    if stat.S_ISLNK(mode):
+        return Kind.SYMLINK
+    if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        return Kind.WHITEOUT
+    if stat.S_ISFIFO(mode):
+        return Kind.FIFO
+    if stat.S_ISSOCK(mode):
+        return Kind.SOCKET
+    what = "character" if stat.S_ISCHR(mode) else "block" if stat.S_ISBLK(mode) else "special"
+    name = shown.decode(errors="replace")
+    raise ExportError(f"/{name} is a {what} device node, which spinbox does not write back to the host")
+
+
+def _content(path: bytes, size: int) -> Iterator[bytes]:
+    """DATA records for a regular file's content, its holes left out."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+                end = min(os.lseek(fd, offset, os.SEEK_HOLE), size)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return  # nothing but a hole up to the end
+                raise
+            while offset < end:
+                data = os.pread(fd, min(DATA_CHUNK, end - offset), offset)
+                if not data:
+                    return  # the file shrank under us; END's sum still names its recorded size
+                yield _record(RecordType.DATA, DATA_HEAD.pack(offset) + data)
+                offset += len(data)
+    finally:
+        os.close(fd)
+
+
+def records(upper: str | os.PathLike[str]) -> Iterator[bytes]:
+    """The stream's records for the upper directory `upper`, in order."""
+    root = os.fsencode(upper)
+    yield MAGIC + U8.pack(VERSION)
+    linked: dict[tuple[int, int], bytes] = {}
+    count = total = 0
+    pending: list[bytes] = [b""]
+    while pending:
+        relative = pending.pop()
+        full = os.path.join(root, relative) if relative else root
+        st = os.lstat(full)
+        kind = _kind(st, relative)
+        target = b""
+        if kind is Kind.SYMLINK:
+            target = os.readlink(full)
+        elif kind is Kind.REGULAR and st.st_nlink > 1:
+            first = linked.get((st.st_dev, st.st_ino))
+            if first is None:
+                linked[(st.st_dev, st.st_ino)] = relative
+            else:
+                kind, target = Kind.HARDLINK, first
+        yield _entry(kind, st, relative, target, _xattrs(full) if kind is not Kind.HARDLINK else [])
+        count += 1
+        if kind is Kind.REGULAR:
+            total += st.st_size
+            yield from _content(full, st.st_size)
+        elif kind is Kind.DIRECTORY:
+            names = sorted(os.listdir(full), reverse=True)
+            pending += [os.path.join(relative, name) if relative else name for name in names]
+    yield _record(RecordType.END, END_BODY.pack(count, total))
+
+
+def pieces(upper: str | os.PathLike[str]) -> Iterator[bytes]:
+    """The stream in pieces of about PIECE bytes (blocking: step it in a thread)."""
+    buffer: list[bytes] = []
+    size = 0
+    try:
+        for record in records(upper):
+            buffer.append(record)
+            size += len(record)
+            if size >= PIECE:
+                yield b"".join(buffer)
+                buffer, size = [], 0
+    except OSError as e:
+        raise ExportError(f"reading the writable layer failed: {e.strerror or e} ({e.filename})") from e
+    if buffer:
+        yield b"".join(buffer)
