@@ -103,6 +103,16 @@ class AgentClient:
     async def sync_rootfs(self, container_id: str) -> None:
         await self._call("SyncRootfs", pb.SyncRootfsRequest(container_id=container_id), Empty)
 
+    async def export_upper(
+        self,
+        request: pb.ExportUpperRequest,
+        timeout: float,  # noqa: ASYNC109 (the stream's deadline)
+    ) -> AsyncIterator[bytes]:
+        """The writable layer's stream (spinbox.api.upper_format), in pieces."""
+        stream = self.client.server_stream(SERVICE, "ExportUpper", request, pb.UpperChunk, timeout=timeout)
+        async for chunk in stream:
+            yield chunk.data
+
     async def shutdown(self, force: bool = False) -> None:
         await self._call("Shutdown", pb.ShutdownRequest(force=force), Empty)
 

@@ -65,6 +65,7 @@ class MountedRootfs:
     path: Path
     mounts: list[Path] = field(default_factory=list)  # in mount order, the rootfs last
     upper: Path | None = None  # the writable filesystem's mount point (ext4 upper)
+    upper_dir: Path | None = None  # the overlay's upper directory in it
 
 
 class RootfsManager:
@@ -131,6 +132,8 @@ class RootfsManager:
                     state.mounts.append(point)
                     base = point
                 upper_dir, work_dir = base / "upper", base / "work"
+                if state.upper is not None:
+                    state.upper_dir = upper_dir
                 upper_dir.mkdir(parents=True, exist_ok=True)
                 if work_dir.exists():
                     shutil.rmtree(work_dir)  # stale overlay state from a previous mount
@@ -210,6 +213,34 @@ class RootfsManager:
                 syscalls.freeze_thaw(fd)
             finally:
                 os.close(fd)
+
+    def upper_of(self, container_id: str) -> Path:
+        """The synced upper directory of a container's ext4 writable layer."""
+        state = self.get(container_id)
+        if state.upper_dir is None:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"the rootfs of container {container_id} has no writable disk"
+            )
+        self.sync(container_id)
+        return state.upper_dir
+
+    def mount_upper_device(self, device: pb.BlockDevice, name: str) -> tuple[MountedRootfs, Path]:
+        """Mount a writable layer that no rootfs uses at <mnt>/<name>/disk; it and its upper dir."""
+        validate.serial(device.serial)
+        validate.subdir(device.subdir)
+        if device.fstype != "ext4":
+            raise validate.InvalidRequest(f"a writable layer is ext4, not {device.fstype!r}")
+        state = MountedRootfs(name, self.mnt_dir / name / "disk")
+        # Read-write, so that ext4 replays its journal; nothing on it is run or opened as a device.
+        self._mount_device(device, state.path, read_only=False, state=state)
+        upper = state.path / validate.subdir(device.subdir) / "upper"
+        if not upper.is_dir():
+            self._release(state)
+            raise TtrpcError(Code.NOT_FOUND, f"the device {device.serial!r} holds no upper directory")
+        return state, upper
+
+    def unmount_upper_device(self, state: MountedRootfs) -> None:
+        self._release(state)
 
     def unmount(self, container_id: str) -> None:
         state = self.get(container_id)

@@ -145,6 +145,9 @@ class AgentService:
             SERVICE, "ReadOutput", pb.ReadOutputRequest, self._stream("ReadOutput", self.read_output)
         )
         server.add_server_stream(SERVICE, "Events", pb.EventsRequest, self._stream("Events", self.events))
+        server.add_server_stream(
+            SERVICE, "ExportUpper", pb.ExportUpperRequest, self._stream("ExportUpper", self.export_upper)
+        )
         server.add_client_stream(
             SERVICE, "WriteInput", pb.InputChunk, self._unary("WriteInput", self.write_input)
         )
@@ -316,6 +319,29 @@ class AgentService:
                 await proc.stdin.close()
             chunk = await anext(requests, None)
         return Empty()
+
+    async def export_upper(self, req: pb.ExportUpperRequest) -> AsyncIterator[pb.UpperChunk]:
+        from guest.vminitd import upperstream
+
+        loop = asyncio.get_running_loop()
+        if req.container_id:
+            upper = await loop.run_in_executor(None, self.rootfs.upper_of, req.container_id)
+            device = None
+        elif req.HasField("device"):
+            device, upper = await loop.run_in_executor(
+                None, self.rootfs.mount_upper_device, req.device, f"export-{req.device.serial}"
+            )
+        else:
+            raise validate.InvalidRequest("ExportUpper needs a container id or a device")
+        try:
+            pieces = upperstream.pieces(upper)
+            while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+                yield pb.UpperChunk(data=piece)
+        except upperstream.ExportError as e:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
+        finally:
+            if device is not None:
+                await loop.run_in_executor(None, self.rootfs.unmount_upper_device, device)
 
     async def events(self, req: pb.EventsRequest) -> AsyncIterator[pb.Event]:
         async for event in self.containers.events():

@@ -6,7 +6,7 @@ implements them with spinbox.vm, spinbox.storage and spinbox.net.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,7 +47,12 @@ class Machine(Protocol):
 class Rootfs(Protocol):
     """A prepared rootfs (spinbox.storage): block images plus the guest's mount request."""
 
-    async def writeback(self) -> None: ...
+    @property
+    def writable(self) -> bool:
+        """Whether the guest's writes go back into a snapshot."""
+        ...
+
+    async def writeback(self, stream: AsyncIterable[bytes]) -> None: ...
     async def release(self) -> None: ...
 
 
@@ -118,6 +123,23 @@ class Backend(Protocol):
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
         """Have the guest sync (and unmount) its writable layer."""
+        ...
+
+    async def export_upper(self, machine: Machine, container_id: str, rootfs: Rootfs) -> None:
+        """Have the running guest stream a container's writable layer into its snapshot."""
+        ...
+
+    async def rescue_upper(
+        self,
+        vm_id: str,
+        rootfs: Rootfs,
+        runtime_dir: Path,
+        spawn: Spawn,
+        launched: Callable[[Machine], None] = ...,
+    ) -> None:
+        """Write back the writable layer of a VM whose QEMU ended: a helper VM (a fresh guest,
+        as confined as any VM) reads the layer's disk and streams it like a running guest;
+        `launched` is called with its QEMU once started."""
         ...
 
     def accelerator(self) -> str: ...

@@ -22,10 +22,13 @@ from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFou
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_vm_id, escape_path_element
 from spinbox.daemon.process import pid_alive
+from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
+from spinbox.storage.errors import StorageError
 from spinbox.storage.system import remove_tree
+from spinbox.vm.control import connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,14 @@ class Vm:
     # A pod's further containers' rootfses, by container id (state.added_rootfs says more).
     added: dict[str, Rootfs] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Containers whose writable layer the guest sent for good at stop, and what failed there.
+    exported: set[str] = field(default_factory=set)
+    writeback_errors: list[str] = field(default_factory=list)
+
+    def rootfses(self) -> dict[str, Rootfs]:
+        """Every rootfs of the VM by container id, a pod's further containers' too."""
+        own = {self.state.container_id: self.rootfs} if self.rootfs is not None else {}
+        return {**own, **self.added}
 
     @property
     def id(self) -> str:
@@ -273,14 +284,14 @@ class VmManager:
 
     async def sync_rootfs(self, vm: Vm) -> None:
         """Write every rootfs of the VM back (a pod's further containers' too)."""
-        rootfses = {**({vm.state.container_id: vm.rootfs} if vm.rootfs is not None else {}), **vm.added}
+        rootfses = vm.rootfses()
         if not rootfses:
             raise Failed(f"VM {vm.id!r} has no writable rootfs to sync")
         if vm.phase != "running":
             raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
         for container_id, rootfs in rootfses.items():
-            await self.backend.quiesce_guest(vm.machine, container_id, unmount=False)
-            await rootfs.writeback()
+            if rootfs.writable:
+                await self.backend.export_upper(vm.machine, container_id, rootfs)
 
     # -- a pod's further containers -----------------------------------------
 
@@ -339,16 +350,20 @@ class VmManager:
                 raise NotFound(f"VM {vm.id!r} has no added rootfs for container {container_id!r}")
             if vm.phase not in ("running", "paused"):
                 raise Failed(f"VM {vm.id!r} is {vm.phase}")
+            errors = []
+            if rootfs.writable:
+                try:
+                    await self.backend.export_upper(vm.machine, container_id, rootfs)
+                except Exception as e:
+                    log.exception("writing back the rootfs of %s failed", container_id)
+                    errors.append(f"writeback: {e}")
             try:
                 await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
             except Exception as e:
-                raise Failed(f"the guest could not unmount the rootfs of {container_id!r}: {e}") from None
-            errors = []
-            try:
-                await rootfs.writeback()
-            except Exception as e:
-                log.exception("writing back the rootfs of %s failed", container_id)
-                errors.append(f"writeback: {e}")
+                raise Failed(
+                    f"the guest could not unmount the rootfs of {container_id!r}: {e}"
+                    + "".join(f"; {error}" for error in errors)
+                ) from None
             for serial in vm.state.added_rootfs[container_id]["serials"]:
                 try:
                     await vm.machine.remove_disk(serial)
@@ -380,8 +395,8 @@ class VmManager:
                     if was_paused:
                         # Only a running guest can shut down in order.
                         await vm.machine.resume()
-                    writable = [*vm.added, *([vm.state.container_id] if vm.rootfs is not None else [])]
-                    for container_id in writable:
+                    for container_id, rootfs in vm.rootfses().items():
+                        await self._export_at_stop(vm, container_id, rootfs)
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(
                                 self.backend.quiesce_guest(vm.machine, container_id, unmount=True), timeout
@@ -392,6 +407,34 @@ class VmManager:
                 with contextlib.suppress(Exception):
                     await vm.machine.kill()
         await asyncio.shield(vm.finished)
+
+    async def _export_at_stop(self, vm: Vm, container_id: str, rootfs: Rootfs) -> None:
+        """The guest streams the layer one last time; if it cannot (QEMU died), a helper VM will."""
+        if not rootfs.writable:
+            return
+        try:
+            await self.backend.export_upper(vm.machine, container_id, rootfs)
+        except Exception as e:
+            if not isinstance(e, StorageError) and connection_lost(e):
+                log.warning("VM %s: the guest did not send the writable layer of %s: %s", vm.id, container_id, e)
+                return
+            # Refused, or the guest answered that it cannot: reading the disk again would not change that.
+            log.error("VM %s: the writable layer of %s: %s", vm.id, container_id, e)
+            vm.writeback_errors.append(f"writeback of container {container_id!r}: {e}")
+            vm.exported.add(container_id)
+        else:
+            vm.exported.add(container_id)
+
+    async def _write_back_with_helper(self, vm_id: str, container_id: str, rootfs: Rootfs) -> None:
+        await write_back_with_helper(
+            self.systemd,
+            self.backend,
+            self.run_dir,
+            vm_id,
+            container_id,
+            rootfs,
+            self.config.vm.memory_overhead_mib,
+        )
 
     async def _watch_exit(self, vm: Vm) -> None:
         assert vm.finished is not None
@@ -414,14 +457,22 @@ class VmManager:
         if vm.phase != "stopping":
             self._set_phase(vm, "stopping")
         await vm.forwarder.stop()
-        errors = []
-        rootfses = [*vm.added.values(), *([vm.rootfs] if vm.rootfs is not None else [])]
-        for rootfs in rootfses:
+        errors = list(vm.writeback_errors)
+        rootfses = vm.rootfses()
+        unsent = {
+            cid: rootfs for cid, rootfs in rootfses.items() if rootfs.writable and cid not in vm.exported
+        }
+        if unsent:
+            # The helper VM takes the scope's name.
+            await self.systemd.stop_unit(vm.state.scope)
+            await self.systemd.wait_gone(vm.state.scope)
+        for container_id, rootfs in unsent.items():
             try:
-                await rootfs.writeback()
+                await self._write_back_with_helper(vm.id, container_id, rootfs)
             except Exception as e:
-                log.exception("writing back a rootfs of VM %s failed", vm.id)
-                errors.append(f"writeback: {e}")
+                log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm.id)
+                errors.append(f"writeback of container {container_id!r}: {e}")
+        for rootfs in rootfses.values():
             try:
                 await rootfs.release()
             except Exception as e:
@@ -532,8 +583,11 @@ class VmManager:
                 rootfs = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
                 if rootfs is None:
                     continue
-                with contextlib.suppress(Exception):
-                    await rootfs.writeback()
+                if rootfs.writable:
+                    try:
+                        await self._write_back_with_helper(vm_id, container_id, rootfs)
+                    except Exception:
+                        log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm_id)
                 with contextlib.suppress(Exception):
                     await rootfs.release()
             # Unmount-first: a mount a crash left must neither block the removal

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from spinbox import net, storage, vm
 from spinbox.agent import AgentClient
+from spinbox.api.proto import agent_pb2
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
@@ -17,6 +18,12 @@ from spinbox.daemon.options import Mount, VmRequest
 from spinbox.vm import control
 
 log = logging.getLogger(__name__)
+
+# The deadline of one writable layer's stream out of the guest (a large layer under TCG is slow).
+EXPORT_TIMEOUT = 1800.0
+RESCUE_MEMORY_MIB = 256
+RESCUE_SERIAL = "sb-rescue"
+RESCUE_SHUTDOWN_TIMEOUT = 10.0
 
 
 class QemuBackend:
@@ -167,3 +174,43 @@ class QemuBackend:
                 await agent.sync_rootfs(container_id)
 
         await control.session(machine.control_address, quiesce)
+
+    async def export_upper(self, machine: Machine, container_id: str, rootfs: Rootfs) -> None:
+        request = agent_pb2.ExportUpperRequest(container_id=container_id)
+        await _stream_upper(machine.control_address, request, rootfs)
+
+    async def rescue_upper(
+        self,
+        vm_id: str,
+        rootfs: Rootfs,
+        runtime_dir: Path,
+        spawn: Spawn,
+        launched: Callable[[Machine], None] = lambda machine: None,
+    ) -> None:
+        prepared = cast(storage.PreparedRootfs, rootfs)
+        image = prepared.upper_image
+        if image is None:
+            return
+        # The helper VM is the smallest a guest needs: one vCPU, no network, the layer's disk alone.
+        request = VmRequest(
+            id=vm_id, vcpus=1, memory_mib=RESCUE_MEMORY_MIB, rootfs=(), container_id="", netns=None,
+            kernel_args=(), annotations=(),
+        )  # fmt: skip
+        disk = vm.Disk(path=image, serial=RESCUE_SERIAL, read_only=False)
+        machine = await self.launch(request, runtime_dir, [disk], [], spawn)
+        try:
+            launched(machine)
+            await machine.wait_ready(self.config.vm.boot_timeout)
+            device = agent_pb2.BlockDevice(serial=RESCUE_SERIAL, fstype="ext4")
+            await _stream_upper(machine.control_address, agent_pb2.ExportUpperRequest(device=device), rootfs)
+            await machine.shutdown(RESCUE_SHUTDOWN_TIMEOUT)
+        finally:
+            await machine.kill()
+            await machine.wait_exit()
+
+
+async def _stream_upper(address: str, request: agent_pb2.ExportUpperRequest, rootfs: Rootfs) -> None:
+    async def export(agent: AgentClient) -> None:
+        await rootfs.writeback(agent.export_upper(request, EXPORT_TIMEOUT))
+
+    await control.session(address, export)

@@ -5,7 +5,8 @@ a layer directory (overlayfs snapshotter) is converted once and cached in
 the LayerCache; a layer that already is an EROFS blob (erofs snapshotter) is
 attached as it is. The writable layer is a sparse ext4 image in the rootfs's work
 directory (so that directory belongs on a disk, not on a tmpfs), seeded from
-the snapshot's upper directory and written back into it by writeback().
+the snapshot's upper directory; writeback() makes that directory equal to the
+stream of the guest's upper directory (never mounting what the guest wrote).
 Layers missing from the cache are converted side by side, in threads.
 
 Device budget. QEMU's microvm machine has 8 virtio-mmio slots, shared with
@@ -36,7 +37,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -45,7 +46,7 @@ from google.protobuf import json_format
 
 from spinbox.api.proto import agent_pb2
 from spinbox.mounts import MountSpec
-from spinbox.storage import erofs, upper
+from spinbox.storage import erofs, upper, upperstream
 from spinbox.storage.cache import FORMAT, Holder, LayerCache, SourceIdentity, chain_key, layer_key
 from spinbox.storage.errors import StorageError
 from spinbox.storage.mounts import Layer, LayerKind, parse_mounts
@@ -118,15 +119,24 @@ class PreparedRootfs:
     def upper_image(self) -> Path | None:
         return next((image.path for image in self.images if not image.read_only), None)
 
-    async def writeback(self) -> None:
-        """Mirror the writable layer into the snapshot's upper dir (the guest has synced or unmounted)."""
+    @property
+    def writable(self) -> bool:
+        """Whether the guest's writes are written back (an ext4 writable layer over a snapshot)."""
+        return self.upper_image is not None and self.snapshot_upper is not None
+
+    async def writeback(self, stream: AsyncIterable[bytes]) -> None:
+        """Make the snapshot's upper dir exactly the writable layer the guest streams
+        (spinbox.storage.upperstream checks it); a refused stream leaves it as it was."""
         async with self._lock:
             if self._released:
                 raise StorageError(f"the rootfs of {self.container_id} was already released")
             image, snapshot_upper = self.upper_image, self.snapshot_upper
             if image is None or snapshot_upper is None:
                 return
-            await _in_thread(lambda: upper.write_back(image, snapshot_upper, self.directory))
+            # The layer holds at most its disk's size; sparse files count by their size too.
+            limits = upperstream.Limits(max_bytes=image.stat().st_size)
+            what = f"the writable layer of container {self.container_id}"
+            await upperstream.receive(stream, snapshot_upper, limits, what)
 
     async def release(self) -> None:
         """Drop the cache references and remove the rootfs's files; safe to call twice."""

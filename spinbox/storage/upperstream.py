@@ -20,16 +20,19 @@ Only a complete, checked stream replaces the snapshot's upper directory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import stat
 import struct
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from spinbox.api.upper_format import (
     DATA_HEAD,
@@ -52,12 +55,14 @@ from spinbox.api.upper_format import (
     RecordType,
 )
 from spinbox.storage.errors import StorageError
+from spinbox.storage.system import os_error
 
 XATTR_PREFIXES = ("user.", "trusted.", "security.")
 XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 DEFAULT_MAX_ENTRIES = 4_000_000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_EXCHANGE = 2
+T = TypeVar("T")
 _AT_FDCWD = -100
 
 
@@ -103,10 +108,12 @@ class _Cursor:
 class Extractor:
     """Writes one stream into `dest`, a directory it creates; blocking (feed it from a thread).
 
-    `what` names the layer in errors ("the writable layer of container X")."""
+    `what` names the layer in errors ("the writable layer of container X"), `replaces`
+    the directory it is to replace."""
 
-    def __init__(self, dest: Path, limits: Limits, what: str) -> None:
+    def __init__(self, dest: Path, limits: Limits, what: str, replaces: Path | None = None) -> None:
         self.dest = dest
+        self.replaces = replaces or dest
         self.limits = limits
         self.what = what
         self._buffer = bytearray()
@@ -287,7 +294,7 @@ class Extractor:
         except FileExistsError:
             raise UnsafeUpper(f"{self.what} names {_show(entry.path)} twice") from None
         except OSError as e:
-            raise UnsafeUpper(f"{self.what}: writing {_show(entry.path)} failed: {e.strerror}") from None
+            raise self._failed(e, entry.path) from None
 
     def _create(self, dir_fd: int, name: bytes, entry: _Entry) -> None:
         kind = entry.kind
@@ -364,7 +371,7 @@ class Extractor:
                 written = os.pwrite(fd, data, offset)
                 data, offset = data[written:], offset + written
         except OSError as e:
-            raise UnsafeUpper(f"{self.what}: writing {_show(entry.path)} failed: {e.strerror}") from None
+            raise self._failed(e, entry.path) from None
         self._file_end = offset
 
     def _close_file(self) -> None:
@@ -375,9 +382,15 @@ class Extractor:
         try:
             self._set_metadata(fd, entry)
         except OSError as e:
-            raise UnsafeUpper(f"{self.what}: writing {_show(entry.path)} failed: {e.strerror}") from None
+            raise self._failed(e, entry.path) from None
         finally:
             os.close(fd)
+
+    def _failed(self, error: OSError, path: bytes) -> StorageError:
+        """A full disk is the host's trouble; anything else the guest's stream caused."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os_error(error, f"writing {self.what}", self.replaces)
+        return UnsafeUpper(f"{self.what}: writing {_show(path)} failed: {error.strerror}")
 
     # -- directories, always opened without following a link ---------------
 
@@ -415,6 +428,17 @@ def _exchange(a: Path, b: Path) -> None:
         raise OSError(error, os.strerror(error), str(a), None, str(b))
 
 
+async def _blocking(function: Callable[..., T], *args: Any) -> T:
+    """Run blocking work in a thread; a cancelled caller still waits for it to end."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
+
+
 async def receive(chunks: AsyncIterable[bytes], snapshot_upper: Path, limits: Limits, what: str) -> None:
     """Make `snapshot_upper` exactly the layer the stream carries, or leave it as it was.
 
@@ -422,21 +446,21 @@ async def receive(chunks: AsyncIterable[bytes], snapshot_upper: Path, limits: Li
     then exchanged with the snapshot's upper directory in one step."""
     staging = snapshot_upper.with_name(f".spinbox-upper.{uuid.uuid4().hex[:12]}")
     try:
-        extractor = await asyncio.to_thread(Extractor, staging, limits, what)
+        extractor = await _blocking(Extractor, staging, limits, what, snapshot_upper)
     except OSError as e:
         raise StorageError(f"writing {what} into {snapshot_upper} failed: {e.strerror} ({staging})") from None
     try:
         try:
             async for chunk in chunks:
-                await asyncio.to_thread(extractor.feed, chunk)
-            await asyncio.to_thread(extractor.finish)
+                await _blocking(extractor.feed, chunk)
+            await _blocking(extractor.finish)
         finally:
             extractor.close()
-        await asyncio.to_thread(_exchange, staging, snapshot_upper)
+        await _blocking(_exchange, staging, snapshot_upper)
     except OSError as e:
         raise StorageError(
             f"writing {what} into {snapshot_upper} failed: {e.strerror} ({e.filename})"
         ) from None
     finally:
         # After the exchange this is the old upper directory. rmtree never follows symlinks.
-        await asyncio.to_thread(shutil.rmtree, staging, True)
+        await _blocking(shutil.rmtree, staging, True)

@@ -7,12 +7,13 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from guest.vminitd import upperstream as guest_stream
 from spinbox.storage import LayerCache, MountSpec, PreparedRootfs, StorageError, prepare_rootfs
-from spinbox.storage.upper import needs_recovery as upper_needs_recovery
 from tests.integration.storage.storage_trees import (
     OPAQUE,
     WHITEOUT,
@@ -20,10 +21,31 @@ from tests.integration.storage.storage_trees import (
     guest_view,
     listing,
     make_tree,
+    mount,
     overlay_of,
 )
 
 UPPER_MIB = 64
+
+
+async def _pieces(upper: Path) -> AsyncIterator[bytes]:
+    for piece in guest_stream.pieces(upper):
+        yield piece
+
+
+def stream_from(upper: Path, prepared: PreparedRootfs) -> None:
+    """What the guest does on ExportUpper: stream its upper directory to the host's writeback."""
+    asyncio.run(prepared.writeback(_pieces(upper)))
+
+
+def guest_writeback(prepared: PreparedRootfs, scratch: Path) -> None:
+    """The guest, its writes done, mounts its writable layer and streams it (the test mounts it here)."""
+    point = scratch / "export"
+    mount(prepared.images[-1].path, point, "ext4", "ro,loop")
+    try:
+        stream_from(point / "upper", prepared)
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
 
 
 def base_layers(root: Path) -> list[Path]:
@@ -198,7 +220,7 @@ def test_writeback_puts_the_guests_changes_into_the_snapshot_in_overlay_format(
             (view / "usr/lib/b.so").write_text("new lib\n")
             (view / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")  # re-created after a whiteout
             expected = listing(view)
-        asyncio.run(prepared.writeback())
+        guest_writeback(prepared, tmp_path / "guest")
         assert not (upper / "root/scratch").exists()
         assert os.major((upper / "bin/busybox").lstat().st_rdev) == 0
         assert stat.S_ISCHR((upper / "bin/busybox").lstat().st_mode)
@@ -218,7 +240,7 @@ def test_writeback_puts_the_guests_changes_into_the_snapshot_in_overlay_format(
             (view / "var/log/messages.1").unlink()
             (view / "fifo").unlink()
             expected = listing(view)
-        asyncio.run(prepared.writeback())
+        guest_writeback(prepared, tmp_path / "guest")
         with overlay_of([upper, *layers], tmp_path / "ref") as ref:
             assert listing(ref) == expected
         assert not (upper / "fifo").exists()
@@ -388,8 +410,8 @@ def test_a_full_cache_disk_is_named_and_leaves_nothing(tmp_path: Path) -> None:
         subprocess.run(["umount", str(root)], check=True)
 
 
-def test_writeback_of_a_running_guest_reads_a_replayed_copy(tmp_path: Path, cache: LayerCache) -> None:
-    """SyncRootfs while the guest still has the file system mounted (synced, journal not checkpointed)."""
+def test_writeback_of_a_running_guest_streams_its_mounted_upper(tmp_path: Path, cache: LayerCache) -> None:
+    """SyncRootfs while the guest still has the file system mounted; the image is never read by the host."""
     layers, upper, work = writable_snapshot(tmp_path / "snap")
     prepared = prepare(cache, [overlay_mount(layers, upper, work)], tmp_path / "vm")
     try:
@@ -398,9 +420,7 @@ def test_writeback_of_a_running_guest_reads_a_replayed_copy(tmp_path: Path, cach
         with guest_view(prepared, tmp_path / "guest") as view:
             (view / "etc/new").write_text("written while running\n")
             (view / "opt/app/config").unlink()
-            os.sync()
-            assert upper_needs_recovery(image)
-            asyncio.run(prepared.writeback())
+            stream_from(tmp_path / "guest/upper/upper", prepared)
             expected = listing(view)
         assert before != image.read_bytes()  # only the guest wrote it
         with overlay_of([upper, *layers], tmp_path / "ref") as ref:
@@ -417,7 +437,7 @@ def test_a_zero_size_upper_is_a_tmpfs_in_the_guest(tmp_path: Path, cache: LayerC
     try:
         assert prepared.request.tmpfs_upper and not prepared.request.HasField("upper")
         assert all(image.read_only for image in prepared.images)
-        asyncio.run(prepared.writeback())  # nothing to write back
+        assert not prepared.writable  # nothing to write back
     finally:
         release(prepared)
 
@@ -498,7 +518,8 @@ def test_a_full_snapshot_disk_fails_writeback_with_its_name(tmp_path: Path, cach
             with guest_view(prepared, tmp_path / "guest") as view:
                 (view / "big").write_bytes(os.urandom(2 * 1024 * 1024))
             with pytest.raises(StorageError, match=f"no space left on the file system holding {upper}"):
-                asyncio.run(prepared.writeback())
+                guest_writeback(prepared, tmp_path / "guest")
+            assert files_under(small) == []  # nothing half-written is left
             assert files_under(prepared.directory) == ["rootfs.json", "upper.ext4"]
         finally:
             release(prepared)

@@ -22,6 +22,7 @@ NOT_AT_BOOT = (
     "guest.vminitd.rootfs",
     "guest.vminitd.stats",
     "guest.vminitd.network",
+    "guest.vminitd.upperstream",
 )
 
 
