@@ -1,0 +1,128 @@
+"""Writeback with a real guest: the writable layer comes back as a stream spinboxd checks, never as
+an image the host mounts; a refused layer leaves the snapshot as it was; the synced writes of a VM
+whose QEMU was killed are read by a helper VM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import BUS, VM_IFACE, busctl, get_property, installed, leftovers
+from tests.integration.daemon.test_spinboxd_vms import NOTHING, create, run_in_guest, snapshot
+from tests.integration.guest.oci import busybox_rootfs
+
+BB = "/bin/busybox"
+
+
+@pytest.fixture(scope="module")
+def spinbox(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
+    with installed(systemd, config=f'[vm]\ninitrd = "{guest_image}"\n'):
+        systemd.systemctl("start", "spinbox.service")
+        yield systemd
+        assert leftovers(systemd) == NOTHING
+
+
+class HostMountWatch:
+    """Polls spinboxd's mount table and the host's loop devices for anything of one VM's disks."""
+
+    def __init__(self, systemd: PrivateSystemd, vm_id: str) -> None:
+        self.systemd = systemd
+        self.marker = f"/vms/{vm_id}/"
+        pid = systemd.unit_property("spinbox.service", "MainPID")
+        self.mountinfo = systemd.path(f"/proc/{pid}/mountinfo")
+        self.baseline = set(self.mountinfo.read_text().splitlines())
+        self.seen: list[str] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HostMountWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.polls += 1
+            for line in set(self.mountinfo.read_text().splitlines()) - self.baseline:
+                if self.marker in line or " ext4 " in line or "/dev/loop" in line:
+                    self.seen.append(f"mount: {line}")
+            for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+                try:
+                    name = backing.read_text().strip()
+                except OSError:
+                    continue
+                if self.marker in name:
+                    self.seen.append(f"loop device on {name}")
+
+
+def sync(systemd: PrivateSystemd, path: str, check: bool = True) -> str:
+    result = busctl(systemd, "--timeout=300", "call", BUS, path, VM_IFACE, "SyncRootfs", check=check)
+    return result.stderr
+
+
+def test_writeback_is_a_checked_stream_and_survives_a_killed_qemu(spinbox: PrivateSystemd) -> None:
+    root = "/var/lib/containerd/spinbox-test-wb"
+    with snapshot(spinbox, "wb") as rootfs:
+        lower = busybox_rootfs(spinbox.path(f"{root}/1/fs"))
+        (lower / "etc/ref").write_text("reference\n")
+        (lower / "etc/gone").write_text("deleted by the container\n")
+        os.utime(lower / "etc/ref", ns=(1_000_000_000_123_456_789, 1_000_000_000_123_456_789))
+        upper = spinbox.path(f"{root}/2/fs")
+        agent = "unix:" + str(spinbox.path("/run/spinbox/vm/vm-wb/agent.sock"))
+
+        def run(script: str) -> None:
+            assert asyncio.run(run_in_guest(agent, "box", BB, "sh", "-c", script)) == 0
+
+        with HostMountWatch(spinbox, "vm-wb") as watch:
+            path = create(spinbox, "vm-wb", rootfs, ("container-id", "s", "box"))
+            run(
+                f"echo aaaa > /data && {BB} touch -r /etc/ref /data && {BB} mkdir /d && echo x > /d/f"
+                f" && {BB} ln /d/f /d/g && {BB} rm /etc/gone"
+            )
+            busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
+            busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
+            sync(spinbox, path)
+            assert (upper / "data").read_text() == "aaaa\n"
+            assert (upper / "d/f").stat().st_ino == (upper / "d/g").stat().st_ino
+            gone = (upper / "etc/gone").lstat()
+            assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+
+            # Edited in place, same size, same mtime (touch -r): written back all the same.
+            run(f"echo bbbb > /data && {BB} touch -r /etc/ref /data")
+            sync(spinbox, path)
+            assert (upper / "data").read_text() == "bbbb\n"
+            assert (upper / "data").stat().st_mtime_ns == 1_000_000_000_123_456_789
+
+            # A sparse file beyond the cap (the writable layer's size) is refused by name.
+            before = sorted(str(p.relative_to(upper)) for p in upper.rglob("*"))
+            run(f"{BB} truncate -s 20G /big")
+            error = sync(spinbox, path, check=False)
+            assert "the writable layer of container box holds more than the cap" in error
+            assert "/big" in error
+            assert sorted(str(p.relative_to(upper)) for p in upper.rglob("*")) == before
+            assert sorted(p.name for p in upper.parent.iterdir()) == ["fs", "work"]
+            run(f"{BB} rm /big")
+
+            # Written and synced in the guest, then QEMU dies: a helper VM reads the layer's disk.
+            run(f"echo late > /late && {BB} sync")
+            pid = get_property(spinbox, path, VM_IFACE, "Pid")
+            spinbox.run("kill", "-KILL", str(pid))
+            spinbox.wait_for("the VM to be released", lambda: leftovers(spinbox) == NOTHING, timeout=300)
+        assert watch.polls > 100
+        assert watch.seen == []
+        assert (upper / "late").read_text() == "late\n"
+        assert (upper / "data").read_text() == "bbbb\n"
+        journal = spinbox.journal("-u", "spinbox.service", "-o", "cat")
+        assert "reading it with a helper VM" in journal
+        assert "was written back by a helper VM" in journal
