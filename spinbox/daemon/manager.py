@@ -415,8 +415,10 @@ class VmManager:
         try:
             await self.backend.export_upper(vm.machine, container_id, rootfs)
         except Exception as e:
-            if not isinstance(e, StorageError) and connection_lost(e):
-                log.warning("VM %s: the guest did not send the writable layer of %s: %s", vm.id, container_id, e)
+            if not isinstance(e, StorageError) and (connection_lost(e) or isinstance(e, TimeoutError)):
+                log.warning(
+                    "VM %s: the guest did not send the writable layer of %s: %s", vm.id, container_id, e
+                )
                 return
             # Refused, or the guest answered that it cannot: reading the disk again would not change that.
             log.error("VM %s: the writable layer of %s: %s", vm.id, container_id, e)

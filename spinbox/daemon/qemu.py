@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # The deadline of one writable layer's stream out of the guest (a large layer under TCG is slow).
 EXPORT_TIMEOUT = 1800.0
+# ... and the longest it may pause between two pieces (a hung guest is then read by a helper VM).
+EXPORT_IDLE_TIMEOUT = 60.0
 RESCUE_MEMORY_MIB = 256
 RESCUE_SERIAL = "sb-rescue"
 RESCUE_SHUTDOWN_TIMEOUT = 10.0
@@ -209,8 +212,25 @@ class QemuBackend:
             await machine.wait_exit()
 
 
+class ExportStalled(TimeoutError):
+    """The guest stopped sending its writable layer."""
+
+
+async def _with_idle_deadline(stream: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ExportStalled(f"the guest sent nothing of the writable layer for {idle:.0f} s") from None
+        yield chunk
+
+
 async def _stream_upper(address: str, request: agent_pb2.ExportUpperRequest, rootfs: Rootfs) -> None:
     async def export(agent: AgentClient) -> None:
-        await rootfs.writeback(agent.export_upper(request, EXPORT_TIMEOUT))
+        stream = agent.export_upper(request, EXPORT_TIMEOUT)
+        await rootfs.writeback(_with_idle_deadline(stream, EXPORT_IDLE_TIMEOUT))
 
     await control.session(address, export)
