@@ -11,13 +11,17 @@ see the container's changes.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 from spinbox.storage.errors import StorageError
 from spinbox.storage.system import make_sparse_file, mounted, os_error, remove_file, run
+
+log = logging.getLogger(__name__)
 
 UPPER_DIR = "upper"
 WORK_DIR = "work"
@@ -54,9 +58,11 @@ def create_upper_image(image: Path, size_mib: int, snapshot_upper: Path, scratch
         if any(os.scandir(snapshot_upper)):
             with mounted(snapshot_upper, seed / UPPER_DIR, "none", ("bind", "ro"), what):
                 run(mkfs_ext4_argv(image, seed), what, space_on=image)
-            # mkfs.ext4 -d (e2fsprogs 1.47.0) keeps whole seconds only: restore the nanoseconds.
-            with mounted(image, seed / WORK_DIR, "ext4", ("rw", "loop"), what):
-                _copy_times(snapshot_upper, seed / WORK_DIR / UPPER_DIR)
+            # mkfs.ext4 -d (e2fsprogs 1.47.0) keeps whole seconds only: debugfs, in user
+            # space, sets the nanoseconds (the image is never mounted on the host).
+            script = scratch / "times.debugfs"
+            script.write_bytes(_times_script(snapshot_upper))
+            _run_debugfs(["debugfs", "-w", "-f", str(script), str(image)], what)
         else:
             run(mkfs_ext4_argv(image, seed), what, space_on=image)
     except OSError as exc:
@@ -74,9 +80,40 @@ def create_upper_image(image: Path, size_mib: int, snapshot_upper: Path, scratch
         shutil.rmtree(seed, ignore_errors=True)
 
 
-def _copy_times(source: Path, dest: Path) -> None:
+def _extra(seconds: int, nanoseconds: int) -> int:
+    """ext4's i_*time_extra: nanoseconds above two epoch bits (seconds beyond 32 bits)."""
+    low = (seconds + 2**31) % 2**32 - 2**31
+    return (nanoseconds << 2) | (((seconds - low) >> 32) & 3)
+
+
+def _times_script(source: Path) -> bytes:
+    """debugfs commands giving every entry under /upper the nanoseconds of its source."""
+    lines = []
     for directory, dirs, files in os.walk(source):
-        relative = Path(directory).relative_to(source)
-        for name in (*dirs, *files, ""):
-            st = os.lstat(Path(directory) / name)
-            os.utime(dest / relative / name, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        relative = os.fsencode(Path(directory).relative_to(source))
+        for name in (*map(os.fsencode, dirs), *map(os.fsencode, files), b""):
+            path = b"/".join(p for p in (UPPER_DIR.encode(), relative, name) if p and p != b".")
+            if b"\n" in path:
+                log.warning(
+                    "%s keeps whole-second times: its name holds a newline", Path(directory) / name.decode()
+                )
+                continue
+            st = os.lstat(os.path.join(os.fsencode(directory), name) if name else directory)
+            quoted = b'"/' + path.replace(b'"', b'""') + b'"'
+            for field, ns in ((b"atime", st.st_atime_ns), (b"mtime", st.st_mtime_ns)):
+                seconds, nanoseconds = divmod(ns, 1_000_000_000)
+                lines.append(b"sif %s %s_extra %d" % (quoted, field, _extra(seconds, nanoseconds)))
+    return b"\n".join(lines) + b"\n"
+
+
+def _run_debugfs(argv: list[str], what: str) -> None:
+    """debugfs exits 0 whatever its commands did: its complaints on stderr are the failure."""
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    complaints = [
+        line
+        for line in result.stderr.decode(errors="replace").splitlines()
+        if line.strip() and not line.startswith("debugfs ")
+    ]
+    if result.returncode != 0 or complaints:
+        detail = " ".join(complaints)[:300] or f"exit status {result.returncode}"
+        raise StorageError(f"{what} failed: debugfs: {detail}")

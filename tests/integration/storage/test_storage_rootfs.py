@@ -113,7 +113,17 @@ def release(prepared: PreparedRootfs) -> None:
 
 def test_layers_become_erofs_disks_that_stack_like_the_snapshot(tmp_path: Path, cache: LayerCache) -> None:
     layers = base_layers(tmp_path / "snap")
-    upper = make_tree(tmp_path / "snap/upper", {"root/.history": "ls\n", "etc/os-release": WHITEOUT})
+    upper = make_tree(
+        tmp_path / "snap/upper",
+        # Names debugfs must be given quoted, when it restores the nanoseconds mkfs.ext4 -d drops.
+        {
+            "root/.history": "ls\n",
+            "etc/os-release": WHITEOUT,
+            'root/a "quoted" name': "q\n",
+            "root/x y": "s\n",
+        },
+    )
+    os.utime(upper / "root/x y", ns=(1_000_000_001, 3_000_000_000_999_999_999))  # beyond 2038: epoch bits
     (tmp_path / "snap/work").mkdir()
     prepared = prepare(cache, [overlay_mount(layers, upper, tmp_path / "snap/work")], tmp_path / "vm")
     try:
@@ -134,6 +144,7 @@ def test_layers_become_erofs_disks_that_stack_like_the_snapshot(tmp_path: Path, 
         assert "usr/share/doc/readme" not in seen and "var/cache/junk" not in seen
         assert seen["var/cache/fresh"][3] == b"fresh\n"
         assert seen["root/.history"][3] == b"ls\n"
+        assert seen["root/x y"][5] == 3_000_000_000_999_999_999
         assert seen["usr/lib/a.so"][4] == (("trusted.spinbox", b"label"),)
     finally:
         release(prepared)
