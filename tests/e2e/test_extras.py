@@ -1,6 +1,7 @@
 """User paths beyond run and exec, with containerd 2.x: `nerdctl commit` of a
-spinbox container, `ctr run -t` with its terminal size, `nerdctl update` of the
-memory limit, and an OCI poststop hook on the host."""
+spinbox container (its writable layer never mounted on the host), `ctr run -t`
+with its terminal size, `nerdctl update` of the memory limit, and an OCI
+poststop hook on the host."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.stack import BUILDS, IMAGE, NERDCTL, NOTHING_LEFT, RUNTIME, Containerd, wait_until_clean
+from tests.harness.mounts import HostMountWatch
 from tests.harness.systemd import PrivateSystemd
 
 
@@ -36,34 +38,46 @@ def memory_limit(containerd: Containerd, container_id: str) -> int:
 def test_nerdctl_update_and_commit(containerd: Containerd, stack: PrivateSystemd) -> None:
     # One container: nerdctl update changes its memory limit (ctr has no `task
     # update`); nerdctl commit (which pauses the task) keeps its writes and deletions.
+    # The writable layer leaves each VM as a stream: throughout, no host mount or loop device of it.
     if not NERDCTL.exists():
         pytest.skip("nerdctl is not installed (tools/install-test-clients)")
-    script = "echo persisted > /marker; rm /etc/group; touch /written; sleep 1000"
-    container_id = containerd.nerdctl(
-        "run", "-d", "--runtime", RUNTIME, "--network", "none", "--memory", "256m", "--name", "c1",
-        IMAGE, "sh", "-c", script,
-    ).stdout.strip()  # fmt: skip
-    try:
-        assert memory_limit(containerd, container_id) == 256 * MIB
-        containerd.nerdctl("update", "--memory", "96m", "c1")
-        assert memory_limit(containerd, container_id) == 96 * MIB
-        stack.wait_for(
-            "c1 to have written",
-            lambda: containerd.nerdctl("exec", "c1", "ls", "/written", check=False).returncode == 0,
-            timeout=120,
-        )
-        containerd.nerdctl("commit", "c1", "localhost/committed:latest")
-    finally:
-        containerd.nerdctl("rm", "-f", "c1", check=False)
+    script = (
+        "echo persisted > /marker; rm /etc/group; echo aaaa > /edited; touch -r /etc/passwd /edited;"
+        " touch /written; sleep 1000"
+    )
+    with HostMountWatch(stack) as watch:
+        container_id = containerd.nerdctl(
+            "run", "-d", "--runtime", RUNTIME, "--network", "none", "--memory", "256m", "--name", "c1",
+            IMAGE, "sh", "-c", script,
+        ).stdout.strip()  # fmt: skip
+        try:
+            assert memory_limit(containerd, container_id) == 256 * MIB
+            containerd.nerdctl("update", "--memory", "96m", "c1")
+            assert memory_limit(containerd, container_id) == 96 * MIB
+            stack.wait_for(
+                "c1 to have written",
+                lambda: containerd.nerdctl("exec", "c1", "ls", "/written", check=False).returncode == 0,
+                timeout=120,
+            )
+            # A pause writes the layer back; then /edited changes in place, keeping its size and mtime.
+            containerd.nerdctl("pause", "c1")
+            containerd.nerdctl("unpause", "c1")
+            edit = "echo bbbb > /edited; touch -r /etc/passwd /edited"
+            containerd.nerdctl("exec", "c1", "sh", "-c", edit)
+            containerd.nerdctl("commit", "c1", "localhost/committed:latest")
+        finally:
+            containerd.nerdctl("rm", "-f", "c1", check=False)
+    assert watch.seen == []
     try:
         result = containerd.nerdctl(
             "run", "--rm", "--runtime", RUNTIME, "--network", "none", "localhost/committed:latest",
-            "sh", "-c", "cat /marker; ls /etc",
+            "sh", "-c", "cat /marker /edited; ls /etc",
             check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        marker, *etc = result.stdout.split()
+        marker, edited, *etc = result.stdout.split()
         assert marker == "persisted"
+        assert edited == "bbbb"
         # The deletion is a whiteout in the new image; the mount points of
         # nerdctl's /etc/hosts, hostname and resolv.conf are in it, as with runc.
         assert "passwd" in etc

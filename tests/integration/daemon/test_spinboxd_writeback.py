@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.mounts import HostMountWatch
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import BUS, VM_IFACE, busctl, get_property, installed, leftovers
 from tests.integration.daemon.test_spinboxd_vms import NOTHING, create, run_in_guest, snapshot
@@ -27,43 +27,6 @@ def spinbox(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSyste
         systemd.systemctl("start", "spinbox.service")
         yield systemd
         assert leftovers(systemd) == NOTHING
-
-
-class HostMountWatch:
-    """Polls spinboxd's mount table and the host's loop devices for anything of one VM's disks."""
-
-    def __init__(self, systemd: PrivateSystemd, vm_id: str) -> None:
-        self.systemd = systemd
-        self.marker = f"/vms/{vm_id}/"
-        pid = systemd.unit_property("spinbox.service", "MainPID")
-        self.mountinfo = systemd.path(f"/proc/{pid}/mountinfo")
-        self.baseline = set(self.mountinfo.read_text().splitlines())
-        self.seen: list[str] = []
-        self.polls = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> HostMountWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.polls += 1
-            for line in set(self.mountinfo.read_text().splitlines()) - self.baseline:
-                if self.marker in line or " ext4 " in line or "/dev/loop" in line:
-                    self.seen.append(f"mount: {line}")
-            for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-                try:
-                    name = backing.read_text().strip()
-                except OSError:
-                    continue
-                if self.marker in name:
-                    self.seen.append(f"loop device on {name}")
 
 
 def sync(systemd: PrivateSystemd, path: str, check: bool = True) -> str:
