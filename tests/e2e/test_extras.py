@@ -67,7 +67,8 @@ def test_nerdctl_update_and_commit(containerd: Containerd, stack: PrivateSystemd
             containerd.nerdctl("commit", "c1", "localhost/committed:latest")
         finally:
             containerd.nerdctl("rm", "-f", "c1", check=False)
-    assert watch.seen == []
+    assert watch.polls > 100
+    assert watch.seen_for(container_id) == []
     try:
         result = containerd.nerdctl(
             "run", "--rm", "--runtime", RUNTIME, "--network", "none", "localhost/committed:latest",

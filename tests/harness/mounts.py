@@ -18,10 +18,16 @@ class HostMountWatch:
         pid = systemd.unit_property("spinbox.service", "MainPID")
         self.mountinfo = systemd.path(f"/proc/{pid}/mountinfo")
         self.baseline = set(self.mountinfo.read_text().splitlines())
+        assert self.baseline, f"{self.mountinfo} is empty: the watch would see nothing"
         self.seen: list[str] = []
         self.polls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def seen_for(self, name: str) -> list[str]:
+        """What was seen of disks whose paths name `name` (loop devices are the whole host's: other
+        tests' VMs show up there too)."""
+        return [line for line in self.seen if name in line]
 
     def __enter__(self) -> HostMountWatch:
         self._thread.start()
