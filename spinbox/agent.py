@@ -7,7 +7,7 @@ vsock. Failures arrive as `spinbox.ttrpc.TtrpcError` with the agent's sentence.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -107,11 +107,14 @@ class AgentClient:
         self,
         request: pb.ExportUpperRequest,
         timeout: float,  # noqa: ASYNC109 (the stream's deadline)
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The writable layer's stream (spinbox.api.upper_format), in pieces."""
         stream = self.client.server_stream(SERVICE, "ExportUpper", request, pb.UpperChunk, timeout=timeout)
-        async for chunk in stream:
-            yield chunk.data
+        try:
+            async for chunk in stream:
+                yield chunk.data
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def shutdown(self, force: bool = False) -> None:
         await self._call("Shutdown", pb.ShutdownRequest(force=force), Empty)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -216,16 +216,21 @@ class ExportStalled(TimeoutError):
     """The guest stopped sending its writable layer."""
 
 
-async def _with_idle_deadline(stream: AsyncIterator[bytes], idle: float) -> AsyncIterator[bytes]:
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise ExportStalled(f"the guest sent nothing of the writable layer for {idle:.0f} s") from None
-        yield chunk
+async def _with_idle_deadline(stream: AsyncGenerator[bytes, None], idle: float) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ExportStalled(
+                    f"the guest sent nothing of the writable layer for {idle:.0f} s"
+                ) from None
+            yield chunk
+    finally:
+        await stream.aclose()
 
 
 async def _stream_upper(address: str, request: agent_pb2.ExportUpperRequest, rootfs: Rootfs) -> None:

@@ -456,6 +456,10 @@ async def receive(chunks: AsyncIterable[bytes], snapshot_upper: Path, limits: Li
             await _blocking(extractor.finish)
         finally:
             extractor.close()
+            # A refused stream is abandoned at once: the guest stops sending it.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
         await _blocking(_exchange, staging, snapshot_upper)
     except OSError as e:
         raise StorageError(
