@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from spinbox import procstat
 from spinbox.net.errors import NetworkError
 
 T = TypeVar("T")
@@ -142,22 +143,12 @@ def start_holder(path: Path) -> tuple[int, int]:
             proc.kill()
             raise NetworkError(f"could not start a process inside the network namespace {path}")
         time.sleep(0.005)
-    return proc.pid, start_time(proc.pid)
-
-
-def start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (0 if there is no such process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    # The command name may hold spaces and parentheses: fields start after the last ")".
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+    return proc.pid, procstat.start_time(proc.pid) or 0
 
 
 def stop_holder(pid: int, started: int) -> None:
     """Kill the holder if process `pid` is still the one started at `started`."""
-    if pid <= 0 or start_time(pid) != started:
+    if pid <= 0 or procstat.start_time(pid) != started:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
