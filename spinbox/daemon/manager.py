@@ -169,6 +169,7 @@ class VmManager:
             phase="creating",
             scope=scope,
             container_id=request.container_id,
+            namespace=request.namespace,
             netns=request.netns or "",
             resources=resources,
             timeline=timeline,

@@ -147,6 +147,14 @@ class VMInterface(DocumentedInterface):
         return self.vm.id
 
     @dbus_property(access=PropertyAccess.READ)
+    def Namespace(self) -> "s":
+        return self.vm.state.namespace
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ContainerId(self) -> "s":
+        return self.vm.state.container_id
+
+    @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
         return self.vm.phase
 

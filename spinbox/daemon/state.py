@@ -34,6 +34,7 @@ class VmState:
     rootfs_path: str = ""
     addresses: list[str] = field(default_factory=list)
     container_id: str = ""
+    namespace: str = ""  # the containerd namespace of the container ("" if not told)
     netns: str = ""
     network: bool = False
     storage_dir: str = ""

@@ -126,6 +126,7 @@ class ContainerCreator:
             request = VmRequest(
                 vm_id=vm_id,
                 container_id=req.id,
+                namespace=self.namespace,
                 rootfs=rootfs_mounts(req),
                 vcpus=sizing.vcpus,
                 memory_mib=sizing.memory_mib,
