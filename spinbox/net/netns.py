@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from pyroute2 import netns as pyroute2_netns
+
 from spinbox import procstat
 from spinbox.net.errors import NetworkError
 
@@ -28,10 +29,13 @@ T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
-MNT_DETACH = 0x2
 # nsenter takes milliseconds; this only bounds a wait that cannot succeed.
 HOLDER_START_TIMEOUT = 30.0
 
+# pyroute2's netns module enters and removes namespaces (setns, remove). Creating
+# one stays here: its create() forks the (threaded) daemon and turns the
+# namespace directory into a shared mount; a short-lived thread that unshares
+# and binds its own /proc/self/task/<tid>/ns/net does neither.
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -42,11 +46,10 @@ def _check(result: int, what: str) -> None:
 
 
 def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _check(_libc.setns(fd, CLONE_NEWNET), f"setns {path}")
-    finally:
-        os.close(fd)
+        pyroute2_netns.setns(path, flags=0)  # flags=0: enter only, never create
+    except OSError as error:
+        raise OSError(error.errno, f"setns {path}: {os.strerror(error.errno or 0)}") from None
 
 
 def run_in(path: str, fn: Callable[[], T]) -> T:
@@ -98,11 +101,8 @@ def create(path: Path) -> None:
 
 def remove(path: Path) -> None:
     """Unpin and remove a namespace made by create(); nothing to do if it is gone."""
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, f"unmount {path}: {os.strerror(err)}")
-    path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        pyroute2_netns.remove(str(path))
 
 
 def is_pinned(path: Path) -> bool:
