@@ -20,8 +20,17 @@ class Usage:
     at: float
 
 
-def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
-    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on a hybrid host)."""
+@dataclass(frozen=True)
+class Cgroup2Mount:
+    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on a
+    hybrid host), and which of its cgroups is the mount's root ("/" unless the
+    mount was made in another cgroup namespace than the reader's)."""
+
+    path: Path
+    root: str = "/"
+
+
+def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Cgroup2Mount | None:
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
@@ -30,11 +39,11 @@ def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
         fields = line.split()
         # Optional fields end with "-"; the filesystem type follows it.
         if "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
-            return Path(fields[4])
+            return Cgroup2Mount(Path(fields[4]), fields[3])
     return None
 
 
-def cgroup_of(pid: int, mount: Path | None) -> Path | None:
+def cgroup_of(pid: int, mount: Cgroup2Mount | None) -> Path | None:
     """The cgroup2 directory of process `pid` (QEMU's is its VM's scope)."""
     if mount is None or pid <= 0:
         return None
@@ -42,9 +51,13 @@ def cgroup_of(pid: int, mount: Path | None) -> Path | None:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
         return None
+    root = mount.root.rstrip("/") + "/"
     for line in lines:
         if line.startswith("0::"):
-            return mount / line[3:].lstrip("/")
+            cgroup = line[3:].rstrip("/") + "/"
+            if not cgroup.startswith(root):
+                return None  # outside the part of the hierarchy mounted here
+            return mount.path / cgroup[len(root) :].strip("/")
     return None
 
 

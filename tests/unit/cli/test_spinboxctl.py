@@ -4,6 +4,7 @@ and top's readings of a scope's cgroup."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from spinbox.cli import top
@@ -58,7 +59,15 @@ def test_top_finds_the_cgroup2_mount_and_reads_usage(tmp_path: Path) -> None:
         "25 1 0:23 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory\n"
         "26 1 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n"
     )
-    assert top.cgroup2_mount(mountinfo) == Path("/sys/fs/cgroup/unified")
+    assert top.cgroup2_mount(mountinfo) == top.Cgroup2Mount(Path("/sys/fs/cgroup/unified"), "/")
+    # A cgroup2 mount made in another cgroup namespace shows its own root.
+    mountinfo.write_text("30 1 0:24 /spinbox-test-a /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    mount = top.cgroup2_mount(mountinfo)
+    assert mount == top.Cgroup2Mount(Path("/sys/fs/cgroup"), "/spinbox-test-a")
+    me = Path("/proc/self/cgroup").read_text().splitlines()[-1].removeprefix("0::")
+    assert top.cgroup_of(os.getpid(), top.Cgroup2Mount(Path("/m"), "/")) == Path("/m") / me.strip("/")
+    assert top.cgroup_of(os.getpid(), top.Cgroup2Mount(Path("/m"), me)) == Path("/m")
+    assert top.cgroup_of(os.getpid(), top.Cgroup2Mount(Path("/m"), "/elsewhere-only")) is None
     scope = tmp_path / "spinbox-vm-default-u1.scope"
     scope.mkdir()
     (scope / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n")
