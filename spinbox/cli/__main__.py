@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +12,9 @@ from typing import Any
 
 from spinbox.busclient import BusClient, SpinboxdError
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
+from spinbox.cli import check, top
 from spinbox.config import CONFIG_PATH, Config, ConfigError, load
-from spinbox.host import KvmHost
-
-CNI_PLUGIN_PATH = ("/usr/lib/cni", "/opt/cni/bin")
+from spinbox.vmid import DEFAULT_NAMESPACE, vm_id_for
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -42,13 +40,30 @@ class Spinboxd:
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
         return await self.client.properties(path, interface)
 
-    async def vm_path(self, vm_id: str) -> str:
-        (path,) = await self.call(MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", [vm_id])
-        return str(path)
+    async def vm_path(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+        """The VM of container `name` in the containerd namespace, or else the VM whose id is `name`."""
+        for vm_id in candidates(name, namespace):
+            try:
+                (path,) = await self.call(MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", [vm_id])
+            except SpinboxdError as error:
+                if error.kind != "NotFound":
+                    raise
+                continue
+            return str(path)
+        raise SpinboxdError(
+            "NotFound",
+            f"there is no VM for container {name!r} in namespace {namespace!r}, nor a VM with that id "
+            "(spinboxctl list shows them)",
+        )
 
     async def vms(self) -> list[dict[str, Any]]:
         (paths,) = await self.call(MANAGER_PATH, MANAGER_IFACE, "ListVMs")
         return [await self.properties(p, VM_IFACE) for p in paths]
+
+
+def candidates(name: str, namespace: str) -> list[str]:
+    """The VM ids `name` may mean: its container's VM in `namespace` first, then a VM id as given."""
+    return list(dict.fromkeys([vm_id_for(namespace, name), name]))
 
 
 def _mib(resources: dict[str, Any]) -> str:
@@ -58,6 +73,8 @@ def _mib(resources: dict[str, Any]) -> str:
 async def cmd_list(client: Spinboxd, args: argparse.Namespace) -> int:
     rows = [
         [
+            vm.get("Namespace") or "-",
+            vm.get("ContainerId") or "-",
             vm["Id"],
             vm["State"],
             str(vm["Pid"]),
@@ -67,15 +84,17 @@ async def cmd_list(client: Spinboxd, args: argparse.Namespace) -> int:
         ]
         for vm in await client.vms()
     ]
-    print(table(["ID", "STATE", "PID", "VCPUS", "MEMORY", "SCOPE"], rows))
+    print(table(["NAMESPACE", "CONTAINER", "ID", "STATE", "PID", "VCPUS", "MEMORY", "SCOPE"], rows))
     return 0
 
 
 async def cmd_status(client: Spinboxd, args: argparse.Namespace) -> int:
-    vm = await client.properties(await client.vm_path(args.id), VM_IFACE)
+    vm = await client.properties(await client.vm_path(args.id, args.namespace), VM_IFACE)
     resources = vm["Resources"]
     rows = [
         ["Id", vm["Id"]],
+        ["Namespace", vm.get("Namespace") or "-"],
+        ["Container", vm.get("ContainerId") or "-"],
         ["State", vm["State"]],
         ["QEMU pid", str(vm["Pid"])],
         ["Scope", vm["Scope"]],
@@ -93,7 +112,7 @@ async def cmd_status(client: Spinboxd, args: argparse.Namespace) -> int:
 
 
 async def cmd_timeline(client: Spinboxd, args: argparse.Namespace) -> int:
-    vm = await client.properties(await client.vm_path(args.id), VM_IFACE)
+    vm = await client.properties(await client.vm_path(args.id, args.namespace), VM_IFACE)
     phases = sorted(vm["BootTimeline"].items(), key=lambda item: item[1])
     rows = []
     previous = 0.0
@@ -105,69 +124,62 @@ async def cmd_timeline(client: Spinboxd, args: argparse.Namespace) -> int:
 
 
 async def cmd_stop(client: Spinboxd, args: argparse.Namespace) -> int:
-    path = await client.vm_path(args.id)
+    path = await client.vm_path(args.id, args.namespace)
     await client.call(path, VM_IFACE, "Stop", "t", [int(args.timeout * 1000)])
     return 0
 
 
 async def cmd_kill(client: Spinboxd, args: argparse.Namespace) -> int:
-    await client.call(await client.vm_path(args.id), VM_IFACE, "Kill")
+    await client.call(await client.vm_path(args.id, args.namespace), VM_IFACE, "Kill")
     return 0
 
 
-def cmd_logs(args: argparse.Namespace) -> int:
-    argv = ["journalctl", "--no-pager", "-u", f"spinbox-vm-{args.id}.scope"]
+async def logs_argv(args: argparse.Namespace) -> list[str]:
+    """journalctl for the VM's scope; for a VM spinboxd no longer has (its logs
+    stay in the journal), for the scopes of every id `args.id` may mean."""
+    try:
+        client = await Spinboxd.connect(args.address)
+        units = [(await client.properties(await client.vm_path(args.id, args.namespace), VM_IFACE))["Scope"]]
+    except SpinboxdError:
+        units = [f"spinbox-vm-{vm_id}.scope" for vm_id in candidates(args.id, args.namespace)]
+    argv = ["journalctl", "--no-pager", *(arg for unit in units for arg in ("-u", unit))]
     if args.follow:
         argv.append("--follow")
     if args.lines is not None:
         argv += ["-n", str(args.lines)]
+    return argv
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    argv = asyncio.run(logs_argv(args))
+    sys.stdout.flush()
     os.execvp(argv[0], argv)
 
 
-def _check_rows(config: Config, config_error: str | None) -> list[list[str]]:
-    rows: list[list[str]] = []
-
-    def row(name: str, ok: bool, detail: str, warn: bool = False) -> None:
-        rows.append([name, "ok" if ok else ("warn" if warn else "FAIL"), detail])
-
-    row("config", config_error is None, config_error or f"{CONFIG_PATH} (or defaults)")
-    usable, reason = KvmHost().usable()
-    row("kvm", usable, reason or "/dev/kvm is usable", warn=True)
-    wanted = config.vm.accel
-    if wanted == "kvm" and not usable:
-        row("accelerator", False, 'vm.accel is "kvm" but KVM is not usable')
-    elif wanted == "tcg" or not usable:
-        row("accelerator", True, "tcg: VMs run under emulation (much slower than KVM)")
-    else:
-        row("accelerator", True, "kvm")
-    qemu = shutil.which("qemu-system-x86_64")
-    row("qemu", qemu is not None, qemu or "qemu-system-x86_64 not found (apt install qemu-system-x86)")
-    kernel = config.vm.kernel_path()
-    row(
-        "guest kernel",
-        kernel is not None and kernel.exists(),
-        str(kernel) if kernel else "no /boot/vmlinuz-*-cloud-amd64 (apt install linux-image-cloud-amd64)",
-    )
-    initrd = config.vm.initrd_path
-    row(
-        "guest image",
-        initrd.exists(),
-        str(initrd) if initrd.exists() else f"{initrd} missing: run spinbox-mkguest",
-    )
-    plugin_path = config.network_table.get("plugin-path", CNI_PLUGIN_PATH)
-    dirs = [plugin_path] if isinstance(plugin_path, str) else list(plugin_path)
-    cni = [d for d in dirs if (Path(d) / "bridge").exists()]
-    row(
-        "CNI plugins",
-        bool(cni),
-        cni[0] if cni else "no bridge plugin in " + ", ".join(map(str, dirs)),
-    )
-    containerd = shutil.which("containerd")
-    row("containerd", containerd is not None, containerd or "containerd not found (apt install containerd)")
-    shim = shutil.which("containerd-shim-spinbox-v1")
-    row("shim", shim is not None, shim or "containerd-shim-spinbox-v1 not on PATH", warn=True)
-    row("tun", Path("/dev/net/tun").exists(), "/dev/net/tun")
+async def top_rows(client: Spinboxd, interval: float) -> list[list[str]]:
+    """One row per VM: its CPU use over `interval` seconds, its CPU time and memory now."""
+    vms = await client.vms()
+    mount = top.cgroup2_mount()
+    cgroups = [top.cgroup_of(int(vm["Pid"]), mount) for vm in vms]
+    before = [top.read_usage(cgroup) for cgroup in cgroups]
+    await asyncio.sleep(interval)
+    rows = []
+    for vm, cgroup, first in zip(vms, cgroups, before, strict=True):
+        now = top.read_usage(cgroup)
+        usage = [top.cpu_percent(first, now), top.cpu_time(now), top.memory(now), _mib(vm["Resources"])]
+        rows.append([vm.get("Namespace") or "-", vm.get("ContainerId") or "-", vm["Id"], vm["State"], *usage])
     return rows
+
+
+async def cmd_top(client: Spinboxd, args: argparse.Namespace) -> int:
+    headers = ["NAMESPACE", "CONTAINER", "ID", "STATE", "CPU%", "CPU TIME", "MEMORY", "RAM"]
+    while True:
+        rows = await top_rows(client, args.interval)
+        if not args.once and sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")  # home and clear: the table refreshes in place
+        print(table(headers, rows), flush=True)
+        if args.once:
+            return 0
 
 
 async def cmd_check(address: str | None, config_path: Path) -> int:
@@ -176,7 +188,7 @@ async def cmd_check(address: str | None, config_path: Path) -> int:
         config = load(config_path)
     except ConfigError as e:
         config, config_error = Config(), str(e)
-    rows = _check_rows(config, config_error)
+    rows = check.host_rows(config, config_error)
     try:
         client = await Spinboxd.connect(address)
         props = await client.properties(MANAGER_PATH, MANAGER_IFACE)
@@ -192,19 +204,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="D-Bus address of the system bus (default: the system bus)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list VMs")
-    for name, text in (
-        ("status", "show one VM"),
-        ("timeline", "show a VM's boot timeline"),
-        ("kill", "kill a VM"),
-    ):
-        sub.add_parser(name, help=text).add_argument("id")
-    stop = sub.add_parser("stop", help="stop a VM")
-    stop.add_argument("id")
+
+    def with_id(name: str, text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=text)
+        command.add_argument("id", help="a container id (in the namespace of -n) or a VM id")
+        command.add_argument(
+            "-n",
+            "--namespace",
+            default=DEFAULT_NAMESPACE,
+            help=f"containerd namespace of the container (default: {DEFAULT_NAMESPACE})",
+        )
+        return command
+
+    with_id("status", "show one VM")
+    with_id("timeline", "show a VM's boot timeline")
+    with_id("kill", "kill a VM")
+    stop = with_id("stop", "stop a VM")
     stop.add_argument("--timeout", type=float, default=10, help="seconds before QEMU is killed")
-    logs = sub.add_parser("logs", help="a VM's logs (QEMU, console, vminitd) from the journal")
-    logs.add_argument("id")
-    logs.add_argument("-f", "--follow", action="store_true")
-    logs.add_argument("-n", "--lines", type=int)
+    logs = with_id("logs", "a VM's logs (QEMU, console, vminitd) from the journal")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines as they come")
+    top_parser = sub.add_parser("top", help="each VM's CPU and memory, refreshed")
+    top_parser.add_argument("--once", action="store_true", help="print one table and exit")
+    top_parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    logs.add_argument("--lines", type=int, help="show only the last LINES lines")
     check = sub.add_parser("check", help="is this host ready to run spinbox VMs?")
     check.add_argument("--config", type=Path, default=CONFIG_PATH)
     return p
@@ -216,6 +238,7 @@ COMMANDS = {
     "timeline": cmd_timeline,
     "stop": cmd_stop,
     "kill": cmd_kill,
+    "top": cmd_top,
 }
 
 
@@ -228,13 +251,15 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "logs":
-        return cmd_logs(args)
     try:
+        if args.command == "logs":
+            return cmd_logs(args)
         return asyncio.run(run(args))
     except SpinboxdError as e:
         print(f"spinboxctl: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Who may change state: root, and where polkit runs, whoever it authorizes.
 
 dbus-fast's method handlers do not see the caller, so spinboxd installs a
-message handler that holds back every state-changing call, checks its sender
-(GetConnectionUnixUser, then polkit's CheckAuthorization), and then lets the
-call through to the interface or answers AccessDenied.
+message handler (record_caller) that notes each call's sender in a context
+variable; every state-changing method first awaits authorize(), which checks
+that sender (GetConnectionUnixUser, then polkit's CheckAuthorization) and
+raises AccessDenied. Only dbus-fast's public interfaces are used.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 POLKIT_ACTION = "org.spinstack.spinbox.manage"
 POLKIT = "org.freedesktop.PolicyKit1"
+# The unique bus name of the caller of the method call being handled.
+CALLER: ContextVar[str | None] = ContextVar("spinbox_caller", default=None)
 
 
 class Authorizer:
@@ -76,40 +79,27 @@ class Authorizer:
             raise AccessDenied(f"{what} is denied: uid {uid} is not authorized for {self.action}")
 
 
-class AuthorizingFilter:
-    """A bus message handler that lets state-changing calls through only once authorized."""
+def record_caller(msg: Message) -> None:
+    """A bus message handler (MessageBus.add_message_handler) that notes the
+    sender of each method call for the handler dbus-fast runs next.
 
-    def __init__(self, bus: MessageBus, authorizer: Authorizer, guarded: dict[str, set[str]]) -> None:
-        self.bus = bus
-        self.authorizer = authorizer
-        self.guarded = guarded  # interface name -> guarded method names
-        self._cleared: set[tuple[str, int]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+    dbus-fast starts an async method's task right after the message handlers,
+    in the same turn of the loop: the task's copy of the context holds its own
+    caller. The handler never claims the message.
+    """
+    if msg.message_type == MessageType.METHOD_CALL:
+        CALLER.set(str(msg.sender))
 
-    def __call__(self, msg: Message) -> bool | None:
-        if msg.message_type != MessageType.METHOD_CALL:
-            return None
-        if msg.member not in self.guarded.get(msg.interface or "", ()):
-            return None
-        key = (str(msg.sender), msg.serial)
-        if key in self._cleared:
-            self._cleared.discard(key)
-            return None
-        task = asyncio.get_running_loop().create_task(self._authorize(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return True
 
-    async def _authorize(self, msg: Message) -> None:
-        try:
-            await self.authorizer.check(str(msg.sender), f"{msg.member}")
-        except AccessDenied as e:
-            self.bus.send(Message.new_error(msg, e.type, e.text))
-            return
-        except Exception as e:
-            log.exception("authorizing %s failed", msg.member)
-            self.bus.send(Message.new_error(msg, "org.freedesktop.DBus.Error.AccessDenied", str(e)))
-            return
-        self._cleared.add((str(msg.sender), msg.serial))
-        # Dispatch it again; this time the filter lets it pass.
-        self.bus._process_message(msg)
+async def authorize(authorizer: Authorizer, what: str) -> None:
+    """Return when the caller of the method running now may do `what`; AccessDenied otherwise."""
+    sender = CALLER.get()
+    if sender is None:
+        raise AccessDenied(f"{what} is denied: the caller is not known")
+    try:
+        await authorizer.check(sender, what)
+    except AccessDenied:
+        raise
+    except Exception as e:
+        log.exception("authorizing %s failed", what)
+        raise AccessDenied(f"{what} is denied: the caller could not be checked ({e})") from None

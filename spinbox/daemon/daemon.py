@@ -16,10 +16,9 @@ from systemd import daemon as sd_daemon
 
 from spinbox.busnames import BUS_NAME
 from spinbox.config import Config
-from spinbox.daemon.auth import Authorizer, AuthorizingFilter
 from spinbox.daemon.backend import Backend
 from spinbox.daemon.manager import VmManager
-from spinbox.daemon.service import GUARDED, export_manager
+from spinbox.daemon.service import export_manager
 from spinbox.daemon.state import RUN_DIR
 from spinbox.daemon.systemd import SystemdManager
 
@@ -68,7 +67,6 @@ class Daemon:
             self.run_dir,
             on_count_changed=lambda n: self._notify(f"STATUS={_status(n)}"),
         )
-        bus.add_message_handler(AuthorizingFilter(bus, Authorizer(bus), GUARDED))
         export_manager(bus, manager, self.config, accelerator)
         await manager.recover()
 

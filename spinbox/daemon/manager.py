@@ -24,7 +24,7 @@ from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_v
 from spinbox.daemon.process import pid_alive
 from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
-from spinbox.daemon.state import STATE_FILE, STORAGE_DIR, VmState, vm_dir
+from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.storage.errors import StorageError
 from spinbox.storage.system import remove_tree
@@ -180,6 +180,7 @@ class VmManager:
             phase="creating",
             scope=scope,
             container_id=request.container_id,
+            namespace=request.namespace,
             netns=request.netns or "",
             resources=resources,
             timeline=timeline,
@@ -524,7 +525,7 @@ class VmManager:
             try:
                 state = VmState.load(directory)
             except (OSError, ValueError, TypeError) as e:
-                log.warning("removing %s: unreadable %s (%s)", directory, STATE_FILE, e)
+                log.warning("removing %s: unreadable VM state (%s)", directory, e)
                 await self._remove_leftover(directory.name, None, directory)
                 continue
             alive = (
@@ -553,6 +554,7 @@ class VmManager:
                     if restored is not None:
                         added[container_id] = restored
             vm = Vm(state, directory, machine, rootfs, forwarder, added=added)
+            state.save(directory)  # in this release's layout (an upgrade may have left two files)
             self._adopt(vm)
             log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
         try:

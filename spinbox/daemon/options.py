@@ -15,6 +15,8 @@ from spinbox.daemon.errors import InvalidArgument
 # Room for containerd and Kubernetes ids (64 hex digits) and names, while the
 # scope name spinbox-vm-<id>.scope stays a plain unit name.
 VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+# containerd's namespace names (its identifiers package: at most 76 characters).
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 # Kernel parameters that spinbox sets itself and a caller may not override.
 RESERVED_KERNEL_ARGS = ("spinbox.", "console=", "init=", "rdinit=")
 
@@ -23,6 +25,7 @@ OPTION_SIGNATURES = {
     "memory-mib": "t",
     "rootfs": "a(sssas)",
     "container-id": "s",
+    "namespace": "s",
     "netns": "s",
     "kernel-args": "as",
     "annotations": "a{ss}",
@@ -54,6 +57,7 @@ class VmRequest:
     kernel_args: tuple[str, ...]
     annotations: tuple[tuple[str, str], ...]
     hotplug_ports: int = 0
+    namespace: str = ""
 
 
 def check_vm_id(vm_id: str) -> str:
@@ -123,6 +127,9 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
     rootfs = parse_mounts(_value(options, "rootfs")) if "rootfs" in options else ()
     container_id = _value(options, "container-id") if "container-id" in options else vm_id
     check_container_id(container_id, "option 'container-id'")
+    namespace = _value(options, "namespace") if "namespace" in options else ""
+    if namespace and not NAMESPACE_RE.fullmatch(namespace):
+        raise InvalidArgument(f"option 'namespace': {namespace!r} is not a valid containerd namespace")
 
     netns = None
     if "netns" in options:
@@ -161,4 +168,5 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
         kernel_args=kernel_args,
         annotations=annotations,
         hotplug_ports=hotplug_ports,
+        namespace=namespace,
     )

@@ -6,6 +6,8 @@ import asyncio
 import os
 import subprocess
 
+from spinbox import procstat
+
 
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie does not)."""
@@ -15,11 +17,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = procstat.stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 async def wait_pid_exit(pid: int, process: subprocess.Popen[bytes] | None = None) -> None:

@@ -23,17 +23,13 @@ from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 import spinbox
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.config import Config
+from spinbox.daemon.auth import Authorizer, authorize, record_caller
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.manager import Vm, VmManager
 from spinbox.daemon.options import parse_mounts, parse_request
 
 log = logging.getLogger(__name__)
 
-# Calls that change state: root only, or whom polkit authorizes.
-GUARDED = {
-    MANAGER_IFACE: {"CreateVM", "PrepareNetworkNamespace"},
-    VM_IFACE: {"Stop", "Kill", "Pause", "Resume", "SyncRootfs", "AddRootfs", "RemoveRootfs"},
-}
 XML_DIRS = (
     Path(__file__).resolve().parents[2] / "dbus",  # running from the source tree
     Path("/usr/share/dbus-1/interfaces"),
@@ -95,33 +91,43 @@ def _variants(values: dict[str, Any]) -> dict[str, Variant]:
 
 
 class VMInterface(DocumentedInterface):
-    def __init__(self, manager: VmManager, vm: Vm) -> None:
+    """Every method changes state: root only, or whom polkit authorizes."""
+
+    def __init__(self, manager: VmManager, vm: Vm, authorizer: Authorizer) -> None:
         super().__init__(VM_IFACE)
         self.manager = manager
         self.vm = vm
+        self.authorizer = authorizer
 
     @method()
     async def Stop(self, timeout_ms: "t"):
+        await authorize(self.authorizer, "Stop")
         await _answer(f"stopping VM {self.vm.id!r}", self.manager.stop(self.vm, timeout_ms / 1000))
 
     @method()
     async def Kill(self):
+        await authorize(self.authorizer, "Kill")
         await _answer(f"killing VM {self.vm.id!r}", self.manager.stop(self.vm, 0, force=True))
 
     @method()
     async def Pause(self):
+        await authorize(self.authorizer, "Pause")
         await _answer(f"pausing VM {self.vm.id!r}", self.manager.pause(self.vm))
 
     @method()
     async def Resume(self):
+        await authorize(self.authorizer, "Resume")
         await _answer(f"resuming VM {self.vm.id!r}", self.manager.resume(self.vm))
 
     @method()
     async def SyncRootfs(self):
+        await authorize(self.authorizer, "SyncRootfs")
         await _answer(f"syncing the rootfs of VM {self.vm.id!r}", self.manager.sync_rootfs(self.vm))
 
     @method()
     async def AddRootfs(self, container_id: "s", mounts: "a(sssas)") -> "s":
+        await authorize(self.authorizer, "AddRootfs")
+
         async def add() -> str:
             parsed = parse_mounts(mounts, f"the rootfs of {container_id!r}")
             return await self.manager.add_rootfs(self.vm, container_id, parsed)
@@ -130,6 +136,7 @@ class VMInterface(DocumentedInterface):
 
     @method()
     async def RemoveRootfs(self, container_id: "s"):
+        await authorize(self.authorizer, "RemoveRootfs")
         await _answer(
             f"removing the rootfs of {container_id!r} from VM {self.vm.id!r}",
             self.manager.remove_rootfs(self.vm, container_id),
@@ -138,6 +145,14 @@ class VMInterface(DocumentedInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
         return self.vm.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Namespace(self) -> "s":
+        return self.vm.state.namespace
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ContainerId(self) -> "s":
+        return self.vm.state.container_id
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
@@ -173,14 +188,17 @@ class VMInterface(DocumentedInterface):
 
 
 class ManagerInterface(DocumentedInterface):
-    def __init__(self, manager: VmManager, config: Config, accelerator: str) -> None:
+    def __init__(self, manager: VmManager, config: Config, accelerator: str, authorizer: Authorizer) -> None:
         super().__init__(MANAGER_IFACE)
         self.manager = manager
         self.config = config
         self.accelerator = accelerator
+        self.authorizer = authorizer  # for CreateVM and PrepareNetworkNamespace
 
     @method()
     async def CreateVM(self, id: "s", options: "a{sv}") -> "o":
+        await authorize(self.authorizer, "CreateVM")
+
         async def create() -> str:
             request = parse_request(id, options, self.config.vm)
             vm = await self.manager.create(request)
@@ -198,6 +216,7 @@ class ManagerInterface(DocumentedInterface):
 
     @method()
     async def PrepareNetworkNamespace(self, id: "s") -> "su":
+        await authorize(self.authorizer, "PrepareNetworkNamespace")
         path, pid = await _answer(f"preparing a network namespace for {id!r}", self.manager.prepare_netns(id))
         return [path, pid]
 
@@ -241,7 +260,7 @@ class BusPublisher:
         self._interfaces: dict[str, VMInterface] = {}
 
     def publish(self, vm: Vm) -> None:
-        interface = VMInterface(self.manager, vm)
+        interface = VMInterface(self.manager, vm, self.manager_iface.authorizer)
         self._interfaces[vm.id] = interface
         self.bus.export(vm.path, interface)
         self.manager_iface.VMAdded(vm.id, vm.path)
@@ -259,7 +278,8 @@ class BusPublisher:
 
 
 def export_manager(bus: MessageBus, manager: VmManager, config: Config, accelerator: str) -> ManagerInterface:
-    interface = ManagerInterface(manager, config, accelerator)
+    bus.add_message_handler(record_caller)
+    interface = ManagerInterface(manager, config, accelerator, Authorizer(bus))
     bus.export(MANAGER_PATH, interface)
     manager.publisher = BusPublisher(bus, manager, interface)
     return interface

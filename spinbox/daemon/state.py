@@ -1,22 +1,22 @@
 """Per-VM state on disk under /run/spinbox/vm/<id>/, so a restarted spinboxd finds its VMs.
 
-state.json is replaced atomically at every phase change. A VM whose phase is
+The daemon's record is the "daemon" section of the VM's vm.json
+(spinbox.statefile), replaced atomically at every phase change. A VM whose phase is
 "running" (or "paused") and whose QEMU still lives in its scope is re-adopted;
 anything else is the remains of a crash and is cleaned up.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spinbox import statefile
+
 RUN_DIR = Path("/run/spinbox")
 # Per-VM disk images (the writable layer can be large: not in /run's RAM).
 STORAGE_DIR = Path("/var/lib/spinbox/vms")
-STATE_FILE = "state.json"
 
 
 def vm_dir(run_dir: Path, vm_id: str) -> Path:
@@ -34,6 +34,7 @@ class VmState:
     rootfs_path: str = ""
     addresses: list[str] = field(default_factory=list)
     container_id: str = ""
+    namespace: str = ""  # the containerd namespace of the container ("" if not told)
     netns: str = ""
     network: bool = False
     storage_dir: str = ""
@@ -45,12 +46,13 @@ class VmState:
     created_at: float = 0.0
 
     def save(self, directory: Path) -> None:
-        tmp = directory / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
-        os.replace(tmp, directory / STATE_FILE)
+        statefile.write_section(directory / statefile.FILE, statefile.DAEMON, asdict(self))
 
     @classmethod
     def load(cls, directory: Path) -> VmState:
-        data = json.loads((directory / STATE_FILE).read_text())
+        """The record in `directory` (or the old state.json); OSError or ValueError if unreadable."""
+        data = statefile.read_sections(directory / statefile.FILE).get(statefile.DAEMON)
+        if data is None:
+            raise ValueError(f"{directory / statefile.FILE} has no daemon section")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)

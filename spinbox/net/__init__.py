@@ -34,7 +34,8 @@ What it does:
 
 from __future__ import annotations
 
-from spinbox.net.config import DEFAULT_CONFLIST, NetConfig
+from spinbox.cniplugins import DEFAULT_CONFLIST
+from spinbox.net.config import NetConfig
 from spinbox.net.errors import NetworkError
 from spinbox.net.network import (
     VmNetwork,

@@ -7,12 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from spinbox.cniplugins import DEFAULT_CONFLIST, DEFAULT_PLUGIN_PATH
 from spinbox.net.errors import NetworkError
 
-# spinbox's own CNI network, shipped beside this module.
-DEFAULT_CONFLIST = Path(__file__).with_name("spinbox.conflist")
-# Debian's containernetworking-plugins first, then the upstream location.
-DEFAULT_PLUGIN_PATH = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 DEFAULT_RUN_DIR = Path("/run/spinbox")
 
 

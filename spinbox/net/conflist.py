@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spinbox import cniplugins
 from spinbox.net.config import NetConfig
 from spinbox.net.errors import NetworkError
 
@@ -35,13 +36,7 @@ class ConfList:
 
     def plugin_types(self) -> list[str]:
         """Every plugin binary the list needs, in order (IPAM plugins included)."""
-        types: list[str] = []
-        for plugin in self.plugins:
-            types.append(plugin["type"])
-            ipam = plugin.get("ipam")
-            if isinstance(ipam, dict) and "type" in ipam:
-                types.append(ipam["type"])
-        return types
+        return cniplugins.plugin_types(self.plugins)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,14 +54,10 @@ class ConfList:
 
 def find_conflist(path: Path) -> Path:
     """The conflist file named by `path`: the file itself, or a directory's first *.conflist."""
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".conflist" and p.is_file())
-        if not files:
-            raise NetworkError(f"CNI configuration directory {path} has no *.conflist file")
-        return files[0]
-    if not path.exists():
-        raise NetworkError(f"CNI network list {path} does not exist")
-    return path
+    try:
+        return cniplugins.find_conflist(path)
+    except FileNotFoundError as error:
+        raise NetworkError(str(error)) from None
 
 
 def parse(data: object, source: Path) -> ConfList:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import os
 import signal
 import subprocess
@@ -21,16 +20,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from pyroute2 import netns as pyroute2_netns
+
+from spinbox import procstat
 from spinbox.net.errors import NetworkError
 
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
-MNT_DETACH = 0x2
 # nsenter takes milliseconds; this only bounds a wait that cannot succeed.
 HOLDER_START_TIMEOUT = 30.0
 
+# pyroute2's netns module enters and removes namespaces (setns, remove). Creating
+# one stays here: its create() forks the (threaded) daemon and turns the
+# namespace directory into a shared mount; a short-lived thread that unshares
+# and binds its own /proc/self/task/<tid>/ns/net does neither.
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -41,11 +46,10 @@ def _check(result: int, what: str) -> None:
 
 
 def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _check(_libc.setns(fd, CLONE_NEWNET), f"setns {path}")
-    finally:
-        os.close(fd)
+        pyroute2_netns.setns(path, flags=0)  # flags=0: enter only, never create
+    except OSError as error:
+        raise OSError(error.errno, f"setns {path}: {os.strerror(error.errno or 0)}") from None
 
 
 def run_in(path: str, fn: Callable[[], T]) -> T:
@@ -97,11 +101,8 @@ def create(path: Path) -> None:
 
 def remove(path: Path) -> None:
     """Unpin and remove a namespace made by create(); nothing to do if it is gone."""
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, f"unmount {path}: {os.strerror(err)}")
-    path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        pyroute2_netns.remove(str(path))
 
 
 def is_pinned(path: Path) -> bool:
@@ -142,22 +143,12 @@ def start_holder(path: Path) -> tuple[int, int]:
             proc.kill()
             raise NetworkError(f"could not start a process inside the network namespace {path}")
         time.sleep(0.005)
-    return proc.pid, start_time(proc.pid)
-
-
-def start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (0 if there is no such process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    # The command name may hold spaces and parentheses: fields start after the last ")".
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+    return proc.pid, procstat.start_time(proc.pid) or 0
 
 
 def stop_holder(pid: int, started: int) -> None:
     """Kill the holder if process `pid` is still the one started at `started`."""
-    if pid <= 0 or start_time(pid) != started:
+    if pid <= 0 or procstat.start_time(pid) != started:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

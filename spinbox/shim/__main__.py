@@ -16,6 +16,7 @@ from spinbox.shim.options import USAGE, ShimOptions, UsageError, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o022)
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as error:
@@ -51,5 +52,4 @@ def run(options: ShimOptions) -> int:
 
 
 if __name__ == "__main__":
-    os.umask(0o022)
     sys.exit(main())

@@ -99,9 +99,28 @@ def bind_listener(path: Path) -> socket.socket | None:
     raise StartError(f"cannot bind the shim socket {path}: it keeps reappearing")
 
 
-def server_argv(options: ShimOptions, path: Path) -> list[str]:
+SHIM_NAME = "containerd-shim-spinbox-v1"
+
+
+def server_command(invoked_as: str) -> list[str]:
+    """How the server is run: through the shim's own script when containerd ran
+    that (so ps and systemctl status show containerd-shim-spinbox-v1, as they
+    show containerd-shim-runc-v2), else as `python3 -m spinbox.shim`."""
+    script = Path(invoked_as)
+    if script.name == SHIM_NAME and script.is_absolute():
+        try:
+            with script.open("rb") as f:
+                first = f.readline(256)
+        except OSError:
+            first = b""
+        if first.startswith(b"#!") and b"python" in first:
+            return [sys.executable, str(script)]
+    return [sys.executable, "-m", "spinbox.shim"]
+
+
+def server_argv(options: ShimOptions, path: Path, invoked_as: str | None = None) -> list[str]:
     argv = [
-        sys.executable, "-m", "spinbox.shim",
+        *server_command(sys.argv[0] if invoked_as is None else invoked_as),
         "-namespace", options.namespace,
         "-id", options.id,
         "-address", options.address,

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from spinbox.api.proto import agent_pb2
 from spinbox.busclient import SpinboxdError
 from spinbox.mounts import MountSpec
 from spinbox.shim import exits, pump
@@ -25,7 +24,7 @@ from spinbox.shim.process import Process
 from spinbox.shim.protos import task
 from spinbox.shim.sizing import VmSizing
 from spinbox.shim.spinboxd import VmInfo, VmRequest, vm_id_for
-from spinbox.shim.stdio import Kind, ProcessIO, StdioConfig, StdioError
+from spinbox.shim.stdio import StdioConfig, StdioError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,21 @@ def rootfs_mounts(req: task.CreateTaskRequest) -> tuple[MountSpec, ...]:
     return tuple(MountSpec(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs)
 
 
+def init_state(req: task.CreateTaskRequest) -> ProcessState:
+    """The container's init process as containerd asked for it."""
+    return ProcessState(
+        Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
+    )
+
+
+async def create_runtime_hooks(
+    hooks: HostHooks, spec: dict[str, Any], req: task.CreateTaskRequest, pid: int
+) -> None:
+    """createRuntime hooks, with `pid` as the state's process (one in the container's network namespace)."""
+    state = state_json(spec, req.id, "creating", pid, req.bundle)
+    await run_hooks("createRuntime", hooks.create_runtime, state, fatal=True)
+
+
 class ContainerCreator:
     """Builds a Container for a validated CreateTaskRequest."""
 
@@ -109,23 +123,17 @@ class ContainerCreator:
         hook_pid = 0
         vm: VmInfo | None = None
         agent: Agent | None = None
-        state = ProcessState(
-            Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
-        )
+        state = init_state(req)
         try:
             if hooks and wants_new_netns(spec):
                 # Hooks such as nerdctl's configure the network through
                 # /proc/<pid>/ns/net before the container exists.
                 netns, hook_pid = await spinboxd.prepare_network_namespace(vm_id)
-            await run_hooks(
-                "createRuntime",
-                hooks.create_runtime,
-                state_json(spec, req.id, "creating", hook_pid, req.bundle),
-                fatal=True,
-            )
+            await create_runtime_hooks(hooks, spec, req, hook_pid)
             request = VmRequest(
                 vm_id=vm_id,
                 container_id=req.id,
+                namespace=self.namespace,
                 rootfs=rootfs_mounts(req),
                 vcpus=sizing.vcpus,
                 memory_mib=sizing.memory_mib,
@@ -171,17 +179,10 @@ class ContainerCreator:
     ) -> Container:
         """A further container of a pod: its rootfs is added to the sandbox's running VM."""
         spinboxd = await self.spinboxd()
-        state = ProcessState(
-            Process(req.id, "", terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)
-        )
+        state = init_state(req)
         added = False
         try:
-            await run_hooks(
-                "createRuntime",
-                hooks.create_runtime,
-                state_json(spec, req.id, "creating", pod.vm.pid, req.bundle),
-                fatal=True,
-            )
+            await create_runtime_hooks(hooks, spec, req, pod.vm.pid)
             await spinboxd.add_rootfs(pod.vm.path, req.id, rootfs_mounts(req))
             added = True
             await self._create_in_guest(
@@ -226,13 +227,7 @@ class ContainerCreator:
         hook_pid: int,
     ) -> None:
         """The container in the guest (its rootfs mounted there), its output copied, prestart hooks run."""
-        state.io = await ProcessIO.open(stdio, req.id, self.namespace)
-        io_config = agent_pb2.IoConfig(
-            stdin=stdio.stdin.kind == Kind.FIFO,
-            stdout=state.io.stdout is not None,
-            stderr=state.io.stderr is not None and not req.terminal,
-            terminal=req.terminal,
-        )
+        io_config = await pump.open_stdio(state, stdio, req.id, self.namespace)
         spec_for_guest, files = await asyncio.to_thread(for_guest, guest_spec)
         await agent.create_container(req.id, json.dumps(spec_for_guest).encode(), io_config, files)
         state.process.pid = vm_pid

@@ -10,9 +10,23 @@ import logging
 from spinbox.api.proto import agent_pb2
 from spinbox.shim.container import Agent, ProcessState
 from spinbox.shim.process import Process
-from spinbox.shim.stdio import Sink, read_fifo
+from spinbox.shim.stdio import Kind, ProcessIO, Sink, StdioConfig, read_fifo
 
 log = logging.getLogger(__name__)
+
+
+async def open_stdio(
+    state: ProcessState, stdio: StdioConfig, container_id: str, namespace: str
+) -> agent_pb2.IoConfig:
+    """Opens the host ends of a process's stdio (into state.io); returns which ends the guest makes."""
+    state.io = await ProcessIO.open(stdio, container_id, namespace)
+    terminal = state.process.terminal
+    return agent_pb2.IoConfig(
+        stdin=stdio.stdin.kind == Kind.FIFO,
+        stdout=state.io.stdout is not None,
+        stderr=state.io.stderr is not None and not terminal,
+        terminal=terminal,
+    )
 
 
 def start_output(agent: Agent, state: ProcessState) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from spinbox.api.proto import agent_pb2
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
 from spinbox.shim import exits, pump
@@ -34,7 +33,7 @@ from spinbox.shim.process import Process, Status
 from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import Empty, events, task, task_types
 from spinbox.shim.sizing import SizingError, sizing_from_spec
-from spinbox.shim.stdio import Kind, ProcessIO, StdioConfig, StdioError
+from spinbox.shim.stdio import Kind, StdioConfig, StdioError
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +178,7 @@ class TaskService:
         state = ProcessState(Process(req.id, req.exec_id, req.terminal, req.stdin, req.stdout, req.stderr))
         container.execs[req.exec_id] = state
         try:
-            state.io = await ProcessIO.open(stdio, req.id, self.namespace)
-            io_config = agent_pb2.IoConfig(
-                stdin=stdio.stdin.kind == Kind.FIFO,
-                stdout=state.io.stdout is not None,
-                stderr=state.io.stderr is not None and not req.terminal,
-                terminal=req.terminal,
-            )
+            io_config = await pump.open_stdio(state, stdio, req.id, self.namespace)
             await container.agent.exec(req.id, req.exec_id, req.spec.value, io_config)
             pump.start_output(container.agent, state)
         except BaseException as error:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +12,9 @@ from dbus_fast import Variant
 from spinbox.busclient import BusClient, SpinboxdError
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.mounts import MountSpec
+from spinbox.vmid import vm_id_for
+
+__all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class VmRequest:
     netns: str = ""
     annotations: tuple[tuple[str, str], ...] = ()
     hotplug_ports: int = 0
+    namespace: str = ""
 
     def options(self) -> dict[str, Variant]:
         options: dict[str, Variant] = {
@@ -47,6 +49,8 @@ class VmRequest:
             options["annotations"] = Variant("a{ss}", dict(self.annotations))
         if self.hotplug_ports:
             options["hotplug-ports"] = Variant("u", self.hotplug_ports)
+        if self.namespace:
+            options["namespace"] = Variant("s", self.namespace)
         return options
 
 
@@ -56,23 +60,6 @@ class VmInfo:
     agent_address: str
     rootfs_path: str
     pid: int
-
-
-VM_ID_MAX = 64
-_VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def vm_id_for(namespace: str, group_id: str) -> str:
-    """The VM of a container (or pod) id in a containerd namespace (ids only
-    have to be unique within a namespace). spinboxd takes 1-64 letters,
-    digits, '_', '.' and '-'; longer ids (nerdctl's are 64 hex digits) keep
-    a readable prefix and a digest of the whole."""
-    name = f"{namespace}-{group_id}" if namespace else group_id
-    if len(name) <= VM_ID_MAX and _VM_ID.fullmatch(name):
-        return name
-    digest = hashlib.sha256(f"{namespace}/{group_id}".encode()).hexdigest()[:16]
-    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[: VM_ID_MAX - len(digest) - 1].lstrip("_.-")
-    return f"{prefix}-{digest}" if prefix else digest
 
 
 class Spinboxd:

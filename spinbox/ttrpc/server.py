@@ -17,7 +17,6 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from spinbox.api.proto import ttrpc_pb2
-from spinbox.ttrpc import transport
 from spinbox.ttrpc.frame import MAX_MESSAGE, Flags, FrameReader, FrameType, OversizedFrame, ProtocolError
 from spinbox.ttrpc.status import Code, TtrpcError
 from spinbox.ttrpc.stream import FrameWriter, Inbox
@@ -204,34 +203,6 @@ class Server:
             sock.close()
             raise
         return await self.serve_socket(sock)
-
-    async def serve_fd(self, fd: int) -> None:
-        """Serve one session on a connected stream fd (a socket, or a
-        character device such as a virtio-serial port); returns at its end.
-        The fd stays open and owned by the caller."""
-        reader, writer = await transport.open_fd_streams(fd)
-        try:
-            await self.serve_connection(reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def serve_serial_port(self, path: str | os.PathLike[str], poll_interval: float = 0.1) -> None:
-        """Serve a virtio-serial port for as long as the task runs.
-
-        The port reads end-of-file while no host is connected; each host
-        connection is a new session with a fresh connection state.
-        """
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        try:
-            while not self._closing:
-                if transport.host_connected(fd):
-                    await self.serve_fd(fd)
-                else:
-                    await asyncio.sleep(poll_interval)
-        finally:
-            os.close(fd)
 
     async def close(self) -> None:
         """Stop listening, end every connection (cancelling the handlers of

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -14,6 +13,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
+from spinbox import procstat, statefile
 from spinbox.vm import control
 from spinbox.vm.accel import choose_accel
 from spinbox.vm.cid import CID_DIR, CidLease, _try_lock, allocate_cid
@@ -23,7 +23,6 @@ from spinbox.vm.process import (
     QemuChild,
     Spawn,
     as_handle,
-    process_start_time,
     send_signal,
     spawn_subprocess,
 )
@@ -41,7 +40,7 @@ UNPLUG_TIMEOUT = 30.0
 
 @dataclass
 class VmState:
-    """What a later process needs to re-adopt the VM; kept as vm.json in the runtime directory."""
+    """What a later process needs to re-adopt the VM; the "machine" section of vm.json (spinbox.statefile)."""
 
     vm_id: str
     pid: int
@@ -59,18 +58,19 @@ class VmState:
     guest: dict[str, int] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), sort_keys=True))
-        tmp.replace(path)
+        statefile.write_section(path, statefile.MACHINE, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> VmState:
         try:
-            return cls(**json.loads(path.read_text()))
+            data = statefile.read_sections(path).get(statefile.MACHINE)
+            if data is not None:
+                return cls(**data)
         except FileNotFoundError:
-            raise VmNotRunning(f"no VM state in {path.parent} ({path.name} does not exist)") from None
+            pass
         except (ValueError, TypeError) as error:
             raise VmError(f"VM state {path} is not readable: {error}") from None
+        raise VmNotRunning(f"no VM state in {path.parent} ({path.name} names no QEMU)")
 
 
 class VirtualMachine:
@@ -136,7 +136,7 @@ class VirtualMachine:
         """Re-adopt a VM started by an earlier process; VmNotRunning if its QEMU is gone."""
         paths = RuntimePaths(runtime_dir)
         state = VmState.load(paths.state)
-        if state.start_time is None or process_start_time(state.pid) != state.start_time:
+        if state.start_time is None or procstat.start_time(state.pid) != state.start_time:
             _remove_runtime_files(paths, state.cid)
             raise VmNotRunning(f"VM {state.vm_id}'s QEMU (pid {state.pid}) is not running any more")
         process = as_handle(state.pid)
@@ -397,7 +397,7 @@ async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True
     state = VmState(
         vm_id=spec.vm_id,
         pid=process.pid,
-        start_time=process_start_time(process.pid),
+        start_time=procstat.start_time(process.pid),
         accel=accel,
         agent_address=command.agent_address,
         control_address=command.control_address,
@@ -481,13 +481,14 @@ def _refuse_running(paths: RuntimePaths) -> None:
         state = VmState.load(paths.state)
     except VmError:
         return
-    if state.start_time is not None and process_start_time(state.pid) == state.start_time:
+    if state.start_time is not None and procstat.start_time(state.pid) == state.start_time:
         raise VmError(f"VM {state.vm_id} is already running in {paths.root} (QEMU pid {state.pid})")
 
 
 def _remove_runtime_files(paths: RuntimePaths, cid: int | None) -> None:
-    for path in (*paths.sockets(), paths.state):
+    for path in paths.sockets():
         path.unlink(missing_ok=True)
+    statefile.remove_section(paths.state, statefile.MACHINE)
     if cid is not None:
         lease = _try_lock(CID_DIR / str(cid), cid)
         if lease is not None:

@@ -121,17 +121,6 @@ def as_handle(started: ProcessHandle | int) -> ProcessHandle:
     return PidProcess(started) if isinstance(started, int) else started
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, to tell a pid from its reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # Field 2 (comm) may contain spaces and parentheses; the rest follows the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
 def send_signal(pid: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)

@@ -240,7 +240,11 @@ def wait_until_clean(
 def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
     """spinbox.service with the session's guest image, and the shim on PATH."""
     config = f'[vm]\naccel = "tcg"\ninitrd = "{guest_image}"\n'
-    wrapper = f'#!/bin/sh\nPYTHONPATH={TOP} exec {PYTHON} -m spinbox.shim "$@"\n'
+    # Shaped like the packaged script (tools/install-tree): a Python script by the shim's name.
+    wrapper = (
+        f"#!{PYTHON}\nimport sys\n\nsys.path.insert(0, {str(TOP)!r})\n\n"
+        "from spinbox.shim.__main__ import main\n\nsys.exit(main())\n"
+    )
     with installed(systemd, config=config):
         systemd.write_file(SHIM_WRAPPER, wrapper, mode=0o755)
         systemd.systemctl("start", "spinbox.service")

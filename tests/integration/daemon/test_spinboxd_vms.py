@@ -124,8 +124,16 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
 
 
 def test_restart_keeps_the_vm_running(spinbox: PrivateSystemd) -> None:
+    """Here the VM's state is left as the previous release wrote it (two files):
+    an upgrade that restarts spinboxd adopts it and merges the files."""
     with snapshot(spinbox, "r") as rootfs:
-        restart_and_stop(spinbox, create(spinbox, "vm-r", rootfs))
+        path = create(spinbox, "vm-r", rootfs)
+        state = spinbox.path("/run/spinbox/vm/vm-r/vm.json")
+        sections = json.loads(state.read_text())
+        assert set(sections) == {"machine", "daemon"}
+        state.with_name("state.json").write_text(json.dumps(sections["daemon"]))
+        state.write_text(json.dumps(sections["machine"]))
+        restart_and_stop(spinbox, path)
     assert no_layer_references(spinbox)
 
 
@@ -141,6 +149,7 @@ def restart_and_stop(spinbox: PrivateSystemd, path: str) -> None:
     assert get_property(spinbox, path, VM_IFACE, "State") == "running"
     assert get_property(spinbox, path, VM_IFACE, "RootfsPath") == rootfs
     assert spinbox.path(f"/proc/{pid}").exists()
+    assert sorted(p.name for p in spinbox.path("/run/spinbox/vm/vm-r").glob("*.json")) == ["vm.json"]
     restarted = spinbox.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:26]
     stop(spinbox, path)
     assert leftovers(spinbox) == NOTHING

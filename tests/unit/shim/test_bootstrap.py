@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from spinbox.shim.bootstrap import format_address, group_id, read_annotations, socket_path
+from spinbox.shim.bootstrap import format_address, group_id, read_annotations, server_argv, socket_path
 from spinbox.shim.options import UsageError, parse_args
 
 
@@ -83,3 +84,21 @@ def test_pod_containers_share_their_sandbox_shim(tmp_path: Path) -> None:
     assert group_id("c1", annotations) == "pod1"
     assert group_id("c1", {}) == "c1"
     assert read_annotations(tmp_path / "missing") == {}
+
+
+def test_the_server_runs_under_the_shims_own_name(tmp_path: Path) -> None:
+    """Through the installed script, ps shows containerd-shim-spinbox-v1 (not python3 -m spinbox.shim)."""
+    options = parse_args(["-namespace", "default", "-id", "u1", "-address", "/run/c.sock"], {})
+    script = tmp_path / "containerd-shim-spinbox-v1"
+    script.write_text("#!/usr/bin/python3\nimport sys\n")
+    argv = server_argv(options, tmp_path / "s.sock", invoked_as=str(script))
+    assert argv[:6] == [sys.executable, str(script), "-namespace", "default", "-id", "u1"]
+    # Run any other way (python3 -m spinbox.shim, a shell wrapper), the module is run.
+    assert server_argv(options, tmp_path / "s.sock", invoked_as="/x/spinbox/shim/__main__.py")[1:3] == [
+        "-m",
+        "spinbox.shim",
+    ]
+    wrapper = tmp_path / "w" / "containerd-shim-spinbox-v1"
+    wrapper.parent.mkdir()
+    wrapper.write_text('#!/bin/sh\nexec python3 -m spinbox.shim "$@"\n')
+    assert server_argv(options, tmp_path / "s.sock", invoked_as=str(wrapper))[1] == "-m"

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pty
-import socket
 import struct
-import tty
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,9 +12,8 @@ import pytest
 from google.protobuf.wrappers_pb2 import DoubleValue, Int64Value, StringValue
 
 from spinbox.api.proto import ttrpc_pb2
-from spinbox.ttrpc import Client, Code, Server, TtrpcError
-from spinbox.ttrpc.transport import open_fd_streams
-from tests.unit.ttrpc.echo_service import SERVICE, EchoService, run, serving
+from spinbox.ttrpc import Client, Code, TtrpcError
+from tests.unit.ttrpc.echo_service import SERVICE, run, serving
 
 
 def test_server_stream_yields_every_message(tmp_path: Path) -> None:
@@ -200,85 +195,5 @@ def test_wire_frames_of_a_client_stream(tmp_path: Path) -> None:
             assert response.status.code == 0
             assert Int64Value.FromString(response.payload).value == 9
             writer.close()
-
-    run(main)
-
-
-def test_serve_on_a_character_device() -> None:
-    """A tty pair stands in for a virtio-serial port: the server runs on one
-    character device fd, the client on the other, and the session ends when
-    the client side goes away."""
-
-    async def main() -> None:
-        controller, device = pty.openpty()
-        tty.setraw(device)
-        tty.setraw(controller)
-        server = Server()
-        EchoService().register(server)
-        try:
-            session = asyncio.create_task(server.serve_fd(device))
-            reader, writer = await open_fd_streams(controller)
-            client = Client(reader, writer)
-            assert (await client.call(SERVICE, "Echo", StringValue(value="tty"), StringValue)).value == "tty"
-            got = [
-                m.value async for m in client.server_stream(SERVICE, "Count", Int64Value(value=3), Int64Value)
-            ]
-            assert got == [0, 1, 2]
-            await client.close()
-            os.close(controller)
-            controller = -1
-            await session
-        finally:
-            await server.close()
-            os.close(device)
-            if controller >= 0:
-                os.close(controller)
-
-    run(main)
-
-
-def test_serve_on_a_connected_socket_fd() -> None:
-    async def main() -> None:
-        ours, theirs = socket.socketpair()
-        server = Server()
-        EchoService().register(server)
-        session = asyncio.create_task(server.serve_fd(theirs.fileno()))
-        client = await Client.connect_socket(ours)
-        assert (await client.call(SERVICE, "Echo", StringValue(value="sp"), StringValue)).value == "sp"
-        await client.close()
-        await session
-        theirs.close()
-        await server.close()
-
-    run(main)
-
-
-def test_serial_port_sessions_end_with_the_host() -> None:
-    """serve_serial_port serves a session while its peer is there, then goes
-    back to waiting for the next one (here a tty stands in for the port)."""
-
-    async def main() -> None:
-        controller, device = pty.openpty()
-        tty.setraw(device)
-        tty.setraw(controller)
-        path = os.ttyname(device)
-        server = Server()
-        EchoService().register(server)
-        serving = asyncio.create_task(server.serve_serial_port(path, poll_interval=0.01))
-        try:
-            reader, writer = await open_fd_streams(controller)
-            client = Client(reader, writer)
-            assert (
-                await client.call(SERVICE, "Echo", StringValue(value="port"), StringValue)
-            ).value == "port"
-            await client.close()
-        finally:
-            os.close(controller)
-            os.close(device)
-        await asyncio.sleep(0.05)
-        assert not serving.done()
-        # Closing the server ends the wait for the next host.
-        await server.close()
-        await serving
 
     run(main)

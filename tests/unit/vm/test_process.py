@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from spinbox.procstat import start_time
 from spinbox.vm.errors import VmError, VmNotRunning
 from spinbox.vm.machine import VmState
-from spinbox.vm.process import PidProcess, as_handle, process_start_time
+from spinbox.vm.process import PidProcess, as_handle
 
 
 def test_a_pid_is_watched_through_a_pidfd() -> None:
@@ -29,8 +30,8 @@ def test_a_pid_is_watched_through_a_pidfd() -> None:
 
 
 def test_start_time_tells_a_live_process() -> None:
-    assert process_start_time(os.getpid()) == process_start_time(os.getpid())
-    assert process_start_time(2**22 + 1) is None  # above pid_max: never a process
+    assert start_time(os.getpid()) == start_time(os.getpid())
+    assert start_time(2**22 + 1) is None  # above pid_max: never a process
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
