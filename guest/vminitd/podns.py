@@ -3,10 +3,10 @@
 The CRI gives a pod one IPC and one UTS namespace, and one PID namespace when
 the pod asks for it: containerd writes the sandbox's paths, /proc/<pid>/ns/<type>,
 into each further container's spec, with the pid the runtime reported for the
-sandbox. For spinbox that pid is the pause container's in the guest, so the
-path names the right namespace here; vminitd joins it only after checking that
-the pid is the init process of a container it runs (never its own or another
-process's namespaces).
+sandbox, which for spinbox is the VM's on the host (the shim checks that). Inside
+the VM the path means the namespace of the pod's sandbox, named by the spec's
+sandbox-id annotation; without one, a path whose pid is a container's init
+process in the VM names that one. vminitd joins no other process's namespaces (never its own).
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ SHAREABLE = {"ipc": "ipc", "uts": "uts", "pid": "pid"}
 _PATH = re.compile(r"^/proc/([1-9][0-9]{0,9})/ns/([a-z_]+)$")
 
 
-def pod_namespace(kind: str, path: str, inits: Mapping[int, str]) -> str:
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+
+
+def pod_namespace(kind: str, path: str, inits: Mapping[int, str], sandbox: str = "") -> str:
     """The path of a namespace of a container of this VM that `path` names, or a refusal.
 
-    `inits` maps the pid of every live container init process to its container's id."""
+    `inits` maps the pid of every live container init process to its container's id;
+    `sandbox` is the id of the pod's sandbox container the spec names, if any."""
     name = SHAREABLE.get(kind)
     if name is None:
         raise validate.InvalidRequest(
@@ -38,6 +42,8 @@ def pod_namespace(kind: str, path: str, inits: Mapping[int, str]) -> str:
             "of a container in this VM (host namespaces do not exist inside the VM)"
         )
     pid = int(match.group(1))
+    if sandbox:  # the pid is the VM's on the host, and may be anything here
+        pid = next((p for p, cid in inits.items() if cid == sandbox), 0)
     if pid not in inits:
         raise validate.InvalidRequest(
             f"the OCI spec's {kind} namespace path {path!r} names no running container of this VM "

@@ -13,7 +13,7 @@ from typing import Any
 
 from guest.vminitd import validate
 from guest.vminitd.config import RuntimeConfig
-from guest.vminitd.podns import pod_namespace
+from guest.vminitd.podns import SANDBOX_ID_ANNOTATION, pod_namespace
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import Code, TtrpcError
 
@@ -49,13 +49,15 @@ def prepare_spec(
     namespaces = linux.get("namespaces", [])
     if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
         raise validate.InvalidRequest("the OCI spec's linux.namespaces is not a list of objects")
+    annotations = doc.get("annotations")
+    sandbox = str(annotations.get(SANDBOX_ID_ANNOTATION, "")) if isinstance(annotations, dict) else ""
     kept = []
     for ns in namespaces:
         if ns.get("type") in _DROPPED_NAMESPACES:
             continue
         path = ns.pop("path", None)
         if path:
-            ns["path"] = pod_namespace(str(ns.get("type")), str(path), inits or {})
+            ns["path"] = pod_namespace(str(ns.get("type")), str(path), inits or {}, sandbox)
         kept.append(ns)
     linux["namespaces"] = kept
     sysctl = linux.get("sysctl")

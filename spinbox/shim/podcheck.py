@@ -8,6 +8,7 @@ something else (a host-network pod must never get another network)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from spinbox.shim.bootstrap import CONTAINER_TYPE_ANNOTATION
@@ -18,6 +19,7 @@ _HOST_NAMESPACES = {
     "pid": "the host's PID namespace (hostPID)",
 }
 _PROPAGATING = {"shared", "rshared", "slave", "rslave"}
+_NAMESPACE_PATH = re.compile(r"^/proc/([0-9]+)/ns/[a-z]+$")
 
 
 class PodCheckError(Exception):
@@ -55,4 +57,18 @@ def check_cri_spec(container_id: str, spec: dict[str, Any], annotations: dict[st
                 f"{what} {container_id!r} mounts {mount.get('destination')!r} with {propagation[0]} "
                 "propagation (Bidirectional or HostToContainer): mounts do not propagate between "
                 "the host and a spinbox VM"
+            )
+
+
+def check_pod_namespaces(container_id: str, spec: dict[str, Any], sandbox_pid: int) -> None:
+    """A pod container may join only its sandbox's namespaces (containerd names them by the pid
+    the shim reported for the sandbox, the VM's): the guest joins the sandbox's in the VM."""
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if not isinstance(ns, dict) or ns.get("type") == "network" or not ns.get("path"):
+            continue
+        match = _NAMESPACE_PATH.match(str(ns["path"]))
+        if match is None or int(match.group(1)) != sandbox_pid:
+            raise PodCheckError(
+                f"container {container_id!r} joins the {ns.get('type')} namespace {ns['path']!r}, "
+                "which is not its pod sandbox's: only the sandbox's namespaces exist in the pod's VM"
             )

@@ -16,9 +16,13 @@ from guest.vminitd.spec import prepare_spec
 SANDBOX_PID = 57
 
 
-def prepare(tmp_path: Path, namespaces: list[dict[str, str]], inits: dict[int, str]) -> dict[str, Any]:
+def prepare(
+    tmp_path: Path, namespaces: list[dict[str, str]], inits: dict[int, str], sandbox: str = ""
+) -> dict[str, Any]:
     config = RuntimeConfig(state_dir=tmp_path / "state", rootfs_dir=tmp_path / "rootfs")
     doc: dict[str, Any] = {"process": {"args": ["top"]}, "linux": {"namespaces": namespaces}}
+    if sandbox:
+        doc["annotations"] = {"io.kubernetes.cri.sandbox-id": sandbox}
     prepare_spec(config, "app", doc, tmp_path / "rootfs" / "app", terminal=False, inits=inits)
     return doc
 
@@ -40,6 +44,17 @@ def test_a_pod_container_joins_the_sandbox_namespaces_in_the_vm(tmp_path: Path) 
         {"type": "ipc", "path": f"/proc/{SANDBOX_PID}/ns/ipc"},
         {"type": "uts", "path": f"/proc/{SANDBOX_PID}/ns/uts"},
         {"type": "mount"},
+    ]
+
+
+def test_the_vms_host_pid_in_a_cri_path_means_the_pods_sandbox(tmp_path: Path) -> None:
+    host_pid = 80  # the VM's pid on the host, which is another container's in the guest
+    doc = prepare(tmp_path, cri_container(host_pid), {SANDBOX_PID: "pause", 80: "other"}, sandbox="pause")
+    assert [ns.get("path") for ns in doc["linux"]["namespaces"]] == [
+        f"/proc/{SANDBOX_PID}/ns/pid",
+        f"/proc/{SANDBOX_PID}/ns/ipc",
+        f"/proc/{SANDBOX_PID}/ns/uts",
+        None,
     ]
 
 
@@ -71,4 +86,4 @@ def test_a_namespace_path_that_is_no_container_of_the_vm_is_refused(
 
 def test_the_sandbox_having_exited_is_refused(tmp_path: Path) -> None:
     with pytest.raises(validate.InvalidRequest, match="its pod's sandbox has exited"):
-        prepare(tmp_path, cri_container(), {})
+        prepare(tmp_path, cri_container(4242), {80: "other"}, sandbox="pause")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from spinbox.shim.podcheck import PodCheckError, check_cri_spec
+from spinbox.shim.podcheck import PodCheckError, check_cri_spec, check_pod_namespaces
 
 POD_NAMESPACES = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                   {"type": "network", "path": "/var/run/netns/cni-1"}]  # fmt: skip
@@ -59,3 +59,10 @@ def test_propagating_mounts_are_refused(propagation: str) -> None:
 
 def test_a_container_outside_kubernetes_is_not_checked() -> None:
     check_cri_spec("ctr-host-net", spec(without("network")), {})
+
+
+def test_a_pod_container_joins_only_its_sandboxs_namespaces() -> None:
+    joined = [{"type": t, "path": f"/proc/4242/ns/{t}"} for t in ("pid", "ipc", "uts")]
+    check_pod_namespaces("app", spec([*joined, {"type": "network", "path": "/run/netns/cni-1"}]), 4242)
+    with pytest.raises(PodCheckError, match="joins the pid namespace '/proc/1/ns/pid', which is not its pod"):
+        check_pod_namespaces("app", spec([{"type": "pid", "path": "/proc/1/ns/pid"}]), 4242)
