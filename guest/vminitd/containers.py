@@ -121,6 +121,12 @@ class Containers:
         container = self.get(container_id)
         return container, container.process(exec_id)
 
+    def init_pids(self) -> dict[int, str]:
+        """The pid of every container's live init process, with the container's id."""
+        return {
+            c.init.pid: c.id for c in self.containers.values() if c.init.pid and not c.init.exited.is_set()
+        }
+
     # Lifecycle
 
     async def create(self, req: pb.CreateContainerRequest) -> Container:
@@ -131,7 +137,7 @@ class Containers:
         rootfs = self.config.rootfs_dir / cid
         if not rootfs.is_dir():
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid} has no rootfs: mount it first")
-        prepare_spec(self.config, cid, doc, rootfs, req.io.terminal)
+        prepare_spec(self.config, cid, doc, rootfs, req.io.terminal, self.init_pids())
         check_program(rootfs, doc, doc["process"], f"container {cid}")
         try:
             write_bind_files(self.binds, cid, doc, req.files)

@@ -7,12 +7,13 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from guest.vminitd import validate
 from guest.vminitd.config import RuntimeConfig
+from guest.vminitd.podns import SANDBOX_ID_ANNOTATION, pod_namespace
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import Code, TtrpcError
 
@@ -25,10 +26,16 @@ _NET_SYSCTL = re.compile(r"^net(\.[A-Za-z0-9_-]+)+$")
 
 
 def prepare_spec(
-    config: RuntimeConfig, container_id: str, doc: dict[str, Any], rootfs: Path, terminal: bool
+    config: RuntimeConfig,
+    container_id: str,
+    doc: dict[str, Any],
+    rootfs: Path,
+    terminal: bool,
+    inits: Mapping[int, str] | None = None,
 ) -> None:
-    """Rewrites a container's OCI spec for the guest: its rootfs, terminal, cgroup and namespaces;
-    hooks (run on the host) and network sysctls (set on the VM's namespace) leave it."""
+    """Rewrites a container's OCI spec for the guest: its rootfs, terminal, cgroup and namespaces
+    (a path joins the namespace of another container in the VM: `inits` maps their init pids to
+    their ids); hooks (run on the host) and network sysctls (set on the VM's namespace) leave it."""
     readonly = bool(doc.get("root", {}).get("readonly", False))
     doc["root"] = {"path": str(rootfs), "readonly": readonly}
     doc["process"]["terminal"] = terminal
@@ -42,11 +49,15 @@ def prepare_spec(
     namespaces = linux.get("namespaces", [])
     if not isinstance(namespaces, list) or not all(isinstance(n, dict) for n in namespaces):
         raise validate.InvalidRequest("the OCI spec's linux.namespaces is not a list of objects")
+    annotations = doc.get("annotations")
+    sandbox = str(annotations.get(SANDBOX_ID_ANNOTATION, "")) if isinstance(annotations, dict) else ""
     kept = []
     for ns in namespaces:
         if ns.get("type") in _DROPPED_NAMESPACES:
             continue
-        ns.pop("path", None)
+        path = ns.pop("path", None)
+        if path:
+            ns["path"] = pod_namespace(str(ns.get("type")), str(path), inits or {}, sandbox)
         kept.append(ns)
     linux["namespaces"] = kept
     sysctl = linux.get("sysctl")

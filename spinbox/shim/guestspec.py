@@ -4,6 +4,7 @@ version crun accepts, and host files of bind mounts carried along."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from spinbox.api.proto import agent_pb2
@@ -14,6 +15,9 @@ log = logging.getLogger(__name__)
 # The newest runtime-spec version the guest's crun accepts (crun 1.8 refuses
 # anything but 1.0.x; the fields spinbox passes on are all in 1.0).
 GUEST_OCI_VERSION = "1.0.2"
+# The VM's own shared memory tmpfs: a pod's (or an IPC-sharing group's) /dev/shm on the host is a
+# directory its containers bind, and the VM, which is the pod, has one of its own to bind instead.
+GUEST_SHM = "/dev/shm"
 
 
 def is_bind(mount: object) -> bool:
@@ -31,7 +35,9 @@ def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.Bind
     for all of them; nerdctl's and the
     CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname) keeps its place and
     options; the file's content travels along and the guest binds its own
-    copy. Other host bind mounts (directories, larger files) do not exist in
+    copy. A host directory bound at /dev/shm (the CRI's pod shared memory) becomes
+    the VM's own /dev/shm, which all the pod's containers share. Other host bind
+    mounts (directories, larger files) do not exist in
     the VM: they are left out with a log line rather than failing the container.
     """
     guest = dict(spec)
@@ -46,6 +52,9 @@ def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.Bind
     for m in mounts:
         if not is_bind(m):
             kept.append(m)
+            continue
+        if m.get("destination") == GUEST_SHM and Path(str(m.get("source") or "")).is_dir():
+            kept.append({**m, "source": GUEST_SHM})
             continue
         file = read_bind_file(str(m.get("source") or ""))
         if not isinstance(file, str) and total + len(file.content) > BIND_FILES_TOTAL:

@@ -29,6 +29,7 @@ from spinbox.shim.errors import (
 )
 from spinbox.shim.exits import now, stamp
 from spinbox.shim.hooks import HookError, run_hooks, split_hooks, state_json
+from spinbox.shim.podcheck import PodCheckError, check_cri_spec, check_pod_namespaces
 from spinbox.shim.process import Process, Status
 from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import Empty, events, task, task_types
@@ -98,9 +99,10 @@ class TaskService:
             sizing = sizing_from_spec(spec)
             hooks, guest_spec = split_hooks(spec)
             stdio = StdioConfig.parse(req.stdin, req.stdout, req.stderr, req.terminal)
-        except (SizingError, HookError, StdioError) as error:
+            annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
+            check_cri_spec(req.id, spec, annotations)
+        except (SizingError, HookError, StdioError, PodCheckError) as error:
             raise invalid(str(error)) from None
-        annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION, "")
         self._creating.add(req.id)
         try:
@@ -110,6 +112,10 @@ class TaskService:
                     raise precondition(
                         f"container {req.id!r} belongs to pod {sandbox!r}, which this shim does not run"
                     )
+                try:
+                    check_pod_namespaces(req.id, spec, pod.vm.pid)
+                except PodCheckError as error:
+                    raise invalid(str(error)) from None
                 container = await self.creator.in_pod(req, spec, guest_spec, hooks, stdio, pod)
             else:
                 container = await self.creator.in_new_vm(
