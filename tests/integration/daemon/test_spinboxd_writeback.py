@@ -34,7 +34,7 @@ def sync(systemd: PrivateSystemd, path: str, check: bool = True) -> str:
     return result.stderr
 
 
-def test_writeback_is_a_checked_stream_and_survives_a_killed_qemu(spinbox: PrivateSystemd) -> None:
+def test_writeback_is_a_checked_stream_never_a_host_mount(spinbox: PrivateSystemd) -> None:
     root = "/var/lib/containerd/spinbox-test-wb"
     with snapshot(spinbox, "wb") as rootfs:
         lower = busybox_rootfs(spinbox.path(f"{root}/1/fs"))
@@ -75,17 +75,32 @@ def test_writeback_is_a_checked_stream_and_survives_a_killed_qemu(spinbox: Priva
             assert "/big" in error
             assert sorted(str(p.relative_to(upper)) for p in upper.rglob("*")) == before
             assert sorted(p.name for p in upper.parent.iterdir()) == ["fs", "work"]
-            run(f"{BB} rm /big")
 
-            # Written and synced in the guest, then QEMU dies: a helper VM reads the layer's disk.
-            run(f"echo late > /late && {BB} sync")
+            # Stop: the guest sends the layer one last time, without a SyncRootfs before.
+            run(f"{BB} rm /big && echo final > /final")
+            busctl(spinbox, "--timeout=300", "call", BUS, path, VM_IFACE, "Stop", "t", "30000")
+        assert watch.polls > 100
+        assert watch.seen_for("/vms/vm-wb/") == []
+        assert (upper / "final").read_text() == "final\n"
+        assert not (upper / "big").exists()
+        assert "helper VM" not in spinbox.journal("-u", "spinbox.service", "-o", "cat")
+
+
+def test_the_synced_writes_of_a_killed_qemu_are_read_by_a_helper_vm(spinbox: PrivateSystemd) -> None:
+    root = "/var/lib/containerd/spinbox-test-wbkill"
+    with snapshot(spinbox, "wbkill") as rootfs:
+        busybox_rootfs(spinbox.path(f"{root}/1/fs"))
+        upper = spinbox.path(f"{root}/2/fs")
+        agent = "unix:" + str(spinbox.path("/run/spinbox/vm/vm-wbkill/agent.sock"))
+        with HostMountWatch(spinbox, "vm-wbkill") as watch:
+            path = create(spinbox, "vm-wbkill", rootfs, ("container-id", "s", "box"))
+            script = f"echo late > /late && {BB} sync"
+            assert asyncio.run(run_in_guest(agent, "box", BB, "sh", "-c", script)) == 0
             pid = get_property(spinbox, path, VM_IFACE, "Pid")
             spinbox.run("kill", "-KILL", str(pid))
-            spinbox.wait_for("the VM to be released", lambda: leftovers(spinbox) == NOTHING, timeout=300)
-        assert watch.polls > 100
-        assert watch.seen == []
+            spinbox.wait_for("the VM to be released", lambda: leftovers(spinbox) == NOTHING, timeout=400)
+        assert watch.seen_for("/vms/vm-wbkill/") == []
         assert (upper / "late").read_text() == "late\n"
-        assert (upper / "data").read_text() == "bbbb\n"
         journal = spinbox.journal("-u", "spinbox.service", "-o", "cat")
-        assert "reading it with a helper VM" in journal
-        assert "was written back by a helper VM" in journal
+        assert "VM vm-wbkill ended before its guest sent the writable layer of container box" in journal
+        assert "VM vm-wbkill: the writable layer of container box was written back by a helper VM" in journal
