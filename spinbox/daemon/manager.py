@@ -79,6 +79,13 @@ class Vm:
         return self.state.phase
 
 
+@dataclass
+class CreateProgress:
+    """The step a VM's creation is in, for the error its deadline gives."""
+
+    step: str = "checking the request"
+
+
 class VmManager:
     def __init__(
         self,
@@ -140,10 +147,27 @@ class VmManager:
         task = asyncio.current_task()
         if task is not None:
             self._creating.add(task)
+        progress = CreateProgress()
+        deadline = self.config.timeouts.create
         try:
-            return await self._create(request, runtime_dir)
+            async with asyncio.timeout(deadline) as scope:
+                return await self._create(request, runtime_dir, progress)
         except SpinboxError:
             raise
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            logs = scope_name(vm_id) if vm_id in self._launched else "spinbox.service"
+            log.error(
+                "VM %s: %s did not finish within timeouts.create (%gs); undone",
+                vm_id,
+                progress.step,
+                deadline,
+            )
+            raise Failed(
+                f"VM {vm_id!r} was not created within {deadline:g}s (timeouts.create): {progress.step} "
+                f"did not finish; what the VM had taken was given back (logs: journalctl -u {logs})"
+            ) from None
         except Exception as e:
             log.exception("creating VM %s failed", vm_id)
             # Before QEMU started (storage, network), only spinboxd's own log says more.
@@ -155,7 +179,7 @@ class VmManager:
             if task is not None:
                 self._creating.discard(task)
 
-    async def _create(self, request: VmRequest, runtime_dir: Path) -> Vm:
+    async def _create(self, request: VmRequest, runtime_dir: Path, progress: CreateProgress) -> Vm:
         vm_id = request.id
         scope = scope_name(vm_id)
         started = time.monotonic()
@@ -195,6 +219,7 @@ class VmManager:
             undo.push_async_callback(self.backend.teardown_network, vm_id)
             state.save(runtime_dir)
 
+            progress.step = "preparing the rootfs"
             rootfs: Rootfs | None = None
             disks: list[Any] = []
             mount = None
@@ -208,6 +233,7 @@ class VmManager:
                 disks = list(disk_list)
             mark("storage")
 
+            progress.step = "setting up the network"
             network, nics = await self.backend.setup_network(request)
             undo.callback(network.close)
             mark("network")
@@ -217,6 +243,7 @@ class VmManager:
             forwarder.start_fifo()
             undo.push_async_callback(forwarder.stop)
 
+            progress.step = "starting QEMU in its scope"
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             self._launched.add(vm_id)
@@ -232,7 +259,9 @@ class VmManager:
             forwarder.sink.pid = machine.pid
             forwarder.start_sockets(machine.console_socket, machine.log_socket)
 
+            progress.step = "waiting for the guest's agent"
             await machine.wait_ready(self.config.vm.boot_timeout)
+            progress.step = "configuring the guest (network, rootfs mount)"
             mark("agent-ready")
             state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network.guest, mount))
             mark("guest-configured")
