@@ -107,6 +107,8 @@ class VmManager:
         # VMs being created whose QEMU (and so its scope and logs) was started.
         self._launched: set[str] = set()
         self._creating: set[asyncio.Task[Any]] = set()
+        # The task creating each VM id, for those who must wait for its outcome.
+        self._creating_ids: dict[str, asyncio.Task[Any]] = {}
         self._on_count_changed = on_count_changed
 
     # -- queries ------------------------------------------------------------
@@ -117,6 +119,16 @@ class VmManager:
         if vm is None:
             raise NotFound(f"there is no VM {vm_id!r}")
         return vm
+
+    async def settled(self, vm_id: str) -> Vm:
+        """The VM, once a creation of it in progress has ended (NotFound if it failed).
+        A caller who gave up on a CreateVM finds the VM this way to remove it,
+        instead of missing a VM that was still being created."""
+        check_vm_id(vm_id)
+        task = self._creating_ids.get(vm_id)
+        if task is not None:
+            await asyncio.wait({task})
+        return self.get(vm_id)
 
     def _count_changed(self) -> None:
         self._on_count_changed(len(self.vms))
@@ -147,6 +159,7 @@ class VmManager:
         task = asyncio.current_task()
         if task is not None:
             self._creating.add(task)
+            self._creating_ids[vm_id] = task
         progress = CreateProgress()
         deadline = self.config.timeouts.create
         try:
@@ -178,6 +191,7 @@ class VmManager:
             self._reserved.discard(vm_id)
             if task is not None:
                 self._creating.discard(task)
+                self._creating_ids.pop(vm_id, None)
 
     async def _create(self, request: VmRequest, runtime_dir: Path, progress: CreateProgress) -> Vm:
         vm_id = request.id

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from spinbox.config import Config, TimeoutsConfig
-from spinbox.daemon.errors import Failed
+from spinbox.daemon.errors import Failed, NotFound
 from spinbox.daemon.manager import VmManager
 from spinbox.daemon.options import VmRequest
 
@@ -98,3 +98,27 @@ def test_a_guest_that_never_answers_fails_the_create_within_its_deadline(tmp_pat
     assert list((tmp_path / "vm").glob("*")) == []
     # The id is free again: a second create is not refused as a duplicate.
     assert "silent" not in manager._reserved
+
+
+def test_getvm_of_a_vm_being_created_answers_once_the_creation_ended(tmp_path: Path) -> None:
+    backend = StubBackend()
+    config = Config(timeouts=TimeoutsConfig(create=1.0))
+    manager = VmManager(config, StubSystemd(), backend, tmp_path, storage_dir=tmp_path / "s")  # type: ignore[arg-type]
+    request = VmRequest("late", 1, 256, (), "late", None, (), ())
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        create = asyncio.create_task(manager.create(request))
+        while "qemu" not in backend.taken:
+            await asyncio.sleep(0.01)
+        asked = loop.time()
+        # Not "no such VM" while spinboxd still holds it: the answer waits.
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(manager.settled("late"), 10)
+        with pytest.raises(Failed):
+            await create
+        return loop.time() - asked
+
+    waited = asyncio.run(scenario())
+    assert waited > 0.3
+    assert backend.taken == []
