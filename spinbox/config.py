@@ -53,6 +53,8 @@ CONFIG_PATH = Path("/etc/spinbox/spinbox.toml")
 DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
 ACCELS = ("auto", "kvm", "tcg")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The shim waits 900 s for CreateVM (spinbox.shim.spinboxd.CREATE_TIMEOUT).
+CREATE_TIMEOUT_MAX = 840.0
 
 
 class ConfigError(ValueError):
@@ -193,6 +195,11 @@ def validate(config: Config) -> None:
     _positive("storage.upper_size_mib", config.storage.upper_size_mib)
     for key in ("create", "systemd_job", "agent_call", "virtiofsd_start"):
         _positive(f"timeouts.{key}", getattr(config.timeouts, key))
+    if config.timeouts.create > CREATE_TIMEOUT_MAX:
+        raise ConfigError(
+            f"timeouts.create must not exceed {CREATE_TIMEOUT_MAX:g} (the shim's own deadline), "
+            f"not {config.timeouts.create:g}"
+        )
     if config.daemon.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"daemon.log_level must be one of {', '.join(LOG_LEVELS)}, not {config.daemon.log_level!r}"
