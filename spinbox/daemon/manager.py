@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -19,6 +18,8 @@ from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
+from spinbox.daemon.keep import KeptStorage, keep_or_remove, name_orphans
+from spinbox.daemon.leftover import remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_vm_id, escape_path_element
 from spinbox.daemon.process import pid_alive
@@ -60,6 +61,8 @@ class Vm:
     # Containers whose writable layer the guest sent for good at stop, and what failed there.
     exported: set[str] = field(default_factory=set)
     writeback_errors: list[str] = field(default_factory=list)
+    # Containers whose writable layer could not be written back: kept, never released.
+    unwritten: set[str] = field(default_factory=set)
 
     def rootfses(self) -> dict[str, Rootfs]:
         """Every rootfs of the VM by container id, a pod's further containers' too."""
@@ -110,6 +113,7 @@ class VmManager:
         # The task creating each VM id, for those who must wait for its outcome.
         self._creating_ids: dict[str, asyncio.Task[Any]] = {}
         self._on_count_changed = on_count_changed
+        self.kept = KeptStorage()
 
     # -- queries ------------------------------------------------------------
 
@@ -395,12 +399,16 @@ class VmManager:
             if vm.phase not in ("running", "paused"):
                 raise Failed(f"VM {vm.id!r} is {vm.phase}")
             errors = []
+            written = True
             if rootfs.writable:
                 try:
                     await self.backend.export_upper(vm.machine, container_id, rootfs)
                 except Exception as e:
-                    log.exception("writing back the rootfs of %s failed", container_id)
+                    log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
                     errors.append(f"writeback: {e}")
+                    written = False
+                    # Its files stay (never deleted unread), and so does the VM's storage.
+                    vm.unwritten.add(container_id)
             try:
                 await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
             except Exception as e:
@@ -414,7 +422,8 @@ class VmManager:
                 except Exception as e:
                     errors.append(f"disk {serial}: {e}")
             try:
-                await rootfs.release()
+                if written:
+                    await rootfs.release()
             except Exception as e:
                 errors.append(f"storage: {e}")
             del vm.added[container_id]
@@ -441,9 +450,16 @@ class VmManager:
                         await vm.machine.resume()
                     for container_id, rootfs in vm.rootfses().items():
                         await self._export_at_stop(vm, container_id, rootfs)
-                        with contextlib.suppress(Exception):
+                        try:
                             await asyncio.wait_for(
                                 self.backend.quiesce_guest(vm.machine, container_id, unmount=True), timeout
+                            )
+                        except Exception as e:
+                            log.warning(
+                                "VM %s: the guest did not unmount the rootfs of %s: %s",
+                                vm.id,
+                                container_id,
+                                e,
                             )
                     await vm.machine.shutdown(timeout)
             except Exception:
@@ -468,6 +484,7 @@ class VmManager:
             log.error("VM %s: the writable layer of %s: %s", vm.id, container_id, e)
             vm.writeback_errors.append(f"writeback of container {container_id!r}: {e}")
             vm.exported.add(container_id)
+            vm.unwritten.add(container_id)
         else:
             vm.exported.add(container_id)
 
@@ -504,6 +521,7 @@ class VmManager:
             self._set_phase(vm, "stopping")
         await vm.forwarder.stop()
         errors = list(vm.writeback_errors)
+        unwritten = set(vm.unwritten)
         rootfses = vm.rootfses()
         unsent = {
             cid: rootfs for cid, rootfs in rootfses.items() if rootfs.writable and cid not in vm.exported
@@ -518,7 +536,10 @@ class VmManager:
             except Exception as e:
                 log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm.id)
                 errors.append(f"writeback of container {container_id!r}: {e}")
-        for rootfs in rootfses.values():
+                unwritten.add(container_id)
+        for container_id, rootfs in rootfses.items():
+            if container_id in unwritten:
+                continue  # its files stay: never deleted unread
             try:
                 await rootfs.release()
             except Exception as e:
@@ -528,8 +549,7 @@ class VmManager:
                 await self.backend.teardown_network(vm.id)
             except Exception as e:
                 errors.append(f"network: {e}")
-        if vm.state.storage_dir:
-            await asyncio.to_thread(remove_tree, Path(vm.state.storage_dir))
+        await keep_or_remove(self.kept, vm.state.storage_dir, vm.id, unwritten)
         await self.systemd.stop_unit(vm.state.scope)
         await self.systemd.wait_gone(vm.state.scope)
         shutil.rmtree(vm.runtime_dir, ignore_errors=True)
@@ -600,6 +620,7 @@ class VmManager:
             state.save(directory)  # in this release's layout (an upgrade may have left two files)
             self._adopt(vm)
             log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
+        name_orphans(self.storage_dir, self.vms, self.kept)
         try:
             await self.backend.collect_network_leftovers(sorted(self.vms))
         except Exception:
@@ -610,34 +631,4 @@ class VmManager:
             log.exception("collecting storage leftovers failed")
 
     async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
-        if (
-            state is not None
-            and state.pid
-            and pid_alive(state.pid)
-            and await self.systemd.scope_of_pid(state.pid) == state.scope
-        ):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
-        try:
-            check_vm_id(vm_id)
-            await self.systemd.stop_unit(scope_name(vm_id))
-            await self.systemd.wait_gone(scope_name(vm_id))
-            await self.backend.teardown_network(vm_id)
-        except Exception:
-            log.exception("cleaning up after VM %s failed", vm_id)
-        if state is not None and state.storage_dir:
-            for container_id in [state.container_id, *state.added_rootfs]:
-                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
-                if rootfs is None:
-                    continue
-                if rootfs.writable:
-                    try:
-                        await self._write_back_with_helper(vm_id, container_id, rootfs)
-                    except Exception:
-                        log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm_id)
-                with contextlib.suppress(Exception):
-                    await rootfs.release()
-            # Unmount-first: a mount a crash left must neither block the removal
-            # nor have its source's files removed through it.
-            await asyncio.to_thread(remove_tree, Path(state.storage_dir))
-        shutil.rmtree(directory, ignore_errors=True)
+        await remove_leftover(self, vm_id, state, directory)

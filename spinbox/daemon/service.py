@@ -238,6 +238,10 @@ class ManagerInterface(DocumentedInterface):
         return self.accelerator
 
     @dbus_property(access=PropertyAccess.READ)
+    def Leftovers(self) -> "as":
+        return self.manager.kept.listed()
+
+    @dbus_property(access=PropertyAccess.READ)
     def Defaults(self) -> "a{sv}":
         vm = self.config.vm
         return {
