@@ -47,6 +47,7 @@ class StubNetwork:
 class StubBackend:
     def __init__(self) -> None:
         self.taken: list[str] = []
+        self.launched = asyncio.Event()
 
     def accelerator(self) -> str:
         return "tcg"
@@ -61,6 +62,7 @@ class StubBackend:
 
     async def launch(self, request: VmRequest, runtime_dir: Path, disks: Any, nics: Any, spawn: Any) -> Any:
         self.taken.append("qemu")
+        self.launched.set()
         return SilentMachine(self.taken)
 
 
@@ -109,8 +111,7 @@ def test_getvm_of_a_vm_being_created_answers_once_the_creation_ended(tmp_path: P
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
         create = asyncio.create_task(manager.create(request))
-        while "qemu" not in backend.taken:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(backend.launched.wait(), 10)
         asked = loop.time()
         # Not "no such VM" while spinboxd still holds it: the answer waits.
         with pytest.raises(NotFound):
