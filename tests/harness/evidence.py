@@ -1,6 +1,7 @@
 """What a failed test leaves for whoever reads its report: the private
 systemd's journal (export format, readable with `journalctl --file` after
-`systemd-journal-remote`, or as text) and spinboxd's state directories.
+`systemd-journal-remote`, or as text), spinboxd's state directories, and the
+namespace's units, mounts, processes, links and iptables rules.
 
 Everything is taken from the namespace while it still runs, before the
 session's teardown kills it, and lands under the test artifacts directory in
@@ -105,6 +106,10 @@ def save_evidence(systemd: PrivateSystemd, base: Path, name: str) -> Path:
     (target / "mounts.txt").write_text(mounts.stdout)
     processes = systemd.run("ps", "-eo", "pid,ppid,stat,etime,rss,args", check=False, timeout=30)
     (target / "processes.txt").write_text(processes.stdout)
+    rules = systemd.run("iptables-save", check=False, timeout=30)
+    (target / "iptables.txt").write_text(rules.stdout + rules.stderr)
+    links = systemd.run("ip", "-d", "link", "show", check=False, timeout=30)
+    (target / "links.txt").write_text(links.stdout)
     if problems:
         (target / "problems.txt").write_text("\n".join(problems) + "\n")
     return target
