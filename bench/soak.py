@@ -162,7 +162,8 @@ def main() -> int:
             count = min(args.at_once, args.lifecycles - done)
             failures += batch(containerd, [f"soak{done + n}" for n in range(count)])
             done += count
-            if done % args.every == 0 or done == args.lifecycles:
+            # After the batch that reached (or passed) each multiple of --every.
+            if done // args.every > (done - count) // args.every or done == args.lifecycles:
                 columns.append((str(done), settle(systemd, baseline)))
                 print(f"{done} lifecycles after {time.monotonic() - started:.0f} s", file=sys.stderr)
         final = columns[-1][1]
