@@ -103,9 +103,9 @@ class AgentClient:
         deadline = self.deadline(method)
         if deadline is None:
             return await call
-        # Kept on the host, not sent as the request's timeout: a guest's clock
-        # under TCG on a busy host runs fast, and the guest then ended calls
-        # long before their deadline.
+        # Kept on the host, not sent as the request's timeout: the guest measures
+        # a sent timeout with its own clock, and a TCG guest on a busy host was
+        # seen ending a 60 s CreateContainer after 37 s of the host's time.
         try:
             async with asyncio.timeout(deadline) as scope:
                 return await call
