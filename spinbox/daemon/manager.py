@@ -18,11 +18,10 @@ from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
-from spinbox.daemon.keep import KeptStorage, keep_or_remove, name_orphans
-from spinbox.daemon.leftover import remove_leftover
+from spinbox.daemon.keep import KeptStorage, keep_or_remove
+from spinbox.daemon.leftover import recover, remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_vm_id, escape_path_element
-from spinbox.daemon.process import pid_alive
 from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
@@ -582,53 +581,7 @@ class VmManager:
 
     async def recover(self) -> None:
         """Re-adopt the VMs a previous spinboxd left running; clean up the rest."""
-        vm_root = self.run_dir / "vm"
-        vm_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for directory in sorted(vm_root.iterdir()):
-            try:
-                state = VmState.load(directory)
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("removing %s: unreadable VM state (%s)", directory, e)
-                await self._remove_leftover(directory.name, None, directory)
-                continue
-            alive = (
-                state.phase in ("running", "paused")
-                and state.pid > 0
-                and pid_alive(state.pid)
-                and await self.systemd.scope_of_pid(state.pid) == state.scope
-            )
-            if not alive:
-                log.warning("cleaning up VM %s left %s by a previous spinboxd", state.id, state.phase)
-                await self._remove_leftover(state.id, state, directory)
-                continue
-            try:
-                machine = await self.backend.attach(directory)
-            except Exception:
-                log.exception("cannot re-adopt VM %s; stopping it", state.id)
-                await self._remove_leftover(state.id, state, directory)
-                continue
-            forwarder = self._forwarder(state.id, directory, machine)
-            rootfs = None
-            added: dict[str, Rootfs] = {}
-            if state.storage_dir:
-                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
-                for container_id in state.added_rootfs:
-                    restored = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
-                    if restored is not None:
-                        added[container_id] = restored
-            vm = Vm(state, directory, machine, rootfs, forwarder, added=added)
-            state.save(directory)  # in this release's layout (an upgrade may have left two files)
-            self._adopt(vm)
-            log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
-        name_orphans(self.storage_dir, self.vms, self.kept)
-        try:
-            await self.backend.collect_network_leftovers(sorted(self.vms))
-        except Exception:
-            log.exception("collecting network leftovers failed")
-        try:
-            await self.backend.collect_storage_leftovers()
-        except Exception:
-            log.exception("collecting storage leftovers failed")
+        await recover(self)
 
     async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
         await remove_leftover(self, vm_id, state, directory)
