@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e soak lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -23,6 +23,12 @@ test-integration: setup
 
 test-e2e: setup
 	$(PYTEST) -m e2e tests
+
+# The whole soak: four creates at once, five rounds, containerd 1.6 and 2.x, ctr
+# and CRI pods (`make test` runs two rounds of it). bench/soak counts leftovers
+# over 200 lifecycles.
+soak: setup
+	SPINBOX_SOAK_ROUNDS=5 $(PYTEST) tests/e2e/test_soak.py
 
 lint: setup
 	$(PYTEST) tests/unit/test_lint.py

@@ -7,6 +7,7 @@ vsock. Failures arrive as `spinbox.ttrpc.TtrpcError` with the agent's sentence.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,9 +16,19 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from spinbox.api.proto import agent_pb2 as pb
-from spinbox.ttrpc import Client
+from spinbox.ttrpc import Client, Code, TtrpcError
 
 SERVICE = "spinbox.agent.v1.Agent"
+
+# Every call but Wait (which lasts as long as the process it waits for) has a
+# deadline: the agent answers in milliseconds, crun in well under a second.
+# A call past its deadline fails with DEADLINE_EXCEEDED naming the method.
+CALL_TIMEOUT = 60.0
+# Ping's bound is the boot timeout of the wait for a new VM's agent.
+NO_DEADLINE = frozenset({"Wait", "Ping"})
+# Writing a container's files to disk may take a while on a slow host.
+SLOW_CALLS = frozenset({"SyncRootfs", "UnmountRootfs", "Shutdown"})
+SLOW_FACTOR = 5
 
 R = TypeVar("R", bound=Message)
 
@@ -51,18 +62,25 @@ class AgentAddress:
 class AgentClient:
     """A connection to one guest agent. Use `await AgentClient.connect(address)`."""
 
-    def __init__(self, client: Client, address: str = "") -> None:
+    def __init__(self, client: Client, address: str = "", call_timeout: float = CALL_TIMEOUT) -> None:
         self.client = client
         self.address = address
+        self.call_timeout = call_timeout
 
     @classmethod
-    async def connect(cls, address: str) -> AgentClient:
+    async def connect(cls, address: str, call_timeout: float = CALL_TIMEOUT) -> AgentClient:
         parsed = AgentAddress.parse(address)
         if parsed.kind == "unix":
             client = await Client.connect_unix(parsed.path)
         else:
             client = await Client.connect_vsock(parsed.cid, parsed.port)
-        return cls(client, str(parsed))
+        return cls(client, str(parsed), call_timeout)
+
+    def deadline(self, method: str) -> float | None:
+        """Seconds `method` may take (None: no deadline)."""
+        if method in NO_DEADLINE:
+            return None
+        return self.call_timeout * (SLOW_FACTOR if method in SLOW_CALLS else 1)
 
     async def close(self) -> None:
         await self.client.close()
@@ -81,7 +99,22 @@ class AgentClient:
         metadata: Mapping[str, str] | None = None,
     ) -> R:
         md = {k: [v] for k, v in metadata.items()} if metadata else None
-        return await self.client.call(SERVICE, method, request, response_type, metadata=md)
+        call = self.client.call(SERVICE, method, request, response_type, metadata=md)
+        deadline = self.deadline(method)
+        if deadline is None:
+            return await call
+        # Kept on the host, not sent as the request's timeout: the guest measures
+        # a sent timeout with its own clock, and a TCG guest on a busy host was
+        # seen ending a 60 s CreateContainer after 37 s of the host's time.
+        try:
+            async with asyncio.timeout(deadline) as scope:
+                return await call
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise TtrpcError(
+                Code.DEADLINE_EXCEEDED, f"{SERVICE}/{method}: the guest did not answer within {deadline:g} s"
+            ) from None
 
     # VM-level plumbing.
 

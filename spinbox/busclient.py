@@ -4,6 +4,7 @@ spinboxd through it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,10 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.busnames import BUS_NAME, ERROR_PREFIX, PROPERTIES_IFACE
+
+# A call spinboxd has not answered in this long fails (spinboxd answers
+# within its own deadlines; this one is for a spinboxd that hangs).
+CALL_TIMEOUT = 120.0
 
 
 class SpinboxdError(Exception):
@@ -58,7 +63,13 @@ class BusClient:
         self.bus.disconnect()
 
     async def call(
-        self, path: str, interface: str, member: str, signature: str = "", body: Sequence[Any] = ()
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        timeout: float = CALL_TIMEOUT,  # noqa: ASYNC109
     ) -> list[Any]:
         message = Message(
             destination=BUS_NAME,
@@ -70,7 +81,13 @@ class BusClient:
         )
         if not self.bus.connected:
             self.bus = await connect_bus(self.bus_address)
-        reply = await self.bus.call(message)
+        try:
+            reply = await asyncio.wait_for(self.bus.call(message), timeout)
+        except TimeoutError:
+            what = f" for {body[0]}" if body and isinstance(body[0], str) and member != "GetAll" else ""
+            raise SpinboxdError(
+                "Timeout", f"spinboxd did not answer {member}{what} within {timeout:g}s (object {path})"
+            ) from None
         if reply is None:
             raise SpinboxdError("NoReply", f"spinboxd did not answer {member}")
         if reply.message_type == MessageType.ERROR:

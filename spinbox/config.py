@@ -31,6 +31,12 @@ errors that name the key, so a typo never silently means "default".
 
     [daemon]
     log_level = "info"        # debug, info, warning, error
+
+    [timeouts]                # seconds; each names the step and the VM when it fires
+    create = 300              # a whole CreateVM: storage, network, boot, guest setup
+    systemd_job = 30          # each systemd call and job (a VM scope started or stopped)
+    agent_call = 60           # each call spinboxd makes to a guest's agent (5x for sync/unmount)
+    virtiofsd_start = 30      # a VM's virtiofsd until its socket is ready
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ CONFIG_PATH = Path("/etc/spinbox/spinbox.toml")
 DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
 ACCELS = ("auto", "kvm", "tcg")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The shim waits 900 s for CreateVM (spinbox.shim.spinboxd.CREATE_TIMEOUT).
+CREATE_TIMEOUT_MAX = 840.0
 
 
 class ConfigError(ValueError):
@@ -91,12 +99,21 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class TimeoutsConfig:
+    create: float = 300.0
+    systemd_job: float = 30.0
+    agent_call: float = 60.0
+    virtiofsd_start: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     # [network] as written; spinbox.net validates it (NetConfig.from_table).
     network: tuple[tuple[str, Any], ...] = ()
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
     @property
     def network_table(self) -> dict[str, Any]:
@@ -107,6 +124,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "vm": VmConfig,
     "storage": StorageConfig,
     "daemon": DaemonConfig,
+    "timeouts": TimeoutsConfig,
 }
 
 
@@ -175,6 +193,13 @@ def validate(config: Config) -> None:
     if not config.storage.layer_cache.startswith("/"):
         raise ConfigError(f"storage.layer_cache must be an absolute path, not {config.storage.layer_cache!r}")
     _positive("storage.upper_size_mib", config.storage.upper_size_mib)
+    for key in ("create", "systemd_job", "agent_call", "virtiofsd_start"):
+        _positive(f"timeouts.{key}", getattr(config.timeouts, key))
+    if config.timeouts.create > CREATE_TIMEOUT_MAX:
+        raise ConfigError(
+            f"timeouts.create must not exceed {CREATE_TIMEOUT_MAX:g} (the shim's own deadline), "
+            f"not {config.timeouts.create:g}"
+        )
     if config.daemon.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"daemon.log_level must be one of {', '.join(LOG_LEVELS)}, not {config.daemon.log_level!r}"

@@ -206,7 +206,8 @@ class PortLogHandler(logging.Handler):
             if len(self.lines) == self.lines.maxlen:
                 self.dropped += 1
             self.lines.append(f"<{priority(record.levelno)}>{text}\n".encode(errors="replace"))
-            if self._loop is not None and self._wake is not None:
+            # After the loop ended (PID 1 powering off) the line stays for the console only.
+            if self._loop is not None and self._wake is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._wake.set)
         except Exception:
             self.handleError(record)

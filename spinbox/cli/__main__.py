@@ -193,6 +193,8 @@ async def cmd_check(address: str | None, config_path: Path) -> int:
         client = await Spinboxd.connect(address)
         props = await client.properties(MANAGER_PATH, MANAGER_IFACE)
         rows.append(["spinboxd", "ok", f"version {props['Version']}, accelerator {props['Accelerator']}"])
+        for sentence in props.get("Leftovers", []):
+            rows.append(["leftover", "warn", str(sentence)])
     except SpinboxdError as e:
         rows.append(["spinboxd", "FAIL", f"not reachable: {e.message}"])
     print(table(["CHECK", "RESULT", "DETAIL"], rows))

@@ -56,7 +56,7 @@ class Daemon:
             bus = await MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM).connect()
         else:
             bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        systemd = SystemdManager(bus)
+        systemd = SystemdManager(bus, self.config.timeouts.systemd_job)
         await systemd.subscribe()
 
         accelerator = self.backend.accelerator()

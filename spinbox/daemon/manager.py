@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -19,9 +18,10 @@ from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
+from spinbox.daemon.keep import KeptStorage, keep_or_remove
+from spinbox.daemon.leftover import recover, remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_vm_id, escape_path_element
-from spinbox.daemon.process import pid_alive
 from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
@@ -60,6 +60,8 @@ class Vm:
     # Containers whose writable layer the guest sent for good at stop, and what failed there.
     exported: set[str] = field(default_factory=set)
     writeback_errors: list[str] = field(default_factory=list)
+    # Containers whose writable layer could not be written back: kept, never released.
+    unwritten: set[str] = field(default_factory=set)
 
     def rootfses(self) -> dict[str, Rootfs]:
         """Every rootfs of the VM by container id, a pod's further containers' too."""
@@ -77,6 +79,13 @@ class Vm:
     @property
     def phase(self) -> str:
         return self.state.phase
+
+
+@dataclass
+class CreateProgress:
+    """The step a VM's creation is in, for the error its deadline gives."""
+
+    step: str = "checking the request"
 
 
 class VmManager:
@@ -100,7 +109,10 @@ class VmManager:
         # VMs being created whose QEMU (and so its scope and logs) was started.
         self._launched: set[str] = set()
         self._creating: set[asyncio.Task[Any]] = set()
+        # The task creating each VM id, for those who must wait for its outcome.
+        self._creating_ids: dict[str, asyncio.Task[Any]] = {}
         self._on_count_changed = on_count_changed
+        self.kept = KeptStorage()
 
     # -- queries ------------------------------------------------------------
 
@@ -110,6 +122,16 @@ class VmManager:
         if vm is None:
             raise NotFound(f"there is no VM {vm_id!r}")
         return vm
+
+    async def settled(self, vm_id: str) -> Vm:
+        """The VM, once a creation of it in progress has ended (NotFound if it failed).
+        A caller who gave up on a CreateVM finds the VM this way to remove it,
+        instead of missing a VM that was still being created."""
+        check_vm_id(vm_id)
+        task = self._creating_ids.get(vm_id)
+        if task is not None:
+            await asyncio.wait({task})
+        return self.get(vm_id)
 
     def _count_changed(self) -> None:
         self._on_count_changed(len(self.vms))
@@ -140,10 +162,28 @@ class VmManager:
         task = asyncio.current_task()
         if task is not None:
             self._creating.add(task)
+            self._creating_ids[vm_id] = task
+        progress = CreateProgress()
+        deadline = self.config.timeouts.create
         try:
-            return await self._create(request, runtime_dir)
+            async with asyncio.timeout(deadline) as scope:
+                return await self._create(request, runtime_dir, progress)
         except SpinboxError:
             raise
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            logs = scope_name(vm_id) if vm_id in self._launched else "spinbox.service"
+            log.error(
+                "VM %s: %s did not finish within timeouts.create (%gs); undone",
+                vm_id,
+                progress.step,
+                deadline,
+            )
+            raise Failed(
+                f"VM {vm_id!r} was not created within {deadline:g}s (timeouts.create): {progress.step} "
+                f"did not finish; what the VM had taken was given back (logs: journalctl -u {logs})"
+            ) from None
         except Exception as e:
             log.exception("creating VM %s failed", vm_id)
             # Before QEMU started (storage, network), only spinboxd's own log says more.
@@ -154,8 +194,9 @@ class VmManager:
             self._reserved.discard(vm_id)
             if task is not None:
                 self._creating.discard(task)
+                self._creating_ids.pop(vm_id, None)
 
-    async def _create(self, request: VmRequest, runtime_dir: Path) -> Vm:
+    async def _create(self, request: VmRequest, runtime_dir: Path, progress: CreateProgress) -> Vm:
         vm_id = request.id
         scope = scope_name(vm_id)
         started = time.monotonic()
@@ -195,6 +236,7 @@ class VmManager:
             undo.push_async_callback(self.backend.teardown_network, vm_id)
             state.save(runtime_dir)
 
+            progress.step = "preparing the rootfs"
             rootfs: Rootfs | None = None
             disks: list[Any] = []
             mount = None
@@ -208,6 +250,7 @@ class VmManager:
                 disks = list(disk_list)
             mark("storage")
 
+            progress.step = "setting up the network"
             network, nics = await self.backend.setup_network(request)
             undo.callback(network.close)
             mark("network")
@@ -217,6 +260,7 @@ class VmManager:
             forwarder.start_fifo()
             undo.push_async_callback(forwarder.stop)
 
+            progress.step = "starting QEMU in its scope"
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             self._launched.add(vm_id)
@@ -232,7 +276,9 @@ class VmManager:
             forwarder.sink.pid = machine.pid
             forwarder.start_sockets(machine.console_socket, machine.log_socket)
 
+            progress.step = "waiting for the guest's agent"
             await machine.wait_ready(self.config.vm.boot_timeout)
+            progress.step = "configuring the guest (network, rootfs mount)"
             mark("agent-ready")
             state.rootfs_path = await self.backend.configure_guest(machine, GuestSetup(network.guest, mount))
             mark("guest-configured")
@@ -352,12 +398,16 @@ class VmManager:
             if vm.phase not in ("running", "paused"):
                 raise Failed(f"VM {vm.id!r} is {vm.phase}")
             errors = []
+            written = True
             if rootfs.writable:
                 try:
                     await self.backend.export_upper(vm.machine, container_id, rootfs)
                 except Exception as e:
-                    log.exception("writing back the rootfs of %s failed", container_id)
+                    log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
                     errors.append(f"writeback: {e}")
+                    written = False
+                    # Its files stay (never deleted unread), and so does the VM's storage.
+                    vm.unwritten.add(container_id)
             try:
                 await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
             except Exception as e:
@@ -371,7 +421,8 @@ class VmManager:
                 except Exception as e:
                     errors.append(f"disk {serial}: {e}")
             try:
-                await rootfs.release()
+                if written:
+                    await rootfs.release()
             except Exception as e:
                 errors.append(f"storage: {e}")
             del vm.added[container_id]
@@ -398,9 +449,16 @@ class VmManager:
                         await vm.machine.resume()
                     for container_id, rootfs in vm.rootfses().items():
                         await self._export_at_stop(vm, container_id, rootfs)
-                        with contextlib.suppress(Exception):
+                        try:
                             await asyncio.wait_for(
                                 self.backend.quiesce_guest(vm.machine, container_id, unmount=True), timeout
+                            )
+                        except Exception as e:
+                            log.warning(
+                                "VM %s: the guest did not unmount the rootfs of %s: %s",
+                                vm.id,
+                                container_id,
+                                e,
                             )
                     await vm.machine.shutdown(timeout)
             except Exception:
@@ -425,6 +483,7 @@ class VmManager:
             log.error("VM %s: the writable layer of %s: %s", vm.id, container_id, e)
             vm.writeback_errors.append(f"writeback of container {container_id!r}: {e}")
             vm.exported.add(container_id)
+            vm.unwritten.add(container_id)
         else:
             vm.exported.add(container_id)
 
@@ -461,6 +520,7 @@ class VmManager:
             self._set_phase(vm, "stopping")
         await vm.forwarder.stop()
         errors = list(vm.writeback_errors)
+        unwritten = set(vm.unwritten)
         rootfses = vm.rootfses()
         unsent = {
             cid: rootfs for cid, rootfs in rootfses.items() if rootfs.writable and cid not in vm.exported
@@ -475,7 +535,10 @@ class VmManager:
             except Exception as e:
                 log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm.id)
                 errors.append(f"writeback of container {container_id!r}: {e}")
-        for rootfs in rootfses.values():
+                unwritten.add(container_id)
+        for container_id, rootfs in rootfses.items():
+            if container_id in unwritten:
+                continue  # its files stay: never deleted unread
             try:
                 await rootfs.release()
             except Exception as e:
@@ -485,8 +548,7 @@ class VmManager:
                 await self.backend.teardown_network(vm.id)
             except Exception as e:
                 errors.append(f"network: {e}")
-        if vm.state.storage_dir:
-            await asyncio.to_thread(remove_tree, Path(vm.state.storage_dir))
+        await keep_or_remove(self.kept, vm.state.storage_dir, vm.id, unwritten)
         await self.systemd.stop_unit(vm.state.scope)
         await self.systemd.wait_gone(vm.state.scope)
         shutil.rmtree(vm.runtime_dir, ignore_errors=True)
@@ -519,82 +581,7 @@ class VmManager:
 
     async def recover(self) -> None:
         """Re-adopt the VMs a previous spinboxd left running; clean up the rest."""
-        vm_root = self.run_dir / "vm"
-        vm_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for directory in sorted(vm_root.iterdir()):
-            try:
-                state = VmState.load(directory)
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("removing %s: unreadable VM state (%s)", directory, e)
-                await self._remove_leftover(directory.name, None, directory)
-                continue
-            alive = (
-                state.phase in ("running", "paused")
-                and state.pid > 0
-                and pid_alive(state.pid)
-                and await self.systemd.scope_of_pid(state.pid) == state.scope
-            )
-            if not alive:
-                log.warning("cleaning up VM %s left %s by a previous spinboxd", state.id, state.phase)
-                await self._remove_leftover(state.id, state, directory)
-                continue
-            try:
-                machine = await self.backend.attach(directory)
-            except Exception:
-                log.exception("cannot re-adopt VM %s; stopping it", state.id)
-                await self._remove_leftover(state.id, state, directory)
-                continue
-            forwarder = self._forwarder(state.id, directory, machine)
-            rootfs = None
-            added: dict[str, Rootfs] = {}
-            if state.storage_dir:
-                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
-                for container_id in state.added_rootfs:
-                    restored = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
-                    if restored is not None:
-                        added[container_id] = restored
-            vm = Vm(state, directory, machine, rootfs, forwarder, added=added)
-            state.save(directory)  # in this release's layout (an upgrade may have left two files)
-            self._adopt(vm)
-            log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
-        try:
-            await self.backend.collect_network_leftovers(sorted(self.vms))
-        except Exception:
-            log.exception("collecting network leftovers failed")
-        try:
-            await self.backend.collect_storage_leftovers()
-        except Exception:
-            log.exception("collecting storage leftovers failed")
+        await recover(self)
 
     async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
-        if (
-            state is not None
-            and state.pid
-            and pid_alive(state.pid)
-            and await self.systemd.scope_of_pid(state.pid) == state.scope
-        ):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
-        try:
-            check_vm_id(vm_id)
-            await self.systemd.stop_unit(scope_name(vm_id))
-            await self.systemd.wait_gone(scope_name(vm_id))
-            await self.backend.teardown_network(vm_id)
-        except Exception:
-            log.exception("cleaning up after VM %s failed", vm_id)
-        if state is not None and state.storage_dir:
-            for container_id in [state.container_id, *state.added_rootfs]:
-                rootfs = self.backend.restore_rootfs(Path(state.storage_dir), container_id)
-                if rootfs is None:
-                    continue
-                if rootfs.writable:
-                    try:
-                        await self._write_back_with_helper(vm_id, container_id, rootfs)
-                    except Exception:
-                        log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm_id)
-                with contextlib.suppress(Exception):
-                    await rootfs.release()
-            # Unmount-first: a mount a crash left must neither block the removal
-            # nor have its source's files removed through it.
-            await asyncio.to_thread(remove_tree, Path(state.storage_dir))
-        shutil.rmtree(directory, ignore_errors=True)
+        await remove_leftover(self, vm_id, state, directory)

@@ -161,13 +161,13 @@ class QemuBackend:
                 return str(await agent.mount_rootfs(setup.mount))
             return ""
 
-        return await control.session(machine.control_address, configure)
+        return await control.session(machine.control_address, configure, self.config.timeouts.agent_call)
 
     async def mount_rootfs(self, machine: Machine, mount: Any) -> str:
         async def mount_it(agent: AgentClient) -> str:
             return str(await agent.mount_rootfs(mount))
 
-        return await control.session(machine.control_address, mount_it)
+        return await control.session(machine.control_address, mount_it, self.config.timeouts.agent_call)
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
         async def quiesce(agent: AgentClient) -> None:
@@ -176,7 +176,7 @@ class QemuBackend:
             else:
                 await agent.sync_rootfs(container_id)
 
-        await control.session(machine.control_address, quiesce)
+        await control.session(machine.control_address, quiesce, self.config.timeouts.agent_call)
 
     async def export_upper(self, machine: Machine, container_id: str, rootfs: Rootfs) -> None:
         request = agent_pb2.ExportUpperRequest(container_id=container_id)

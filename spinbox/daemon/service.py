@@ -207,8 +207,9 @@ class ManagerInterface(DocumentedInterface):
         return await _answer(f"creating VM {id!r}", create())
 
     @method()
-    def GetVM(self, id: "s") -> "o":
-        return self.manager.get(id).path
+    async def GetVM(self, id: "s") -> "o":
+        # A VM being created is answered once its creation has ended.
+        return (await self.manager.settled(id)).path
 
     @method()
     def ListVMs(self) -> "ao":
@@ -235,6 +236,10 @@ class ManagerInterface(DocumentedInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Accelerator(self) -> "s":
         return self.accelerator
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Leftovers(self) -> "as":
+        return self.manager.kept.listed()
 
     @dbus_property(access=PropertyAccess.READ)
     def Defaults(self) -> "a{sv}":

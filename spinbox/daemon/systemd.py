@@ -19,6 +19,10 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 SLICE = "spinbox.slice"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+# Starting or stopping a scope takes milliseconds; a job still running after
+# this long is stuck (spinbox.toml's timeouts.systemd_job overrides it).
+JOB_TIMEOUT = 30.0
+FINISHED_KEPT = 256
 
 
 def scope_name(vm_id: str) -> str:
@@ -48,6 +52,10 @@ class SystemdError(RuntimeError):
     pass
 
 
+class JobTimeout(SystemdError):
+    """A systemd job that did not finish within its deadline."""
+
+
 def _body(reply: Message | None) -> Any:
     """A reply's body, or its error raised as DBusError."""
     assert reply is not None
@@ -59,10 +67,14 @@ def _body(reply: Message | None) -> Any:
 class SystemdManager:
     """Calls on org.freedesktop.systemd1.Manager, with job completion tracking."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: MessageBus, job_timeout: float = JOB_TIMEOUT) -> None:
         self.bus = bus
+        self.job_timeout = job_timeout
+        # One future per job, shared by everyone waiting for it: systemd merges
+        # a StopUnit for a unit already being stopped into the running job, so
+        # two callers may hold the same job path. Finished jobs stay (up to
+        # FINISHED_KEPT of them) for a waiter whose reply came after the signal.
         self._jobs: dict[str, asyncio.Future[str]] = {}
-        self._finished: dict[str, str] = {}
 
     async def subscribe(self) -> None:
         self.bus.add_message_handler(self._on_message)
@@ -80,15 +92,23 @@ class SystemdManager:
             and msg.member == "JobRemoved"
         ):
             _job_id, job, _unit, result = msg.body
-            future = self._jobs.pop(job, None)
-            if future is None:
-                # The reply with the job path may still be on its way.
-                self._finished[job] = result
-                if len(self._finished) > 256:
-                    self._finished.pop(next(iter(self._finished)))
-            elif not future.done():
+            future = self._job_future(job)
+            if not future.done():
                 future.set_result(result)
+            self._forget_finished()
         return None
+
+    def _job_future(self, job: str) -> asyncio.Future[str]:
+        future = self._jobs.get(job)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._jobs[job] = future
+        return future
+
+    def _forget_finished(self) -> None:
+        finished = [job for job, future in self._jobs.items() if future.done()]
+        for job in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del self._jobs[job]
 
     async def _call_bus(self, member: str, signature: str = "", body: list[Any] | None = None) -> Any:
         reply = await self.bus.call(
@@ -111,27 +131,30 @@ class SystemdManager:
         path: str = SYSTEMD_PATH,
         interface: str = MANAGER_IFACE,
     ) -> list[Any]:
-        reply = await self.bus.call(
-            Message(
-                destination=SYSTEMD,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body or [],
-            )
+        message = Message(
+            destination=SYSTEMD,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
         )
+        try:
+            reply = await asyncio.wait_for(self.bus.call(message), self.job_timeout)
+        except TimeoutError:
+            raise JobTimeout(f"systemd did not answer {member} within {self.job_timeout:g}s") from None
         return list(_body(reply))
 
     async def _wait_job(self, job: str, what: str) -> None:
-        result = self._finished.pop(job, None)
-        if result is None:
-            future = asyncio.get_running_loop().create_future()
-            self._jobs[job] = future
-            try:
-                result = await future
-            finally:
-                self._jobs.pop(job, None)
+        """Wait for `job` to be removed; its result must be "done"."""
+        future = self._job_future(job)
+        try:
+            # Shielded: one waiter giving up must not end the others' wait.
+            result = await asyncio.wait_for(asyncio.shield(future), self.job_timeout)
+        except TimeoutError:
+            raise JobTimeout(
+                f"{what}: systemd's job {job} did not finish within {self.job_timeout:g}s"
+            ) from None
         if result != "done":
             raise SystemdError(f"{what}: systemd's job ended with {result!r}")
 
@@ -179,8 +202,13 @@ class SystemdManager:
             if e.type == NO_SUCH_UNIT:
                 return
             raise SystemdError(f"cannot stop {name}: {e.text}") from None
-        with contextlib.suppress(SystemdError):
+        try:
             await self._wait_job(job, f"cannot stop {name}")
+        except JobTimeout:
+            raise
+        except SystemdError as e:
+            # Canceled or merged: wait_gone says whether the unit went away.
+            log.debug("%s", e)
 
     async def wait_gone(self, name: str, timeout: float = 10) -> None:  # noqa: ASYNC109
         """Wait until the unit is no longer loaded (stopped and collected)."""

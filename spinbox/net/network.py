@@ -25,7 +25,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from spinbox.api.proto import agent_pb2
-from spinbox.net import cni, conflist, netns, tap
+from spinbox.net import cni, conflist, masquerade, netns, tap
 from spinbox.net.config import NetConfig
 from spinbox.net.errors import NetworkError
 from spinbox.net.state import CniState, NetState, StateStore, TapState, check_vm_id
@@ -204,6 +204,10 @@ async def teardown_network(vm_id: str, config: NetConfig | None = None) -> None:
                 # After a failed ADD some plugins fail DEL on what they never made
                 # (the bridge plugin's masquerade chain); retrying cannot help.
                 log.warning("CNI DEL after a failed ADD for VM %s: %s", vm_id, e)
+        if not present and state.cni.result is not None:
+            # Without the namespace the bridge plugin cannot find what it masqueraded.
+            rules = masquerade.masquerade_rules(state.cni.conflist, vm_id, state.cni.result)
+            errors += await masquerade.remove_masquerade(rules)
     netns.stop_holder(state.holder_pid, state.holder_start)
     if state.owned and state.netns:
         try:

@@ -121,6 +121,7 @@ class ContainerCreator:
         vm_id = vm_id_for(self.namespace, req.id)
         netns = netns_path(spec)
         hook_pid = 0
+        requested = False
         vm: VmInfo | None = None
         agent: Agent | None = None
         state = init_state(req)
@@ -144,12 +145,17 @@ class ContainerCreator:
                 if annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
                 else 0,
             )
+            # From here spinboxd may hold a VM for this id even if this call
+            # fails or is cancelled: the abandon below asks for it by id.
+            requested = True
             vm = await spinboxd.create_vm(request)
             hook_pid = hook_pid or vm.pid
             agent = await self.connect_agent(vm.agent_address)
             await self._create_in_guest(agent, req, spec, guest_spec, hooks, stdio, state, vm.pid, hook_pid)
         except BaseException as error:
-            await self._abandon(vm_id, vm is not None or bool(netns and hook_pid), agent, state)
+            # A VM of this id that was there before this request is not ours to remove.
+            ours = requested and not (isinstance(error, SpinboxdError) and error.kind == "AlreadyExists")
+            await self._abandon(vm_id, ours or bool(netns and hook_pid), agent, state)
             raise create_error(error, f"cannot create the VM for {req.id!r}") from None
         container = Container(
             id=req.id,

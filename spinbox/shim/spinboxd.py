@@ -16,6 +16,13 @@ from spinbox.vmid import vm_id_for
 
 __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
 
+# spinboxd answers CreateVM (and a GetVM of a VM being created) within its own
+# timeouts.create (at most 840 s, spinbox.config.CREATE_TIMEOUT_MAX); calls that
+# may write a container's files back (Stop, Kill, SyncRootfs, AddRootfs,
+# RemoveRootfs) get as long. Other calls have spinbox.busclient.CALL_TIMEOUT.
+# These deadlines are for a spinboxd that hangs; each step inside has its own.
+CREATE_TIMEOUT = 900.0
+
 
 @dataclass(frozen=True)
 class VmRequest:
@@ -77,7 +84,12 @@ class Spinboxd:
 
     async def create_vm(self, request: VmRequest) -> VmInfo:
         (path,) = await self.client.call(
-            MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", [request.vm_id, request.options()]
+            MANAGER_PATH,
+            MANAGER_IFACE,
+            "CreateVM",
+            "sa{sv}",
+            [request.vm_id, request.options()],
+            CREATE_TIMEOUT,
         )
         return await self.vm_info(path)
 
@@ -92,7 +104,9 @@ class Spinboxd:
 
     async def get_vm(self, vm_id: str) -> str | None:
         try:
-            (path,) = await self.client.call(MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", [vm_id])
+            (path,) = await self.client.call(
+                MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", [vm_id], CREATE_TIMEOUT
+            )
         except SpinboxdError as error:
             if error.kind == "NotFound":
                 return None
@@ -108,14 +122,14 @@ class Spinboxd:
     async def add_rootfs(self, path: str, container_id: str, mounts: Sequence[MountSpec]) -> str:
         """A further container's rootfs in a pod's running VM; its guest path."""
         body = [container_id, [[m.type, m.source, m.target, list(m.options)] for m in mounts]]
-        (guest_path,) = await self.client.call(path, VM_IFACE, "AddRootfs", "sa(sssas)", body)
+        (guest_path,) = await self.client.call(path, VM_IFACE, "AddRootfs", "sa(sssas)", body, CREATE_TIMEOUT)
         return str(guest_path)
 
     async def remove_rootfs(self, path: str, container_id: str) -> None:
-        await self.client.call(path, VM_IFACE, "RemoveRootfs", "s", [container_id])
+        await self.client.call(path, VM_IFACE, "RemoveRootfs", "s", [container_id], CREATE_TIMEOUT)
 
     async def vm_call(self, path: str, member: str, signature: str = "", body: Sequence[Any] = ()) -> None:
-        await self.client.call(path, VM_IFACE, member, signature, body)
+        await self.client.call(path, VM_IFACE, member, signature, body, CREATE_TIMEOUT)
 
     async def stop_vm(self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120) -> None:
         """Stops (or kills) the VM and returns once spinboxd has released it."""

@@ -18,14 +18,35 @@ from spinbox.storage.errors import StorageError
 _NO_SPACE = ("No space left on device", "Could not allocate block", "ENOSPC")
 
 
-def run(argv: Sequence[str], what: str, space_on: Path | None = None, cwd: Path | None = None) -> None:
-    """Run a tool; a failure becomes a StorageError naming `what` and the tool's complaint."""
+# Deadlines of the tools storage runs: mkfs of a large layer takes minutes on
+# a slow disk; a mount or unmount that has not returned in a minute is stuck.
+TOOL_TIMEOUT = 900.0
+MOUNT_TIMEOUT = 60.0
+
+
+def run(
+    argv: Sequence[str],
+    what: str,
+    space_on: Path | None = None,
+    cwd: Path | None = None,
+    timeout: float = TOOL_TIMEOUT,
+) -> None:
+    """Run a tool; a failure becomes a StorageError naming `what` and the tool's
+    complaint, a tool past `timeout` seconds is killed and named."""
     try:
         result = subprocess.run(
-            list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, cwd=cwd
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=cwd,
+            timeout=timeout,
         )
     except FileNotFoundError as exc:
         raise StorageError(f"{what} needs {argv[0]}, which is not installed") from exc
+    except subprocess.TimeoutExpired:
+        raise StorageError(f"{what} did not finish within {timeout:g}s ({argv[0]} was killed)") from None
     if result.returncode == 0:
         return
     complaint = " ".join((result.stderr.strip() or result.stdout.strip()).split())
@@ -47,9 +68,17 @@ def os_error(exc: OSError, what: str, full: Path | None = None) -> StorageError:
 
 def unmount(target: Path) -> None:
     """Unmount, falling back to a lazy unmount so nothing stays attached to the host tree."""
-    result = subprocess.run(["umount", str(target)], capture_output=True, check=False)
-    if result.returncode != 0:
-        subprocess.run(["umount", "--lazy", str(target)], capture_output=True, check=False)
+    try:
+        result = subprocess.run(
+            ["umount", str(target)], capture_output=True, check=False, timeout=MOUNT_TIMEOUT
+        )
+        failed = result.returncode != 0
+    except subprocess.TimeoutExpired:
+        failed = True
+    if failed:
+        subprocess.run(
+            ["umount", "--lazy", str(target)], capture_output=True, check=False, timeout=MOUNT_TIMEOUT
+        )
 
 
 @contextlib.contextmanager
@@ -58,7 +87,12 @@ def mounted(
 ) -> Iterator[Path]:
     """Mount for the duration of the block; image files get a loop device freed on unmount."""
     # With cwd, relative lowerdir names keep long layer lists within the option size limit.
-    run(["mount", "-t", fstype, "-o", ",".join(options), str(source), str(target)], what, cwd=cwd)
+    run(
+        ["mount", "-t", fstype, "-o", ",".join(options), str(source), str(target)],
+        what,
+        cwd=cwd,
+        timeout=MOUNT_TIMEOUT,
+    )
     try:
         yield target
     finally:

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from spinbox.agent import AgentClient
+from spinbox.agent import CALL_TIMEOUT, AgentClient
 from spinbox.ttrpc import Code, TtrpcError
 
 T = TypeVar("T")
@@ -38,10 +38,13 @@ def _taken_for_previous_session(error: BaseException) -> bool:
     )
 
 
-async def session(address: str, call: Callable[[AgentClient], Awaitable[T]]) -> T:
-    """Run call on a fresh connection to the agent, retrying sessions the guest took for an old one."""
+async def session(
+    address: str, call: Callable[[AgentClient], Awaitable[T]], call_timeout: float = CALL_TIMEOUT
+) -> T:
+    """Run call on a fresh connection to the agent, retrying sessions the guest took for an old one.
+    Each agent call has `call_timeout` seconds (see spinbox.vm.agent.AgentClient.deadline)."""
     for attempt in range(ATTEMPTS):
-        agent = await AgentClient.connect(address)
+        agent = await AgentClient.connect(address, call_timeout)
         try:
             return await call(agent)
         except TtrpcError as error:

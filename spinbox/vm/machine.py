@@ -308,9 +308,13 @@ class VirtualMachine:
         if self.exited:
             raise VmNotRunning(f"VM {self.vm_id} is not running")
         try:
-            reply = await self._qmp.execute(command, arguments)
+            reply = await asyncio.wait_for(self._qmp.execute(command, arguments), QMP_TIMEOUT)
         except QMPError as error:
             raise VmError(f"VM {self.vm_id}: QMP {command} failed: {error}") from None
+        except TimeoutError:
+            raise VmError(
+                f"VM {self.vm_id}: QEMU did not answer QMP {command} within {QMP_TIMEOUT:g} s"
+            ) from None
         return reply if isinstance(reply, dict) else {}
 
     async def _running(self) -> bool:

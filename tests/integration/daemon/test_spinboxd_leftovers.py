@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness.systemd import PrivateSystemd
-from tests.integration.daemon.spinboxd import installed
+from tests.integration.daemon.spinboxd import PYTHON, TOP, installed
 
 LAYERS = "/var/lib/spinbox/layers"
 KEY = "0" * 64
@@ -57,3 +57,23 @@ def test_storage_a_crash_left_is_unmounted_removed_and_collected(spinbox: Privat
             f"{LAYERS}/images/{KEY}.erofs",
             f"{LAYERS}/tmp/{KEY}.0123abcd.erofs",
         )
+
+
+def test_storage_with_no_vm_state_is_kept_and_named(spinbox: PrivateSystemd) -> None:
+    # The host rebooted (/run is empty) with a VM's storage on disk: its
+    # writable layer may hold changes never written back.
+    storage = "/var/lib/spinbox/vms/vm-rebooted"
+    spinbox.write_file(f"{storage}/rootfs-c1/upper.img", "the user's data\n")
+    try:
+        spinbox.systemctl("start", "spinbox.service")
+
+        assert spinbox.path(f"{storage}/rootfs-c1/upper.img").read_text() == "the user's data\n"
+        journal = spinbox.journal("-u", "spinbox.service", "-o", "cat")
+        assert f"{storage}: storage of VM vm-rebooted with no VM state in /run" in journal, journal[-2000:]
+        check = spinbox.run(
+            "env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", "check", check=False
+        ).stdout
+        assert "leftover" in check and storage in check, check
+    finally:
+        spinbox.systemctl("stop", "spinbox.service", check=False)
+        spinbox.run("rm", "-rf", storage)

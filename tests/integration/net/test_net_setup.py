@@ -313,6 +313,18 @@ def test_collect_leftovers_after_a_crash(net_config: NetConfig) -> None:
     assert asyncio.run(net.collect_leftovers([], net_config)) == []
 
 
+def test_teardown_after_the_namespace_went_removes_the_masquerade_rules(net_config: NetConfig) -> None:
+    network = setup("vm-nsgone", None, net_config)
+    network.close()
+    assert cni_rules() != []
+    # The namespace is gone before the teardown (a crash in between): the
+    # bridge plugin's DEL cannot see the addresses it masqueraded.
+    netns.remove(Path(network.netns))
+    teardown("vm-nsgone", net_config)
+    assert cni_rules() == []
+    assert leftovers(net_config) == []
+
+
 def test_networking_off(tmp_path: Path) -> None:
     network = setup("vm-off", None, NetConfig(enabled=False, run_dir=tmp_path))
     assert network.nics == [] and len(network.guest.interfaces) == 0

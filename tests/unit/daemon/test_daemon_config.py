@@ -62,6 +62,10 @@ def test_every_documented_key_is_accepted() -> None:
         ("[qemu]\nx = 1", "[qemu]"),
         ("vm = 1", "[vm]"),
         ("[vm\n", "not valid TOML"),
+        ("[timeouts]\ncreate = 0", "timeouts.create"),
+        ("[timeouts]\ncreate = 3600", "timeouts.create must not exceed 840"),
+        ('[timeouts]\nagent_call = "1m"', "timeouts.agent_call"),
+        ("[timeouts]\nqmp = 5", "timeouts.qmp is not a known key"),
     ],
 )
 def test_bad_values_name_the_key(text: str, named: str) -> None:

@@ -8,13 +8,19 @@ import dataclasses
 import re
 from pathlib import Path
 
-from spinbox.config import Config, DaemonConfig, StorageConfig, VmConfig, parse
+from spinbox.config import Config, DaemonConfig, StorageConfig, TimeoutsConfig, VmConfig, parse
 from spinbox.net.config import NetConfig
 
 FILE = Path(__file__).resolve().parents[3] / "packaging" / "spinbox.toml"
 # A commented-out setting: `#key = value`, no space after the `#` (prose has one).
 SETTING = re.compile(r"^#([A-Za-z_-]+) = .*$")
-SECTIONS = {"vm": VmConfig, "storage": StorageConfig, "daemon": DaemonConfig, "network": NetConfig}
+SECTIONS = {
+    "vm": VmConfig,
+    "storage": StorageConfig,
+    "daemon": DaemonConfig,
+    "network": NetConfig,
+    "timeouts": TimeoutsConfig,
+}
 # Keys whose default is a path inside spinbox's modules, described in prose.
 PROSE = {("network", "conflist")}
 

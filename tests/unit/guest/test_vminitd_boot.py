@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -112,3 +113,21 @@ def test_kernel_message_stamp() -> None:
     t.stamp_kernel_message("missing", "Run /sbin/init as init process", log)
     t.stamp_kernel_message("garbled", "x", "<6>[  abc] x\n")
     assert "missing" not in t.stamps and "garbled" not in t.stamps
+
+
+def test_logging_after_the_event_loop_closed_is_no_logging_error(tmp_path: Path) -> None:
+    handler = channels.PortLogHandler()
+    port = tmp_path / "port"
+    port.write_bytes(b"")
+
+    async def run_briefly() -> None:
+        task = asyncio.ensure_future(handler.run(port))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(run_briefly())
+    errors: list[logging.LogRecord] = []
+    handler.handleError = errors.append  # type: ignore[method-assign]
+    handler.emit(logging.LogRecord("vminitd", logging.INFO, __file__, 1, "powering off", None, None))
+    assert errors == []
+    assert handler.lines[-1].endswith(b"powering off\n")

@@ -1,0 +1,116 @@
+"""At spinboxd start: re-adopting the VMs a previous spinboxd left running, and
+cleaning up after those it left dead (a crash)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from spinbox.daemon.backend import Rootfs
+from spinbox.daemon.keep import keep_or_remove, name_orphans
+from spinbox.daemon.options import check_vm_id
+from spinbox.daemon.process import pid_alive
+from spinbox.daemon.state import VmState
+from spinbox.daemon.systemd import scope_name
+
+if TYPE_CHECKING:
+    from spinbox.daemon.manager import VmManager
+
+log = logging.getLogger(__name__)
+
+
+async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None, directory: Path) -> None:
+    """Its QEMU, scope and network go; its writable layers are written back (by a
+    helper VM) where they can be, and kept and named where they cannot."""
+    if (
+        state is not None
+        and state.pid
+        and pid_alive(state.pid)
+        and await manager.systemd.scope_of_pid(state.pid) == state.scope
+    ):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, signal.SIGKILL)
+    try:
+        check_vm_id(vm_id)
+        await manager.systemd.stop_unit(scope_name(vm_id))
+        await manager.systemd.wait_gone(scope_name(vm_id))
+        await manager.backend.teardown_network(vm_id)
+    except Exception:
+        log.exception("cleaning up after VM %s failed", vm_id)
+    if state is not None and state.storage_dir:
+        unwritten = []
+        for container_id in [state.container_id, *state.added_rootfs]:
+            rootfs = manager.backend.restore_rootfs(Path(state.storage_dir), container_id)
+            if rootfs is None:
+                continue
+            if rootfs.writable:
+                try:
+                    await manager._write_back_with_helper(vm_id, container_id, rootfs)
+                except Exception:
+                    log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm_id)
+                    unwritten.append(container_id)
+                    continue
+            with contextlib.suppress(Exception):
+                await rootfs.release()
+        # The removal unmounts first: a mount a crash left must neither block it
+        # nor have its source's files removed through it.
+        await keep_or_remove(manager.kept, state.storage_dir, vm_id, unwritten)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def recover(manager: VmManager) -> None:
+    """Re-adopt the VMs a previous spinboxd left running; clean up the rest."""
+    from spinbox.daemon.manager import Vm  # the manager imports this module
+
+    vm_root = manager.run_dir / "vm"
+    vm_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in sorted(vm_root.iterdir()):
+        try:
+            state = VmState.load(directory)
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("removing %s: unreadable VM state (%s)", directory, e)
+            await manager._remove_leftover(directory.name, None, directory)
+            continue
+        alive = (
+            state.phase in ("running", "paused")
+            and state.pid > 0
+            and pid_alive(state.pid)
+            and await manager.systemd.scope_of_pid(state.pid) == state.scope
+        )
+        if not alive:
+            log.warning("cleaning up VM %s left %s by a previous spinboxd", state.id, state.phase)
+            await manager._remove_leftover(state.id, state, directory)
+            continue
+        try:
+            machine = await manager.backend.attach(directory)
+        except Exception:
+            log.exception("cannot re-adopt VM %s; stopping it", state.id)
+            await manager._remove_leftover(state.id, state, directory)
+            continue
+        forwarder = manager._forwarder(state.id, directory, machine)
+        rootfs = None
+        added: dict[str, Rootfs] = {}
+        if state.storage_dir:
+            rootfs = manager.backend.restore_rootfs(Path(state.storage_dir), state.container_id)
+            for container_id in state.added_rootfs:
+                restored = manager.backend.restore_rootfs(Path(state.storage_dir), container_id)
+                if restored is not None:
+                    added[container_id] = restored
+        vm = Vm(state, directory, machine, rootfs, forwarder, added=added)
+        state.save(directory)  # in this release's layout (an upgrade may have left two files)
+        manager._adopt(vm)
+        log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
+    name_orphans(manager.storage_dir, manager.vms, manager.kept)
+    try:
+        await manager.backend.collect_network_leftovers(sorted(manager.vms))
+    except Exception:
+        log.exception("collecting network leftovers failed")
+    try:
+        await manager.backend.collect_storage_leftovers()
+    except Exception:
+        log.exception("collecting storage leftovers failed")

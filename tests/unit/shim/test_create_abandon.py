@@ -1,0 +1,75 @@
+"""A Create given up while spinboxd is still creating the VM (the request
+cancelled, or spinboxd's answer past its deadline) asks spinboxd to remove
+the VM by id: spinboxd answers that once the creation has ended, so the VM
+is not left running with nobody to stop it. A VM of the same id that was
+there before (AlreadyExists) is left alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from spinbox.busclient import SpinboxdError
+from spinbox.shim.errors import ShimError
+from spinbox.shim.spinboxd import VmInfo, VmRequest
+from tests.unit.shim.test_service import (
+    FakeAgent,
+    FakeSpinboxd,
+    Recorder,
+    create_request,
+    make_bundle,
+    make_service,
+)
+
+
+class SlowSpinboxd(FakeSpinboxd):
+    """CreateVM that spinboxd is still working on when the shim gives up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: list[tuple[str, bool]] = []
+        self.started = asyncio.Event()
+
+    async def create_vm(self, request: VmRequest) -> VmInfo:
+        self.live.add(request.vm_id)
+        self.started.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def stop_vm(self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120) -> None:
+        self.stopped.append((vm_id, kill))
+        self.live.discard(vm_id)
+
+
+def test_a_cancelled_create_removes_the_vm_spinboxd_was_creating(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    spinboxd = SlowSpinboxd()
+
+    async def scenario() -> None:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        create = asyncio.create_task(service.create(create_request(make_bundle(tmp_path), log)))
+        await asyncio.wait_for(spinboxd.started.wait(), 10)
+        create.cancel()
+        with pytest.raises((asyncio.CancelledError, ShimError)):
+            await create
+
+    asyncio.run(scenario())
+    assert spinboxd.stopped == [("default-c1", True)]
+    assert not spinboxd.live
+
+
+def test_a_create_refused_as_a_duplicate_leaves_the_existing_vm_alone(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    exists = SpinboxdError("org.spinstack.Spinbox.Error.AlreadyExists", "VM 'default-c1' already exists")
+    spinboxd = FakeSpinboxd(fail=exists)
+    spinboxd.live.add("default-c1")
+
+    async def scenario() -> None:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        await service.create(create_request(make_bundle(tmp_path), log))
+
+    with pytest.raises(ShimError, match="already exists"):
+        asyncio.run(scenario())
+    assert spinboxd.live == {"default-c1"}
