@@ -129,8 +129,10 @@ class QemuCommand:
     @property
     def pass_fds(self) -> tuple[int, ...]:
         """File descriptors QEMU inherits: TAPs, a migration stream, what the caller keeps alive with it."""
-        incoming = () if self.spec.incoming_fd is None else (self.spec.incoming_fd,)
-        return tuple(nic.tap_fd for nic in self.spec.nics) + incoming + self.keep_fds
+        spec = self.spec
+        incoming = () if spec.incoming_fd is None else (spec.incoming_fd,)
+        memory = () if spec.memory_file is None or spec.memory_file.fd is None else (spec.memory_file.fd,)
+        return tuple(nic.tap_fd for nic in spec.nics) + incoming + memory + self.keep_fds
 
     @property
     def agent_address(self) -> str:

@@ -46,6 +46,9 @@ class MemoryFile:
 
     path: Path
     shared: bool
+    # An open descriptor of the file that QEMU inherits and maps instead of the
+    # path: a template replaced meanwhile (its files unlinked) stays whole.
+    fd: int | None = None
 
 
 @dataclass(frozen=True)

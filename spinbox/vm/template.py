@@ -82,10 +82,17 @@ async def restore(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None) -> Vi
     """A VM for spec restored from the template in `files`, refreshed, its disks and NICs plugged."""
     fd = os.open(files.state, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        spec = dataclasses.replace(spec, memory_file=MemoryFile(files.ram, shared=False), incoming_fd=fd)
+        ram_fd = os.open(files.ram, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        memory = MemoryFile(files.ram, shared=False, fd=ram_fd)
+        spec = dataclasses.replace(spec, memory_file=memory, incoming_fd=fd)
         vm = await launch(spec, spawn, start=False)
     finally:
-        os.close(fd)  # QEMU has its own copy
+        os.close(fd)  # QEMU has its own copies
+        os.close(ram_fd)
     try:
         await vm.execute("migrate-set-capabilities", _IGNORE_SHARED)
         await vm.execute("migrate-incoming", {"uri": f"fd:{fd}"})
