@@ -26,6 +26,7 @@ from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
+from spinbox.daemon.templates import TemplateStore
 from spinbox.storage.errors import StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
@@ -101,6 +102,7 @@ class VmManager:
         self._launched: set[str] = set()
         self._creating: set[asyncio.Task[Any]] = set()
         self._on_count_changed = on_count_changed
+        self.templates = TemplateStore(config, systemd, backend, run_dir / "templates")
 
     # -- queries ------------------------------------------------------------
 
@@ -220,7 +222,9 @@ class VmManager:
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             self._launched.add(vm_id)
-            machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            template = self.templates.lookup(request, len(disks) + len(nics))
+            resources["boot"] = "template" if template is not None else "cold"
+            machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner, template)
             # Undone in reverse: QEMU killed, then its pid no longer named in logs.
             undo.callback(setattr, forwarder.sink, "pid", 0)
             undo.push_async_callback(machine.kill)
@@ -248,7 +252,8 @@ class VmManager:
             vm = Vm(state, runtime_dir, machine, rootfs, forwarder)
             undo.pop_all()
         self._adopt(vm)
-        log.info("VM %s is running (QEMU pid %d, %s)", vm_id, vm.state.pid, scope)
+        boot = resources["boot"]
+        log.info("VM %s is running (QEMU pid %d, %s, %s boot)", vm_id, vm.state.pid, scope, boot)
         return vm
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
