@@ -97,9 +97,8 @@ def memory_backend_args(spec: VmSpec) -> tuple[str, list[str]]:
     if memory is None:
         return "", []
     share = "on" if memory.shared else "off"
-    backend = (
-        f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_escape(memory.path)},share={share}"
-    )
+    path = memory.path if memory.fd is None else Path(f"/proc/self/fd/{memory.fd}")
+    backend = f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_escape(path)},share={share}"
     return ",memory-backend=mem", ["-object", backend]
 
 
