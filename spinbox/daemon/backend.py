@@ -114,8 +114,8 @@ class Backend(Protocol):
         """QEMU for the VM: booted, or restored from the template in `template_dir`."""
         ...
 
-    def template_identity(self) -> dict[str, Any]:
-        """What a VM restored from a template must share with it besides its size."""
+    def template_identity(self, shape: Any, ports: int) -> dict[str, Any]:
+        """What a VM restored from a template must share with it: files, QEMU, its command line."""
         ...
 
     async def build_template(

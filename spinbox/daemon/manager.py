@@ -224,7 +224,18 @@ class VmManager:
             self._launched.add(vm_id)
             template = self.templates.lookup(request, len(disks) + len(nics))
             resources["boot"] = "template" if template is not None else "cold"
-            machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner, template)
+            try:
+                machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner, template)
+            except Failed as e:
+                if template is None:
+                    raise
+                # A template this spinbox cannot restore: the VM boots cold, the template goes.
+                self.templates.discard(template, str(e))
+                await spawner.abort()
+                spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
+                undo.push_async_callback(spawner.abort)
+                resources["boot"] = "cold"
+                machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
             # Undone in reverse: QEMU killed, then its pid no longer named in logs.
             undo.callback(setattr, forwarder.sink, "pid", 0)
             undo.push_async_callback(machine.kill)

@@ -30,6 +30,8 @@ EXPORT_IDLE_TIMEOUT = 60.0
 RESCUE_MEMORY_MIB = 256
 RESCUE_SERIAL = "sb-rescue"
 RESCUE_SHUTDOWN_TIMEOUT = 10.0
+# Where a template's command line is made to name its files, for its identity.
+TEMPLATE_IDENTITY_DIR = Path("/run/spinbox/templates/identity")
 
 
 class QemuBackend:
@@ -172,18 +174,23 @@ class QemuBackend:
             hotplug_ports=ports,
         )
 
-    def template_identity(self) -> dict[str, Any]:
+    def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
         def stamp(path: Path) -> list[Any]:
             info = path.stat()
             return [str(path.resolve()), info.st_size, info.st_mtime_ns]
 
         qemu = shutil.which(vm.VmSpec.qemu) or vm.VmSpec.qemu
+        # The machine as this spinbox builds it: a spinbox whose QEMU command line
+        # differs (another device, another option) cannot restore the template.
+        spec = self._template_spec("template", TEMPLATE_IDENTITY_DIR, shape.vcpus, shape.memory_mib, ports)
+        spec = dataclasses.replace(
+            spec, memory_file=vm.MemoryFile(TEMPLATE_IDENTITY_DIR / "ram", shared=True)
+        )
         return {
             "kernel": stamp(self._kernel()),
             "initrd": stamp(self._initrd()),
             "qemu": stamp(Path(qemu)),
-            "accel": self._accel,
-            "kernel-args": list(self.config.vm.kernel_args),
+            "argv": vm.QemuCommand(spec, accel=self._accel).argv(),
         }
 
     async def build_template(
@@ -209,8 +216,10 @@ class QemuBackend:
         spec = dataclasses.replace(spec, disks=tuple(disks), nics=tuple(nics))
         try:
             machine: Machine = await template.restore(spec, template.TemplateFiles(template_dir), spawn)
-        except vm.VmError as e:
-            raise Failed(str(e)) from None
+        except (vm.VmError, OSError) as e:
+            raise Failed(
+                f"restoring VM {request.id} from the template {template_dir.name} failed: {e}"
+            ) from None
         return machine
 
     async def attach(self, runtime_dir: Path) -> Machine:

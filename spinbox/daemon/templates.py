@@ -51,8 +51,8 @@ class Shape:
 
 
 class TemplateBackend(Protocol):
-    def template_identity(self) -> dict[str, Any]:
-        """What a restored VM must share with its template besides its size (files, QEMU, arguments)."""
+    def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
+        """What a restored VM must share with its template: files, QEMU, its command line."""
         ...
 
     async def build_template(
@@ -109,6 +109,12 @@ class TemplateStore:
                 task.add_done_callback(lambda _: self._builds.pop(name, None))
         return None
 
+    def discard(self, directory: Path, error: str) -> None:
+        """A template a VM could not be restored from: removed, so that the next VM of its
+        size boots cold and a new one is built."""
+        log.error("removing the VM template %s, which a VM failed to restore from: %s", directory.name, error)
+        shutil.rmtree(directory, ignore_errors=True)
+
     async def wait_built(self) -> None:
         """Until the builds under way have ended (tests, benchmarks)."""
         while self._builds:
@@ -130,7 +136,7 @@ class TemplateStore:
             "format": FORMAT,
             "shape": [shape.vcpus, shape.memory_mib],
             "ports": TEMPLATE_PORTS,
-            **self.backend.template_identity(),
+            **self.backend.template_identity(shape, TEMPLATE_PORTS),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -19,7 +19,7 @@ class FakeBackend:
         self.identity: dict[str, Any] = {"initrd": 1}
         self.built: list[Shape] = []
 
-    def template_identity(self) -> dict[str, Any]:
+    def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
         return dict(self.identity)
 
     async def build_template(
