@@ -183,6 +183,8 @@ class QemuCommand:
             *_unix_server("console", paths.console),
             "-serial", "chardev:console",
             "-device", "virtio-rng-pci,id=rng0",
+            # Pages the guest frees go back to the host (free page reporting, no ballooning).
+            "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
             # A guest kernel panic becomes QMP's GUEST_PANICKED and QEMU's exit with status 1.
             "-device", "pvpanic-pci,id=panic0",
             "-action", "panic=exit-failure",
