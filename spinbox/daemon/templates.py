@@ -169,6 +169,9 @@ class TemplateStore:
         forwarder = LogForwarder(JournalSink(vm_id, spawner.scope), qemu_log_fifo(runtime_dir))
         make_fifo(qemu_log_fifo(runtime_dir))
         forwarder.start_fifo()
+        # The template's console and vminitd's log lines go to the journal now:
+        # left unread, the guest would hold them and every restored VM repeat them.
+        forwarder.start_sockets(runtime_dir / "console.sock", runtime_dir / "log.sock")
         log.info("building the VM template %s", vm_id)
         try:
             await self.backend.build_template(shape, TEMPLATE_PORTS, partial, runtime_dir, spawner)
