@@ -95,8 +95,8 @@ class TemplateStore:
         """The ready template of `shape`; with `build`, start building it in the background if missing."""
         try:
             name = f"{shape.name}-{self._digest(shape)}"
-        except OSError as e:
-            log.warning("no template for %s: %s", shape.name, e)
+        except Exception as e:  # no kernel or guest image yet: VMs boot cold (and fail saying so)
+            log.warning("no VM template for %s: %s", shape.name, e)
             return None
         directory = self.root / name
         if (directory / READY).exists():

@@ -111,3 +111,17 @@ def test_a_changed_image_builds_a_new_template_and_removes_the_old(tmp_path: Pat
         assert not old.exists()
 
     asyncio.run(run())
+
+
+def test_no_guest_image_yet_means_cold_boot_not_a_failed_start(tmp_path: Path) -> None:
+    class NoImage(FakeBackend):
+        def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
+            raise RuntimeError("no guest image at /var/lib/spinbox/guest/initrd.img")
+
+    async def run() -> None:
+        templates = store(tmp_path, NoImage())
+        templates.start()
+        assert templates.lookup(request(), 1) is None
+        await templates.wait_built()
+
+    asyncio.run(run())
