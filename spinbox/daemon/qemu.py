@@ -30,6 +30,9 @@ EXPORT_IDLE_TIMEOUT = 60.0
 RESCUE_MEMORY_MIB = 256
 RESCUE_SERIAL = "sb-rescue"
 RESCUE_SHUTDOWN_TIMEOUT = 10.0
+# Seconds a template's guest may take to boot: nobody waits for it, and on a
+# busy host a boot under TCG takes minutes rather than the seconds vm.boot_timeout allows.
+TEMPLATE_BOOT_TIMEOUT = 900.0
 # Where a template's command line is made to name its files, for its identity.
 TEMPLATE_IDENTITY_DIR = Path("/run/spinbox/templates/identity")
 
@@ -199,7 +202,8 @@ class QemuBackend:
         vm_id = "template-" + directory.name.removesuffix(".partial")
         spec = self._template_spec(vm_id, runtime_dir, shape.vcpus, shape.memory_mib, ports)
         try:
-            await template.build(spec, template.TemplateFiles(directory), spawn, self.config.vm.boot_timeout)
+            timeout = max(self.config.vm.boot_timeout, TEMPLATE_BOOT_TIMEOUT)
+            await template.build(spec, template.TemplateFiles(directory), spawn, timeout)
         except vm.VmError as e:
             raise Failed(str(e)) from None
 

@@ -247,7 +247,7 @@ def wait_until_clean(
 # SPINBOX_TEST_BOOT=template (vm.boot in spinbox.toml).
 BOOT = os.environ.get("SPINBOX_TEST_BOOT", "cold")
 TEMPLATES = "/run/spinbox/templates"
-TEMPLATE_BUILD_TIMEOUT = 300.0
+TEMPLATE_BUILD_TIMEOUT = 900.0
 
 
 def ready_templates(systemd: PrivateSystemd) -> list[str]:
