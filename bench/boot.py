@@ -12,6 +12,10 @@ on the machine hits all alike: `--kernel PATH` (repeatable) compares kernels
 (`--compare-tree-qemu`: also with that checkout's base kernel arguments and
 firmware, i.e. a before/after of the whole boot); `--compare-args ARGS` extra
 kernel arguments; `--compare-qemu ARGS` extra QEMU arguments.
+
+With the agent, the first variant is also saved as a template (as spinboxd
+does with vm.boot = "template") and VMs restored from it are timed from QEMU's
+exec to agent-ready (entropy and clock refreshed), against the same floor.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ sys.path.insert(0, str(TOP))
 from guest.mkguest.cpio import Entry, write_newc  # noqa: E402
 from guest.mkguest.image import BUSYBOX, ImageConfig, build, kernel_version_of  # noqa: E402
 from guest.mkguest.kmod import module_free  # noqa: E402
+from spinbox.daemon.templates import TEMPLATE_PORTS  # noqa: E402
 from spinbox.shim.create import POD_HOTPLUG_PORTS  # noqa: E402
-from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu  # noqa: E402
+from spinbox.vm import VmSpec, choose_accel, default_kernel, launch, qemu, template  # noqa: E402
 
 STAND_IN_INIT = """
 import os
@@ -173,6 +178,27 @@ async def boot_guest(variant: Variant, run_dir: Path, agent: bool) -> dict[str, 
         await vm.kill()
 
 
+def template_spec(variant: Variant, run_dir: Path, vm_id: str) -> VmSpec:
+    return VmSpec(
+        vm_id=vm_id,
+        kernel=variant.kernel,
+        initrd=variant.image,
+        runtime_dir=run_dir,
+        kernel_args=variant.kernel_args,
+        hotplug_ports=TEMPLATE_PORTS,
+    )
+
+
+async def restore_guest(files: template.TemplateFiles, variant: Variant, run_dir: Path) -> dict[str, float]:
+    vm = await template.restore(template_spec(variant, run_dir, "bench"), files, None)
+    try:
+        timeline = await vm.wait_ready(300)
+        await vm.shutdown(30)
+        return timeline
+    finally:
+        await vm.kill()
+
+
 def _row(title: str, cells: list[str], width: int) -> str:
     return f"{title:<48}" + "".join(f"{cell:>{width}}" for cell in cells)
 
@@ -224,6 +250,12 @@ async def main_async(
         ]
         floors: list[list[float]] = [[] for _ in variants]
         timelines: list[list[dict[str, float]]] = [[] for _ in variants]
+        restores: list[dict[str, float]] = []
+        # A template's RAM lives on tmpfs, as spinboxd keeps it.
+        shm = tempfile.TemporaryDirectory(prefix="spinbox-bench-template-", dir="/dev/shm")
+        files = template.TemplateFiles(Path(shm.name))
+        if agent:
+            await template.build(template_spec(variants[0], work / "run", "bench-template"), files, None, 300)
         order = list(range(len(variants)))
         for run in range(runs):  # interleaved and rotated, so load on the machine hits all alike
             shift = run % len(order)
@@ -232,6 +264,9 @@ async def main_async(
                 if has_floor[index]:
                     floors[index].append(await boot_floor(floor_image, work / "run", variant))
                 timelines[index].append(await boot_guest(variant, work / "run", agent))
+                if agent and index == 0:
+                    restores.append(await restore_guest(files, variant, work / "run"))
+        shm.cleanup()
         print(f"accelerator: {choose_accel('auto')}  runs: {runs} (medians)")
         if not agent:
             print("note: no vminitd in this tree; a Python init printing a line stands in for the agent")
@@ -263,6 +298,20 @@ async def main_async(
             for per_variant, values in zip(timelines, own_floors, strict=True)
         ]
         print(_row(f"ratio {ready} / floor", [f"{r:.2f}" for r in ratios], width))
+        if restores:
+            print(f"v1 restored from a template ({TEMPLATE_PORTS} spare ports), s since QEMU's exec:")
+            for phase in ("qmp-up", "restored", "refreshed", "agent-ready"):
+                print(_row(f"  {phase}", [_median([t[phase] for t in restores])], width))
+            restore_s = statistics.median(t["agent-ready"] for t in restores)
+            print(
+                _row(
+                    "ratio restore agent-ready / v1 floor",
+                    [f"{restore_s / statistics.median(floors[0]):.2f}"],
+                    width,
+                )
+            )
+            cold_s = statistics.median(t["agent-ready"] for t in timelines[0])
+            print(_row("ratio restore / cold boot agent-ready", [f"{restore_s / cold_s:.2f}"], width))
         # Boots of one run are close in time: their differences shed most of the machine's load swings.
         for phase in (ready, "guest-first-request"):
             if len(variants) > 1 and all(phase in t for per_variant in timelines for t in per_variant):

@@ -149,6 +149,10 @@ class AgentClient:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    async def refresh(self, seed: bytes, realtime_ns: int, warm: bool = False) -> None:
+        request = pb.RefreshRequest(seed=seed, realtime_ns=realtime_ns, warm=warm)
+        await self._call("Refresh", request, Empty)
+
     async def shutdown(self, force: bool = False) -> None:
         await self._call("Shutdown", pb.ShutdownRequest(force=force), Empty)
 

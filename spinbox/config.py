@@ -16,6 +16,7 @@ errors that name the key, so a typo never silently means "default".
     memory_overhead_mib = 256 # added to guest RAM for the scope's MemoryMax (QEMU itself)
     boot_timeout = 120        # seconds until the guest agent must answer
     stop_timeout = 30         # seconds a Stop waits for an orderly shutdown
+    boot = "cold"             # "template": restore VMs from a saved, booted guest; "cold": boot each
 
     [storage]
     layer_cache = "/var/lib/spinbox/layers"
@@ -52,6 +53,7 @@ from spinbox.host import newest_cloud_kernel
 CONFIG_PATH = Path("/etc/spinbox/spinbox.toml")
 DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
 ACCELS = ("auto", "kvm", "tcg")
+BOOTS = ("template", "cold")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # The shim waits 900 s for CreateVM (spinbox.shim.spinboxd.CREATE_TIMEOUT).
 CREATE_TIMEOUT_MAX = 840.0
@@ -74,6 +76,7 @@ class VmConfig:
     memory_overhead_mib: int = 256
     boot_timeout: float = 120.0
     stop_timeout: float = 30.0
+    boot: str = "cold"
 
     def kernel_path(self, boot: Path = Path("/boot")) -> Path | None:
         """The configured kernel, or the newest Debian cloud kernel under /boot (None: none)."""
@@ -176,6 +179,8 @@ def validate(config: Config) -> None:
     vm = config.vm
     if vm.accel not in ACCELS:
         raise ConfigError(f"vm.accel must be one of {', '.join(ACCELS)}, not {vm.accel!r}")
+    if vm.boot not in BOOTS:
+        raise ConfigError(f"vm.boot must be one of {', '.join(BOOTS)}, not {vm.boot!r}")
     for key in ("vcpus", "memory_mib", "max_vcpus", "max_memory_mib", "boot_timeout", "stop_timeout"):
         _positive(f"vm.{key}", getattr(vm, key))
     if vm.memory_overhead_mib < 0:

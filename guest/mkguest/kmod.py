@@ -26,7 +26,8 @@ REQUIRED_MODULES = (
 # What the agent's virtio-serial channel needs (on either transport): vminitd loads these (and their
 # dependencies) before it serves, and the others while it serves.
 AGENT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console")
-OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci")
+# virtio_balloon: free page reporting hands the pages the guest frees back to the host.
+OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci", "virtio_balloon")
 # The config symbol that builds each required module into a kernel without modules.
 BUILTIN_SYMBOLS = {
     "virtio_pci": "CONFIG_VIRTIO_PCI",

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # A plain string, not pathlib: the guest image keeps its Python small.
+# How long a NIC plugged into a VM restored from a template may take to show up.
+NIC_WAIT = 10.0
 ETC = "/etc"
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>, <linux/if_link.h>
@@ -63,14 +66,15 @@ class NetworkConfigError(ValueError):
     """The host sent a configuration that cannot be applied; str() says what is wrong."""
 
 
-def apply(config: agent_pb2.NetworkConfig, etc: str | os.PathLike[str] = ETC) -> None:
-    """Configure the guest: NICs (found by MAC), addresses, routes, DNS, /etc/hosts, hostname."""
+def apply(config: agent_pb2.NetworkConfig, etc: str | os.PathLike[str] = ETC, nic_wait: float = 0.0) -> None:
+    """Configure the guest: NICs (found by MAC, waiting up to `nic_wait` seconds for
+    each to show up), addresses, routes, DNS, /etc/hosts, hostname."""
     validate(config)
     with Netlink() as nl:
         nl.set_link(socket.if_nametoindex("lo"), up=True)
         indexes: dict[str, int] = {}
         for iface in config.interfaces:
-            index = find_by_mac(nl, iface.mac)
+            index = find_by_mac(nl, iface.mac, nic_wait)
             _free_name(nl, iface.name, index)
             nl.set_link(index, up=False)
             nl.set_link(index, name=iface.name, mtu=iface.mtu or None)
@@ -135,13 +139,18 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text, strict=False)
 
 
-def find_by_mac(nl: Netlink, mac: str) -> int:
-    """The ifindex of the NIC with MAC `mac`."""
+def find_by_mac(nl: Netlink, mac: str, wait: float = 0.0) -> int:
+    """The ifindex of the NIC with MAC `mac`; a hot-plugged one shows up a moment after its plug."""
     wanted = bytes.fromhex(mac.replace(":", ""))
-    for index, address in nl.links():
-        if address == wanted:
-            return index
-    raise NetworkConfigError(f"no network interface has MAC {mac}")
+    deadline = time.monotonic() + wait
+    while True:
+        for index, address in nl.links():
+            if address == wanted:
+                return index
+        if time.monotonic() >= deadline:
+            waited = f" (waited {wait:g} s)" if wait else ""
+            raise NetworkConfigError(f"no network interface has MAC {mac}{waited}")
+        time.sleep(0.02)
 
 
 def _free_name(nl: Netlink, name: str, index: int) -> None:

@@ -124,6 +124,7 @@ class AgentService:
             ("UnmountRootfs", pb.UnmountRootfsRequest, self.unmount_rootfs),
             ("SyncRootfs", pb.SyncRootfsRequest, self.sync_rootfs),
             ("Shutdown", pb.ShutdownRequest, self.shutdown),
+            ("Refresh", pb.RefreshRequest, self.refresh),
             ("CreateContainer", pb.CreateContainerRequest, self.create_container),
             ("Exec", pb.ExecRequest, self.exec),
             ("Start", pb.ProcessRequest, self.start),
@@ -186,13 +187,24 @@ class AgentService:
     async def ping(self, req: pb.PingRequest) -> pb.PingResponse:
         return pb.PingResponse(version=guest.vminitd.__version__, timeline=self.timeline.stamps)
 
+    async def refresh(self, req: pb.RefreshRequest) -> Empty:
+        from guest.vminitd import refresh
+
+        refresh.apply(req.seed, req.realtime_ns)
+        if req.warm:
+            self.containers, self.rootfs  # noqa: B018 (loads them)
+            refresh.warm()
+        return Empty()
+
     async def configure_network(self, req: pb.NetworkConfig) -> Empty:
         try:
             network: Any = importlib.import_module("guest.vminitd.network")
         except ImportError:
             raise TtrpcError(Code.UNIMPLEMENTED, "this guest cannot configure networks") from None
         try:
-            await asyncio.get_running_loop().run_in_executor(None, network.apply, req)
+            await asyncio.get_running_loop().run_in_executor(
+                None, network.apply, req, network.ETC, network.NIC_WAIT
+            )
         except network.NetworkConfigError as e:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"network configuration: {e}") from None
         return Empty()

@@ -25,6 +25,7 @@ SYS_FINIT_MODULE = 313  # x86_64
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 TIOCSWINSZ = 0x5414
 
 
@@ -92,6 +93,15 @@ def add_entropy(data: bytes) -> None:
     fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, RNDADDENTROPY, info)
+    finally:
+        os.close(fd)
+
+
+def reseed_crng() -> None:
+    """Has the kernel reseed its CRNG from the pool now (RNDRESEEDCRNG), not at its next interval."""
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDRESEEDCRNG, 0)
     finally:
         os.close(fd)
 

@@ -109,7 +109,20 @@ class Backend(Protocol):
         disks: Sequence[Any],
         nics: Sequence[Any],
         spawn: Spawn,
-    ) -> Machine: ...
+        template_dir: Path | None = None,
+    ) -> Machine:
+        """QEMU for the VM: booted, or restored from the template in `template_dir`."""
+        ...
+
+    def template_identity(self, shape: Any, ports: int) -> dict[str, Any]:
+        """What a VM restored from a template must share with it: files, QEMU, its command line."""
+        ...
+
+    async def build_template(
+        self, shape: Any, ports: int, directory: Path, runtime_dir: Path, spawn: Spawn
+    ) -> None:
+        """Boot a template of `shape` (spinbox.daemon.templates.Shape) and save it into `directory`."""
+        ...
 
     async def attach(self, runtime_dir: Path) -> Machine: ...
 

@@ -69,6 +69,7 @@ class Daemon:
         )
         export_manager(bus, manager, self.config, accelerator)
         await manager.recover()
+        manager.templates.start()
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -91,6 +92,7 @@ class Daemon:
         # VMs outlive spinboxd: only stop watching them. Half-made ones are
         # undone while the bus (and so systemd) is still reachable.
         await manager.abandon_creations()
+        await manager.templates.close()
         await manager.stop_all_watchers()
         for task in (stopped, disconnected):
             task.cancel()

@@ -26,6 +26,7 @@ from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
+from spinbox.daemon.templates import TemplateStore
 from spinbox.storage.errors import StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
@@ -113,6 +114,7 @@ class VmManager:
         self._creating_ids: dict[str, asyncio.Task[Any]] = {}
         self._on_count_changed = on_count_changed
         self.kept = KeptStorage()
+        self.templates = TemplateStore(config, systemd, backend, run_dir / "templates")
 
     # -- queries ------------------------------------------------------------
 
@@ -264,7 +266,20 @@ class VmManager:
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
             self._launched.add(vm_id)
-            machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            template = self.templates.lookup(request, len(disks) + len(nics))
+            resources["boot"] = "template" if template is not None else "cold"
+            try:
+                machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner, template)
+            except Failed as e:
+                if template is None:
+                    raise
+                # A template this spinbox cannot restore: the VM boots cold, the template goes.
+                self.templates.discard(template, str(e))
+                await spawner.abort()
+                spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
+                undo.push_async_callback(spawner.abort)
+                resources["boot"] = "cold"
+                machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
             # Undone in reverse: QEMU killed, then its pid no longer named in logs.
             undo.callback(setattr, forwarder.sink, "pid", 0)
             undo.push_async_callback(machine.kill)
@@ -294,7 +309,8 @@ class VmManager:
             vm = Vm(state, runtime_dir, machine, rootfs, forwarder)
             undo.pop_all()
         self._adopt(vm)
-        log.info("VM %s is running (QEMU pid %d, %s)", vm_id, vm.state.pid, scope)
+        boot = resources["boot"]
+        log.info("VM %s is running (QEMU pid %d, %s, %s boot)", vm_id, vm.state.pid, scope, boot)
         return vm
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import shutil
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -16,7 +18,8 @@ from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.options import Mount, VmRequest
-from spinbox.vm import control
+from spinbox.daemon.templates import TEMPLATE_PORTS, Shape
+from spinbox.vm import control, template
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,11 @@ EXPORT_IDLE_TIMEOUT = 60.0
 RESCUE_MEMORY_MIB = 256
 RESCUE_SERIAL = "sb-rescue"
 RESCUE_SHUTDOWN_TIMEOUT = 10.0
+# Seconds a template's guest may take to boot: nobody waits for it, and on a
+# busy host a boot under TCG takes minutes rather than the seconds vm.boot_timeout allows.
+TEMPLATE_BOOT_TIMEOUT = 900.0
+# Where a template's command line is made to name its files, for its identity.
+TEMPLATE_IDENTITY_DIR = Path("/run/spinbox/templates/identity")
 
 
 class QemuBackend:
@@ -128,7 +136,10 @@ class QemuBackend:
         disks: Sequence[Any],
         nics: Sequence[Any],
         spawn: Spawn,
+        template_dir: Path | None = None,
     ) -> Machine:
+        if template_dir is not None:
+            return await self._restore(request, runtime_dir, disks, nics, spawn, template_dir)
         spec = vm.VmSpec(
             vm_id=request.id,
             kernel=self._kernel(),
@@ -146,6 +157,73 @@ class QemuBackend:
             machine: Machine = await vm.launch(spec, spawn=spawn)
         except vm.VmError as e:
             raise Failed(str(e)) from None
+        return machine
+
+    # -- templates ----------------------------------------------------------
+
+    def _template_spec(
+        self, vm_id: str, runtime_dir: Path, vcpus: int, memory_mib: int, ports: int
+    ) -> vm.VmSpec:
+        """A template's, or a VM restored from it: the same machine but for disks and NICs."""
+        return vm.VmSpec(
+            vm_id=vm_id,
+            kernel=self._kernel(),
+            initrd=self._initrd(),
+            runtime_dir=runtime_dir,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            kernel_args=self.config.vm.kernel_args,
+            accel=self._accel,  # type: ignore[arg-type]
+            hotplug_ports=ports,
+        )
+
+    def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
+        def stamp(path: Path) -> list[Any]:
+            info = path.stat()
+            return [str(path.resolve()), info.st_size, info.st_mtime_ns]
+
+        qemu = shutil.which(vm.VmSpec.qemu) or vm.VmSpec.qemu
+        # The machine as this spinbox builds it: a spinbox whose QEMU command line
+        # differs (another device, another option) cannot restore the template.
+        spec = self._template_spec("template", TEMPLATE_IDENTITY_DIR, shape.vcpus, shape.memory_mib, ports)
+        spec = dataclasses.replace(
+            spec, memory_file=vm.MemoryFile(TEMPLATE_IDENTITY_DIR / "ram", shared=True)
+        )
+        return {
+            "kernel": stamp(self._kernel()),
+            "initrd": stamp(self._initrd()),
+            "qemu": stamp(Path(qemu)),
+            "argv": vm.QemuCommand(spec, accel=self._accel).argv(),
+        }
+
+    async def build_template(
+        self, shape: Shape, ports: int, directory: Path, runtime_dir: Path, spawn: Spawn
+    ) -> None:
+        vm_id = "template-" + directory.name.removesuffix(".partial")
+        spec = self._template_spec(vm_id, runtime_dir, shape.vcpus, shape.memory_mib, ports)
+        try:
+            timeout = max(self.config.vm.boot_timeout, TEMPLATE_BOOT_TIMEOUT)
+            await template.build(spec, template.TemplateFiles(directory), spawn, timeout)
+        except vm.VmError as e:
+            raise Failed(str(e)) from None
+
+    async def _restore(
+        self,
+        request: VmRequest,
+        runtime_dir: Path,
+        disks: Sequence[Any],
+        nics: Sequence[Any],
+        spawn: Spawn,
+        template_dir: Path,
+    ) -> Machine:
+        spec = self._template_spec(request.id, runtime_dir, request.vcpus, request.memory_mib, TEMPLATE_PORTS)
+        spec = dataclasses.replace(spec, disks=tuple(disks), nics=tuple(nics))
+        try:
+            machine: Machine = await template.restore(spec, template.TemplateFiles(template_dir), spawn)
+        except (vm.VmError, OSError) as e:
+            raise Failed(
+                f"restoring VM {request.id} from the template {template_dir.name} failed: {e}"
+            ) from None
         return machine
 
     async def attach(self, runtime_dir: Path) -> Machine:

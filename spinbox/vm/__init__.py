@@ -7,11 +7,12 @@ from spinbox.vm.errors import VmError, VmNotRunning
 from spinbox.vm.machine import VirtualMachine, launch
 from spinbox.vm.process import ProcessHandle, Spawn
 from spinbox.vm.qemu import QemuCommand
-from spinbox.vm.spec import DEFAULT_IMAGE, Disk, Nic, VmSpec, default_kernel
+from spinbox.vm.spec import DEFAULT_IMAGE, Disk, MemoryFile, Nic, VmSpec, default_kernel
 
 __all__ = [
     "DEFAULT_IMAGE",
     "Disk",
+    "MemoryFile",
     "Nic",
     "ProcessHandle",
     "QemuCommand",

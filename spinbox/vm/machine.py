@@ -228,6 +228,22 @@ class VirtualMachine:
         del self.state.hotplugged[port]
         self._save()
 
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A QMP command; VmError names it when QEMU refuses."""
+        return await self._execute(command, arguments)
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file as `name` (QMP getfd over the socket's SCM_RIGHTS)."""
+        if self.exited:
+            raise VmNotRunning(f"VM {self.vm_id} is not running")
+        self._qmp.send_fd_scm(fd)
+        await self._execute("getfd", {"fdname": name})
+
+    def mark_plugged(self, port: str, name: str) -> None:
+        """Record a device plugged into a spare port by other means than add_disk."""
+        self.state.hotplugged[port] = name
+        self._save()
+
     def events(self) -> EventStream:
         """QMP events (SHUTDOWN, GUEST_PANICKED, STOP, RESUME) from now on, until QEMU exits."""
         return EventStream(self._qmp, self._exit)
@@ -442,7 +458,10 @@ def _prepare(spec: VmSpec) -> tuple[QemuCommand, CidLease | None]:
     _refuse_running(paths)
     for sock in paths.sockets():
         sock.unlink(missing_ok=True)
-    lease = allocate_cid() if VHOST_VSOCK.exists() else None
+    # A template's guest and the VMs restored from it talk over virtio-serial:
+    # a vsock CID is part of the saved device state.
+    vsock = VHOST_VSOCK.exists() and spec.memory_file is None
+    lease = allocate_cid() if vsock else None
     command = QemuCommand(
         spec,
         accel=accel,

@@ -28,6 +28,8 @@ SERIAL_LOG = "spinbox.log"
 # within 89 + 128 = 217 MiB of the 256 MiB overhead. 0: QEMU's default.
 TCG_TB_SIZE_MIB = 128
 
+TEMPLATE_VM_NAME = "template"
+
 BASE_KERNEL_ARGS = (
     "console=ttyS0",
     "quiet",
@@ -89,6 +91,17 @@ def _escape(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
+def memory_backend_args(spec: VmSpec) -> tuple[str, list[str]]:
+    """The -machine suboption and the options that give the guest its RAM ("" and [] for QEMU's own)."""
+    memory = spec.memory_file
+    if memory is None:
+        return "", []
+    share = "on" if memory.shared else "off"
+    path = memory.path if memory.fd is None else Path(f"/proc/self/fd/{memory.fd}")
+    backend = f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_escape(path)},share={share}"
+    return ",memory-backend=mem", ["-object", backend]
+
+
 def _unix_server(chardev_id: str, path: Path) -> list[str]:
     return ["-chardev", f"socket,id={chardev_id},path={_escape(path)},server=on,wait=off"]
 
@@ -114,8 +127,11 @@ class QemuCommand:
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
-        """File descriptors QEMU must inherit: TAPs, and whatever the caller keeps alive with it."""
-        return tuple(nic.tap_fd for nic in self.spec.nics) + self.keep_fds
+        """File descriptors QEMU inherits: TAPs, a migration stream, what the caller keeps alive with it."""
+        spec = self.spec
+        incoming = () if spec.incoming_fd is None else (spec.incoming_fd,)
+        memory = () if spec.memory_file is None or spec.memory_file.fd is None else (spec.memory_file.fd,)
+        return tuple(nic.tap_fd for nic in spec.nics) + incoming + memory + self.keep_fds
 
     @property
     def agent_address(self) -> str:
@@ -131,7 +147,9 @@ class QemuCommand:
 
     def kernel_cmdline(self) -> str:
         agent = "serial" if self.vsock_cid is None else f"vsock:{AGENT_VSOCK_PORT}"
-        args = [*BASE_KERNEL_ARGS, f"spinbox.vm={self.spec.vm_id}", f"spinbox.agent={agent}"]
+        # A template and the VMs restored from it share one command line: it is the template's boot.
+        vm_id = TEMPLATE_VM_NAME if self.spec.memory_file is not None else self.spec.vm_id
+        args = [*BASE_KERNEL_ARGS, f"spinbox.vm={vm_id}", f"spinbox.agent={agent}"]
         return " ".join([*args, *self.spec.kernel_args])
 
     def _accel_option(self) -> str:
@@ -142,7 +160,8 @@ class QemuCommand:
     def argv(self) -> list[str]:
         spec = self.spec
         paths = self.paths
-        machine = "q35,sata=off,smbus=off,usb=off,vmport=off,i8042=off,graphics=off"
+        memory_option, memory_args = memory_backend_args(spec)
+        machine = "q35,sata=off,smbus=off,usb=off,vmport=off,i8042=off,graphics=off" + memory_option
         cpu = "host" if self.accel == "kvm" else "max,la57=off"
         argv = [
             spec.qemu,
@@ -164,10 +183,15 @@ class QemuCommand:
             *_unix_server("console", paths.console),
             "-serial", "chardev:console",
             "-device", "virtio-rng-pci,id=rng0",
+            # Pages the guest frees go back to the host (free page reporting, no ballooning).
+            "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
             # A guest kernel panic becomes QMP's GUEST_PANICKED and QEMU's exit with status 1.
             "-device", "pvpanic-pci,id=panic0",
             "-action", "panic=exit-failure",
+            *memory_args,
         ]  # fmt: skip
+        if spec.incoming_fd is not None:
+            argv += ["-incoming", "defer"]
         if self.accel == "tcg" and QBOOT.is_file():
             argv += ["-bios", str(QBOOT)]
         if self.start_paused:
@@ -183,22 +207,20 @@ class QemuCommand:
                 f"addr={slot:#x}.{function}{multifunction},io-reserve=0",
             ]  # fmt: skip
         for index, disk in enumerate(spec.disks):
-            node = f"disk{index}"
+            node = f"disk{index}" if spec.incoming_fd is None else f"{hotplug_port(index)}-drive"
             blockdev = {
                 "driver": "raw",
                 "node-name": node,
                 "read-only": disk.read_only,
                 "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only},
             }
-            argv += [
-                "-blockdev", json.dumps(blockdev, separators=(",", ":")),
-                "-device", f"virtio-blk-pci,id=blk{index},drive={node},serial={disk.serial}",
-            ]  # fmt: skip
+            argv += ["-blockdev", json.dumps(blockdev, separators=(",", ":"))]
+            if spec.incoming_fd is None:  # restored: plugged after the migration
+                argv += ["-device", f"virtio-blk-pci,id=blk{index},drive={node},serial={disk.serial}"]
         for index, nic in enumerate(spec.nics):
-            argv += [
-                "-netdev", f"tap,id=net{index},fd={nic.tap_fd}",
-                "-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}",
-            ]  # fmt: skip
+            argv += ["-netdev", f"tap,id=net{index},fd={nic.tap_fd}"]
+            if spec.incoming_fd is None:
+                argv += ["-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}"]
         if self.vsock_cid is not None:
             argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={self.vsock_cid}"]
         argv += ["-device", "virtio-serial-pci,id=vser0"]

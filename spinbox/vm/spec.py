@@ -40,6 +40,18 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class MemoryFile:
+    """Guest RAM in a file on tmpfs: a template's. `shared`: the template being
+    built writes it; otherwise a VM restored from it maps it private (copy on write)."""
+
+    path: Path
+    shared: bool
+    # An open descriptor of the file that QEMU inherits and maps instead of the
+    # path: a template replaced meanwhile (its files unlinked) stays whole.
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
 class VmSpec:
     vm_id: str
     kernel: Path
@@ -55,6 +67,11 @@ class VmSpec:
     hotplug_ports: int = 0
     qemu: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default=())
+    # Templates: RAM in a file, and (restore) device state from a migration
+    # stream on this open fd; disks and NICs are then plugged into the spare
+    # ports, as the template was saved without them.
+    memory_file: MemoryFile | None = None
+    incoming_fd: int | None = None
 
     def validate(self) -> None:
         """Raise VmError naming the first thing wrong with this spec."""
@@ -94,6 +111,13 @@ class VmSpec:
                 )
             if nic.tap_fd < 0:
                 raise VmError(f"NIC {nic.mac} has no TAP file descriptor")
+        if self.incoming_fd is not None and self.memory_file is None:
+            raise VmError("a VM restored from a template needs the template's memory file")
+        if self.incoming_fd is not None and len(self.disks) + len(self.nics) > self.hotplug_ports:
+            raise VmError(
+                f"{len(self.disks)} disks and {len(self.nics)} NICs do not fit in "
+                f"{self.hotplug_ports} spare PCIe ports"
+            )
         for arg in self.kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise VmError(f"kernel argument {arg!r} is empty or contains white space")

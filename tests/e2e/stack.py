@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -192,9 +193,15 @@ def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, obje
     units = systemd.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "spinbox-vm-*").stdout
     vm_dir = systemd.path("/run/spinbox/vm")
     shims = [p for p in systemd.processes("spinbox.shim") if p]
+    # VM templates spinboxd builds in the background are its own, not a container's.
+    templates = set(systemd.processes("process=spinbox-vm-template-"))
     return {
-        "scopes": [line.split()[0] for line in units.splitlines() if line.strip()],
-        "qemu": systemd.processes("qemu-system"),
+        "scopes": [
+            line.split()[0]
+            for line in units.splitlines()
+            if line.strip() and not line.startswith("spinbox-vm-template-")
+        ],
+        "qemu": [pid for pid in systemd.processes("qemu-system") if pid not in templates],
         "vm-files": sorted(str(p) for p in vm_dir.rglob("*")) if vm_dir.exists() else [],
         "shims": shims,
         "tasks": containerd.ctr("task", "ls", "-q").stdout.split(),
@@ -236,10 +243,24 @@ def wait_until_clean(
     return found
 
 
+# The e2e tier runs with VMs booted cold, or restored from templates with
+# SPINBOX_TEST_BOOT=template (vm.boot in spinbox.toml).
+BOOT = os.environ.get("SPINBOX_TEST_BOOT", "cold")
+TEMPLATES = "/run/spinbox/templates"
+TEMPLATE_BUILD_TIMEOUT = 900.0
+
+
+def ready_templates(systemd: PrivateSystemd) -> list[str]:
+    """The names of the VM templates spinboxd has ready."""
+    root = systemd.path(TEMPLATES)
+    return sorted(p.parent.name for p in root.glob("*/ready.json")) if root.exists() else []
+
+
 @contextlib.contextmanager
-def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
-    """spinbox.service with the session's guest image, and the shim on PATH."""
-    config = f'[vm]\naccel = "tcg"\ninitrd = "{guest_image}"\n'
+def spinbox_stack(systemd: PrivateSystemd, guest_image: Path, boot: str = BOOT) -> Iterator[PrivateSystemd]:
+    """spinbox.service with the session's guest image, and the shim on PATH.
+    With boot "template", once spinboxd has built its default template."""
+    config = f'[vm]\naccel = "tcg"\ninitrd = "{guest_image}"\nboot = "{boot}"\n'
     # Shaped like the packaged script (tools/install-tree): a Python script by the shim's name.
     wrapper = (
         f"#!{PYTHON}\nimport sys\n\nsys.path.insert(0, {str(TOP)!r})\n\n"
@@ -248,6 +269,10 @@ def spinbox_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[Privat
     with installed(systemd, config=config):
         systemd.write_file(SHIM_WRAPPER, wrapper, mode=0o755)
         systemd.systemctl("start", "spinbox.service")
+        if boot == "template":
+            systemd.wait_for(
+                "spinboxd's VM template", lambda: bool(ready_templates(systemd)), TEMPLATE_BUILD_TIMEOUT
+            )
         try:
             yield systemd
         finally:

@@ -1,0 +1,194 @@
+"""The VM templates spinboxd keeps: one per kernel, guest image, QEMU and VM size.
+
+A template lives in `<run dir>/templates/<shape>-<digest>/` (its RAM and
+device state, see spinbox.vm.template), where the digest covers everything
+a restored VM must share with the template: the kernel, the guest image and
+QEMU (by path, size and modification time), the accelerator, the kernel
+arguments and the number of spare PCIe ports. A changed kernel, image or QEMU
+gives a new digest: the next VM of that size boots cold while the new
+template is built in the background, and the old one is removed once the new
+one is ready (the VMs restored from it hold its RAM file open and keep it).
+Builds run one at a time, each in a scope of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from spinbox.config import Config
+from spinbox.daemon.logs import JournalSink, LogForwarder
+from spinbox.daemon.options import VmRequest
+from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
+from spinbox.daemon.systemd import ScopeLimits, SystemdManager
+
+log = logging.getLogger(__name__)
+
+# Spare PCIe ports of a template: a VM restored from it plugs its disks and
+# NICs into them, and a pod keeps the rest for its further containers' disks.
+TEMPLATE_PORTS = 24
+# The most VM sizes spinboxd keeps templates for (the default size among them).
+MAX_SHAPES = 4
+# Bumped when what a template holds changes in a way its digest does not see.
+FORMAT = 1
+READY = "ready.json"
+
+
+@dataclass(frozen=True)
+class Shape:
+    vcpus: int
+    memory_mib: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.vcpus}cpu-{self.memory_mib}m"
+
+
+class TemplateBackend(Protocol):
+    def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
+        """What a restored VM must share with its template: files, QEMU, its command line."""
+        ...
+
+    async def build_template(
+        self, shape: Shape, ports: int, directory: Path, runtime_dir: Path, spawn: ScopeSpawner
+    ) -> None: ...
+
+
+class TemplateStore:
+    def __init__(self, config: Config, systemd: SystemdManager, backend: Any, root: Path) -> None:
+        self.config = config
+        self.systemd = systemd
+        self.backend: TemplateBackend = backend
+        self.root = root
+        self._builds: dict[str, asyncio.Task[None]] = {}
+        self._failed: set[str] = set()
+        self._one_at_a_time = asyncio.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.vm.boot == "template"
+
+    def start(self) -> None:
+        """At spinboxd start: build the default size's template when it is missing."""
+        if not self.enabled:
+            return
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for partial in self.root.glob("*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)  # a build an earlier spinboxd did not finish
+        self.directory(Shape(self.config.vm.vcpus, self.config.vm.memory_mib), build=True)
+
+    def lookup(self, request: VmRequest, devices: int) -> Path | None:
+        """The template a VM for `request` with `devices` disks and NICs restores from; None: boot cold."""
+        if not self.enabled or request.kernel_args:
+            return None
+        if devices + request.hotplug_ports > TEMPLATE_PORTS:
+            return None
+        return self.directory(Shape(request.vcpus, request.memory_mib), build=True)
+
+    def directory(self, shape: Shape, build: bool = False) -> Path | None:
+        """The ready template of `shape`; with `build`, start building it in the background if missing."""
+        try:
+            name = f"{shape.name}-{self._digest(shape)}"
+        except Exception as e:  # no kernel or guest image yet: VMs boot cold (and fail saying so)
+            log.warning("no VM template for %s: %s", shape.name, e)
+            return None
+        directory = self.root / name
+        if (directory / READY).exists():
+            return directory
+        if build and name not in self._builds and name not in self._failed:
+            shapes = {_shape_of(n) for n in self._builds} | self._ready_shapes()
+            if shape.name in shapes or len(shapes) < MAX_SHAPES:
+                task = asyncio.get_running_loop().create_task(self._build(shape, name))
+                self._builds[name] = task
+                task.add_done_callback(lambda _: self._builds.pop(name, None))
+        return None
+
+    def discard(self, directory: Path, error: str) -> None:
+        """A template a VM could not be restored from: removed, so that the next VM of its
+        size boots cold and a new one is built."""
+        log.error("removing the VM template %s, which a VM failed to restore from: %s", directory.name, error)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    async def wait_built(self) -> None:
+        """Until the builds under way have ended (tests, benchmarks)."""
+        while self._builds:
+            await asyncio.wait(set(self._builds.values()))
+
+    async def close(self) -> None:
+        for task in list(self._builds.values()):
+            task.cancel()
+        if self._builds:
+            await asyncio.wait(set(self._builds.values()), timeout=30)
+
+    def _ready_shapes(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {_shape_of(p.name) for p in self.root.iterdir() if (p / READY).exists()}
+
+    def _digest(self, shape: Shape) -> str:
+        identity = {
+            "format": FORMAT,
+            "shape": [shape.vcpus, shape.memory_mib],
+            "ports": TEMPLATE_PORTS,
+            **self.backend.template_identity(shape, TEMPLATE_PORTS),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    async def _build(self, shape: Shape, name: str) -> None:
+        async with self._one_at_a_time:
+            partial = self.root / f"{name}.partial"
+            vm_id = f"template-{name}"
+            try:
+                await self._build_into(shape, vm_id, partial)
+                final = self.root / name
+                shutil.rmtree(final, ignore_errors=True)
+                partial.rename(final)
+            except asyncio.CancelledError:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            except Exception as e:
+                shutil.rmtree(partial, ignore_errors=True)
+                self._failed.add(name)
+                log.error("building the VM template %s failed (VMs of this size boot cold): %s", name, e)
+                return
+            log.info("VM template %s is ready", name)
+            self._remove_stale(shape, name)
+
+    async def _build_into(self, shape: Shape, vm_id: str, partial: Path) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+        runtime_dir = partial / "run"
+        runtime_dir.mkdir(parents=True, mode=0o700)
+        limits = ScopeLimits.for_vm(shape.vcpus, shape.memory_mib, self.config.vm.memory_overhead_mib)
+        spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM template {vm_id}")
+        forwarder = LogForwarder(JournalSink(vm_id, spawner.scope), qemu_log_fifo(runtime_dir))
+        make_fifo(qemu_log_fifo(runtime_dir))
+        forwarder.start_fifo()
+        # The template's console and vminitd's log lines go to the journal now:
+        # left unread, the guest would hold them and every restored VM repeat them.
+        forwarder.start_sockets(runtime_dir / "console.sock", runtime_dir / "log.sock")
+        log.info("building the VM template %s", vm_id)
+        try:
+            await self.backend.build_template(shape, TEMPLATE_PORTS, partial, runtime_dir, spawner)
+        finally:
+            await spawner.abort()  # the template's QEMU has ended: its scope goes
+            await forwarder.stop()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        (partial / READY).write_text(json.dumps({"vcpus": shape.vcpus, "memory_mib": shape.memory_mib}))
+
+    def _remove_stale(self, shape: Shape, name: str) -> None:
+        """Templates of the same size made for an earlier kernel, image or QEMU."""
+        for directory in self.root.glob(f"{shape.name}-*"):
+            if directory.name != name and not directory.name.endswith(".partial"):
+                log.info("removing the stale VM template %s", directory.name)
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _shape_of(name: str) -> str:
+    """The size part ("1cpu-512m") of a template's directory name."""
+    return "-".join(name.split("-")[:2])

@@ -1,0 +1,104 @@
+"""Containers in VMs restored from spinboxd's templates (vm.boot = "template"),
+with containerd 2.x (or 1.6 where 2.x is not installed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.stack import (
+    BUILDS,
+    IMAGE,
+    NOTHING_LEFT,
+    RUNTIME,
+    TEMPLATE_BUILD_TIMEOUT,
+    Containerd,
+    ready_templates,
+    spinbox_stack,
+    wait_until_clean,
+)
+from tests.harness.systemd import PrivateSystemd
+
+IDENTITY = "cat /proc/sys/kernel/random/boot_id; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; echo; date +%s"
+
+
+@pytest.fixture(scope="module")
+def template_stack(systemd: PrivateSystemd, guest_image: Path) -> Iterator[PrivateSystemd]:
+    with spinbox_stack(systemd, guest_image, boot="template"):
+        yield systemd
+
+
+@pytest.fixture(scope="module")
+def containerd(template_stack: PrivateSystemd) -> Iterator[Containerd]:
+    build = next((BUILDS[name] for name in ("2.x", "1.6") if BUILDS[name].available), None)
+    if build is None:
+        pytest.skip("no containerd is installed (tools/install-test-clients)")
+    with Containerd.running(template_stack, build) as instance:
+        yield instance
+
+
+def boots(stack: PrivateSystemd, container_id: str) -> list[str]:
+    """How spinboxd started the VMs of a container ("template" or "cold"), from its journal."""
+    journal = stack.journal("-u", "spinbox.service", "-o", "cat")
+    return re.findall(rf"VM default-{re.escape(container_id)} is running \(.*, (\w+) boot\)", journal)
+
+
+def test_restored_vms_have_their_own_entropy_boot_id_and_clock(
+    containerd: Containerd, template_stack: PrivateSystemd
+) -> None:
+    seen = []
+    for name in ("tpl-a", "tpl-b"):
+        result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sh", "-c", IDENTITY)
+        boot_id, random_hex, clock = result.stdout.split()
+        assert boots(template_stack, name) == ["template"]
+        assert re.fullmatch(r"[0-9a-f-]{36}", boot_id) and len(random_hex) == 64
+        assert abs(int(clock) - time.time()) < 60, "the guest's clock is the host's"
+        seen.append((boot_id, random_hex))
+    (boot_a, random_a), (boot_b, random_b) = seen
+    assert boot_a != boot_b
+    assert random_a != random_b
+    assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT
+
+
+def test_rebuilding_the_template_leaves_running_containers_alone(
+    containerd: Containerd, template_stack: PrivateSystemd, guest_image: Path
+) -> None:
+    loop = "trap 'exit 0' TERM; while :; do sleep 0.1; done"
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "tpl-old", "sh", "-c", loop)
+    try:
+        assert boots(template_stack, "tpl-old") == ["template"]
+        (old,) = ready_templates(template_stack)
+        # A new guest image (here: its modification time) makes the template stale: the next
+        # VM boots cold and spinboxd builds a new template, then removes the old one.
+        stat = guest_image.stat()
+        os.utime(guest_image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        cold = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "tpl-cold", "echo", "cold")
+        assert cold.stdout == "cold\n"
+        assert boots(template_stack, "tpl-cold") == ["cold"]
+        template_stack.wait_for(
+            "the rebuilt template",
+            lambda: ready_templates(template_stack) not in ([], [old]),
+            TEMPLATE_BUILD_TIMEOUT,
+        )
+        assert old not in ready_templates(template_stack)
+
+        # The container restored from the old template works on, and a new one comes from the new template.
+        fed = containerd.ctr("task", "exec", "--exec-id", "e1", "tpl-old", "cat", input="still here\n")
+        assert fed.stdout == "still here\n"
+        new = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "tpl-new", "echo", "new")
+        assert new.stdout == "new\n"
+        assert boots(template_stack, "tpl-new") == ["template"]
+
+        containerd.ctr("task", "kill", "-s", "TERM", "tpl-old")
+        template_stack.wait_for(
+            "tpl-old to stop", lambda: containerd.tasks() == {"tpl-old": "STOPPED"}, timeout=120
+        )
+    finally:
+        containerd.ctr("task", "delete", "--force", "tpl-old", check=False)
+        containerd.ctr("container", "delete", "tpl-old", check=False)
+    assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT

@@ -1,0 +1,127 @@
+"""Which VMs spinboxd restores from a template, and when it builds one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spinbox.config import Config, VmConfig
+from spinbox.daemon.options import VmRequest
+from spinbox.daemon.templates import READY, TEMPLATE_PORTS, Shape, TemplateStore
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.identity: dict[str, Any] = {"initrd": 1}
+        self.built: list[Shape] = []
+
+    def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
+        return dict(self.identity)
+
+    async def build_template(
+        self, shape: Shape, ports: int, directory: Path, runtime_dir: Path, spawn: Any
+    ) -> None:
+        self.built.append(shape)
+        (directory / "ram").write_bytes(b"")
+
+
+def request(**changes: Any) -> VmRequest:
+    values: dict[str, Any] = {
+        "id": "vm1", "container_id": "c1", "vcpus": 1, "memory_mib": 512, "rootfs": (), "netns": "",
+        "annotations": (), "kernel_args": (), "hotplug_ports": 0,
+    }  # fmt: skip
+    values.update(changes)
+    return VmRequest(**{k: v for k, v in values.items() if k in VmRequest.__dataclass_fields__})
+
+
+def store(tmp_path: Path, backend: FakeBackend, boot: str = "template") -> TemplateStore:
+    config = Config(vm=VmConfig(boot=boot))
+    templates = TemplateStore(config, None, backend, tmp_path)  # type: ignore[arg-type]
+    templates._build_into = lambda shape, vm_id, partial: _fake_build(backend, shape, partial)  # type: ignore[method-assign]
+    return templates
+
+
+async def _fake_build(backend: FakeBackend, shape: Shape, partial: Path) -> None:
+    os.makedirs(partial)
+    await backend.build_template(shape, TEMPLATE_PORTS, partial, partial / "run", None)
+    _write(partial / READY, "{}")
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def test_cold_mode_never_builds(tmp_path: Path) -> None:
+    async def run() -> None:
+        backend = FakeBackend()
+        templates = store(tmp_path, backend, boot="cold")
+        templates.start()
+        assert templates.lookup(request(), 2) is None
+        await templates.wait_built()
+        assert backend.built == []
+
+    asyncio.run(run())
+
+
+def test_a_missing_template_boots_cold_and_is_built_then_used(tmp_path: Path) -> None:
+    async def run() -> None:
+        backend = FakeBackend()
+        templates = store(tmp_path, backend)
+        assert templates.lookup(request(), 2) is None
+        await templates.wait_built()
+        found = templates.lookup(request(), 2)
+        assert found is not None and found.name.startswith("1cpu-512m-")
+        assert backend.built == [Shape(1, 512)]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("changes", "devices"),
+    [({"kernel_args": ("quiet",)}, 1), ({"hotplug_ports": 16}, TEMPLATE_PORTS - 15)],
+)
+def test_what_no_template_serves_boots_cold(tmp_path: Path, changes: dict[str, Any], devices: int) -> None:
+    async def run() -> None:
+        backend = FakeBackend()
+        templates = store(tmp_path, backend)
+        assert templates.lookup(request(**changes), devices) is None
+        await templates.wait_built()
+        assert backend.built == []
+
+    asyncio.run(run())
+
+
+def test_a_changed_image_builds_a_new_template_and_removes_the_old(tmp_path: Path) -> None:
+    async def run() -> None:
+        backend = FakeBackend()
+        templates = store(tmp_path, backend)
+        templates.lookup(request(), 1)
+        await templates.wait_built()
+        old = templates.lookup(request(), 1)
+        assert old is not None
+        backend.identity["initrd"] = 2
+        assert templates.lookup(request(), 1) is None
+        await templates.wait_built()
+        new = templates.lookup(request(), 1)
+        assert new is not None and new != old
+        assert not old.exists()
+
+    asyncio.run(run())
+
+
+def test_no_guest_image_yet_means_cold_boot_not_a_failed_start(tmp_path: Path) -> None:
+    class NoImage(FakeBackend):
+        def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
+            raise RuntimeError("no guest image at /var/lib/spinbox/guest/initrd.img")
+
+    async def run() -> None:
+        templates = store(tmp_path, NoImage())
+        templates.start()
+        assert templates.lookup(request(), 1) is None
+        await templates.wait_built()
+
+    asyncio.run(run())

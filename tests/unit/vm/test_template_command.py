@@ -1,0 +1,84 @@
+"""QEMU's command line for a template and for a VM restored from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec
+from spinbox.vm.spec import MemoryFile
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> VmSpec:
+    kernel = tmp_path / "vmlinuz"
+    initrd = tmp_path / "initrd.img"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    return VmSpec(
+        vm_id="vm1",
+        kernel=kernel,
+        initrd=initrd,
+        runtime_dir=tmp_path / "run",
+        memory_mib=512,
+        hotplug_ports=4,
+    )
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
+
+
+def test_a_template_writes_its_ram_into_a_shared_file(spec: VmSpec, tmp_path: Path) -> None:
+    spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=True))
+    argv = QemuCommand(spec, accel="tcg").argv()
+    assert option_values(argv, "-machine")[0].endswith(",memory-backend=mem")
+    assert option_values(argv, "-object") == [
+        f"memory-backend-file,id=mem,size=512M,mem-path={tmp_path}/ram,share=on"
+    ]
+    assert "-incoming" not in argv
+    # The template's kernel command line is every restored VM's.
+    assert "spinbox.vm=template" in option_values(argv, "-append")[0]
+
+
+def test_a_restored_vm_maps_the_ram_private_and_plugs_its_devices_later(spec: VmSpec, tmp_path: Path) -> None:
+    disk = tmp_path / "upper.ext4"
+    disk.write_bytes(b"")
+    spec = dataclasses.replace(
+        spec,
+        memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=41),
+        incoming_fd=40,
+        disks=(Disk(disk, "upper", read_only=False),),
+        nics=(Nic(tap_fd=17, mac="52:54:00:12:34:56"),),
+    )
+    spec.validate()
+    command = QemuCommand(spec, accel="tcg")
+    argv = command.argv()
+    assert option_values(argv, "-object") == [
+        "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/41,share=off"
+    ]
+    assert option_values(argv, "-incoming") == ["defer"]
+    # Backends only: the devices go into the spare ports once the state is loaded.
+    assert [json.loads(b)["node-name"] for b in option_values(argv, "-blockdev")] == ["hp0-drive"]
+    assert option_values(argv, "-netdev") == ["tap,id=net0,fd=17"]
+    devices = option_values(argv, "-device")
+    assert not [d for d in devices if d.startswith(("virtio-blk-pci", "virtio-net-pci"))]
+    assert set(command.pass_fds) == {17, 40, 41}
+
+
+def test_a_restored_vm_needs_ports_for_its_devices(spec: VmSpec, tmp_path: Path) -> None:
+    nics = tuple(Nic(tap_fd=10 + i, mac=f"52:54:00:12:34:5{i}") for i in range(5))
+    spec = dataclasses.replace(
+        spec, memory_file=MemoryFile(tmp_path / "ram", shared=False), incoming_fd=40, nics=nics
+    )
+    with pytest.raises(VmError, match="5 NICs do not fit in 4 spare PCIe ports"):
+        spec.validate()
+
+
+def test_cold_boot_keeps_qemu_s_own_memory(spec: VmSpec) -> None:
+    argv = QemuCommand(spec, accel="tcg").argv()
+    assert "-object" not in argv
+    assert "memory-backend" not in option_values(argv, "-machine")[0]
