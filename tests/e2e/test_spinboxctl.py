@@ -4,7 +4,12 @@ is `spinboxctl status u1` in containerd's default namespace. One container
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +19,20 @@ from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import PYTHON, TOP
 
 CTL = ("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli")
+
+
+def read_until(process: subprocess.Popen[bytes], text: str, timeout: float) -> str:
+    """What the process printed until `text` appeared, it ended, or `timeout` seconds passed."""
+    assert process.stdout is not None
+    fd, out = process.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in out and (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], remaining)
+        chunk = os.read(fd, 65536) if ready else b""
+        if ready and not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace")
 
 
 def spinboxctl(stack: PrivateSystemd, *args: str, check: bool = True) -> str:
@@ -51,10 +70,20 @@ def test_spinboxctl_names_a_container_by_its_id(containerd: Containerd, stack: P
         assert re.fullmatch(r"\d+\.\d", row[4]), row
         assert re.fullmatch(r"\d+\.\ds", row[5]) and float(row[5][:-1]) > 0, row
 
-        # logs -f follows the journal: it is still running when timeout ends it.
-        follow = stack.run("timeout", "5", *CTL, "logs", "-f", "--lines", "100000", "u1", check=False)
-        assert follow.returncode == 124, (follow.returncode, follow.stderr)
-        assert "Linux version" in follow.stdout
+        # logs -f shows the VM's journal, then follows it: an exec's exit,
+        # which vminitd logs after the command started, arrives too.
+        follow = stack.popen(
+            *CTL, "logs", "-f", "--lines", "100000", "u1",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert "Linux version" in read_until(follow, "Linux version", 120)
+            containerd.ctr("task", "exec", "--exec-id", "tick", "u1", "true")
+            assert "exited with status 0" in read_until(follow, "exited with status 0", 120)
+            assert follow.poll() is None
+        finally:
+            os.killpg(follow.pid, signal.SIGTERM)  # nsenter, spinboxctl and the journalctl it became
+            follow.wait(30)
 
         # The shim's server shows in ps under the shim's name, as containerd-shim-runc-v2 would.
         shims = stack.run("pgrep", "-a", "-f", "containerd-shim-spinbox-v1 -namespace default -id u1").stdout
