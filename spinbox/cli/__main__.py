@@ -159,8 +159,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 async def top_rows(client: Spinboxd, interval: float) -> list[list[str]]:
     """One row per VM: its CPU use over `interval` seconds, its CPU time and memory now."""
     vms = await client.vms()
-    mount = top.cgroup2_mount()
-    cgroups = [top.cgroup_of(int(vm["Pid"]), mount) for vm in vms]
+    mounts = top.cgroup2_mounts()
+    cgroups = [top.cgroup_of(int(vm["Pid"]), mounts) for vm in vms]
     before = [top.read_usage(cgroup) for cgroup in cgroups]
     await asyncio.sleep(interval)
     rows = []

@@ -30,34 +30,39 @@ class Cgroup2Mount:
     root: str = "/"
 
 
-def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Cgroup2Mount | None:
+def cgroup2_mounts(mountinfo: Path = MOUNTINFO) -> list[Cgroup2Mount]:
+    """Every cgroup2 mount, in mount order (a later one may hide an earlier one)."""
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
-        return None
+        return []
+    mounts = []
     for line in lines:
         fields = line.split()
         # Optional fields end with "-"; the filesystem type follows it.
         if "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
-            return Cgroup2Mount(Path(fields[4]), fields[3])
-    return None
+            mounts.append(Cgroup2Mount(Path(fields[4]), fields[3]))
+    return mounts
 
 
-def cgroup_of(pid: int, mount: Cgroup2Mount | None) -> Path | None:
-    """The cgroup2 directory of process `pid` (QEMU's is its VM's scope)."""
-    if mount is None or pid <= 0:
+def cgroup_of(pid: int, mounts: list[Cgroup2Mount], proc: Path = Path("/proc")) -> Path | None:
+    """The cgroup2 directory of process `pid` (QEMU's is its VM's scope), through
+    the last mount that shows it (None if none does)."""
+    if pid <= 0:
         return None
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
     except OSError:
         return None
-    root = mount.root.rstrip("/") + "/"
-    for line in lines:
-        if line.startswith("0::"):
-            cgroup = line[3:].rstrip("/") + "/"
-            if not cgroup.startswith(root):
-                return None  # outside the part of the hierarchy mounted here
-            return mount.path / cgroup[len(root) :].strip("/")
+    cgroup = next((line[3:].rstrip("/") + "/" for line in lines if line.startswith("0::")), None)
+    if cgroup is None:
+        return None
+    for mount in reversed(mounts):
+        root = mount.root.rstrip("/") + "/"
+        if cgroup.startswith(root):  # else outside the part of the hierarchy mounted there
+            path = mount.path / cgroup[len(root) :].strip("/")
+            if path.is_dir():
+                return path
     return None
 
 

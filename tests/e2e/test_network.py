@@ -22,8 +22,8 @@ from tests.e2e.stack import (
     Containerd,
     wait_until_clean,
 )
+from tests.e2e.test_spinboxctl import spinboxctl
 from tests.harness.systemd import PrivateSystemd
-from tests.integration.daemon.spinboxd import PYTHON, TOP
 
 BRIDGE_ADDRESS = "10.77.0.1"
 # A page served by busybox httpd from the container's root directory.
@@ -73,42 +73,6 @@ def guest_address(containerd: Containerd, container: str) -> str:
     return match.group(1)
 
 
-def spinboxctl(stack: PrivateSystemd, *args: str, check: bool = True) -> str:
-    result = stack.run("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", *args, check=check)
-    return result.stdout + result.stderr
-
-
-def check_spinboxctl(stack: PrivateSystemd, web: str) -> None:
-    """spinboxctl speaks of containers as ctr named them (web1 in containerd's default namespace)."""
-    status = spinboxctl(stack, "status", "web1")
-    assert re.search(rf"Addresses\s+{re.escape(web)}/16\b", status), status
-    assert re.search(r"Namespace\s+default\n", status) and re.search(r"Container\s+web1\n", status), status
-    # The full VM id still names it; another namespace has no web1.
-    assert re.search(rf"Addresses\s+{re.escape(web)}/16\b", spinboxctl(stack, "status", "default-web1"))
-    elsewhere = spinboxctl(stack, "status", "-n", "other", "web1", check=False)
-    assert "there is no VM for container 'web1' in namespace 'other'" in elsewhere, elsewhere
-    listing = spinboxctl(stack, "list").splitlines()
-    assert re.match(r"NAMESPACE\s+CONTAINER\s+ID\s+STATE", listing[0]), listing
-    assert any(re.match(r"default\s+web1\s+default-web1\s+running\s", line) for line in listing), listing
-    # top: CPU time from the scope's cpu.stat (memory.current needs the
-    # memory controller, which the test's private systemd does not have).
-    table = spinboxctl(stack, "top", "--once", "--interval", "0.5").splitlines()
-    assert table[0].split()[:5] == ["NAMESPACE", "CONTAINER", "ID", "STATE", "CPU%"], table
-    row = next(line.split() for line in table if line.startswith("default ") and " default-web1 " in line)
-    assert re.fullmatch(r"\d+\.\d", row[4]), row
-    assert re.fullmatch(r"\d+\.\ds", row[5]) and float(row[5][:-1]) > 0, row
-    # The shim's server shows in ps under the shim's name, as containerd-shim-runc-v2 would.
-    shims = stack.run("pgrep", "-a", "-f", "containerd-shim-spinbox-v1 -namespace default -id web1").stdout
-    assert "spinbox.shim" not in shims and shims.count("\n") == 1, shims
-    # logs -f follows the journal: it is still running when timeout ends it.
-    follow = stack.run(
-        "timeout", "10", "env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli",
-        "logs", "-f", "--lines", "100000", "web1", check=False, timeout=120,
-    )  # fmt: skip
-    assert follow.returncode == 124, (follow.returncode, follow.stderr)
-    assert "Linux version" in follow.stdout
-
-
 def test_default_network_containers_reach_each_other_the_bridge_and_the_host(
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
@@ -139,7 +103,8 @@ def test_default_network_containers_reach_each_other_the_bridge_and_the_host(
 
         # spinboxctl shows the VM's address; from the host (the namespace
         # spinboxd and containerd run in) the server answers there.
-        check_spinboxctl(stack, web)
+        status = spinboxctl(stack, "status", "web1")
+        assert re.search(rf"Addresses\s+{re.escape(web)}/16\b", status), status
         from_host = stack.run("curl", "-sSi", "--max-time", "120", f"http://{web}/index.html", check=False)
         assert from_host.returncode == 0, from_host.stderr
         assert "200 OK" in from_host.stdout and "hello-from-" in from_host.stdout

@@ -4,7 +4,6 @@ and top's readings of a scope's cgroup."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from spinbox.cli import top
@@ -59,15 +58,27 @@ def test_top_finds_the_cgroup2_mount_and_reads_usage(tmp_path: Path) -> None:
         "25 1 0:23 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory\n"
         "26 1 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n"
     )
-    assert top.cgroup2_mount(mountinfo) == top.Cgroup2Mount(Path("/sys/fs/cgroup/unified"), "/")
     # A cgroup2 mount made in another cgroup namespace shows its own root.
-    mountinfo.write_text("30 1 0:24 /spinbox-test-a /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-    mount = top.cgroup2_mount(mountinfo)
-    assert mount == top.Cgroup2Mount(Path("/sys/fs/cgroup"), "/spinbox-test-a")
-    me = Path("/proc/self/cgroup").read_text().splitlines()[-1].removeprefix("0::")
-    assert top.cgroup_of(os.getpid(), top.Cgroup2Mount(Path("/m"), "/")) == Path("/m") / me.strip("/")
-    assert top.cgroup_of(os.getpid(), top.Cgroup2Mount(Path("/m"), me)) == Path("/m")
-    assert top.cgroup_of(os.getpid(), top.Cgroup2Mount(Path("/m"), "/elsewhere-only")) is None
+    mountinfo.write_text(
+        mountinfo.read_text() + "30 1 0:24 /spinbox-test-a /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    )
+    assert top.cgroup2_mounts(mountinfo) == [
+        top.Cgroup2Mount(Path("/sys/fs/cgroup/unified"), "/"),
+        top.Cgroup2Mount(Path("/sys/fs/cgroup"), "/spinbox-test-a"),
+    ]
+    # A process's cgroup, through the last mount that shows it as a directory.
+    proc = tmp_path / "proc"
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "cgroup").write_text("1:cpu:/\n0::/test-a/spinbox.slice/vm.scope\n")
+    scope = "test-a/spinbox.slice/vm.scope"
+    (tmp_path / "a" / scope).mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    mounts = [top.Cgroup2Mount(tmp_path / "a", "/"), top.Cgroup2Mount(tmp_path / "b", "/test-a")]
+    assert top.cgroup_of(42, mounts, proc) == tmp_path / "a" / scope  # b lacks it
+    (tmp_path / "b" / "spinbox.slice" / "vm.scope").mkdir(parents=True)
+    assert top.cgroup_of(42, mounts, proc) == tmp_path / "b" / "spinbox.slice" / "vm.scope"
+    assert top.cgroup_of(42, [top.Cgroup2Mount(tmp_path / "a", "/elsewhere-only")], proc) is None
+    assert top.cgroup_of(43, mounts, proc) is None
     scope = tmp_path / "spinbox-vm-default-u1.scope"
     scope.mkdir()
     (scope / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n")
