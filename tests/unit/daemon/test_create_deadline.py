@@ -60,7 +60,9 @@ class StubBackend:
         if "network" in self.taken:
             self.taken.remove("network")
 
-    async def launch(self, request: VmRequest, runtime_dir: Path, disks: Any, nics: Any, spawn: Any) -> Any:
+    async def launch(
+        self, request: VmRequest, runtime_dir: Path, disks: Any, nics: Any, spawn: Any, template_dir: Any = None
+    ) -> Any:
         self.taken.append("qemu")
         self.launched.set()
         return SilentMachine(self.taken)
