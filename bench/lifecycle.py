@@ -1,5 +1,6 @@
 """bench/lifecycle: a container's whole life (`ctr run --rm IMAGE true`) in a
-spinbox VM, against runc measured in the same run.
+spinbox VM booted cold and restored from a template, against runc, all
+measured in the same run.
 
 - spinbox: containerd 1.6 and spinbox.service (this tree) inside the tests'
   private systemd; spinboxd's boot timeline of each VM splits the wall time
@@ -37,6 +38,8 @@ from tests.harness.systemd import PrivateSystemd  # noqa: E402
 
 PYTHON = Path(os.environ.get("VENV", TOP / ".venv")) / "bin" / "python"
 BUS = "org.spinstack.Spinbox"
+BOOTS = ["cold", "template"]
+CONFIG = "/etc/spinbox/spinbox.toml"
 
 
 def guest_image() -> Path:
@@ -69,7 +72,8 @@ async def watch_timelines(bus_address: str, found: dict[str, dict[str, float]], 
                 Message(destination=BUS, path="/org/spinstack/Spinbox",
                         interface="org.spinstack.Spinbox.Manager", member="ListVMs")
             )  # fmt: skip
-            for path in reply.body[0] if reply and reply.body else []:
+            listed = reply is not None and reply.message_type == MessageType.METHOD_RETURN and reply.body
+            for path in reply.body[0] if reply is not None and listed else []:
                 props = await bus.call(
                     Message(destination=BUS, path=path, interface="org.freedesktop.DBus.Properties",
                             member="Get", signature="ss", body=["org.spinstack.Spinbox.VM", "BootTimeline"])
@@ -85,18 +89,31 @@ async def watch_timelines(bus_address: str, found: dict[str, dict[str, float]], 
 
 
 async def spinbox_runs(
-    systemd: PrivateSystemd, containerd: Containerd, runs: int
-) -> tuple[list[float], list[float]]:
+    systemd: PrivateSystemd, containerd: Containerd, initrd: Path, runs: int
+) -> dict[str, tuple[list[float], list[dict[str, float]]]]:
+    """Runs in each boot mode, interleaved (spinbox.service restarted with the mode's
+    configuration before each run) so that the machine's load swings hit both alike."""
     found: dict[str, dict[str, float]] = {}
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch_timelines(systemd.bus_address, found, stop))
-    walls = []
+    walls: dict[str, list[float]] = {boot: [] for boot in BOOTS}
     for n in range(runs):
-        argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, f"bench{n}", "true")
-        walls.append(await asyncio.to_thread(timed, argv))
+        for boot in BOOTS[n % 2 :] + BOOTS[: n % 2]:
+            await asyncio.to_thread(set_boot, systemd, initrd, boot)
+            argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, f"bench{boot}{n}", "true")
+            walls[boot].append(await asyncio.to_thread(timed, argv))
     stop.set()
     await watcher
-    return walls, list(found.values())
+    return {boot: (walls[boot], [t for path, t in found.items() if f"bench{boot}" in path]) for boot in BOOTS}
+
+
+def set_boot(systemd: PrivateSystemd, initrd: Path, boot: str) -> None:
+    """spinbox.service restarted with vm.boot = `boot` (templates stay where they are)."""
+    config = f'[vm]\naccel = "tcg"\ninitrd = "{initrd}"\nboot = "{boot}"\n'
+    systemd.write_file(CONFIG, config)
+    systemd.systemctl("restart", "spinbox.service")
+    systemd.wait_for("spinboxd on the bus", lambda: systemd.run(
+        "busctl", "status", BUS, check=False).returncode == 0)  # fmt: skip
 
 
 def shim_rss_kib(systemd: PrivateSystemd, containerd: Containerd) -> int:
@@ -187,35 +204,46 @@ def main() -> None:
     ):
         runc = [timed([*ctr, "run", "--rm", IMAGE, f"runc{n}", "true"]) for n in range(args.runs)]
 
-    with PrivateSystemd.booted(artifacts_dir() / "logs") as systemd, spinbox_stack(systemd, initrd):
+    rss: dict[str, int] = {}
+    with (
+        PrivateSystemd.booted(artifacts_dir() / "logs") as systemd,
+        spinbox_stack(systemd, initrd, boot="template"),
+    ):
         containerd = Containerd(systemd, BUILDS["1.6"])
         containerd.start()
         try:
-            walls, timelines = asyncio.run(spinbox_runs(systemd, containerd, args.runs))
-            rss = shim_rss_kib(systemd, containerd)
+            results = asyncio.run(spinbox_runs(systemd, containerd, initrd, args.runs))
+            for boot in BOOTS:
+                set_boot(systemd, initrd, boot)
+                rss[boot] = shim_rss_kib(systemd, containerd)
         finally:
             containerd.stop()
 
     starts, bare = start_path(max(args.runs, 5))
-    spinbox_s, runc_s = statistics.median(walls), statistics.median(runc)
-    boots = [t["agent-ready"] - t["qemu-started"] for t in timelines if "qemu-started" in t]
-    boot_s = statistics.median(boots) if boots else float("nan")
-    print(f"ctr run --rm IMAGE true, {args.runs} runs each (medians); containerd 1.6, TCG guests")
-    print(f"{'':<44}{'seconds':>10}")
-    print(f"{'runc':<44}{runc_s:>10.3f}")
-    print(f"{'spinbox':<44}{spinbox_s:>10.3f}")
-    print(f"{'  guest boot (qemu to agent)':<44}{boot_s:>10.3f}")
-    print(f"{'  host-side (all but guest boot)':<44}{spinbox_s - boot_s:>10.3f}")
-    phases = sorted(
-        {phase for t in timelines for phase in t},
-        key=lambda p: statistics.median(t[p] for t in timelines if p in t),
+    runc_s = statistics.median(runc)
+    print(
+        f"ctr run --rm IMAGE true, {args.runs} runs each, interleaved (medians); containerd 1.6, TCG guests"
     )
-    for phase in phases:
-        at = statistics.median(t[phase] for t in timelines if phase in t)
-        print(f"{'    CreateVM to ' + phase:<44}{at:>10.3f}")
-    print(f"ratio spinbox / runc: {spinbox_s / runc_s:.1f}")
-    print(f"host-side share of spinbox's wall time: {(spinbox_s - boot_s) / spinbox_s:.0%}")
-    print(f"shim RSS serving one container: {rss / 1024:.1f} MiB")
+    print(f"{'':<44}{'seconds':>10}{'x runc':>10}")
+    print(f"{'runc':<44}{runc_s:>10.3f}{1:>10.1f}")
+    walls_s = {}
+    for boot, (walls, timelines) in results.items():
+        wall_s = walls_s[boot] = statistics.median(walls)
+        boots = [t["agent-ready"] - t["qemu-started"] for t in timelines if "qemu-started" in t]
+        boot_s = statistics.median(boots) if boots else float("nan")
+        print(f"{'spinbox, ' + boot + ' boot':<44}{wall_s:>10.3f}{wall_s / runc_s:>10.1f}")
+        print(f"{'  qemu started to agent ready':<44}{boot_s:>10.3f}")
+        print(f"{'  host-side (all but that)':<44}{wall_s - boot_s:>10.3f}")
+        phases = sorted(
+            {phase for t in timelines for phase in t if not phase.startswith("vm.guest-")},
+            key=lambda p: statistics.median(t[p] for t in timelines if p in t),
+        )
+        for phase in phases:
+            at = statistics.median(t[phase] for t in timelines if phase in t)
+            print(f"{'    CreateVM to ' + phase:<44}{at:>10.3f}")
+    print(f"ratio template / cold: {walls_s['template'] / walls_s['cold']:.2f}")
+    for boot, kib in rss.items():
+        print(f"shim RSS serving one container ({boot}): {kib / 1024:.1f} MiB")
     print(
         f"shim start path: {statistics.median(starts) * 1000:.0f} ms "
         f"(bare python -c pass: {statistics.median(bare) * 1000:.0f} ms)"

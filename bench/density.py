@@ -1,0 +1,129 @@
+"""bench/density: host memory per idle container, VMs booted cold against VMs
+restored from a template, in the same run.
+
+N containers running `sleep` are started with ctr (containerd 1.6, spinbox
+from this tree in the tests' private systemd), then left to settle; the
+proportional set size (PSS, what smem shows: a page shared by k processes
+counts 1/k to each) of every QEMU, shim and virtiofsd serving them is summed,
+guest pages included. A template's RAM is shared by the VMs restored from it,
+so it counts once across them. "Fit" is the host's MemAvailable before the
+containers started divided by the memory per container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TOP))
+
+from bench.lifecycle import guest_image  # noqa: E402
+from tests.e2e.stack import BUILDS, IMAGE, RUNTIME, Containerd, spinbox_stack  # noqa: E402
+from tests.harness.fixtures import artifacts_dir  # noqa: E402
+from tests.harness.systemd import PrivateSystemd  # noqa: E402
+
+
+def pss_kib(systemd: PrivateSystemd, pid: int) -> int:
+    """The PSS of a process of the private systemd's PID namespace."""
+    result = systemd.run("cat", f"/proc/{pid}/smaps_rollup", check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"cannot read the memory of pid {pid}: {result.stderr.strip()}")
+    text = result.stdout
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:"))
+
+
+def mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    raise SystemExit("no MemAvailable in /proc/meminfo")
+
+
+def serving(systemd: PrivateSystemd, prefix: str) -> dict[str, list[int]]:
+    """The pids of the QEMUs, shims and virtiofsds of the benchmark's containers."""
+    return {
+        "qemu": systemd.processes(f"process=spinbox-vm-default-{prefix}"),
+        "shim": systemd.processes(f"spinbox.shim .*-id {prefix}"),
+        "virtiofsd": systemd.processes(f"virtiofsd.*{prefix}"),
+    }
+
+
+def measure(systemd: PrivateSystemd, initrd: Path, boot: str, count: int, settle: float) -> dict[str, float]:
+    prefix = f"dens{boot[0]}"
+    with spinbox_stack(systemd, initrd, boot=boot):
+        containerd = Containerd(systemd, BUILDS["1.6"])
+        containerd.start()
+        available = mem_available_kib()
+        names = [f"{prefix}{n}" for n in range(count)]
+        started = time.monotonic()
+        try:
+            for name in names:
+                containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "3600")
+            start_s = time.monotonic() - started
+            time.sleep(settle)  # the guests go idle; free page reporting hands freed pages back
+            pids = serving(systemd, prefix)
+            if len(pids["qemu"]) != count:
+                raise SystemExit(f"expected {count} QEMUs, found {len(pids['qemu'])}")
+            per_kind = {kind: sum(pss_kib(systemd, p) for p in found) / 1024 for kind, found in pids.items()}
+            qemu_each = [pss_kib(systemd, p) / 1024 for p in pids["qemu"]]
+        finally:
+            for name in names:
+                containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
+            for name in names:
+                systemd.wait_for(
+                    f"{name} to stop", lambda n=name: containerd.tasks().get(n) != "RUNNING", 120
+                )
+                containerd.ctr("task", "delete", name, check=False)
+                containerd.ctr("container", "delete", name, check=False)
+            containerd.stop()
+    total = sum(per_kind.values())
+    per_container = total / count
+    return {
+        "start_s": start_s,
+        "qemu": per_kind["qemu"] / count,
+        "qemu_median": statistics.median(qemu_each),
+        "shim": per_kind["shim"] / count,
+        "virtiofsd": per_kind["virtiofsd"] / count,
+        "per_container": per_container,
+        "fit": available / 1024 / per_container,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench/density", description=__doc__)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument(
+        "--settle", type=float, default=20.0, help="seconds the containers idle before measuring"
+    )
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/density runs containerd and VMs: run it as root")
+    initrd = guest_image()
+    results = {}
+    with PrivateSystemd.booted(artifacts_dir() / "logs") as systemd:
+        for boot in ("cold", "template"):
+            results[boot] = measure(systemd, initrd, boot, args.count, args.settle)
+    print(f"{args.count} idle containers (sleep), PSS in MiB per container; containerd 1.6, TCG guests")
+    print(f"{'':<36}{'cold':>12}{'template':>12}")
+    rows = [
+        ("QEMU (guest pages included)", "qemu", "{:.1f}"),
+        ("  median QEMU", "qemu_median", "{:.1f}"),
+        ("shim", "shim", "{:.1f}"),
+        ("virtiofsd", "virtiofsd", "{:.1f}"),
+        ("host memory per container", "per_container", "{:.1f}"),
+        ("containers that fit in MemAvailable", "fit", "{:.0f}"),
+        (f"seconds to start all {args.count}", "start_s", "{:.1f}"),
+    ]
+    for title, key, fmt in rows:
+        print(f"{title:<36}" + "".join(f"{fmt.format(results[b][key]):>12}" for b in ("cold", "template")))
+    ratio = results["template"]["per_container"] / results["cold"]["per_container"]
+    print(f"ratio template / cold (memory per container): {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
