@@ -5,7 +5,7 @@ made by mmdebstrap from the host's own apt sources, as an OCI image layout tar t
 
     python3 -m tests.harness.debimage [OUT_DIR]
 
-The result is cached by its inputs (this file, the suite, the apt sources, busybox):
+The result is cached by its inputs (the recipe, the suite, the apt sources, busybox):
 a second run returns the same file at once.
 """
 
@@ -36,10 +36,12 @@ from tests.harness.oci import (
 REFERENCE = "localhost/spinbox/debian-syscont:latest"
 NESTED_REFERENCE = "spinbox/nested:latest"
 NESTED_PATH = "/root/nested.tar"
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "docker.io", "iproute2", "iputils-ping")
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "kmod", "docker.io", "iproute2", "iputils-ping")
 # Documentation and translations make the image bigger and the test slower, and nothing reads them.
 EXCLUDED = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 APT_SOURCES = Path("/etc/apt")
+# Part of the cache key with the constants above: raise it when the build changes otherwise.
+RECIPE_VERSION = 1
 CHUNK = 1 << 20
 
 
@@ -101,7 +103,8 @@ def nested_archive(out: Path, busybox: Path = BUSYBOX) -> Path:
 
 def _cache_key(suite: str, sources: list[Path], busybox: Path) -> str:
     digest = hashlib.sha256()
-    for part in (Path(__file__).read_bytes(), suite.encode(), busybox.read_bytes()):
+    recipe = _json([RECIPE_VERSION, REFERENCE, NESTED_REFERENCE, NESTED_PATH, PACKAGES, EXCLUDED])
+    for part in (recipe, suite.encode(), busybox.read_bytes()):
         digest.update(hashlib.sha256(part).digest())
     for source in sources:
         digest.update(hashlib.sha256(source.read_bytes()).digest())
