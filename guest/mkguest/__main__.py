@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spinbox-mkguest: {error}", file=sys.stderr)
         return 1
     print(f"kernel: {kernel} ({version})")
-    print(f"kernel modules: {len(result.kernel_modules)}{'' if modules else ' (built without modules)'}")
+    on_demand = f", {result.on_demand_modules} more on demand" if result.on_demand_modules else ""
+    builtin = "" if modules else " (built without modules)"
+    print(f"kernel modules: {len(result.kernel_modules)}{on_demand}{builtin}")
     checked = "imports checked inside the image" if result.checked else "imports not checked (needs root)"
     print(f"python modules: {result.python_modules} ({checked})")
     size = f"{result.size / 1e6:.1f} MB, {args.compression}"

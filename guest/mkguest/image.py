@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ from pathlib import Path, PurePosixPath
 from guest.mkguest.check import can_check, check_imports
 from guest.mkguest.cpio import Entry, write_newc
 from guest.mkguest.errors import BuildError
-from guest.mkguest.kmod import AGENT_MODULES, KERNEL_PACKAGE, KernelModule, ModuleTree
+from guest.mkguest.kmod import (
+    AGENT_MODULES,
+    KERNEL_PACKAGE,
+    ON_DEMAND_MODULES,
+    KernelModule,
+    ModuleTree,
+    module_indexes,
+)
 from guest.mkguest.python import python_files
 from guest.vminitd.boot import DEFERRED_MARK
 
@@ -60,6 +68,7 @@ class ImageConfig:
     check: bool = True  # import the entry module inside the image before writing it (as root)
     compression: str = "none"  # fastest to boot under TCG (measured); gzip and zstd are smaller
     kernel_modules: bool = True  # False for a kernel built without modules (kmod.module_free)
+    on_demand_modules: tuple[str, ...] = ON_DEMAND_MODULES  # carried, loaded when first used
     mtime: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
 
 
@@ -67,7 +76,8 @@ class ImageConfig:
 class BuildResult:
     output: Path
     size: int
-    kernel_modules: tuple[str, ...]
+    kernel_modules: tuple[str, ...]  # loaded at boot
+    on_demand_modules: int  # carried for the kernel's request_module and containers' modprobe
     python_modules: int
     seconds: float
     checked: bool  # the entry module was imported inside the image (chroot)
@@ -87,10 +97,14 @@ class _Tree:
 
     def add_host_file(self, host: Path, executable: bool = False) -> None:
         """Copy a host file to its canonical place (symlinked directories resolved)."""
-        target = str(Path(os.path.realpath(host.parent)) / host.name).lstrip("/")
+        target = self.path_of(host)
         if target not in self.entries:
             perm = 0o755 if executable or os.access(host, os.X_OK) else 0o644
             self.add(Entry.file(target, Path(os.path.realpath(host)).read_bytes(), perm))
+
+    def path_of(self, host: Path) -> str:
+        """Where add_host_file put `host`."""
+        return str(Path(os.path.realpath(host.parent)) / host.name).lstrip("/")
 
     def sorted(self) -> list[Entry]:
         return [self.entries[key] for key in sorted(self.entries, key=lambda p: PurePosixPath(p).parts)]
@@ -178,9 +192,23 @@ def build(config: ImageConfig, output: Path) -> BuildResult:
 
     loaded: list[str] = []
     listing: list[str] = []
-    for ko in sorted(modules, key=lambda ko: not ko.early):  # stable: dependency order kept
+    modules_dir = f"{'usr/' if 'lib' in tree.entries else ''}lib/modules/{config.kernel_version}"
+    for ko in modules:
+        tree.add(Entry.file(f"{modules_dir}/{ko.path}", ko.data))
+    if modules:
+        with tempfile.TemporaryDirectory(prefix="spinbox-mkguest-") as scratch:
+            indexes = module_indexes(
+                ModuleTree(config.modules_root / config.kernel_version), modules, Path(scratch)
+            )
+        for name, data in indexes.items():
+            tree.add(Entry.file(f"{modules_dir}/{name}", data))
+        if BUSYBOX in config.tools:
+            # The kernel's request_module runs /sbin/modprobe (kernel.modprobe) in the guest's root.
+            sbin = "usr/sbin" if "sbin" in tree.entries else "sbin"
+            tree.add(Entry.symlink(f"{sbin}/modprobe", "/" + tree.path_of(BUSYBOX.path)))
+    boot_modules = [ko for ko in modules if ko.at_boot]
+    for ko in sorted(boot_modules, key=lambda ko: not ko.early):  # stable: dependency order kept
         image_path = f"lib/modules/{config.kernel_version}/{ko.path}"
-        tree.add(Entry.file(f"usr/{image_path}" if "lib" in tree.entries else image_path, ko.data))
         if not ko.early and len(listing) == len(loaded):
             listing.append(f"{DEFERRED_MARK}: not needed to serve the agent")
         loaded.append("/" + image_path)
@@ -201,7 +229,8 @@ def build(config: ImageConfig, output: Path) -> BuildResult:
     os.chmod(tmp, 0o644)
     tmp.replace(output)
     seconds = time.monotonic() - start
-    return BuildResult(output, len(image), tuple(loaded), len(pyset.modules), seconds, checked)
+    on_demand = len(modules) - len(boot_modules)
+    return BuildResult(output, len(image), tuple(loaded), on_demand, len(pyset.modules), seconds, checked)
 
 
 def _kernel_modules(config: ImageConfig) -> list[KernelModule]:
@@ -215,7 +244,13 @@ def _kernel_modules(config: ImageConfig) -> list[KernelModule]:
         )
     kernel = ModuleTree(modules_dir)
     early = set(kernel.resolve(required=AGENT_MODULES, optional=()))
-    return [kernel.load(relative, relative in early) for relative in kernel.resolve()]
+    at_boot = kernel.resolve()
+    on_demand = [
+        m for m in kernel.resolve(required=(), optional=config.on_demand_modules) if m not in at_boot
+    ]
+    return [kernel.load(relative, relative in early) for relative in at_boot] + [
+        kernel.load(relative, early=False, at_boot=False) for relative in on_demand
+    ]
 
 
 def kernel_version_of(kernel: Path) -> str:

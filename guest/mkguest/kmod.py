@@ -28,6 +28,44 @@ REQUIRED_MODULES = (
 AGENT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console")
 # virtio_balloon: free page reporting hands the pages the guest frees back to the host.
 OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci", "virtio_balloon")
+# What containers inside a container need (Docker, systemd-nspawn, CNI plugins, critest's
+# `brctl addbr`): in the image but not loaded at boot. The guest kernel loads them when
+# they are first used (request_module runs the image's /sbin/modprobe), and a privileged
+# container's own modprobe finds them in the guest's /lib/modules.
+ON_DEMAND_MODULES = (
+    "bridge",
+    "br_netfilter",
+    "veth",
+    "tun",
+    "macvlan",
+    "ipvlan",
+    "vxlan",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_nat",
+    "nft_ct",
+    "nft_reject_inet",
+    "nft_fib_inet",
+    "nf_conntrack_netlink",
+    "ip_tables",
+    "ip6_tables",
+    "iptable_nat",
+    "iptable_filter",
+    "iptable_mangle",
+    "ip6table_nat",
+    "ip6table_filter",
+    "ipt_REJECT",
+    "xt_MASQUERADE",
+    "xt_conntrack",
+    "xt_addrtype",
+    "xt_nat",
+    "xt_tcpudp",
+    "xt_comment",
+    "xt_mark",
+    "xt_multiport",
+)
 # The config symbol that builds each required module into a kernel without modules.
 BUILTIN_SYMBOLS = {
     "virtio_pci": "CONFIG_VIRTIO_PCI",
@@ -54,6 +92,7 @@ class KernelModule:
     path: str  # relative to /lib/modules/<kver>, with the compression suffix dropped
     data: bytes
     early: bool = True  # loaded before the agent serves
+    at_boot: bool = True  # False: loaded on demand only (ON_DEMAND_MODULES)
 
 
 @dataclass(frozen=True)
@@ -109,7 +148,7 @@ class ModuleTree:
                 )
         return order
 
-    def load(self, relative: str, early: bool = True) -> KernelModule:
+    def load(self, relative: str, early: bool = True, at_boot: bool = True) -> KernelModule:
         path = self.root / relative
         data = path.read_bytes()
         if relative.endswith(".xz"):
@@ -118,7 +157,7 @@ class ModuleTree:
             data = subprocess.run(["zstd", "-dcq", str(path)], check=True, capture_output=True).stdout
         elif not relative.endswith(".ko"):
             raise BuildError(f"kernel module {path} has a compression spinbox-mkguest does not know")
-        return KernelModule(relative[: relative.index(".ko") + 3], data, early)
+        return KernelModule(relative[: relative.index(".ko") + 3], data, early, at_boot)
 
 
 def module_free(kernel: Path) -> bool:
@@ -141,3 +180,42 @@ def module_free(kernel: Path) -> bool:
             f"(see {config}): the guest needs them"
         )
     return True
+
+
+# The files of /lib/modules/<kver> that modprobe (busybox's in the guest, kmod's in a
+# container) reads; depmod writes them for exactly the modules the image carries.
+INDEX_FILES = (
+    "modules.alias",
+    "modules.alias.bin",
+    "modules.builtin",
+    "modules.builtin.alias.bin",
+    "modules.builtin.bin",
+    "modules.builtin.modinfo",
+    "modules.dep",
+    "modules.dep.bin",
+    "modules.devname",
+    "modules.softdep",
+    "modules.symbols",
+    "modules.symbols.bin",
+)
+
+
+def module_indexes(tree: ModuleTree, modules: list[KernelModule], scratch: Path) -> dict[str, bytes]:
+    """modules.dep and the other indexes of `modules` alone, by depmod in `scratch`."""
+    base = scratch / "lib" / "modules" / tree.version
+    for ko in modules:
+        path = base / ko.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(ko.data)
+    for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        if (tree.root / name).is_file():
+            (base / name).write_bytes((tree.root / name).read_bytes())
+    try:
+        subprocess.run(
+            ["depmod", "--basedir", str(scratch), tree.version], check=True, capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        raise BuildError("depmod is not installed: apt install kmod") from None
+    except subprocess.CalledProcessError as e:
+        raise BuildError(f"depmod failed for the guest's modules: {e.stderr.strip()}") from None
+    return {name: (base / name).read_bytes() for name in INDEX_FILES if (base / name).is_file()}

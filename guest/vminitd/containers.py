@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guest.vminitd import stats, validate
+from guest.vminitd import stats, syscont, validate
 from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.crun import Crun, CrunError
 from guest.vminitd.process_stdio import Stdio
@@ -81,6 +81,7 @@ class Container:
     cgroup: Path | None
     execs: dict[str, Process] = field(default_factory=dict)
     oom_kills: int = 0
+    systemd: bool = False  # its init is systemd (syscont)
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -139,6 +140,7 @@ class Containers:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid} has no rootfs: mount it first")
         prepare_spec(self.config, cid, doc, rootfs, req.io.terminal, self.init_pids())
         check_program(rootfs, doc, doc["process"], f"container {cid}")
+        systemd = syscont.prepare(cid, doc, rootfs)
         try:
             write_bind_files(self.binds, cid, doc, req.files)
         except BaseException:
@@ -153,7 +155,7 @@ class Containers:
         if self.config.cgroup_parent:
             cgroup = self.config.cgroup_root / self.config.cgroup_parent / cid
         init = Process(cid, "", req.io)
-        container = Container(cid, bundle, rootfs, init, cgroup)
+        container = Container(cid, bundle, rootfs, init, cgroup, systemd=systemd)
         self.containers[cid] = container
         try:
             await self._spawn(container, init, ["create", "--bundle", str(bundle)])
@@ -274,7 +276,7 @@ class Containers:
         if proc.exited.is_set():
             raise TtrpcError(Code.NOT_FOUND, f"{proc.name} has already exited")
         # Safe: the pid is not reaped yet (exits are reaped on this loop), so it is not reused.
-        os.kill(proc.pid, sig)
+        os.kill(proc.pid, syscont.stop_signal(sig, container.systemd and proc is container.init))
 
     async def wait(self, container_id: str, exec_id: str) -> Process:
         _, proc = self.find(container_id, exec_id)

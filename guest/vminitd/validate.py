@@ -153,6 +153,11 @@ def executable_in_rootfs(rootfs: str, proc: dict[str, Any]) -> str | None:
     return None
 
 
+def resolve_in(root: str, path: str) -> str | None:
+    """`path` of the rootfs `root` with its symlinks resolved inside it (a path under `root`)."""
+    return _resolve_in(root, path)
+
+
 def _resolve_in(root: str, path: str, depth: int = 0) -> str | None:
     if depth > 40:
         return None

@@ -120,6 +120,30 @@ def test_kernel_modules_in_load_order(image: bytes, tmp_path: Path) -> None:
         assert "usr" + path in entries  # /lib is a link to usr/lib
 
 
+def test_modules_for_nested_containers_load_on_demand(image: bytes) -> None:
+    # Carried with modprobe's indexes for them alone, never loaded at boot.
+    entries = read_newc(image)
+    listing = entries["etc/spinbox/modules"][1].decode()
+    kernel = default_kernel().name.removeprefix("vmlinuz-")
+    modules = f"usr/lib/modules/{kernel}"
+    dep = entries[f"{modules}/modules.dep"][1].decode()
+    aliases = entries[f"{modules}/modules.alias"][1].decode()
+    for name in ("bridge", "veth", "br_netfilter", "tun", "nf_tables", "nft_compat", "xt_MASQUERADE"):
+        (path,) = [
+            line.split(":")[0] for line in dep.splitlines() if line.split(":")[0].endswith(f"/{name}.ko")
+        ]
+        assert f"{modules}/{path}" in entries
+        assert f"/{name}.ko" not in listing
+    assert "alias rtnl-link-bridge bridge" in aliases
+    assert "alias fs-overlay overlay" in aliases
+    assert f"{modules}/modules.dep.bin" in entries  # kmod's modprobe reads only the binary indexes
+    # Every module in the image is in modules.dep, and nothing else is.
+    carried = {p.removeprefix(f"{modules}/") for p in entries if p.endswith(".ko")}
+    assert carried == {line.split(":")[0] for line in dep.splitlines()}
+    mode, target, _, _ = entries["usr/sbin/modprobe"]
+    assert stat.S_ISLNK(mode) and target == b"/usr/bin/busybox"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the import check chroots, which needs root")
 def test_a_module_left_out_fails_the_build(tmp_path: Path) -> None:
     (tmp_path / "brokeninit").mkdir()
