@@ -7,13 +7,13 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e soak lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e test-system-containers soak lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
 
 test: setup
-	$(PYTEST) tests
+	$(PYTEST) -m "not long" tests
 
 test-unit: setup
 	$(PYTEST) -m unit tests
@@ -22,7 +22,12 @@ test-integration: setup
 	$(PYTEST) -m integration tests
 
 test-e2e: setup
-	$(PYTEST) -m e2e tests
+	$(PYTEST) -m "e2e and not long" tests
+
+# systemd and Docker inside a spinbox container: builds a Debian image with
+# mmdebstrap (minutes) and boots it in a large VM, so it runs on its own.
+test-system-containers: setup
+	$(PYTEST) tests/e2e/test_syscont.py
 
 # The whole soak: four creates at once, five rounds, containerd 1.6 and 2.x, ctr
 # and CRI pods (`make test` runs two rounds of it). bench/soak counts leftovers

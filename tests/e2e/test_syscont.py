@@ -38,7 +38,7 @@ def record(name: str, seconds: float) -> None:
 
 
 # The first test's setup builds the image (minutes, once: it is cached) and boots systemd under TCG.
-pytestmark = pytest.mark.timeout(2400)
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.long]
 
 
 @pytest.fixture(scope="module")
