@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e soak lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e soak conformance lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -29,6 +29,12 @@ test-e2e: setup
 # over 200 lifecycles.
 soak: setup
 	SPINBOX_SOAK_ROUNDS=5 $(PYTEST) tests/e2e/test_soak.py
+
+# critest, the CRI validation suite, in full against containerd 1.6 and 2.x with the
+# `spinbox` handler (tens of minutes under TCG; `make test` runs a focused subset).
+# JUnit reports, logs and counts go to build/critest/.
+conformance: setup
+	SPINBOX_CONFORMANCE=full $(PYTEST) -s tests/e2e/test_critest.py
 
 lint: setup
 	$(PYTEST) tests/unit/test_lint.py
