@@ -38,12 +38,12 @@ http:
   addr: {address}
 """
 CERTS_D = "/etc/containerd/certs.d"
-# The subset inside `make test`: the basic lifecycle of pods and containers, exec, logs and stop.
+# The subset inside `make test` (six specs, a few minutes under TCG): a pod, a container's stop,
+# removal, exec and log, and StopContainer on a stopped container.
 FOCUS = (
-    r"runtime should support basic operations on PodSandbox|"
-    r"runtime should support (starting|stopping|removing|execSync|exec)[a-zA-Z ]* container|"
-    r"runtime should support (creating|listing|attach)[a-zA-Z ]*container|"
-    r"should support basic operations on container|StopContainer|runtime should support log"
+    r"runtime should support running PodSandbox|runtime should support stopping container|"
+    r"runtime should support removing stopped container|runtime should support execSync \[|"
+    r"starting container with log|StopContainer should not return an error if already stopped"
 )
 
 
