@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e test-system-containers soak lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e test-system-containers soak conformance lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -34,6 +34,12 @@ test-system-containers: setup
 # over 200 lifecycles.
 soak: setup
 	SPINBOX_SOAK_ROUNDS=5 $(PYTEST) tests/e2e/test_soak.py
+
+# critest, the CRI validation suite, in full against containerd 1.6 and 2.x with the
+# `spinbox` handler (tens of minutes under TCG; `make test` runs a focused subset).
+# JUnit reports, logs and counts go to build/critest/.
+conformance: setup
+	SPINBOX_CONFORMANCE=full $(PYTEST) -s tests/e2e/test_critest.py
 
 lint: setup
 	$(PYTEST) tests/unit/test_lint.py

@@ -4,14 +4,17 @@ handler `spinbox` gives a pod one VM, and every container of the pod runs in it.
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.stack import BUILDS, CRICTL, IMAGE, POD_SUBNET, CriContainerd
 from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import CONFIG as SPINBOXD_CONFIG
 
 WORK = "/run/spinbox-e2e-cri"
 
@@ -133,3 +136,171 @@ def test_a_pod_is_one_vm_with_all_its_containers(cri: CriContainerd, systemd: Pr
         time.sleep(0.5)
         found = pod_leftovers(systemd, cri)
     assert found == expected
+
+
+def wait_clean(systemd: PrivateSystemd, cri: CriContainerd) -> None:
+    expected = {
+        "scopes": [], "qemu": [], "vm-files": [], "vm-storage": [], "shims": [], "pods": [],
+        "containers": [], "netns": [], "mounts": [],
+    }  # fmt: skip
+    deadline = time.monotonic() + 60
+    found = pod_leftovers(systemd, cri)
+    while found != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = pod_leftovers(systemd, cri)
+    assert found == expected
+
+
+@pytest.mark.timeout(1800)  # one pod VM and four containers, under TCG on a loaded host
+def test_a_pods_containers_share_its_uts_ipc_and_pid_namespaces(
+    cri: CriContainerd, systemd: PrivateSystemd
+) -> None:
+    logs = f"{WORK}/logs"
+    systemd.run("mkdir", "-p", logs)
+    pod_config = write_json(
+        systemd,
+        "shared-pod.json",
+        {"metadata": {"name": "shared", "namespace": "default", "uid": "shared-uid", "attempt": 0},
+         "hostname": "spinpod", "log_directory": logs,
+         "linux": {"sysctls": {"kernel.shm_rmid_forced": "1", "kernel.msgmax": "10000"},
+                   "security_context": {"namespace_options": {"pid": 0}}}},
+    )  # fmt: skip
+    pod = cri.crictl("runp", "--runtime", "spinbox", pod_config).stdout.strip()
+    try:
+
+        def run(name: str, *command: str, pid_mode: int = 0) -> str:
+            config = container_config(name, *command)
+            config["linux"] = {"security_context": {"namespace_options": {"pid": pid_mode}}}
+            container = cri.crictl("create", pod, write_json(systemd, f"{name}.json", config), pod_config)
+            cri.crictl("start", container.stdout.strip())
+            return container.stdout.strip()
+
+        first = run("first", "sleep", "1000001")
+        second = run("second", "sleep", "1000002")
+
+        def exec_in(container: str, script: str) -> str:
+            return cri.crictl("exec", "-s", container, "sh", "-c", script).stdout.strip()
+
+        # UTS: the pod's hostname in every container; IPC: the pod's sysctls.
+        for container in (first, second):
+            assert exec_in(container, "hostname") == "spinpod"
+            assert exec_in(container, "cat /proc/sys/kernel/shm_rmid_forced") == "1"
+            assert exec_in(container, "cat /proc/sys/kernel/msgmax") == "10000"
+        # A POSIX shared memory file made in one container is seen by the other.
+        exec_in(first, "echo shared > /dev/shm/pod-ipc")
+        assert exec_in(second, "cat /dev/shm/pod-ipc") == "shared"
+        # PID: one namespace, whose PID 1 is the pod's sandbox; each sees the other's process.
+        cmdlines = exec_in(second, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
+        assert "sleep 1000001" in cmdlines and "sleep 1000002" in cmdlines
+        assert exec_in(first, "tr '\\0' ' ' < /proc/1/cmdline") == "sleep 2147483647"
+
+        # `top` stopped right after its start: in the pod's PID namespace it is not PID 1, so
+        # SIGTERM ends it at once; in one of its own, SIGTERM is dropped and the timeout's
+        # SIGKILL ends it.
+        for name, pid_mode, timeout, killed in (("top-pod", 0, "120", False), ("top-own", 1, "3", True)):
+            top = run(name, "top", "-b", pid_mode=pid_mode)
+            cri.crictl("stop", "-t", timeout, top)
+            status = json.loads(cri.crictl("inspect", "-o", "json", top).stdout)["status"]
+            assert status["state"] == "CONTAINER_EXITED", status
+            assert (status["exitCode"] == 137) == killed, (name, status["exitCode"])
+    finally:
+        cri.crictl("stopp", pod)
+        cri.crictl("rmp", pod)
+    wait_clean(systemd, cri)
+
+
+@pytest.mark.parametrize(
+    ("option", "sentence"),
+    [("network", "asks for the host's network (hostNetwork)"), ("pid", "asks for the host's PID namespace")],
+)
+def test_a_pod_asking_for_host_namespaces_is_refused(
+    cri: CriContainerd, systemd: PrivateSystemd, option: str, sentence: str
+) -> None:
+    pod_config = write_json(
+        systemd,
+        f"host-{option}.json",
+        {"metadata": {"name": f"host-{option}", "namespace": "default", "uid": option, "attempt": 0},
+         "linux": {"security_context": {"namespace_options": {option: 2}}}},
+    )  # fmt: skip
+    result = cri.crictl("runp", "--runtime", "spinbox", pod_config, check=False)
+    assert result.returncode != 0
+    assert sentence in result.stderr, result.stderr
+    wait_clean(systemd, cri)
+
+
+def qemu_rss_mib(systemd: PrivateSystemd) -> list[float]:
+    """The resident memory of every QEMU process: what each pod's VM takes on the host."""
+    sizes = []
+    for pid in systemd.processes("qemu-system"):
+        status = systemd.run("cat", f"/proc/{pid}/status", check=False).stdout
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if match:
+            sizes.append(int(match.group(1)) / 1024)
+    return sizes
+
+
+@pytest.mark.timeout(3600)  # ten VMs booting at once under TCG
+def test_ten_pods_at_once_with_two_containers_each(cri: CriContainerd, systemd: PrivateSystemd) -> None:
+    logs = f"{WORK}/logs"
+    systemd.run("mkdir", "-p", logs)
+    count = 10
+
+    def pod_config(n: int) -> str:
+        return write_json(
+            systemd,
+            f"many-{n}.json",
+            {"metadata": {"name": f"many-{n}", "namespace": "default", "uid": f"many-{n}", "attempt": 0},
+             "log_directory": logs, "linux": {}},
+        )  # fmt: skip
+
+    configs = [pod_config(n) for n in range(count)]
+    # Ten TCG guests booting at once on a small host share its CPUs: each may take several times
+    # its lone boot before its agent answers, so the agent's deadline grows for this test.
+    daemon_config = systemd.path(SPINBOXD_CONFIG).read_text()
+    systemd.write_file(SPINBOXD_CONFIG, daemon_config + "boot_timeout = 900\n")
+    systemd.systemctl("restart", "spinbox.service")
+    app = write_json(systemd, "many-app.json", container_config("app", "sleep", "2147483647"))
+    side = write_json(systemd, "many-side.json", container_config("side", "sleep", "2147483646"))
+
+    def crictl(*args: str) -> str:
+        return cri.crictl("--timeout", "900s", *args, timeout=960).stdout.strip()
+
+    def start_pod(config: str) -> str:
+        pod = crictl("runp", "--runtime", "spinbox", config)
+        for container in (app, side):
+            crictl("start", crictl("create", pod, container, config))
+        return pod
+
+    def remove_pod(pod: str) -> None:
+        crictl("stopp", pod)
+        crictl("rmp", pod)
+
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            results = list(pool.map(lambda c: _attempt(start_pod, c), configs))
+            pods = [r for r in results if isinstance(r, str)]
+            try:
+                assert len(pods) == count, "\n".join(str(r) for r in results if not isinstance(r, str))
+                seconds = time.monotonic() - started
+                print(f"{count} pods with two containers each started at once in {seconds:.1f} s")
+                running = cri.crictl("ps", "-q", "--state", "Running").stdout.split()
+                assert len(running) == 2 * count
+                assert len(systemd.processes("qemu-system")) == count
+                rss = qemu_rss_mib(systemd)
+                print(f"QEMU resident memory per idle pod: min {min(rss):.0f} MiB, max {max(rss):.0f} MiB")
+            finally:
+                removed = list(pool.map(lambda p: _attempt(remove_pod, p), pods))
+    finally:
+        systemd.write_file(SPINBOXD_CONFIG, daemon_config)
+        systemd.systemctl("restart", "spinbox.service")
+    assert [str(r) for r in removed if isinstance(r, BaseException)] == []
+    wait_clean(systemd, cri)
+
+
+def _attempt(function: Callable[[str], object], argument: str) -> object:
+    """The function's result or the exception it raised, so that every pod's outcome is kept."""
+    try:
+        return function(argument)
+    except Exception as error:  # every failure is reported by the caller's assertion
+        return error
