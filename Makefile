@@ -30,10 +30,12 @@ test-system-containers: setup
 	$(PYTEST) tests/e2e/test_syscont.py
 
 # The whole soak: four creates at once, five rounds, containerd 1.6 and 2.x, ctr
-# and CRI pods (`make test` runs two rounds of it). bench/soak counts leftovers
+# and CRI pods (`make test` runs two rounds of it); then ten CRI pods created at
+# once, two containers each. bench/soak counts leftovers
 # over 200 lifecycles.
 soak: setup
 	SPINBOX_SOAK_ROUNDS=5 $(PYTEST) tests/e2e/test_soak.py
+	$(PYTEST) tests/e2e/test_cri_pods.py -k ten_pods
 
 # critest, the CRI validation suite, in full against containerd 1.6 and 2.x with the
 # `spinbox` handler (tens of minutes under TCG; `make test` runs a focused subset).

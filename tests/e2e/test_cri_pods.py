@@ -239,6 +239,7 @@ def qemu_rss_mib(systemd: PrivateSystemd) -> list[float]:
     return sizes
 
 
+@pytest.mark.long  # make soak: ten VMs booting at once under TCG
 @pytest.mark.timeout(3600)  # ten VMs booting at once under TCG
 def test_ten_pods_at_once_with_two_containers_each(cri: CriContainerd, systemd: PrivateSystemd) -> None:
     logs = f"{WORK}/logs"
