@@ -152,6 +152,8 @@ class QemuBackend:
             nics=tuple(nics),
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=request.hotplug_ports,
+            confine=self.config.vm.confine,
+            uid_base=self.config.vm.uid_base,
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)

@@ -71,7 +71,9 @@ async def spawn_subprocess(argv: list[str], pass_fds: Sequence[int]) -> QemuChil
         from spinbox.vm.errors import VmError
 
         raise VmError(f"{argv[0]} is not installed: apt install qemu-system-x86") from error
-    return QemuChild(process, Path(argv[0]).name)
+    # A confined QEMU is started through setpriv (spinbox.vm.handover): name it by the program run.
+    program = argv[argv.index("--") + 1] if Path(argv[0]).name == "setpriv" else argv[0]
+    return QemuChild(process, Path(program).name)
 
 
 class PidProcess:
