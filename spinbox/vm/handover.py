@@ -2,7 +2,10 @@
 
 A VM's QEMU runs as a user of its own (`VmUser`: one uid and gid per running
 VM, no supplementary group but `kvm` where KVM is used, no capabilities,
-no_new_privs) under QEMU's `-sandbox` (seccomp). It opens nothing of the host
+no_new_privs) under QEMU's `-sandbox` (seccomp), in network and IPC
+namespaces of its own that hold nothing: it needs no network but its TAP
+descriptors, and so reaches no host service on 127.0.0.1 and no abstract unix
+socket. It opens nothing of the host
 by path except world-readable files of the system (QEMU's firmware and
 modules). Everything that belongs to a VM is opened by spinboxd, as root, and
 handed to QEMU as a file descriptor (`Handover`):
@@ -54,6 +57,7 @@ UID_DIR = Path("/run/spinbox/uid")
 # fork/exec, no scheduler or affinity changes.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 SETPRIV = "setpriv"
+UNSHARE = "unshare"
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,10 @@ class VmUser:
     lease_fd: int = -1
 
     def setpriv(self, argv: list[str]) -> list[str]:
-        """argv run as this user: no other groups, no capabilities, no_new_privs."""
+        """argv run as this user: no other groups, no capabilities, no_new_privs, empty network and IPC."""
         groups = ["--groups", ",".join(map(str, self.groups))] if self.groups else ["--clear-groups"]
         return [
+            UNSHARE, "--net", "--ipc", "--",
             SETPRIV,
             "--reuid", str(self.uid),
             "--regid", str(self.gid),

@@ -84,6 +84,9 @@ def test_qemu_runs_as_its_own_user_under_seccomp_and_cannot_open_another_vms_dis
                 assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
                 assert int(status["CapBnd"], 16) == 0
                 assert status["Groups"] == ""
+                # Network and IPC namespaces of its own: no host service, no abstract socket.
+                for ns in ("net", "ipc"):
+                    assert os.readlink(f"/proc/{vm.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
                 ids[name] = (uid, gid)
             assert ids["a"] != ids["b"]  # a uid per VM
 

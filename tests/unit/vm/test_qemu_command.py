@@ -156,7 +156,9 @@ def test_commas_in_names_are_escaped(spec: VmSpec) -> None:
 def test_a_confined_qemu_runs_as_its_user_under_the_sandbox(spec: VmSpec) -> None:
     user = VmUser(uid=2097152005, gid=2097152005, groups=(107,), lease_fd=-1)
     argv = argv_of(QemuCommand(spec, accel="kvm", user=user))
-    assert argv[: argv.index("--") + 2] == [
+    start = len(argv) - argv[::-1].index("--")
+    assert argv[: start + 1] == [
+        "unshare", "--net", "--ipc", "--",
         "setpriv",
         "--reuid", "2097152005",
         "--regid", "2097152005",
