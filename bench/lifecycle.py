@@ -10,6 +10,8 @@ spinbox VM, against runc measured in the same run.
   and socket under a temporary directory.
 - the shim: its resident memory while serving one container, and the wall
   time of `containerd-shim-spinbox-v1 start` against a bare `python -c pass`.
+- confinement: the same runs with QEMU unconfined (vm.confine = false: root,
+  no -sandbox), alternating with confined ones, for the ratio of the two.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tests.e2e.stack import BUILDS, IMAGE, RUNTIME, Containerd, spinbox_stack  #
 from tests.harness.fixtures import artifacts_dir  # noqa: E402
 from tests.harness.oci import build_image  # noqa: E402
 from tests.harness.systemd import PrivateSystemd  # noqa: E402
+from tests.integration.daemon.spinboxd import CONFIG as CONFIG_FILE  # noqa: E402
 
 PYTHON = Path(os.environ.get("VENV", TOP / ".venv")) / "bin" / "python"
 BUS = "org.spinstack.Spinbox"
@@ -85,18 +88,41 @@ async def watch_timelines(bus_address: str, found: dict[str, dict[str, float]], 
 
 
 async def spinbox_runs(
-    systemd: PrivateSystemd, containerd: Containerd, runs: int
-) -> tuple[list[float], list[float]]:
+    systemd: PrivateSystemd, containerd: Containerd, runs: int, prefix: str = "bench"
+) -> tuple[list[float], list[dict[str, float]]]:
     found: dict[str, dict[str, float]] = {}
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch_timelines(systemd.bus_address, found, stop))
     walls = []
     for n in range(runs):
-        argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, f"bench{n}", "true")
+        argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, f"{prefix}{n}", "true")
         walls.append(await asyncio.to_thread(timed, argv))
     stop.set()
     await watcher
     return walls, list(found.values())
+
+
+def set_confinement(systemd: PrivateSystemd, initrd: Path, confine: bool) -> None:
+    """spinboxd restarted with vm.confine as given (running no VM)."""
+    config = f'[vm]\naccel = "tcg"\ninitrd = "{initrd}"\nconfine = {str(confine).lower()}\n'
+    systemd.write_file(CONFIG_FILE, config)
+    systemd.systemctl("restart", "spinbox.service")
+
+
+def confinement_runs(
+    systemd: PrivateSystemd, containerd: Containerd, initrd: Path, runs: int
+) -> dict[bool, list[float]]:
+    """`ctr run --rm` walls with QEMU confined and not, alternating run by run."""
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for n in range(runs):
+            for confine in (False, True):
+                set_confinement(systemd, initrd, confine)
+                wall, _ = asyncio.run(spinbox_runs(systemd, containerd, 1, f"conf{int(confine)}-{n}-"))
+                walls[confine] += wall
+    finally:
+        set_confinement(systemd, initrd, True)
+    return walls
 
 
 def shim_rss_kib(systemd: PrivateSystemd, containerd: Containerd) -> int:
@@ -193,6 +219,7 @@ def main() -> None:
         try:
             walls, timelines = asyncio.run(spinbox_runs(systemd, containerd, args.runs))
             rss = shim_rss_kib(systemd, containerd)
+            confinement = confinement_runs(systemd, containerd, initrd, args.runs)
         finally:
             containerd.stop()
 
@@ -216,6 +243,11 @@ def main() -> None:
     print(f"ratio spinbox / runc: {spinbox_s / runc_s:.1f}")
     print(f"host-side share of spinbox's wall time: {(spinbox_s - boot_s) / spinbox_s:.0%}")
     print(f"shim RSS serving one container: {rss / 1024:.1f} MiB")
+    confined_s, unconfined_s = statistics.median(confinement[True]), statistics.median(confinement[False])
+    print(
+        f"QEMU confined (own uid, -sandbox): {confined_s:.3f} s; unconfined (root): {unconfined_s:.3f} s; "
+        f"ratio {confined_s / unconfined_s:.3f} ({args.runs} alternating runs each, medians)"
+    )
     print(
         f"shim start path: {statistics.median(starts) * 1000:.0f} ms "
         f"(bare python -c pass: {statistics.median(bare) * 1000:.0f} ms)"
