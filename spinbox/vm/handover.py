@@ -139,11 +139,10 @@ class Handover:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             path.unlink(missing_ok=True)
-            old = os.umask(0o177)
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old)
+            # chmod after bind, not umask (process-wide, other threads create files): the
+            # runtime directory is root's alone meanwhile.
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
             sock.listen(8)
             sock.set_inheritable(False)
         except OSError as error:
