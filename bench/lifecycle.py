@@ -173,6 +173,25 @@ def host_containerd(work: Path, image: Path) -> Iterator[list[str]]:
         subprocess.run(["umount", "-R", str(work / "state")], capture_output=True, check=False)
 
 
+async def qemu_start_costs(initrd: Path, runs: int) -> dict[bool, list[float]]:
+    """QEMU's exec to its QMP greeting (no guest run), confined and not, alternating: what
+    confinement adds to a VM's start without the guest boot's noise."""
+    from spinbox.vm import VmSpec, default_kernel, launch
+
+    costs: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory(prefix="spinbox-bench-qemu-") as tmp:
+        for n in range(runs):
+            for confine in (False, True):
+                spec = VmSpec(
+                    vm_id=f"bench-{int(confine)}-{n}", kernel=default_kernel(), initrd=initrd,
+                    runtime_dir=Path(tmp) / f"vm{n}{int(confine)}", accel="tcg", confine=confine,
+                )  # fmt: skip
+                vm = await launch(spec, start=False)
+                costs[confine].append(vm.timeline["qmp-up"])
+                await vm.kill()
+    return costs
+
+
 def start_path(runs: int) -> tuple[list[float], list[float]]:
     """`containerd-shim-spinbox-v1 start` (lean start-up, bind, spawn the
     server) and a bare interpreter, each run in a fresh bundle."""
@@ -201,11 +220,23 @@ def start_path(runs: int) -> tuple[list[float], list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/lifecycle", description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--confinement-only", action="store_true", help="only QEMU's start, confined and not (no containerd)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/lifecycle runs containerd and VMs: run it as root")
-    image = build_image(artifacts_dir() / "images" / "busybox.tar")
     initrd = guest_image()
+    qemu_starts = asyncio.run(qemu_start_costs(initrd, max(args.runs, 10)))
+    confined_q, unconfined_q = statistics.median(qemu_starts[True]), statistics.median(qemu_starts[False])
+    print(
+        f"QEMU exec to QMP up, confined: {confined_q * 1000:.0f} ms; "
+        f"unconfined: {unconfined_q * 1000:.0f} ms; ratio {confined_q / unconfined_q:.3f} "
+        f"({len(qemu_starts[True])} alternating starts each, medians)"
+    )
+    if args.confinement_only:
+        return
+    image = build_image(artifacts_dir() / "images" / "busybox.tar")
 
     with (
         tempfile.TemporaryDirectory(prefix="spinbox-bench-runc-") as tmp,
