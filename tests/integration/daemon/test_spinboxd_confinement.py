@@ -30,18 +30,23 @@ SECRET = "s3cr3t-annotation-value"
 # From a connection of its own: the next jobs' JobRemoved with result "failed",
 # sent to spinboxd directly before the jobs exist (as a racing local process would).
 SPOOF_JOBS = """
-import asyncio
+import asyncio, sys
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio.message_bus import MessageBus
 
+async def step(what, call):
+    # Each step has a deadline of its own, to name the one that hangs.
+    print(what, file=sys.stderr, flush=True)
+    return await asyncio.wait_for(call, 60)
+
 async def main():
-    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    owner = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
-        body=["org.spinstack.Spinbox"]))
-    job = await bus.call(Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
-        interface="org.freedesktop.systemd1.Manager", member="StartUnit", signature="ss",
-        body=["basic.target", "replace"]))
+    bus = await step("connect", MessageBus(bus_type=BusType.SYSTEM).connect())
+    owner = await step("GetNameOwner", bus.call(Message(destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member="GetNameOwner",
+        signature="s", body=["org.spinstack.Spinbox"])))
+    job = await step("StartUnit", bus.call(Message(destination="org.freedesktop.systemd1",
+        path="/org/freedesktop/systemd1", interface="org.freedesktop.systemd1.Manager",
+        member="StartUnit", signature="ss", body=["basic.target", "replace"])))
     first = int(job.body[0].rsplit("/", 1)[1]) + 1
     for number in range(first, first + 200):
         path = f"/org/freedesktop/systemd1/job/{number}"
@@ -52,8 +57,9 @@ async def main():
             interface="org.freedesktop.systemd1.Manager", member="JobRemoved", signature="uoss",
             body=[number, path, "spoofed.scope", "failed"])
         bus.send(spoof)
-    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus.Peer", member="Ping"))  # everything sent is delivered
+    # Once the bus answers, everything sent before has been delivered.
+    await step("GetId", bus.call(Message(destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member="GetId")))
     print(first, first + 199)
 
 asyncio.run(main())
@@ -107,11 +113,13 @@ def test_a_running_vm_is_confined_and_its_spec_is_roots(spinbox: PrivateSystemd)
     try:
         assert watcher.stdout is not None
         assert watcher.stdout.readline().strip() == b"watching"
-        spoofed = spinbox.run(str(PYTHON), "-c", SPOOF_JOBS).stdout.split()
+        spoofed = spinbox.run(str(PYTHON), "-c", SPOOF_JOBS, timeout=300).stdout.split()
         assert len(spoofed) == 2
         # Without the sender check, the create would find its scope's job "failed" already.
         call = ("call", BUS, MANAGER_PATH, MANAGER_IFACE, "CreateVM", "sa{sv}", "conf-a", "1")
-        created = busctl(spinbox, "--timeout=300", *call, "annotations", "a{ss}", "1", "secret", SECRET)
+        # busctl's own deadline first: a boot takes minutes on a loaded machine under TCG.
+        args = ("busctl", "--no-pager", "--timeout=300", *call, "annotations", "a{ss}", "1", "secret", SECRET)
+        created = spinbox.run(*args, timeout=330)
         path = created.stdout.strip().removeprefix("o ").strip('"')
         try:
             assert get_property(spinbox, path, VM_IFACE, "State") == "running"
