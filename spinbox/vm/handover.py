@@ -175,3 +175,28 @@ class Handover:
                 f"(chmod o+r {path}); QEMU runs unprivileged"
             )
         return f"/proc/self/fd/{fd}"
+
+
+class NumberingHandover(Handover):
+    """A Handover that opens nothing: each descriptor is the next number from `first`.
+
+    For a command line that is compared, not run (a template's identity): the
+    same spec gives the same argv wherever and whenever it is built.
+    """
+
+    def __init__(self, first: int = 1000) -> None:
+        super().__init__()
+        self._next = first
+
+    def _number(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+    def listening_socket(self, path: Path) -> int:
+        return self._number()
+
+    def file(self, path: Path, *, writable: bool) -> int:
+        return self._number()
+
+    def world_readable(self, path: Path, what: str) -> str:
+        return f"/proc/self/fd/{self._number()}"
