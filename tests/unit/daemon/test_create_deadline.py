@@ -61,7 +61,13 @@ class StubBackend:
             self.taken.remove("network")
 
     async def launch(
-        self, request: VmRequest, runtime_dir: Path, disks: Any, nics: Any, spawn: Any, template_dir: Any = None
+        self,
+        request: VmRequest,
+        runtime_dir: Path,
+        disks: Any,
+        nics: Any,
+        spawn: Any,
+        template_dir: Any = None,
     ) -> Any:
         self.taken.append("qemu")
         self.launched.set()
