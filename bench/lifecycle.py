@@ -11,6 +11,9 @@ measured in the same run.
   and socket under a temporary directory.
 - the shim: its resident memory while serving one container, and the wall
   time of `containerd-shim-spinbox-v1 start` against a bare `python -c pass`.
+- confinement: cold boots with QEMU unconfined (vm.confine = false: root, no
+  -sandbox) interleaved with the others, for the ratio of confined to
+  unconfined; and QEMU's own start (exec to QMP greeting) both ways.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from tests.harness.systemd import PrivateSystemd  # noqa: E402
 
 PYTHON = Path(os.environ.get("VENV", TOP / ".venv")) / "bin" / "python"
 BUS = "org.spinstack.Spinbox"
-BOOTS = ["cold", "template"]
+# The modes compared, each with its spinbox.toml [vm] lines: cold boot and template
+# restore (QEMU confined, the default), and cold boot with QEMU unconfined.
+MODES = {
+    "cold": 'boot = "cold"',
+    "template": 'boot = "template"',
+    "unconfined": 'boot = "cold"\nconfine = false',
+}
+BOOTS = list(MODES)
 CONFIG = "/etc/spinbox/spinbox.toml"
 
 
@@ -98,7 +108,7 @@ async def spinbox_runs(
     watcher = asyncio.create_task(watch_timelines(systemd.bus_address, found, stop))
     walls: dict[str, list[float]] = {boot: [] for boot in BOOTS}
     for n in range(runs):
-        for boot in BOOTS[n % 2 :] + BOOTS[: n % 2]:
+        for boot in BOOTS[n % len(BOOTS) :] + BOOTS[: n % len(BOOTS)]:
             await asyncio.to_thread(set_boot, systemd, initrd, boot)
             argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, f"bench{boot}{n}", "true")
             walls[boot].append(await asyncio.to_thread(timed, argv))
@@ -108,8 +118,8 @@ async def spinbox_runs(
 
 
 def set_boot(systemd: PrivateSystemd, initrd: Path, boot: str) -> None:
-    """spinbox.service restarted with vm.boot = `boot` (templates stay where they are)."""
-    config = f'[vm]\naccel = "tcg"\ninitrd = "{initrd}"\nboot = "{boot}"\n'
+    """spinbox.service restarted with the mode's [vm] settings (templates stay where they are)."""
+    config = f'[vm]\naccel = "tcg"\ninitrd = "{initrd}"\n{MODES[boot]}\n'
     systemd.write_file(CONFIG, config)
     systemd.systemctl("restart", "spinbox.service")
     systemd.wait_for("spinboxd on the bus", lambda: systemd.run(
@@ -164,6 +174,25 @@ def host_containerd(work: Path, image: Path) -> Iterator[list[str]]:
         subprocess.run(["umount", "-R", str(work / "state")], capture_output=True, check=False)
 
 
+async def qemu_start_costs(initrd: Path, runs: int) -> dict[bool, list[float]]:
+    """QEMU's exec to its QMP greeting (no guest run), confined and not, alternating: what
+    confinement adds to a VM's start without the guest boot's noise."""
+    from spinbox.vm import VmSpec, default_kernel, launch
+
+    costs: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory(prefix="spinbox-bench-qemu-") as tmp:
+        for n in range(runs):
+            for confine in (False, True):
+                spec = VmSpec(
+                    vm_id=f"bench-{int(confine)}-{n}", kernel=default_kernel(), initrd=initrd,
+                    runtime_dir=Path(tmp) / f"vm{n}{int(confine)}", accel="tcg", confine=confine,
+                )  # fmt: skip
+                vm = await launch(spec, start=False)
+                costs[confine].append(vm.timeline["qmp-up"])
+                await vm.kill()
+    return costs
+
+
 def start_path(runs: int) -> tuple[list[float], list[float]]:
     """`containerd-shim-spinbox-v1 start` (lean start-up, bind, spawn the
     server) and a bare interpreter, each run in a fresh bundle."""
@@ -192,11 +221,23 @@ def start_path(runs: int) -> tuple[list[float], list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/lifecycle", description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--confinement-only", action="store_true", help="only QEMU's start, confined and not (no containerd)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/lifecycle runs containerd and VMs: run it as root")
-    image = build_image(artifacts_dir() / "images" / "busybox.tar")
     initrd = guest_image()
+    qemu_starts = asyncio.run(qemu_start_costs(initrd, max(args.runs, 10)))
+    confined_q, unconfined_q = statistics.median(qemu_starts[True]), statistics.median(qemu_starts[False])
+    print(
+        f"QEMU exec to QMP up, confined: {confined_q * 1000:.0f} ms; "
+        f"unconfined: {unconfined_q * 1000:.0f} ms; ratio {confined_q / unconfined_q:.3f} "
+        f"({len(qemu_starts[True])} alternating starts each, medians)"
+    )
+    if args.confinement_only:
+        return
+    image = build_image(artifacts_dir() / "images" / "busybox.tar")
 
     with (
         tempfile.TemporaryDirectory(prefix="spinbox-bench-runc-") as tmp,
@@ -231,7 +272,7 @@ def main() -> None:
         wall_s = walls_s[boot] = statistics.median(walls)
         boots = [t["agent-ready"] - t["qemu-started"] for t in timelines if "qemu-started" in t]
         boot_s = statistics.median(boots) if boots else float("nan")
-        print(f"{'spinbox, ' + boot + ' boot':<44}{wall_s:>10.3f}{wall_s / runc_s:>10.1f}")
+        print(f"{'spinbox, ' + boot:<44}{wall_s:>10.3f}{wall_s / runc_s:>10.1f}")
         print(f"{'  qemu started to agent ready':<44}{boot_s:>10.3f}")
         print(f"{'  host-side (all but that)':<44}{wall_s - boot_s:>10.3f}")
         phases = sorted(
@@ -242,6 +283,7 @@ def main() -> None:
             at = statistics.median(t[phase] for t in timelines if phase in t)
             print(f"{'    CreateVM to ' + phase:<44}{at:>10.3f}")
     print(f"ratio template / cold: {walls_s['template'] / walls_s['cold']:.2f}")
+    print(f"ratio confined / unconfined (cold boot): {walls_s['cold'] / walls_s['unconfined']:.3f}")
     for boot, kib in rss.items():
         print(f"shim RSS serving one container ({boot}): {kib / 1024:.1f} MiB")
     print(

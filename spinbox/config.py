@@ -17,6 +17,8 @@ errors that name the key, so a typo never silently means "default".
     boot_timeout = 120        # seconds until the guest agent must answer
     stop_timeout = 30         # seconds a Stop waits for an orderly shutdown
     boot = "cold"             # "template": restore VMs from a saved, booted guest; "cold": boot each
+    uid_base = 2097152000     # VMs' QEMUs run as uids uid_base .. uid_base+65535, one per VM
+    confine = true            # false: QEMU as root without -sandbox (to measure confinement's cost only)
 
     [storage]
     layer_cache = "/var/lib/spinbox/layers"
@@ -77,6 +79,8 @@ class VmConfig:
     boot_timeout: float = 120.0
     stop_timeout: float = 30.0
     boot: str = "cold"
+    uid_base: int = 0x7D000000
+    confine: bool = True
 
     def kernel_path(self, boot: Path = Path("/boot")) -> Path | None:
         """The configured kernel, or the newest Debian cloud kernel under /boot (None: none)."""
@@ -185,6 +189,8 @@ def validate(config: Config) -> None:
         _positive(f"vm.{key}", getattr(vm, key))
     if vm.memory_overhead_mib < 0:
         raise ConfigError(f"vm.memory_overhead_mib must not be negative, not {vm.memory_overhead_mib}")
+    if not 1000 <= vm.uid_base <= 2**31 - 65536:
+        raise ConfigError(f"vm.uid_base must be between 1000 and {2**31 - 65536}, not {vm.uid_base}")
     if vm.vcpus > vm.max_vcpus:
         raise ConfigError(f"vm.vcpus ({vm.vcpus}) must not exceed vm.max_vcpus ({vm.max_vcpus})")
     if vm.memory_mib > vm.max_memory_mib:

@@ -78,8 +78,9 @@ async def cmd_list(client: Spinboxd, args: argparse.Namespace) -> int:
             vm["Id"],
             vm["State"],
             str(vm["Pid"]),
-            str(vm["Resources"].get("vcpus", "?")),
-            _mib(vm["Resources"]),
+            # Resources is root's (or polkit's read-spec action's) alone.
+            str(vm.get("Resources", {}).get("vcpus", "?")),
+            _mib(vm.get("Resources", {})),
             vm["Scope"],
         ]
         for vm in await client.vms()
@@ -90,7 +91,7 @@ async def cmd_list(client: Spinboxd, args: argparse.Namespace) -> int:
 
 async def cmd_status(client: Spinboxd, args: argparse.Namespace) -> int:
     vm = await client.properties(await client.vm_path(args.id, args.namespace), VM_IFACE)
-    resources = vm["Resources"]
+    resources = vm.get("Resources", {})
     rows = [
         ["Id", vm["Id"]],
         ["Namespace", vm.get("Namespace") or "-"],
@@ -166,7 +167,12 @@ async def top_rows(client: Spinboxd, interval: float) -> list[list[str]]:
     rows = []
     for vm, cgroup, first in zip(vms, cgroups, before, strict=True):
         now = top.read_usage(cgroup)
-        usage = [top.cpu_percent(first, now), top.cpu_time(now), top.memory(now), _mib(vm["Resources"])]
+        usage = [
+            top.cpu_percent(first, now),
+            top.cpu_time(now),
+            top.memory(now),
+            _mib(vm.get("Resources", {})),
+        ]
         rows.append([vm.get("Namespace") or "-", vm.get("ContainerId") or "-", vm["Id"], vm["State"], *usage])
     return rows
 

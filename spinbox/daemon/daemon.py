@@ -10,15 +10,15 @@ import signal
 from pathlib import Path
 
 from dbus_fast import BusType
-from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 from systemd import daemon as sd_daemon
 
 from spinbox.busnames import BUS_NAME
 from spinbox.config import Config
+from spinbox.daemon.auth import SpecHidingBus
 from spinbox.daemon.backend import Backend
 from spinbox.daemon.manager import VmManager
-from spinbox.daemon.service import export_manager
+from spinbox.daemon.service import PRIVATE, export_manager
 from spinbox.daemon.state import RUN_DIR
 from spinbox.daemon.systemd import SystemdManager
 
@@ -53,9 +53,11 @@ class Daemon:
 
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         if self.bus_address:
-            bus = await MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM).connect()
+            bus = SpecHidingBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM)
         else:
-            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+            bus = SpecHidingBus(bus_type=BusType.SYSTEM)
+        bus.private = PRIVATE
+        await bus.connect()
         systemd = SystemdManager(bus, self.config.timeouts.systemd_job)
         await systemd.subscribe()
 

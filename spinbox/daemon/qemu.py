@@ -20,6 +20,7 @@ from spinbox.daemon.errors import Failed
 from spinbox.daemon.options import Mount, VmRequest
 from spinbox.daemon.templates import TEMPLATE_PORTS, Shape
 from spinbox.vm import control, template
+from spinbox.vm.handover import NumberingHandover
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ class QemuBackend:
             nics=tuple(nics),
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=request.hotplug_ports,
+            confine=self.config.vm.confine,
+            uid_base=self.config.vm.uid_base,
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)
@@ -193,7 +196,7 @@ class QemuBackend:
             "kernel": stamp(self._kernel()),
             "initrd": stamp(self._initrd()),
             "qemu": stamp(Path(qemu)),
-            "argv": vm.QemuCommand(spec, accel=self._accel).argv(),
+            "argv": vm.QemuCommand(spec, accel=self._accel).argv(NumberingHandover()),
         }
 
     async def build_template(

@@ -23,13 +23,15 @@ from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 import spinbox
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.config import Config
-from spinbox.daemon.auth import Authorizer, authorize, record_caller
+from spinbox.daemon.auth import Authorizer, SpecGuard, authorize, record_caller
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.manager import Vm, VmManager
 from spinbox.daemon.options import parse_mounts, parse_request
 
 log = logging.getLogger(__name__)
 
+# Properties that carry what a container's spec said: root only, or polkit's read-spec action.
+PRIVATE = {VM_IFACE: {"Resources"}}
 XML_DIRS = (
     Path(__file__).resolve().parents[2] / "dbus",  # running from the source tree
     Path("/usr/share/dbus-1/interfaces"),
@@ -283,8 +285,10 @@ class BusPublisher:
 
 
 def export_manager(bus: MessageBus, manager: VmManager, config: Config, accelerator: str) -> ManagerInterface:
+    authorizer = Authorizer(bus)
     bus.add_message_handler(record_caller)
-    interface = ManagerInterface(manager, config, accelerator, Authorizer(bus))
+    bus.add_message_handler(SpecGuard(bus, authorizer, PRIVATE))
+    interface = ManagerInterface(manager, config, accelerator, authorizer)
     bus.export(MANAGER_PATH, interface)
     manager.publisher = BusPublisher(bus, manager, interface)
     return interface

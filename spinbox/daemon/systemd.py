@@ -23,6 +23,8 @@ NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 # this long is stuck (spinbox.toml's timeouts.systemd_job overrides it).
 JOB_TIMEOUT = 30.0
 FINISHED_KEPT = 256
+# The bus itself: the sender of NameOwnerChanged, a name no client can own.
+BUS_DRIVER = "org.freedesktop.DBus"
 
 
 def scope_name(vm_id: str) -> str:
@@ -75,9 +77,20 @@ class SystemdManager:
         # two callers may hold the same job path. Finished jobs stay (up to
         # FINISHED_KEPT of them) for a waiter whose reply came after the signal.
         self._jobs: dict[str, asyncio.Future[str]] = {}
+        # systemd's unique bus name: signals from any other connection are not systemd's.
+        self._systemd = ""
 
     async def subscribe(self) -> None:
         self.bus.add_message_handler(self._on_message)
+        await self._call_bus(
+            "AddMatch",
+            "s",
+            [
+                f"type='signal',sender='{BUS_DRIVER}',interface='{BUS_DRIVER}',"
+                f"member='NameOwnerChanged',arg0='{SYSTEMD}'"
+            ],
+        )
+        (self._systemd,) = await self._call_bus("GetNameOwner", "s", [SYSTEMD])
         await self._call_bus(
             "AddMatch",
             "s",
@@ -86,10 +99,22 @@ class SystemdManager:
         await self.call("Subscribe")
 
     def _on_message(self, msg: Message) -> bool | None:
+        if msg.message_type != MessageType.SIGNAL:
+            return None
         if (
-            msg.message_type == MessageType.SIGNAL
-            and msg.interface == MANAGER_IFACE
+            msg.sender == BUS_DRIVER
+            and msg.member == "NameOwnerChanged"
+            and msg.signature == "sss"
+            and msg.body[0] == SYSTEMD
+        ):
+            self._systemd = msg.body[2]
+            return None
+        if (
+            msg.interface == MANAGER_IFACE
             and msg.member == "JobRemoved"
+            and msg.signature == "uoss"
+            and self._systemd
+            and msg.sender == self._systemd
         ):
             _job_id, job, _unit, result = msg.body
             future = self._job_future(job)

@@ -18,6 +18,7 @@ from spinbox.vm import control
 from spinbox.vm.accel import choose_accel
 from spinbox.vm.cid import CID_DIR, CidLease, _try_lock, allocate_cid
 from spinbox.vm.errors import VmError, VmNotRunning
+from spinbox.vm.handover import Handover, VmUser, allocate_vm_user
 from spinbox.vm.process import (
     ProcessHandle,
     QemuChild,
@@ -26,12 +27,11 @@ from spinbox.vm.process import (
     send_signal,
     spawn_subprocess,
 )
-from spinbox.vm.qemu import QemuCommand, RuntimePaths, hotplug_port
+from spinbox.vm.qemu import HOTPLUG_FDSET_BASE, VHOST_VSOCK, QemuCommand, RuntimePaths, hotplug_port
 from spinbox.vm.spec import Disk, VmSpec, check_disk
 
 log = logging.getLogger(__name__)
 
-VHOST_VSOCK = Path("/dev/vhost-vsock")
 QMP_TIMEOUT = 30.0
 EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "STOP", "RESUME")
 # How long the guest may take to let go of a hot-unplugged disk.
@@ -173,24 +173,46 @@ class VirtualMachine:
                 f"(all {self.state.hotplug_ports} are in use)"
             )
         port = hotplug_port(free[0])
-        node, device = f"{port}-drive", f"{port}-blk"
-        await self._execute(
-            "blockdev-add",
-            {
-                "driver": "raw",
-                "node-name": node,
-                "read-only": disk.read_only,
-                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only},
-            },
-        )
+        node, device, fdset = f"{port}-drive", f"{port}-blk", _hotplug_fdset(free[0])
+        # QEMU gets the image as a descriptor (spinbox.vm.handover): SCM_RIGHTS, then add-fd.
+        with Handover() as files:
+            fd = files.file(disk.path, writable=not disk.read_only)
+            if self.exited:
+                raise VmNotRunning(f"VM {self.vm_id} is not running")
+            self._qmp.send_fd_scm(fd)
+            await self._execute("add-fd", {"fdset-id": fdset})
         try:
             await self._execute(
-                "device_add",
-                {"driver": "virtio-blk-pci", "id": device, "drive": node, "serial": disk.serial, "bus": port},
+                "blockdev-add",
+                {
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": disk.read_only,
+                    "file": {
+                        "driver": "file",
+                        "filename": f"/dev/fdset/{fdset}",
+                        "read-only": disk.read_only,
+                    },
+                },
             )
+            try:
+                await self._execute(
+                    "device_add",
+                    {
+                        "driver": "virtio-blk-pci",
+                        "id": device,
+                        "drive": node,
+                        "serial": disk.serial,
+                        "bus": port,
+                    },
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._execute("blockdev-del", {"node-name": node})
+                raise
         except BaseException:
             with contextlib.suppress(Exception):
-                await self._execute("blockdev-del", {"node-name": node})
+                await self._execute("remove-fd", {"fdset-id": fdset})
             raise
         self.state.hotplugged[port] = disk.serial
         self._save()
@@ -225,6 +247,7 @@ class VirtualMachine:
         finally:
             self._qmp.remove_listener(listener)
         await self._execute("blockdev-del", {"node-name": node})
+        await self._execute("remove-fd", {"fdset-id": _hotplug_fdset(int(port.removeprefix("hp")))})
         del self.state.hotplugged[port]
         self._save()
 
@@ -361,6 +384,11 @@ class VirtualMachine:
         return detail
 
 
+def _hotplug_fdset(index: int) -> int:
+    """The fd set of the disk in the index-th hot-plug port (the command line's sets count from 1)."""
+    return HOTPLUG_FDSET_BASE + index
+
+
 async def _cancel(task: asyncio.Future[Any]) -> None:
     """Cancel the task and wait until it has ended, retrieving whatever it raised."""
     task.cancel()
@@ -405,7 +433,9 @@ async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True
     paths = command.paths
     exec_time = time.monotonic()
     try:
-        process = as_handle(await (spawn or spawn_subprocess)(command.argv(), command.pass_fds))
+        with Handover() as files:
+            argv = command.argv(files)
+            process = as_handle(await (spawn or spawn_subprocess)(argv, (*command.pass_fds, *files.fds)))
     except BaseException:
         if lease:
             lease.release()
@@ -414,6 +444,8 @@ async def launch(spec: VmSpec, spawn: Spawn | None = None, *, start: bool = True
     finally:
         if lease:
             lease.close()  # QEMU holds the CID's lock from here on
+        if command.user is not None:
+            command.user.close()  # and its uid's
     state = VmState(
         vm_id=spec.vm_id,
         pid=process.pid,
@@ -462,11 +494,24 @@ def _prepare(spec: VmSpec) -> tuple[QemuCommand, CidLease | None]:
     # a vsock CID is part of the saved device state.
     vsock = VHOST_VSOCK.exists() and spec.memory_file is None
     lease = allocate_cid() if vsock else None
+    user: VmUser | None = None
+    try:
+        if spec.confine and spec.memory_file is None:
+            user = allocate_vm_user(kvm=accel == "kvm", base=spec.uid_base)
+        elif spec.confine:
+            # QEMU opens a template's RAM file by path (memory-backend-file), read-write even for
+            # a private mapping: not yet something a VM's own uid may be given.
+            log.warning("VM %s starts from a template: its QEMU runs unconfined (as root)", spec.vm_id)
+    except BaseException:
+        if lease:
+            lease.release()
+        raise
     command = QemuCommand(
         spec,
         accel=accel,
         vsock_cid=lease.cid if lease else None,
         keep_fds=(lease.fd,) if lease else (),
+        user=user,
     )
     return command, lease
 
@@ -485,10 +530,11 @@ async def _connect_qmp(path: Path, process: ProcessHandle, timeout: float) -> QM
             if _exists(path):  # connecting earlier only makes qemu.qmp log errors
                 qmp = QMPClient(f"spinbox-vm-{path.parent.name}")
                 try:
-                    await qmp.connect(str(path))
+                    # The socket listens from before QEMU's start: the greeting comes once QEMU accepts.
+                    await asyncio.wait_for(qmp.connect(str(path)), max(deadline - loop.time(), 0.1))
                     return qmp
-                except QMPError:
-                    pass
+                except (QMPError, TimeoutError):
+                    await qmp.disconnect()
             if exited.done():
                 raise VmError(f"QEMU exited before its QMP socket {path} came up")
             if loop.time() > deadline:

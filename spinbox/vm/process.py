@@ -71,7 +71,11 @@ async def spawn_subprocess(argv: list[str], pass_fds: Sequence[int]) -> QemuChil
         from spinbox.vm.errors import VmError
 
         raise VmError(f"{argv[0]} is not installed: apt install qemu-system-x86") from error
-    return QemuChild(process, Path(argv[0]).name)
+    # A confined QEMU is started through unshare and setpriv (spinbox.vm.handover): name it by
+    # the program they run, after their last "--".
+    wrapped = Path(argv[0]).name in ("unshare", "setpriv") and "--" in argv
+    program = argv[len(argv) - argv[::-1].index("--")] if wrapped else argv[0]
+    return QemuChild(process, Path(program).name)
 
 
 class PidProcess:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spinbox.vm.accel import choose_accel
+from spinbox.vm.handover import SANDBOX, Handover, VmUser
 from spinbox.vm.spec import VmSpec
 
 AGENT_VSOCK_PORT = 1024
@@ -14,6 +15,7 @@ AGENT_VSOCK_PORT = 1024
 # faster start than SeaBIOS under TCG (measured with bench/boot). Used under TCG
 # only: KVM hosts keep QEMU's default firmware until measured and tested there.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+VHOST_VSOCK = Path("/dev/vhost-vsock")
 # Ports of the virtio-serial controller, by name (the guest finds them in
 # /sys/class/virtio-ports/*/name).
 SERIAL_AGENT = "spinbox.agent"
@@ -86,6 +88,10 @@ class RuntimePaths:
         return (self.qmp, self.console, self.agent, self.control, self.log)
 
 
+# The fd set of the disk in the index-th hot-plug port is HOTPLUG_FDSET_BASE + index.
+HOTPLUG_FDSET_BASE = 1000
+
+
 def hotplug_port(index: int) -> str:
     """The id of the index-th spare PCIe root port."""
     return f"hp{index}"
@@ -107,12 +113,17 @@ def memory_backend_args(spec: VmSpec) -> tuple[str, list[str]]:
     return ",memory-backend=mem", ["-object", backend]
 
 
-def _unix_server(chardev_id: str, path: Path) -> list[str]:
-    return ["-chardev", f"socket,id={chardev_id},path={_escape(path)},server=on,wait=off"]
+def _unix_server(chardev_id: str, path: Path, files: Handover) -> list[str]:
+    fd = files.listening_socket(path)
+    return ["-chardev", f"socket,id={chardev_id},fd={fd},server=on,wait=off"]
 
 
 class QemuCommand:
-    """Builds QEMU's argv for a spec; `vsock_cid` selects vsock over virtio-serial for the agent."""
+    """Builds QEMU's argv for a spec; `vsock_cid` selects vsock over virtio-serial for the agent.
+
+    `user` confines QEMU (its own uid, -sandbox); None runs it as the caller, unconfined.
+    Whatever QEMU needs is opened into the Handover given to argv() (see spinbox.vm.handover).
+    """
 
     def __init__(
         self,
@@ -122,12 +133,14 @@ class QemuCommand:
         vsock_cid: int | None = None,
         keep_fds: tuple[int, ...] = (),
         start_paused: bool = True,
+        user: VmUser | None = None,
     ) -> None:
         self.spec = spec
         self.accel = accel or choose_accel(spec.accel)
         self.vsock_cid = vsock_cid
         self.keep_fds = keep_fds
         self.start_paused = start_paused
+        self.user = user
         self.paths = RuntimePaths(spec.runtime_dir)
 
     @property
@@ -136,7 +149,8 @@ class QemuCommand:
         spec = self.spec
         incoming = () if spec.incoming_fd is None else (spec.incoming_fd,)
         memory = () if spec.memory_file is None or spec.memory_file.fd is None else (spec.memory_file.fd,)
-        return tuple(nic.tap_fd for nic in spec.nics) + incoming + memory + self.keep_fds
+        lease = (self.user.lease_fd,) if self.user is not None and self.user.lease_fd >= 0 else ()
+        return tuple(nic.tap_fd for nic in spec.nics) + incoming + memory + self.keep_fds + lease
 
     @property
     def agent_address(self) -> str:
@@ -164,7 +178,8 @@ class QemuCommand:
             return f"tcg,tb-size={TCG_TB_SIZE_MIB}"
         return self.accel
 
-    def argv(self) -> list[str]:
+    def argv(self, files: Handover) -> list[str]:
+        """QEMU's argv, opening what it needs into `files` (pass files.fds to the spawn too)."""
         spec = self.spec
         paths = self.paths
         memory_option, memory_args = memory_backend_args(spec)
@@ -182,12 +197,12 @@ class QemuCommand:
             "-no-user-config",
             "-display", "none",
             "-no-reboot",
-            "-kernel", str(spec.kernel),
-            "-initrd", str(spec.initrd),
+            "-kernel", files.world_readable(spec.kernel, "the guest kernel"),
+            "-initrd", files.world_readable(spec.initrd, "the guest image"),
             "-append", self.kernel_cmdline(),
-            *_unix_server("qmp", paths.qmp),
+            *_unix_server("qmp", paths.qmp, files),
             "-mon", "chardev=qmp,mode=control",
-            *_unix_server("console", paths.console),
+            *_unix_server("console", paths.console, files),
             "-serial", "chardev:console",
             "-device", "virtio-rng-pci,id=rng0",
             # Pages the guest frees go back to the host (free page reporting, no ballooning).
@@ -199,6 +214,8 @@ class QemuCommand:
         ]  # fmt: skip
         if spec.incoming_fd is not None:
             argv += ["-incoming", "defer"]
+        if self.user is not None:
+            argv += ["-sandbox", SANDBOX]
         if self.accel == "tcg" and QBOOT.is_file():
             argv += ["-bios", str(QBOOT)]
         if self.start_paused:
@@ -215,13 +232,17 @@ class QemuCommand:
             ]  # fmt: skip
         for index, disk in enumerate(spec.disks):
             node = f"disk{index}" if spec.incoming_fd is None else f"{hotplug_port(index)}-drive"
+            # A restored VM's disks sit in hot-plug ports: their fd sets are those ports' (so that
+            # VirtualMachine.remove_disk finds them).
+            set_id = None if spec.incoming_fd is None else HOTPLUG_FDSET_BASE + index
+            add_fd, filename = files.fdset(disk.path, writable=not disk.read_only, set_id=set_id)
             blockdev = {
                 "driver": "raw",
                 "node-name": node,
                 "read-only": disk.read_only,
-                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.read_only},
+                "file": {"driver": "file", "filename": filename, "read-only": disk.read_only},
             }
-            argv += ["-blockdev", json.dumps(blockdev, separators=(",", ":"))]
+            argv += [*add_fd, "-blockdev", json.dumps(blockdev, separators=(",", ":"))]
             if spec.incoming_fd is None:  # restored: plugged after the migration
                 argv += ["-device", f"virtio-blk-pci,id=blk{index},drive={node},serial={disk.serial}"]
         for index, nic in enumerate(spec.nics):
@@ -229,14 +250,16 @@ class QemuCommand:
             if spec.incoming_fd is None:
                 argv += ["-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}"]
         if self.vsock_cid is not None:
-            argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={self.vsock_cid}"]
+            vhost = files.file(VHOST_VSOCK, writable=True)
+            argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={self.vsock_cid},vhostfd={vhost}"]
         argv += ["-device", "virtio-serial-pci,id=vser0"]
         ports = [(SERIAL_LOG, "log", paths.log)]
         if self.vsock_cid is None:
             ports = [(SERIAL_AGENT, "agent", paths.agent), (SERIAL_CONTROL, "control", paths.control), *ports]
         for name, chardev, path in ports:
             argv += [
-                *_unix_server(chardev, path),
+                *_unix_server(chardev, path, files),
                 "-device", f"virtserialport,bus=vser0.0,chardev={chardev},name={name}",
             ]  # fmt: skip
-        return [*argv, *spec.extra_args]
+        argv += spec.extra_args
+        return self.user.setpriv(argv) if self.user is not None else argv

@@ -9,6 +9,7 @@ from typing import Literal
 
 from spinbox.host import KERNEL_PACKAGE, newest_cloud_kernel
 from spinbox.vm.errors import VmError
+from spinbox.vm.handover import UID_BASE
 
 Accel = Literal["auto", "kvm", "tcg"]
 
@@ -66,6 +67,9 @@ class VmSpec:
     # Spare PCIe root ports for disks hot-plugged later (a pod's further containers).
     hotplug_ports: int = 0
     qemu: str = "qemu-system-x86_64"
+    # QEMU as a uid of its own under -sandbox (spinbox.vm.handover); False only to measure the cost.
+    confine: bool = True
+    uid_base: int = UID_BASE
     extra_args: tuple[str, ...] = field(default=())
     # Templates: RAM in a file, and (restore) device state from a migration
     # stream on this open fd; disks and NICs are then plugged into the spare

@@ -232,7 +232,7 @@ def test_a_failing_spawn_leaves_nothing(test_image: Path, tmp_path: Path) -> Non
     runtime_dir = tmp_path / "vm"
 
     async def refuse(argv: list[str], pass_fds: Sequence[int]) -> int:
-        raise VmError(f"cannot start {argv[0]}")
+        raise VmError(f"cannot start {argv[len(argv) - argv[::-1].index('--')]}")
 
     async def scenario() -> None:
         with pytest.raises(VmError, match="cannot start qemu-system-x86_64"):

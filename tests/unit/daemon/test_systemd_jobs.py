@@ -14,6 +14,8 @@ from dbus_fast import Message, MessageType
 from spinbox.daemon.systemd import MANAGER_IFACE, JobTimeout, SystemdManager
 
 JOB = "/org/freedesktop/systemd1/job/42"
+# systemd's unique bus name: JobRemoved counts from that sender only.
+SYSTEMD_UNIQUE = ":1.1"
 
 
 class FakeBus:
@@ -32,8 +34,9 @@ class FakeBus:
         return Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature="o", body=[JOB])
 
     def job_removed(self, job: str = JOB, result: str = "done") -> None:
-        signal = Message.new_signal("/org/freedesktop/systemd1", MANAGER_IFACE, "JobRemoved", "uoss",
-                                    [42, job, "spinbox-vm-a.scope", result])  # fmt: skip
+        signal = Message(message_type=MessageType.SIGNAL, sender=SYSTEMD_UNIQUE,
+                         path="/org/freedesktop/systemd1", interface=MANAGER_IFACE, member="JobRemoved",
+                         signature="uoss", body=[42, job, "spinbox-vm-a.scope", result])  # fmt: skip
         assert signal.message_type == MessageType.SIGNAL
         for handler in self.handlers:
             handler(signal)
@@ -41,6 +44,7 @@ class FakeBus:
 
 def manager(bus: FakeBus, timeout: float = 5) -> SystemdManager:
     systemd = SystemdManager(bus, job_timeout=timeout)  # type: ignore[arg-type]
+    systemd._systemd = SYSTEMD_UNIQUE
     bus.add_message_handler(systemd._on_message)
     return systemd
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
 
 from spinbox.config import VmConfig
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
+from spinbox.vm.handover import SANDBOX, Handover, VmUser
 
 
 @pytest.fixture
@@ -17,7 +21,18 @@ def spec(tmp_path: Path) -> VmSpec:
     initrd = tmp_path / "initrd.img"
     kernel.write_bytes(b"k")
     initrd.write_bytes(b"i")
+    (tmp_path / "run").mkdir()
     return VmSpec(vm_id="vm1", kernel=kernel, initrd=initrd, runtime_dir=tmp_path / "run")
+
+
+def argv_of(command: QemuCommand) -> list[str]:
+    with Handover() as files:
+        return command.argv(files)
+
+
+def fd_path(value: str) -> str:
+    """The file a /proc/self/fd/N path named while the handover was open is not checked here."""
+    return value.rsplit("/", 1)[0]
 
 
 def option_values(argv: list[str], option: str) -> list[str]:
@@ -25,14 +40,15 @@ def option_values(argv: list[str], option: str) -> list[str]:
 
 
 def test_basic_machine(spec: VmSpec) -> None:
-    argv = QemuCommand(spec, accel="tcg").argv()
+    argv = argv_of(QemuCommand(spec, accel="tcg"))
     assert argv[0] == "qemu-system-x86_64"
+    assert "-sandbox" not in argv
     assert option_values(argv, "-machine")[0].startswith("q35,")
     assert option_values(argv, "-accel") == ["tcg,tb-size=128"]
     assert option_values(argv, "-m") == ["256M"]
     assert option_values(argv, "-smp") == ["1"]
-    assert option_values(argv, "-kernel") == [str(spec.kernel)]
-    assert option_values(argv, "-initrd") == [str(spec.initrd)]
+    assert [fd_path(v) for v in option_values(argv, "-kernel")] == ["/proc/self/fd"]
+    assert [fd_path(v) for v in option_values(argv, "-initrd")] == ["/proc/self/fd"]
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot", "-S"):
         assert flag in argv
     assert "virtio-rng-pci,id=rng0" in option_values(argv, "-device")
@@ -49,11 +65,11 @@ def test_tcg_translation_cache_fits_in_the_memory_overhead(
     measured_qemu_mib = 89
     assert qemu.TCG_TB_SIZE_MIB + measured_qemu_mib <= VmConfig().memory_overhead_mib
     monkeypatch.setattr(qemu, "TCG_TB_SIZE_MIB", 0)
-    assert option_values(QemuCommand(spec, accel="tcg").argv(), "-accel") == ["tcg"]
+    assert option_values(argv_of(QemuCommand(spec, accel="tcg")), "-accel") == ["tcg"]
 
 
 def test_kvm_uses_the_host_cpu(spec: VmSpec) -> None:
-    argv = QemuCommand(spec, accel="kvm").argv()
+    argv = argv_of(QemuCommand(spec, accel="kvm"))
     assert option_values(argv, "-accel") == ["kvm"]
     assert option_values(argv, "-cpu") == ["host"]
 
@@ -72,23 +88,26 @@ def test_kernel_command_line(spec: VmSpec) -> None:
 
 def test_serial_ports_without_vsock(spec: VmSpec) -> None:
     command = QemuCommand(spec, accel="tcg")
-    argv = command.argv()
+    argv = argv_of(command)
     devices = option_values(argv, "-device")
     chardevs = option_values(argv, "-chardev")
     for name, chardev in (("spinbox.agent", "agent"), ("spinbox.control", "control"), ("spinbox.log", "log")):
         assert f"virtserialport,bus=vser0.0,chardev={chardev},name={name}" in devices
+        # spinboxd listens at the path (root's, mode 0600); QEMU gets the socket.
         path = spec.runtime_dir / f"{chardev}.sock"
-        assert f"socket,id={chardev},path={path},server=on,wait=off" in chardevs
+        assert path.is_socket() and path.stat().st_mode & 0o777 == 0o600
+        assert any(re.fullmatch(rf"socket,id={chardev},fd=\d+,server=on,wait=off", c) for c in chardevs)
     assert not any(d.startswith("vhost-vsock") for d in devices)
     assert command.agent_address == f"unix:{spec.runtime_dir}/agent.sock"
     assert command.control_address == f"unix:{spec.runtime_dir}/control.sock"
 
 
-def test_vsock_replaces_agent_ports(spec: VmSpec) -> None:
+def test_vsock_replaces_agent_ports(spec: VmSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     command = QemuCommand(spec, accel="tcg", vsock_cid=42, keep_fds=(9,))
-    argv = command.argv()
+    monkeypatch.setattr(qemu, "VHOST_VSOCK", Path("/dev/null"))  # opened by spinboxd, handed over
+    argv = argv_of(command)
     devices = option_values(argv, "-device")
-    assert "vhost-vsock-pci,id=vsock0,guest-cid=42" in devices
+    assert any(re.fullmatch(r"vhost-vsock-pci,id=vsock0,guest-cid=42,vhostfd=\d+", d) for d in devices)
     assert not any("name=spinbox.agent" in d or "name=spinbox.control" in d for d in devices)
     assert any("name=spinbox.log" in d for d in devices)  # logs stay on virtio-serial
     assert command.agent_address == command.control_address == "vsock:42:1024"
@@ -110,9 +129,19 @@ def test_disks_and_nics(spec: VmSpec, tmp_path: Path) -> None:
     )
     spec.validate()
     command = QemuCommand(spec, accel="tcg")
-    argv = command.argv()
+    with Handover() as files:
+        argv = command.argv(files)
+        # Each image is an fd set of one descriptor spinboxd opened, read-only unless writable.
+        add_fds = option_values(argv, "-add-fd")
+        fds = [int(re.fullmatch(r"fd=(\d+),set=\d+", a)[1]) for a in add_fds]  # type: ignore[index]
+        assert [
+            os.path.samefile(f"/proc/self/fd/{fd}", image)
+            for fd, image in zip(fds, (layer, upper), strict=True)
+        ] == [True] * 2
+        assert [os.O_ACCMODE & fcntl.fcntl(fd, fcntl.F_GETFL) for fd in fds] == [os.O_RDONLY, os.O_RDWR]
     blockdevs = [json.loads(b) for b in option_values(argv, "-blockdev")]
-    assert [b["file"]["filename"] for b in blockdevs] == [str(layer), str(upper)]
+    sets = [a.split("set=")[1] for a in add_fds]
+    assert [b["file"]["filename"] for b in blockdevs] == [f"/dev/fdset/{s}" for s in sets]
     assert [b["read-only"] for b in blockdevs] == [True, False]
     devices = option_values(argv, "-device")
     assert "virtio-blk-pci,id=blk0,drive=disk0,serial=layer1" in devices
@@ -122,10 +151,35 @@ def test_disks_and_nics(spec: VmSpec, tmp_path: Path) -> None:
     assert command.pass_fds == (17,)
 
 
-def test_commas_in_paths_are_escaped(tmp_path: Path, spec: VmSpec) -> None:
-    spec = VmSpec(**{**spec.__dict__, "runtime_dir": tmp_path / "a,b"})
-    chardevs = option_values(QemuCommand(spec, accel="tcg").argv(), "-chardev")
-    assert f"socket,id=qmp,path={tmp_path}/a,,b/qmp.sock,server=on,wait=off" in chardevs
+def test_commas_in_names_are_escaped(spec: VmSpec) -> None:
+    spec = VmSpec(**{**spec.__dict__, "vm_id": "a,b"})
+    assert option_values(argv_of(QemuCommand(spec, accel="tcg")), "-name")[0].startswith("a,,b,")
+
+
+def test_a_confined_qemu_runs_as_its_user_under_the_sandbox(spec: VmSpec) -> None:
+    user = VmUser(uid=2097152005, gid=2097152005, groups=(107,), lease_fd=-1)
+    argv = argv_of(QemuCommand(spec, accel="kvm", user=user))
+    start = len(argv) - argv[::-1].index("--")
+    assert argv[: start + 1] == [
+        "unshare", "--net", "--ipc", "--",
+        "setpriv",
+        "--reuid", "2097152005",
+        "--regid", "2097152005",
+        "--groups", "107",
+        "--inh-caps", "-all",
+        "--bounding-set", "-all",
+        "--no-new-privs",
+        "--",
+        "qemu-system-x86_64",
+    ]  # fmt: skip
+    assert option_values(argv, "-sandbox") == [SANDBOX]
+    assert SANDBOX == "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def test_a_kernel_only_root_can_read_is_refused(spec: VmSpec) -> None:
+    spec.kernel.chmod(0o600)
+    with pytest.raises(VmError, match=r"not readable by the VMs' users: .*chmod o\+r"):
+        argv_of(QemuCommand(spec, accel="tcg"))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec
+from spinbox.vm.handover import Handover, NumberingHandover
 from spinbox.vm.spec import MemoryFile
 
 
@@ -18,6 +19,7 @@ def spec(tmp_path: Path) -> VmSpec:
     initrd = tmp_path / "initrd.img"
     kernel.write_bytes(b"k")
     initrd.write_bytes(b"i")
+    (tmp_path / "run").mkdir()
     return VmSpec(
         vm_id="vm1",
         kernel=kernel,
@@ -28,13 +30,19 @@ def spec(tmp_path: Path) -> VmSpec:
     )
 
 
+def argv_of(command: QemuCommand) -> list[str]:
+    """The argv, its sockets and files opened into a handover closed again right after."""
+    with Handover() as files:
+        return command.argv(files)
+
+
 def option_values(argv: list[str], option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
 
 
 def test_a_template_writes_its_ram_into_a_shared_file(spec: VmSpec, tmp_path: Path) -> None:
     spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=True))
-    argv = QemuCommand(spec, accel="tcg").argv()
+    argv = argv_of(QemuCommand(spec, accel="tcg"))
     assert option_values(argv, "-machine")[0].endswith(",memory-backend=mem")
     assert option_values(argv, "-object") == [
         f"memory-backend-file,id=mem,size=512M,mem-path={tmp_path}/ram,share=on"
@@ -56,7 +64,7 @@ def test_a_restored_vm_maps_the_ram_private_and_plugs_its_devices_later(spec: Vm
     )
     spec.validate()
     command = QemuCommand(spec, accel="tcg")
-    argv = command.argv()
+    argv = argv_of(command)
     assert option_values(argv, "-object") == [
         "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/41,share=off"
     ]
@@ -79,6 +87,17 @@ def test_a_restored_vm_needs_ports_for_its_devices(spec: VmSpec, tmp_path: Path)
 
 
 def test_cold_boot_keeps_qemu_s_own_memory(spec: VmSpec) -> None:
-    argv = QemuCommand(spec, accel="tcg").argv()
+    argv = argv_of(QemuCommand(spec, accel="tcg"))
     assert "-object" not in argv
     assert "memory-backend" not in option_values(argv, "-machine")[0]
+
+
+def test_a_template_s_identity_command_line_opens_nothing_and_is_stable(spec: VmSpec, tmp_path: Path) -> None:
+    spec = dataclasses.replace(
+        spec, runtime_dir=tmp_path / "absent", memory_file=MemoryFile(tmp_path / "ram", shared=True)
+    )
+    first, second = NumberingHandover(), NumberingHandover()
+    argv = QemuCommand(spec, accel="tcg").argv(first)
+    assert argv == QemuCommand(spec, accel="tcg").argv(second)
+    assert first.fds == [] and not (tmp_path / "absent").exists()
+    assert option_values(argv, "-kernel") == ["/proc/self/fd/1000"]
