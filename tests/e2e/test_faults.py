@@ -6,13 +6,13 @@ is cleaned up."""
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from spinbox import statefile
 from tests.e2e.stack import BUILDS, IMAGE, NOTHING_LEFT, RUNTIME, Containerd, wait_until_clean
 from tests.e2e.test_network import NO_NETWORK_LEFT, network_leftovers
 from tests.harness.systemd import PrivateSystemd
@@ -50,13 +50,13 @@ def test_a_guest_that_stops_answering_fails_the_create_within_the_deadline(
         text=True,
     )
     try:
-        state = stack.path("/run/spinbox/vm/default-frozen1/state.json")
+        state = stack.path(f"/run/spinbox/vm/default-frozen1/{statefile.FILE}")
         qemu: list[int] = []
 
         def qemu_started() -> bool:
             # The pid is recorded once QEMU answers QMP: the guest is booting.
             with contextlib.suppress(OSError, ValueError):
-                qemu[:] = [json.loads(state.read_text()).get("pid", 0)]
+                qemu[:] = [(statefile.read_section(state, statefile.DAEMON) or {}).get("pid", 0)]
             return bool(qemu and qemu[0])
 
         stack.wait_for("QEMU of VM default-frozen1", qemu_started, timeout=120, interval=0.05)
