@@ -192,7 +192,7 @@ def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, obje
     """Everything a finished container may leave behind."""
     units = systemd.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "spinbox-vm-*").stdout
     vm_dir = systemd.path("/run/spinbox/vm")
-    shims = [p for p in systemd.processes("spinbox.shim") if p]
+    shims = [p for p in systemd.processes("containerd-shim-spinbox-v1") if p]
     # VM templates spinboxd builds in the background are its own, not a container's.
     templates = set(systemd.processes("process=spinbox-vm-template-"))
     return {

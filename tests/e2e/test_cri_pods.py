@@ -51,7 +51,7 @@ def pod_leftovers(systemd: PrivateSystemd, cri: CriContainerd) -> dict[str, obje
         "qemu": systemd.processes("qemu-system"),
         "vm-files": sorted(str(p) for p in vm_dir.rglob("*")) if vm_dir.exists() else [],
         "vm-storage": sorted(p.name for p in systemd.path("/var/lib/spinbox/vms").glob("*")),
-        "shims": systemd.processes("spinbox.shim"),
+        "shims": systemd.processes("containerd-shim-spinbox-v1"),
         "pods": cri.crictl("pods", "-q").stdout.split(),
         "containers": cri.crictl("ps", "-a", "-q").stdout.split(),
         "netns": sorted(p.name for p in systemd.path("/run/netns").glob("*")),

@@ -143,7 +143,7 @@ def test_memory_limit_sizes_the_vm_and_oom_is_reported(containerd: Containerd, s
 def test_killed_shim_is_cleaned_up_by_delete(containerd: Containerd, stack: PrivateSystemd) -> None:
     containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "dead1", "sleep", "600")
     try:
-        (shim,) = stack.processes("spinbox.shim .*-id dead1")
+        (shim,) = stack.processes("containerd-shim-spinbox-v1 .*-id dead1")
         assert stack.run("systemctl", "list-units", "--plain", "--no-legend", "spinbox-vm-*").stdout
         stack.run("kill", "-KILL", str(shim))
         # containerd sees the shim go, runs `containerd-shim-spinbox-v1 delete`, and marks the task stopped.
