@@ -137,6 +137,7 @@ class QemuBackend:
         nics: Sequence[Any],
         spawn: Spawn,
         template_dir: Path | None = None,
+        virtiofs_fd: int | None = None,
     ) -> Machine:
         if template_dir is not None:
             return await self._restore(request, runtime_dir, disks, nics, spawn, template_dir)
@@ -152,6 +153,7 @@ class QemuBackend:
             nics=tuple(nics),
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=request.hotplug_ports,
+            virtiofs_fd=virtiofs_fd,
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)

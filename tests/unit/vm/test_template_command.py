@@ -82,3 +82,9 @@ def test_cold_boot_keeps_qemu_s_own_memory(spec: VmSpec) -> None:
     argv = QemuCommand(spec, accel="tcg").argv()
     assert "-object" not in argv
     assert "memory-backend" not in option_values(argv, "-machine")[0]
+
+
+def test_a_vm_with_a_share_never_has_a_templates_ram(spec: VmSpec, tmp_path: Path) -> None:
+    spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=False), virtiofs_fd=7)
+    with pytest.raises(VmError, match="a VM with a virtio-fs share boots cold"):
+        spec.validate()
