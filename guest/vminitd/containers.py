@@ -318,6 +318,7 @@ class Containers:
             proc.io_ready.set()
         self.containers.pop(container.id, None)
         shutil.rmtree(container.bundle, ignore_errors=True)
+        self.share.release(container.id)
         log.info("deleted container %s", container.id)
 
     def pids(self, container_id: str) -> list[pb.ProcessInfo]:

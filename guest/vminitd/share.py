@@ -77,3 +77,19 @@ class Share:
                     f"the host shared no volume {container_id}/{s.volume}"
                 )
             mounts[s.mount]["source"] = str(source)
+
+    def release(self, container_id: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> None:
+        """Detach the guest's mounts of a deleted container's volumes (the kernel mounts each on
+        first use), so that virtiofsd lets go of their host sources."""
+        if not self.mounted:
+            return
+        prefix = f"{self.root}/{container_id}/"
+        try:
+            targets = [line.split()[4] for line in mountinfo.read_text().splitlines()]
+        except OSError:
+            return
+        for target in sorted((t for t in targets if t.startswith(prefix)), reverse=True):
+            try:
+                syscalls.umount(target, syscalls.MNT_DETACH)
+            except OSError as e:
+                log.warning("cannot unmount the volume %s: %s", target, e.strerror)

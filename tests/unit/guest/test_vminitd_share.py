@@ -58,3 +58,23 @@ def test_shared_mounts_that_match_nothing_are_refused(
 ) -> None:
     with pytest.raises(validate.InvalidRequest, match=problem):
         share(tmp_path).apply("c1", spec(), shared)
+
+
+def test_a_deleted_containers_volume_mounts_are_detached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = share(tmp_path)
+    root = tmp_path / "share"
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"1 0 0:1 / / rw - rootfs rootfs rw\n"
+        f"2 1 0:2 / {root} rw - virtiofs spinbox rw\n"
+        f"3 2 0:3 / {root}/c1/0 rw - virtiofs spinbox rw\n"
+        f"4 2 0:4 / {root}/c10/0 rw - virtiofs spinbox rw\n"
+    )
+    detached: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        "guest.vminitd.syscalls.umount", lambda target, flags=0: detached.append((target, flags))
+    )
+    s.release("c1", mountinfo)
+    assert detached == [(f"{root}/c1/0", 2)]
