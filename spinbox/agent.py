@@ -163,14 +163,13 @@ class AgentClient:
         container_id: str,
         spec: bytes,
         io: pb.IoConfig | None = None,
-        files: Sequence[pb.BindFile] = (),
+        shared: Sequence[pb.SharedMount] = (),
     ) -> int:
         """Creates the container (crun create); returns the init process's guest pid.
 
-        `files`: contents of host files for the spec's bind mounts (BindFile.mount
-        is the mount's index)."""
+        `shared`: the spec's bind mounts whose sources are volumes in the VM's share."""
         req = pb.CreateContainerRequest(
-            container_id=container_id, spec=spec, io=io or pb.IoConfig(), files=list(files)
+            container_id=container_id, spec=spec, io=io or pb.IoConfig(), shared=list(shared)
         )
         resp = await self._call("CreateContainer", req, pb.CreateContainerResponse)
         return resp.pid

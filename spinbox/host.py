@@ -39,3 +39,15 @@ def newest_cloud_kernel(boot: Path = Path("/boot")) -> Path | None:
 def _version_key(name: str) -> list[tuple[int, str]]:
     """Sort key that orders 6.1.0-10 after 6.1.0-9."""
     return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"[.\-+~]", name)]
+
+
+# The separate virtiofsd package (newer distributions) first, then QEMU's own (Debian 12).
+VIRTIOFSD_PATHS = (Path("/usr/libexec/virtiofsd"), Path("/usr/lib/qemu/virtiofsd"))
+
+
+def find_virtiofsd() -> Path | None:
+    """virtiofsd, which serves a VM's share of host directories and files for bind mounts."""
+    for path in VIRTIOFSD_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return None

@@ -27,7 +27,10 @@ REQUIRED_MODULES = (
 # dependencies) before it serves, and the others while it serves.
 AGENT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console")
 # virtio_balloon: free page reporting hands the pages the guest frees back to the host.
-OPTIONAL_MODULES = ("vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci", "virtio_balloon")
+# virtiofs (with fuse): the host's directories and files for bind mounts.
+OPTIONAL_MODULES = (
+    "vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci", "virtio_balloon", "virtiofs",
+)  # fmt: skip
 # What containers inside a container need (Docker, systemd-nspawn, CNI plugins, critest's
 # `brctl addbr`): in the image but not loaded at boot. The guest kernel loads them when
 # they are first used (request_module runs the image's /sbin/modprobe), and a privileged

@@ -27,7 +27,8 @@ from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.crun import Crun, CrunError
 from guest.vminitd.process_stdio import Stdio
 from guest.vminitd.reaper import Reaper, exit_code
-from guest.vminitd.spec import check_program, prepare_spec, write_bind_files
+from guest.vminitd.share import Share
+from guest.vminitd.spec import check_program, prepare_spec
 from guest.vminitd.stdio import InputPipe, OutputPipe
 from guest.vminitd.syscalls import set_window_size
 from spinbox.api.proto import agent_pb2 as pb
@@ -103,7 +104,7 @@ class Containers:
         self.crun = Crun(config, reaper)
         self.bundles = config.state_dir / "bundles"
         self.consoles = config.state_dir / "console"
-        self.binds = config.state_dir / "binds"
+        self.share = Share(config.state_dir / "share")
         self.consoles.mkdir(parents=True, exist_ok=True)
 
     # crun
@@ -141,11 +142,7 @@ class Containers:
         prepare_spec(self.config, cid, doc, rootfs, req.io.terminal, self.init_pids())
         check_program(rootfs, doc, doc["process"], f"container {cid}")
         systemd = syscont.prepare(cid, doc, rootfs)
-        try:
-            write_bind_files(self.binds, cid, doc, req.files)
-        except BaseException:
-            shutil.rmtree(self.binds / cid, ignore_errors=True)
-            raise
+        self.share.apply(cid, doc, req.shared)
         bundle = self.bundles / cid
         if bundle.exists():
             shutil.rmtree(bundle)
@@ -164,7 +161,6 @@ class Containers:
             with contextlib.suppress(CrunError):
                 await self.crun.run("delete", "--force", cid)
             shutil.rmtree(bundle, ignore_errors=True)
-            shutil.rmtree(self.binds / cid, ignore_errors=True)
             raise
         self._ensure_oom_watch()
         log.info("created container %s (pid %d)", cid, init.pid)
@@ -324,7 +320,7 @@ class Containers:
             proc.io_ready.set()
         self.containers.pop(container.id, None)
         shutil.rmtree(container.bundle, ignore_errors=True)
-        shutil.rmtree(self.binds / container.id, ignore_errors=True)
+        self.share.release(container.id)
         log.info("deleted container %s", container.id)
 
     def pids(self, container_id: str) -> list[pb.ProcessInfo]:

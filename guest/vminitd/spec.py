@@ -1,20 +1,16 @@
-"""A container's OCI spec as the guest's crun runs it, and the host's bind
-files it names, written into the VM (the guest checks what the host sent)."""
+"""A container's OCI spec as the guest's crun runs it (the guest checks what the host sent)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from guest.vminitd import validate
 from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.podns import SANDBOX_ID_ANNOTATION, pod_namespace
-from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -66,33 +62,6 @@ def prepare_spec(
         if net:
             linux["sysctl"] = {k: v for k, v in sysctl.items() if not str(k).startswith("net.")}
             apply_net_sysctls(config.proc_sys, container_id, net)
-
-
-def write_bind_files(
-    binds: Path, container_id: str, doc: dict[str, Any], files: Sequence[pb.BindFile]
-) -> None:
-    """The host files of bind mounts, each written to a file of the container's own that
-    becomes its mount's source. Writes in the guest do not go back to the host."""
-    directory = binds / container_id
-    shutil.rmtree(directory, ignore_errors=True)
-    if not files:
-        return
-    mounts = doc.get("mounts", [])
-    directory.mkdir(parents=True)
-    for f in files:
-        if f.mount >= len(mounts):
-            raise validate.InvalidRequest(f"bind file for mounts[{f.mount}]: the OCI spec has no such mount")
-        mount = mounts[f.mount]
-        options = mount.get("options") or []
-        if not (mount.get("type") == "bind" or "bind" in options or "rbind" in options):
-            raise validate.InvalidRequest(f"bind file for mounts[{f.mount}]: that mount is not a bind mount")
-        path = directory / str(f.mount)
-        if path.exists():
-            raise validate.InvalidRequest(f"bind file for mounts[{f.mount}]: given twice")
-        path.write_bytes(f.content)
-        os.chown(path, f.uid, f.gid)
-        path.chmod(f.mode & 0o7777 or 0o644)
-        mount["source"] = str(path)
 
 
 def apply_net_sysctls(proc_sys: Path, container_id: str, values: dict[str, str]) -> None:

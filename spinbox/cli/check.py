@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spinbox import cniplugins
 from spinbox.config import CONFIG_PATH, Config
-from spinbox.host import KvmHost
+from spinbox.host import KvmHost, find_virtiofsd
 
 Row = list[str]
 
@@ -31,6 +31,16 @@ def host_rows(config: Config, config_error: str | None) -> list[Row]:
         _row(rows, "accelerator", True, "kvm")
     qemu = shutil.which("qemu-system-x86_64")
     _row(rows, "qemu", qemu is not None, qemu or "qemu-system-x86_64 not found (apt install qemu-system-x86)")
+    virtiofsd = find_virtiofsd()
+    _row(
+        rows,
+        "virtiofsd",
+        virtiofsd is not None,
+        f"{virtiofsd} (bind mounts of host directories and files)"
+        if virtiofsd
+        else "not found: bind mounts cannot be shared (apt install qemu-system-common, or virtiofsd)",
+        warn=True,
+    )
     kernel = config.vm.kernel_path()
     _row(
         rows,

@@ -110,8 +110,10 @@ class Backend(Protocol):
         nics: Sequence[Any],
         spawn: Spawn,
         template_dir: Path | None = None,
+        virtiofs_fd: int | None = None,
     ) -> Machine:
-        """QEMU for the VM: booted, or restored from the template in `template_dir`."""
+        """QEMU for the VM: booted, or restored from the template in `template_dir`; `virtiofs_fd` is
+        its end of the connection to the VM's virtiofsd (never with a template)."""
         ...
 
     def template_identity(self, shape: Any, ports: int) -> dict[str, Any]:

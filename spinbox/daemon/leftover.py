@@ -3,14 +3,15 @@ cleaning up after those it left dead (a crash)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spinbox.daemon import share
 from spinbox.daemon.backend import Rootfs
 from spinbox.daemon.keep import keep_or_remove, name_orphans
 from spinbox.daemon.options import check_vm_id
@@ -60,7 +61,8 @@ async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None,
         # The removal unmounts first: a mount a crash left must neither block it
         # nor have its source's files removed through it.
         await keep_or_remove(manager.kept, state.storage_dir, vm_id, unwritten)
-    shutil.rmtree(directory, ignore_errors=True)
+    # The share's volumes are unmounted first: nothing is removed through them.
+    await asyncio.to_thread(share.remove_runtime_dir, directory)
 
 
 async def recover(manager: VmManager) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -16,17 +15,19 @@ from typing import Any, Protocol
 
 from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
+from spinbox.daemon import pod, share
 from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
-from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
+from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.keep import KeptStorage, keep_or_remove
 from spinbox.daemon.leftover import recover, remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
-from spinbox.daemon.options import Mount, VmRequest, check_container_id, check_vm_id, escape_path_element
+from spinbox.daemon.options import Mount, VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.daemon.templates import TemplateStore
+from spinbox.daemon.virtiofsd import start_share
 from spinbox.storage.errors import StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
@@ -231,7 +232,8 @@ class VmManager:
         )
         async with AsyncExitStack() as undo:
             os.makedirs(runtime_dir, mode=0o700)
-            undo.callback(shutil.rmtree, runtime_dir, ignore_errors=True)
+            # Unmounts the share's volumes before removing anything.
+            undo.push_async_callback(asyncio.to_thread, share.remove_runtime_dir, runtime_dir)
             # The network goes first: it also removes a namespace from
             # PrepareNetworkNamespace when this VM fails.
             state.network = True
@@ -265,11 +267,27 @@ class VmManager:
             progress.step = "starting QEMU in its scope"
             spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
             undo.push_async_callback(spawner.abort)
+            virtiofs = None
+            if request.share:
+                state.share = True
+                state.save(runtime_dir)
+                progress.step = "preparing the share and starting its virtiofsd"
+                timeout = self.config.timeouts.virtiofsd_start
+                virtiofs = undo.enter_context(await start_share(request, runtime_dir, spawner, timeout))
+                mark("share")
             self._launched.add(vm_id)
-            template = self.templates.lookup(request, len(disks) + len(nics))
+            template = self._template_for(request, len(disks) + len(nics))
             resources["boot"] = "template" if template is not None else "cold"
             try:
-                machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner, template)
+                machine = await self.backend.launch(
+                    request,
+                    runtime_dir,
+                    disks,
+                    nics,
+                    spawner,
+                    template,
+                    None if virtiofs is None else virtiofs.qemu_fd,
+                )
             except Failed as e:
                 if template is None:
                     raise
@@ -280,6 +298,8 @@ class VmManager:
                 undo.push_async_callback(spawner.abort)
                 resources["boot"] = "cold"
                 machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+            if virtiofs is not None:
+                virtiofs.close()  # QEMU's end is QEMU's alone: virtiofsd ends when QEMU does
             # Undone in reverse: QEMU killed, then its pid no longer named in logs.
             undo.callback(setattr, forwarder.sink, "pid", 0)
             undo.push_async_callback(machine.kill)
@@ -312,6 +332,13 @@ class VmManager:
         boot = resources["boot"]
         log.info("VM %s is running (QEMU pid %d, %s, %s boot)", vm_id, vm.state.pid, scope, boot)
         return vm
+
+    def _template_for(self, request: VmRequest, devices: int) -> Path | None:
+        if request.share and self.templates.enabled:
+            # virtiofsd maps guest RAM: it must be a shared memfd, never a template's file.
+            log.info("VM %s boots cold, not from a template: it has a virtio-fs share", request.id)
+            return None
+        return self.templates.lookup(request, devices)
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
         forwarder = LogForwarder(JournalSink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))
@@ -359,94 +386,13 @@ class VmManager:
     # -- a pod's further containers -----------------------------------------
 
     async def add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[Mount, ...]) -> str:
-        """Prepare a further container's rootfs, hot-plug its disks and have the guest mount it."""
-        check_container_id(container_id)
-        if not mounts:
-            raise InvalidArgument(f"the rootfs of container {container_id!r} has no mounts")
-        async with vm.lock:
-            if vm.phase != "running":
-                raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
-            if container_id == vm.state.container_id or container_id in vm.added:
-                raise AlreadyExists(f"VM {vm.id!r} already has a rootfs for container {container_id!r}")
-            used = {entry["prefix"] for entry in vm.state.added_rootfs.values()}
-            prefix = next(f"sb{n}" for n in range(1, len(used) + 2) if f"sb{n}" not in used)
-            if not vm.state.storage_dir:
-                vm.state.storage_dir = str(self.storage_dir / vm.id)
-                vm.state.save(vm.runtime_dir)
-            try:
-                return await self._add_rootfs(vm, container_id, mounts, prefix)
-            except SpinboxError:
-                raise
-            except Exception as e:
-                log.exception("adding the rootfs of %s to VM %s failed", container_id, vm.id)
-                raise Failed(
-                    f"the rootfs of container {container_id!r} could not be added to VM {vm.id!r}: {e}"
-                ) from None
+        return await pod.add_rootfs(self, vm, container_id, mounts)
 
-    async def _add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[Mount, ...], prefix: str) -> str:
-        work_dir = Path(vm.state.storage_dir)
-        async with AsyncExitStack() as undo:
-            rootfs, disks, mount = await self.backend.prepare_added_rootfs(
-                container_id, mounts, work_dir, prefix
-            )
-            undo.push_async_callback(rootfs.release)
-            for disk in disks:
-                await vm.machine.add_disk(disk)
-                undo.push_async_callback(vm.machine.remove_disk, disk.serial)
-            path = await self.backend.mount_rootfs(vm.machine, mount)
-            vm.added[container_id] = rootfs
-            vm.state.added_rootfs[container_id] = {
-                "prefix": prefix,
-                "serials": [disk.serial for disk in disks],
-                "path": path,
-            }
-            vm.state.save(vm.runtime_dir)
-            undo.pop_all()
-        log.info("VM %s: added the rootfs of container %s at %s", vm.id, container_id, path)
-        return path
+    async def add_volumes(self, vm: Vm, container_id: str, volumes: tuple[share.Volume, ...]) -> None:
+        await pod.add_volumes(vm, container_id, volumes)
 
     async def remove_rootfs(self, vm: Vm, container_id: str) -> None:
-        """Have the guest unmount a further container's rootfs, write it back, unplug and release it."""
-        async with vm.lock:
-            rootfs = vm.added.get(container_id)
-            if rootfs is None:
-                raise NotFound(f"VM {vm.id!r} has no added rootfs for container {container_id!r}")
-            if vm.phase not in ("running", "paused"):
-                raise Failed(f"VM {vm.id!r} is {vm.phase}")
-            errors = []
-            written = True
-            if rootfs.writable:
-                try:
-                    await self.backend.export_upper(vm.machine, container_id, rootfs)
-                except Exception as e:
-                    log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
-                    errors.append(f"writeback: {e}")
-                    written = False
-                    # Its files stay (never deleted unread), and so does the VM's storage.
-                    vm.unwritten.add(container_id)
-            try:
-                await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
-            except Exception as e:
-                raise Failed(
-                    f"the guest could not unmount the rootfs of {container_id!r}: {e}"
-                    + "".join(f"; {error}" for error in errors)
-                ) from None
-            for serial in vm.state.added_rootfs[container_id]["serials"]:
-                try:
-                    await vm.machine.remove_disk(serial)
-                except Exception as e:
-                    errors.append(f"disk {serial}: {e}")
-            try:
-                if written:
-                    await rootfs.release()
-            except Exception as e:
-                errors.append(f"storage: {e}")
-            del vm.added[container_id]
-            del vm.state.added_rootfs[container_id]
-            vm.state.save(vm.runtime_dir)
-        log.info("VM %s: removed the rootfs of container %s", vm.id, container_id)
-        if errors:
-            raise Failed(f"removing the rootfs of {container_id!r} from VM {vm.id!r}: " + "; ".join(errors))
+        await pod.remove_rootfs(self, vm, container_id)
 
     # -- stop ---------------------------------------------------------------
 
@@ -567,7 +513,7 @@ class VmManager:
         await keep_or_remove(self.kept, vm.state.storage_dir, vm.id, unwritten)
         await self.systemd.stop_unit(vm.state.scope)
         await self.systemd.wait_gone(vm.state.scope)
-        shutil.rmtree(vm.runtime_dir, ignore_errors=True)
+        await asyncio.to_thread(share.remove_runtime_dir, vm.runtime_dir)
         self._set_phase(vm, "stopped")
         self.vms.pop(vm.id, None)
         if self.publisher is not None:

@@ -11,6 +11,7 @@ from dbus_fast import Variant
 
 from spinbox.config import VmConfig
 from spinbox.daemon.errors import InvalidArgument
+from spinbox.daemon.share import Volume
 
 # Room for containerd and Kubernetes ids (64 hex digits) and names, while the
 # scope name spinbox-vm-<id>.scope stays a plain unit name.
@@ -30,6 +31,8 @@ OPTION_SIGNATURES = {
     "kernel-args": "as",
     "annotations": "a{ss}",
     "hotplug-ports": "u",
+    "share": "b",
+    "volumes": "a(sbb)",
 }
 # Spare PCIe root ports cost boot time (measured with bench/boot): only VMs
 # that get further rootfses later (a pod's) ask for them.
@@ -58,6 +61,9 @@ class VmRequest:
     annotations: tuple[tuple[str, str], ...]
     hotplug_ports: int = 0
     namespace: str = ""
+    # A virtio-fs share (virtiofsd), with the container's volumes bound in it.
+    share: bool = False
+    volumes: tuple[Volume, ...] = ()
 
 
 def check_vm_id(vm_id: str) -> str:
@@ -106,6 +112,16 @@ def parse_mounts(value: list[list[Any]], what: str = "option 'rootfs'") -> tuple
             raise InvalidArgument(f"{what}: mount {i} has no source")
         mounts.append(Mount(type_, source, target, tuple(mount_options)))
     return tuple(mounts)
+
+
+def parse_volumes(value: list[list[Any]], what: str = "option 'volumes'") -> tuple[Volume, ...]:
+    volumes = tuple(Volume(str(source), bool(ro), bool(rec)) for source, ro, rec in value)
+    for index, volume in enumerate(volumes):
+        if not os.path.isabs(volume.source):
+            raise InvalidArgument(
+                f"{what}: the source {volume.source!r} of volume {index} is not an absolute path"
+            )
+    return volumes
 
 
 def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -> VmRequest:
@@ -158,6 +174,11 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
             f"option 'hotplug-ports' must be between 0 and {MAX_HOTPLUG_PORTS}, not {hotplug_ports}"
         )
 
+    volumes = parse_volumes(_value(options, "volumes")) if "volumes" in options else ()
+    share = bool(_value(options, "share")) if "share" in options else False
+    if volumes and not share:
+        raise InvalidArgument("option 'volumes' needs option 'share'")
+
     return VmRequest(
         id=vm_id,
         vcpus=vcpus,
@@ -169,4 +190,6 @@ def parse_request(vm_id: str, options: dict[str, Variant], defaults: VmConfig) -
         annotations=annotations,
         hotplug_ports=hotplug_ports,
         namespace=namespace,
+        share=share,
+        volumes=volumes,
     )

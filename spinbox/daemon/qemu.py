@@ -138,6 +138,7 @@ class QemuBackend:
         nics: Sequence[Any],
         spawn: Spawn,
         template_dir: Path | None = None,
+        virtiofs_fd: int | None = None,
     ) -> Machine:
         if template_dir is not None:
             return await self._restore(request, runtime_dir, disks, nics, spawn, template_dir)
@@ -155,6 +156,7 @@ class QemuBackend:
             hotplug_ports=request.hotplug_ports,
             confine=self.config.vm.confine,
             uid_base=self.config.vm.uid_base,
+            virtiofs_fd=virtiofs_fd,
         )
         try:
             machine: Machine = await vm.launch(spec, spawn=spawn)

@@ -26,7 +26,7 @@ from spinbox.config import Config
 from spinbox.daemon.auth import Authorizer, SpecGuard, authorize, record_caller
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.manager import Vm, VmManager
-from spinbox.daemon.options import parse_mounts, parse_request
+from spinbox.daemon.options import parse_mounts, parse_request, parse_volumes
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,14 @@ class VMInterface(DocumentedInterface):
             return await self.manager.add_rootfs(self.vm, container_id, parsed)
 
         return await _answer(f"adding the rootfs of {container_id!r} to VM {self.vm.id!r}", add())
+
+    @method()
+    async def AddVolumes(self, container_id: "s", volumes: "a(sbb)"):
+        async def add() -> None:
+            parsed = parse_volumes(volumes, f"the volumes of {container_id!r}")
+            await self.manager.add_volumes(self.vm, container_id, parsed)
+
+        await _answer(f"adding the volumes of {container_id!r} to VM {self.vm.id!r}", add())
 
     @method()
     async def RemoveRootfs(self, container_id: "s"):

@@ -10,6 +10,9 @@ QEMU's stderr (and stdout) is a FIFO in the VM's runtime directory that the
 child holds open read-write: QEMU can always write to it, even while
 spinboxd restarts, and spinboxd (re)opens the read end to pass its lines to
 the journal. Lines written while nobody reads wait in the pipe's buffer.
+
+Companions (the VM's virtiofsd) are started the same way before QEMU and
+join the same scope, so their memory and CPU count against the VM.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from spinbox.daemon.process import wait_pid_exit
@@ -31,6 +34,10 @@ from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 _WAIT_THEN_EXEC = 'read -r go || exit 97; exec </dev/null; exec "$@"'
 
 QEMU_LOG_FIFO = "qemu.log"
+
+
+# Awaited with a started companion: returns once it is ready for QEMU, raises if it never is.
+Ready = Callable[[subprocess.Popen[bytes]], Awaitable[None]]
 
 
 class SpawnError(RuntimeError):
@@ -80,8 +87,28 @@ class ScopeSpawner:
         self.scope = scope_name(vm_id)
         self.process: subprocess.Popen[bytes] | None = None
         self.scope_started = False
+        # (argv, pass_fds, ready) of processes that start with QEMU in its scope.
+        self.companions: list[tuple[list[str], tuple[int, ...], Ready | None]] = []
+        self.companion_processes: list[subprocess.Popen[bytes]] = []
+        self.reapers: list[asyncio.Task[None]] = []
 
-    async def __call__(self, argv: list[str], pass_fds: Sequence[int] = ()) -> ScopedProcess:
+    def add_companion(self, argv: list[str], fds: tuple[int, ...], ready: Ready | None = None) -> None:
+        """A process to start with QEMU in its scope, inheriting `fds`, which the spawner owns and
+        closes once the process has them (or the spawn is undone). QEMU starts once `ready`
+        (given the running companion) has returned."""
+        self.companions.append((argv, fds, ready))
+
+    def _close_companion_fds(self) -> None:
+        for _, fds, _ready in self.companions:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.companions = []
+
+    def _waiting(
+        self, argv: list[str], pass_fds: Sequence[int], label: str
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """A child that execs argv once its go-ahead pipe (the returned fd) gets a line."""
         fifo = qemu_log_fifo(self.runtime_dir)
         make_fifo(fifo)
         # O_RDWR: opening never blocks and the pipe never loses its last writer.
@@ -89,41 +116,72 @@ class ScopeSpawner:
         read_go, write_go = os.pipe()
         try:
             # Popen returns as soon as the shell is forked; nothing here blocks.
-            self.process = subprocess.Popen(  # noqa: ASYNC220
-                ["/bin/sh", "-c", _WAIT_THEN_EXEC, f"spinbox-vm-{self.vm_id}", *argv],
+            process = subprocess.Popen(
+                ["/bin/sh", "-c", _WAIT_THEN_EXEC, label, *argv],
                 stdin=read_go,
                 stdout=log_fd,
                 stderr=log_fd,
                 pass_fds=tuple(pass_fds),
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(write_go)
+            raise
         finally:
             os.close(log_fd)
             os.close(read_go)
-        pid = self.process.pid
+        return process, write_go
+
+    async def __call__(self, argv: list[str], pass_fds: Sequence[int] = ()) -> ScopedProcess:
+        go: list[tuple[subprocess.Popen[bytes], int]] = []
+        waits: list[tuple[subprocess.Popen[bytes], Ready]] = []
         try:
-            await self.systemd.start_scope(self.scope, pid, self.description, self.limits)
+            for companion_argv, companion_fds, ready in self.companions:
+                started = self._waiting(companion_argv, companion_fds, f"spinbox-vm-{self.vm_id}-fs")
+                self.companion_processes.append(started[0])
+                go.append(started)
+                if ready is not None:
+                    waits.append((started[0], ready))
+            self._close_companion_fds()
+            self.process, write_go = self._waiting(argv, pass_fds, f"spinbox-vm-{self.vm_id}")
+            go.append((self.process, write_go))
+            others = [p.pid for p in self.companion_processes]
+            await self.systemd.start_scope(
+                self.scope, self.process.pid, self.description, self.limits, extra_pids=others
+            )
             self.scope_started = True
-            try:
-                os.write(write_go, b"go\n")
-            except BrokenPipeError:
-                status = self.process.wait()
-                raise SpawnError(
-                    f"the process waiting for {self.scope} ended early (status {status})"
-                ) from None
+            for process, fd in go:
+                if process is self.process:
+                    # The companions first, and QEMU once they are ready for it.
+                    for companion, ready in waits:
+                        await ready(companion)
+                try:
+                    os.write(fd, b"go\n")
+                except BrokenPipeError:
+                    status = process.wait()
+                    raise SpawnError(
+                        f"the process waiting for {self.scope} ended early (status {status})"
+                    ) from None
         except BaseException:
-            os.close(write_go)
+            for _, fd in go:
+                os.close(fd)
             await self.abort()
             raise
-        os.close(write_go)
+        for _, fd in go:
+            os.close(fd)
+        loop = asyncio.get_running_loop()
+        # Reaped when they end (with QEMU, whose disconnect ends virtiofsd).
+        self.reapers = [loop.create_task(wait_pid_exit(p.pid, p)) for p in self.companion_processes]
         return ScopedProcess(self.process)
 
     async def abort(self) -> None:
-        """Undo a spawn: the child (QEMU or the waiting shell) and its scope."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-            await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
+        """Undo a spawn: the children (QEMU, its companions or the waiting shells) and its scope."""
+        self._close_companion_fds()
+        for process in [*self.companion_processes, *([self.process] if self.process is not None else [])]:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                await asyncio.get_running_loop().run_in_executor(None, process.wait)
         if self.scope_started:
             await self.systemd.stop_unit(self.scope)
         await self.systemd.wait_gone(self.scope)

@@ -38,6 +38,8 @@ class VmState:
     netns: str = ""
     network: bool = False
     storage_dir: str = ""
+    # A virtio-fs share in the runtime directory (spinbox.daemon.share).
+    share: bool = False
     # A pod's further containers: container id → {"prefix": disk serial prefix,
     # "serials": [hot-plugged disks], "path": guest rootfs path}.
     added_rootfs: dict[str, dict[str, Any]] = field(default_factory=dict)

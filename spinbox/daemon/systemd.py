@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,11 +185,17 @@ class SystemdManager:
             raise SystemdError(f"{what}: systemd's job ended with {result!r}")
 
     async def start_scope(
-        self, name: str, pid: int, description: str, limits: ScopeLimits, slice_: str = SLICE
+        self,
+        name: str,
+        pid: int,
+        description: str,
+        limits: ScopeLimits,
+        slice_: str = SLICE,
+        extra_pids: Sequence[int] = (),
     ) -> None:
-        """Put `pid` into a new transient scope `name` and wait until the scope is running."""
+        """Put `pid` (and `extra_pids`) into a new transient scope `name`; wait until it is running."""
         properties = [
-            ["PIDs", Variant("au", [pid])],
+            ["PIDs", Variant("au", [pid, *extra_pids])],
             ["Slice", Variant("s", slice_)],
             ["Description", Variant("s", description)],
             ["MemoryMax", Variant("t", limits.memory_max)],

@@ -17,6 +17,7 @@ from spinbox.shim.process import Process
 from spinbox.shim.protos import mount
 from spinbox.shim.spinboxd import VmInfo, VmRequest
 from spinbox.shim.stdio import ProcessIO
+from spinbox.shim.volumes import Volume
 
 
 class Agent(Protocol):
@@ -28,7 +29,7 @@ class Agent(Protocol):
         container_id: str,
         spec: bytes,
         io: agent_pb2.IoConfig | None = None,
-        files: Sequence[agent_pb2.BindFile] = (),
+        shared: Sequence[agent_pb2.SharedMount] = (),
     ) -> int: ...
     async def exec(
         self, container_id: str, exec_id: str, process: bytes, io: agent_pb2.IoConfig | None = None
@@ -62,6 +63,7 @@ class VmManager(Protocol):
     async def get_vm(self, vm_id: str) -> str | None: ...
     async def add_rootfs(self, path: str, container_id: str, mounts: Any) -> str: ...
     async def remove_rootfs(self, path: str, container_id: str) -> None: ...
+    async def add_volumes(self, path: str, container_id: str, volumes: Sequence[Volume]) -> None: ...
     async def vm_call(self, path: str, member: str, signature: str = "", body: Any = ()) -> None: ...
     async def stop_vm(
         self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120

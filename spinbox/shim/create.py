@@ -25,6 +25,7 @@ from spinbox.shim.protos import task
 from spinbox.shim.sizing import VmSizing
 from spinbox.shim.spinboxd import VmInfo, VmRequest, vm_id_for
 from spinbox.shim.stdio import StdioConfig, StdioError
+from spinbox.shim.volumes import Volumes
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class ContainerCreator:
         req: task.CreateTaskRequest,
         spec: dict[str, Any],
         guest_spec: dict[str, Any],
+        volumes: Volumes,
         sizing: VmSizing,
         hooks: HostHooks,
         stdio: StdioConfig,
@@ -131,6 +133,7 @@ class ContainerCreator:
                 # /proc/<pid>/ns/net before the container exists.
                 netns, hook_pid = await spinboxd.prepare_network_namespace(vm_id)
             await create_runtime_hooks(hooks, spec, req, hook_pid)
+            pod_sandbox = annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
             request = VmRequest(
                 vm_id=vm_id,
                 container_id=req.id,
@@ -141,9 +144,10 @@ class ContainerCreator:
                 kernel_args=sizing.kernel_args,
                 netns=netns,
                 annotations=tuple(sorted(annotations.items())),
-                hotplug_ports=POD_HOTPLUG_PORTS
-                if annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
-                else 0,
+                hotplug_ports=POD_HOTPLUG_PORTS if pod_sandbox else 0,
+                # A pod's VM gets a share for its further containers' volumes.
+                share=pod_sandbox or bool(volumes.volumes),
+                volumes=volumes.volumes,
             )
             # From here spinboxd may hold a VM for this id even if this call
             # fails or is cancelled: the abandon below asks for it by id.
@@ -151,7 +155,9 @@ class ContainerCreator:
             vm = await spinboxd.create_vm(request)
             hook_pid = hook_pid or vm.pid
             agent = await self.connect_agent(vm.agent_address)
-            await self._create_in_guest(agent, req, spec, guest_spec, hooks, stdio, state, vm.pid, hook_pid)
+            await self._create_in_guest(
+                agent, req, spec, guest_spec, volumes, hooks, stdio, state, vm.pid, hook_pid
+            )
         except BaseException as error:
             # A VM of this id that was there before this request is not ours to remove.
             ours = requested and not (isinstance(error, SpinboxdError) and error.kind == "AlreadyExists")
@@ -179,6 +185,7 @@ class ContainerCreator:
         req: task.CreateTaskRequest,
         spec: dict[str, Any],
         guest_spec: dict[str, Any],
+        volumes: Volumes,
         hooks: HostHooks,
         stdio: StdioConfig,
         pod: Container,
@@ -190,9 +197,11 @@ class ContainerCreator:
         try:
             await create_runtime_hooks(hooks, spec, req, pod.vm.pid)
             await spinboxd.add_rootfs(pod.vm.path, req.id, rootfs_mounts(req))
-            added = True
+            added = True  # removing the rootfs also removes the volumes
+            if volumes.volumes:
+                await spinboxd.add_volumes(pod.vm.path, req.id, volumes.volumes)
             await self._create_in_guest(
-                pod.agent, req, spec, guest_spec, hooks, stdio, state, pod.vm.pid, pod.vm.pid
+                pod.agent, req, spec, guest_spec, volumes, hooks, stdio, state, pod.vm.pid, pod.vm.pid
             )
         except BaseException as error:
             await pump.stop(state)
@@ -226,6 +235,7 @@ class ContainerCreator:
         req: task.CreateTaskRequest,
         spec: dict[str, Any],
         guest_spec: dict[str, Any],
+        volumes: Volumes,
         hooks: HostHooks,
         stdio: StdioConfig,
         state: ProcessState,
@@ -234,8 +244,8 @@ class ContainerCreator:
     ) -> None:
         """The container in the guest (its rootfs mounted there), its output copied, prestart hooks run."""
         io_config = await pump.open_stdio(state, stdio, req.id, self.namespace)
-        spec_for_guest, files = await asyncio.to_thread(for_guest, guest_spec)
-        await agent.create_container(req.id, json.dumps(spec_for_guest).encode(), io_config, files)
+        spec_for_guest = for_guest(guest_spec)
+        await agent.create_container(req.id, json.dumps(spec_for_guest).encode(), io_config, volumes.shared)
         state.process.pid = vm_pid
         pump.start_output(agent, state)
         await run_hooks(

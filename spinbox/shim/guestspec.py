@@ -1,16 +1,11 @@
-"""containerd's OCI spec as the guest's crun reads it: a runtime-spec
-version crun accepts, and host files of bind mounts carried along."""
+"""containerd's OCI spec as the guest's crun reads it: a runtime-spec version crun accepts, and a
+pod's /dev/shm made the VM's own. (Host directories and files of bind mounts reach the guest as
+volumes: spinbox.shim.volumes.)"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
-
-from spinbox.api.proto import agent_pb2
-from spinbox.shim.bindfiles import BIND_FILES_TOTAL, read_bind_file
-
-log = logging.getLogger(__name__)
 
 # The newest runtime-spec version the guest's crun accepts (crun 1.8 refuses
 # anything but 1.0.x; the fields spinbox passes on are all in 1.0).
@@ -27,49 +22,27 @@ def is_bind(mount: object) -> bool:
     return mount.get("type") == "bind" or "bind" in options or "rbind" in options
 
 
-def for_guest(spec: dict[str, Any]) -> tuple[dict[str, Any], list[agent_pb2.BindFile]]:
-    """The spec as the guest's runtime reads it, with the host files its bind mounts need.
+def is_pod_shm(mount: object) -> bool:
+    """A host directory bound at /dev/shm (the CRI's pod shared memory)."""
+    return (
+        is_bind(mount)
+        and isinstance(mount, dict)
+        and mount.get("destination") == GUEST_SHM
+        and Path(str(mount.get("source") or "")).is_dir()
+    )
 
-    The runtime-spec version becomes one the guest's crun accepts. A bind mount
-    of a regular host file of at most BIND_FILE_LIMIT bytes (BIND_FILES_TOTAL
-    for all of them; nerdctl's and the
-    CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname) keeps its place and
-    options; the file's content travels along and the guest binds its own
-    copy. A host directory bound at /dev/shm (the CRI's pod shared memory) becomes
-    the VM's own /dev/shm, which all the pod's containers share. Other host bind
-    mounts (directories, larger files) do not exist in
-    the VM: they are left out with a log line rather than failing the container.
+
+def for_guest(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the guest's runtime reads it.
+
+    The runtime-spec version becomes one the guest's crun accepts. A host
+    directory bound at /dev/shm becomes the VM's own /dev/shm, which all the
+    pod's containers share. The mounts keep their order (SharedMount indexes).
     """
     guest = dict(spec)
     if not str(spec.get("ociVersion", "")).startswith("1.0"):
         guest["ociVersion"] = GUEST_OCI_VERSION
     mounts = spec.get("mounts") or []
-    if not any(is_bind(m) for m in mounts):
-        return guest, []
-    kept: list[Any] = []
-    files: list[agent_pb2.BindFile] = []
-    total = 0
-    for m in mounts:
-        if not is_bind(m):
-            kept.append(m)
-            continue
-        if m.get("destination") == GUEST_SHM and Path(str(m.get("source") or "")).is_dir():
-            kept.append({**m, "source": GUEST_SHM})
-            continue
-        file = read_bind_file(str(m.get("source") or ""))
-        if not isinstance(file, str) and total + len(file.content) > BIND_FILES_TOTAL:
-            file = f"the container's bind files together would exceed {BIND_FILES_TOTAL} bytes"
-        if isinstance(file, str):
-            log.warning(
-                "host bind mount %s of %s is not shared into the VM: %s",
-                m.get("destination"),
-                m.get("source"),
-                file,
-            )
-            continue
-        file.mount = len(kept)
-        total += len(file.content)
-        files.append(file)
-        kept.append(m)
-    guest["mounts"] = kept
-    return guest, files
+    if any(is_pod_shm(m) for m in mounts):
+        guest["mounts"] = [{**m, "source": GUEST_SHM} if is_pod_shm(m) else m for m in mounts]
+    return guest

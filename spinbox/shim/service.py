@@ -35,6 +35,7 @@ from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import Empty, events, task, task_types
 from spinbox.shim.sizing import SizingError, sizing_from_spec
 from spinbox.shim.stdio import Kind, StdioConfig, StdioError
+from spinbox.shim.volumes import VolumeError, volumes_of
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class TaskService:
             stdio = StdioConfig.parse(req.stdin, req.stdout, req.stderr, req.terminal)
             annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
             check_cri_spec(req.id, spec, annotations)
-        except (SizingError, HookError, StdioError, PodCheckError) as error:
+            volumes = volumes_of(guest_spec, req.id)
+        except (SizingError, HookError, StdioError, PodCheckError, VolumeError) as error:
             raise invalid(str(error)) from None
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION, "")
         self._creating.add(req.id)
@@ -116,10 +118,10 @@ class TaskService:
                     check_pod_namespaces(req.id, spec, pod.vm.pid)
                 except PodCheckError as error:
                     raise invalid(str(error)) from None
-                container = await self.creator.in_pod(req, spec, guest_spec, hooks, stdio, pod)
+                container = await self.creator.in_pod(req, spec, guest_spec, volumes, hooks, stdio, pod)
             else:
                 container = await self.creator.in_new_vm(
-                    req, spec, guest_spec, sizing, hooks, stdio, annotations
+                    req, spec, guest_spec, volumes, sizing, hooks, stdio, annotations
                 )
         finally:
             self._creating.discard(req.id)

@@ -12,6 +12,7 @@ from dbus_fast import Variant
 from spinbox.busclient import BusClient, SpinboxdError
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.mounts import MountSpec
+from spinbox.shim.volumes import Volume
 from spinbox.vmid import vm_id_for
 
 __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
@@ -22,6 +23,10 @@ __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
 # RemoveRootfs) get as long. Other calls have spinbox.busclient.CALL_TIMEOUT.
 # These deadlines are for a spinboxd that hangs; each step inside has its own.
 CREATE_TIMEOUT = 900.0
+
+
+def volume_list(volumes: Sequence[Volume]) -> list[list[Any]]:
+    return [[v.source, v.read_only, v.recursive] for v in volumes]
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class VmRequest:
     annotations: tuple[tuple[str, str], ...] = ()
     hotplug_ports: int = 0
     namespace: str = ""
+    share: bool = False
+    volumes: tuple[Volume, ...] = ()
 
     def options(self) -> dict[str, Variant]:
         options: dict[str, Variant] = {
@@ -58,6 +65,10 @@ class VmRequest:
             options["hotplug-ports"] = Variant("u", self.hotplug_ports)
         if self.namespace:
             options["namespace"] = Variant("s", self.namespace)
+        if self.share or self.volumes:
+            options["share"] = Variant("b", True)
+        if self.volumes:
+            options["volumes"] = Variant("a(sbb)", volume_list(self.volumes))
         return options
 
 
@@ -126,7 +137,14 @@ class Spinboxd:
         return str(guest_path)
 
     async def remove_rootfs(self, path: str, container_id: str) -> None:
+        """Removes a further container's rootfs, and its volumes."""
         await self.client.call(path, VM_IFACE, "RemoveRootfs", "s", [container_id], CREATE_TIMEOUT)
+
+    async def add_volumes(self, path: str, container_id: str, volumes: Sequence[Volume]) -> None:
+        """A further container's volumes in a pod's running VM's share."""
+        await self.client.call(
+            path, VM_IFACE, "AddVolumes", "sa(sbb)", [container_id, volume_list(volumes)], CREATE_TIMEOUT
+        )
 
     async def vm_call(self, path: str, member: str, signature: str = "", body: Sequence[Any] = ()) -> None:
         await self.client.call(path, VM_IFACE, member, signature, body, CREATE_TIMEOUT)

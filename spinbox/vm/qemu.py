@@ -29,6 +29,9 @@ SERIAL_LOG = "spinbox.log"
 # flush and take longer, 128 MiB is never reached by a boot and keeps QEMU
 # within 89 + 128 = 217 MiB of the 256 MiB overhead. 0: QEMU's default.
 TCG_TB_SIZE_MIB = 128
+# The id of guest RAM's memory backend, and the virtio-fs tag the guest mounts.
+MEMORY_BACKEND = "mem"
+VIRTIOFS_TAG = "spinbox"
 
 TEMPLATE_VM_NAME = "template"
 
@@ -103,14 +106,22 @@ def _escape(value: str | Path) -> str:
 
 
 def memory_backend_args(spec: VmSpec) -> tuple[str, list[str]]:
-    """The -machine suboption and the options that give the guest its RAM ("" and [] for QEMU's own)."""
+    """The -machine suboption and the options that give the guest its RAM ("" and [] for QEMU's own).
+
+    A template's RAM is a file; a VM with a virtio-fs share has its RAM in a memfd shared with
+    virtiofsd (vhost-user maps guest memory), which is why such a VM never starts from a template.
+    """
     memory = spec.memory_file
-    if memory is None:
+    size = f"id={MEMORY_BACKEND},size={spec.memory_mib}M"
+    if memory is not None:
+        share = "on" if memory.shared else "off"
+        path = memory.path if memory.fd is None else Path(f"/proc/self/fd/{memory.fd}")
+        backend = f"memory-backend-file,{size},mem-path={_escape(path)},share={share}"
+    elif spec.virtiofs_fd is not None:
+        backend = f"memory-backend-memfd,{size},share=on"
+    else:
         return "", []
-    share = "on" if memory.shared else "off"
-    path = memory.path if memory.fd is None else Path(f"/proc/self/fd/{memory.fd}")
-    backend = f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_escape(path)},share={share}"
-    return ",memory-backend=mem", ["-object", backend]
+    return f",memory-backend={MEMORY_BACKEND}", ["-object", backend]
 
 
 def _unix_server(chardev_id: str, path: Path, files: Handover) -> list[str]:
@@ -145,12 +156,14 @@ class QemuCommand:
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
-        """File descriptors QEMU inherits: TAPs, a migration stream, what the caller keeps alive with it."""
+        """File descriptors QEMU inherits: TAPs, a migration stream, RAM, virtiofsd's connection, and
+        what the caller keeps alive with it."""
         spec = self.spec
         incoming = () if spec.incoming_fd is None else (spec.incoming_fd,)
         memory = () if spec.memory_file is None or spec.memory_file.fd is None else (spec.memory_file.fd,)
         lease = (self.user.lease_fd,) if self.user is not None and self.user.lease_fd >= 0 else ()
-        return tuple(nic.tap_fd for nic in spec.nics) + incoming + memory + self.keep_fds + lease
+        share = () if spec.virtiofs_fd is None else (spec.virtiofs_fd,)
+        return tuple(nic.tap_fd for nic in spec.nics) + incoming + memory + share + self.keep_fds + lease
 
     @property
     def agent_address(self) -> str:
@@ -249,6 +262,11 @@ class QemuCommand:
             argv += ["-netdev", f"tap,id=net{index},fd={nic.tap_fd}"]
             if spec.incoming_fd is None:
                 argv += ["-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}"]
+        if spec.virtiofs_fd is not None:
+            argv += [
+                "-chardev", f"socket,id=virtiofs,fd={spec.virtiofs_fd}",
+                "-device", f"vhost-user-fs-pci,id=fs0,chardev=virtiofs,tag={VIRTIOFS_TAG}",
+            ]  # fmt: skip
         if self.vsock_cid is not None:
             vhost = files.file(VHOST_VSOCK, writable=True)
             argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={self.vsock_cid},vhostfd={vhost}"]

@@ -66,6 +66,9 @@ class VmSpec:
     accel: Accel = "auto"
     # Spare PCIe root ports for disks hot-plugged later (a pod's further containers).
     hotplug_ports: int = 0
+    # QEMU's end of the vhost-user connection to the VM's virtiofsd: a
+    # virtio-fs device, and guest RAM in a shared memory backend.
+    virtiofs_fd: int | None = None
     qemu: str = "qemu-system-x86_64"
     # QEMU as a uid of its own under -sandbox (spinbox.vm.handover); False only to measure the cost.
     confine: bool = True
@@ -115,6 +118,9 @@ class VmSpec:
                 )
             if nic.tap_fd < 0:
                 raise VmError(f"NIC {nic.mac} has no TAP file descriptor")
+        if self.virtiofs_fd is not None and self.memory_file is not None:
+            # virtiofsd maps guest RAM, which a template's file-backed RAM cannot share with it.
+            raise VmError("a VM with a virtio-fs share boots cold: its RAM cannot be a template's")
         if self.incoming_fd is not None and self.memory_file is None:
             raise VmError("a VM restored from a template needs the template's memory file")
         if self.incoming_fd is not None and len(self.disks) + len(self.nics) > self.hotplug_ports:

@@ -202,6 +202,7 @@ def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, obje
             if line.strip() and not line.startswith("spinbox-vm-template-")
         ],
         "qemu": [pid for pid in systemd.processes("qemu-system") if pid not in templates],
+        "virtiofsd": systemd.processes("virtiofsd"),
         "vm-files": sorted(str(p) for p in vm_dir.rglob("*")) if vm_dir.exists() else [],
         "shims": shims,
         "tasks": containerd.ctr("task", "ls", "-q").stdout.split(),
@@ -220,6 +221,7 @@ def leftovers(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, obje
 NOTHING_LEFT = {
     "scopes": [],
     "qemu": [],
+    "virtiofsd": [],
     "vm-files": [],
     "shims": [],
     "tasks": [],

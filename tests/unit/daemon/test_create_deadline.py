@@ -68,6 +68,7 @@ class StubBackend:
         nics: Any,
         spawn: Any,
         template_dir: Any = None,
+        virtiofs_fd: Any = None,
     ) -> Any:
         self.taken.append("qemu")
         self.launched.set()

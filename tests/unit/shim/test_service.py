@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +17,6 @@ from google.protobuf.message import Message
 from spinbox.api.proto import agent_pb2
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
-from spinbox.shim.bindfiles import BIND_FILE_LIMIT
 from spinbox.shim.errors import ShimError
 from spinbox.shim.guestspec import for_guest
 from spinbox.shim.protos import Any as AnyMessage
@@ -42,7 +40,7 @@ class FakeAgent:
     async def close(self) -> None:
         self.closed = True
 
-    async def create_container(self, container_id: str, spec: bytes, io: Any = None, files: Any = ()) -> int:
+    async def create_container(self, container_id: str, spec: bytes, io: Any = None, shared: Any = ()) -> int:
         if self.fail_create:
             raise ShimError("FAILED_PRECONDITION", self.fail_create)
         self.spec = json.loads(spec)
@@ -306,55 +304,8 @@ def test_vm_ids_fit_spinboxd_rules() -> None:
 
 
 def test_guest_gets_a_runtime_spec_version_its_crun_reads() -> None:
-    assert for_guest({"ociVersion": "1.2.1"})[0]["ociVersion"] == "1.0.2"
-    assert for_guest({"ociVersion": "1.0.2-dev"})[0]["ociVersion"] == "1.0.2-dev"
-
-
-def test_host_file_binds_travel_to_the_guest_and_others_stay_on_the_host(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    hosts = tmp_path / "hosts"
-    hosts.write_text("10.1.2.3 foo\n")
-    hosts.chmod(0o666)
-    big = tmp_path / "big"
-    big.write_bytes(b"x" * (BIND_FILE_LIMIT + 1))
-    exact = tmp_path / "exact"
-    exact.write_bytes(b"y" * BIND_FILE_LIMIT)
-    spec = {
-        "ociVersion": "1.0.2",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind", "rw"]},
-            {"destination": "/data", "source": str(tmp_path), "options": ["rbind", "ro"]},
-            {"destination": "/big", "type": "bind", "source": str(big), "options": ["rbind"]},
-            {
-                "destination": "/gone",
-                "type": "bind",
-                "source": str(tmp_path / "missing"),
-                "options": ["bind"],
-            },
-            {"destination": "/null", "type": "bind", "source": "/dev/null", "options": ["bind"]},
-            {"destination": "/exact", "source": str(exact), "options": ["bind", "ro"]},
-            {"destination": "/exact2", "source": str(exact), "options": ["bind"]},
-        ],
-    }
-    with caplog.at_level("WARNING"):
-        guest, files = for_guest(spec)
-    assert [m["destination"] for m in guest["mounts"]] == ["/proc", "/etc/hosts", "/exact"]
-    assert guest["mounts"][1]["options"] == ["rbind", "rw"]
-    assert guest["mounts"][2]["options"] == ["bind", "ro"]
-    assert [(f.mount, f.content) for f in files] == [
-        (1, b"10.1.2.3 foo\n"),
-        (2, b"y" * BIND_FILE_LIMIT),
-    ]
-    assert (files[0].mode, files[0].uid) == (0o666, os.getuid())
-    assert len(spec["mounts"]) == 8
-    text = caplog.text
-    assert "/data" in text and "directories are not shared" in text
-    assert "/big" in text and "larger than" in text
-    assert "/gone" in text and "cannot open it" in text
-    assert "/null" in text and "not a regular file" in text
-    assert "/exact2" in text and "together would exceed" in text
+    assert for_guest({"ociVersion": "1.2.1"})["ociVersion"] == "1.0.2"
+    assert for_guest({"ociVersion": "1.0.2-dev"})["ociVersion"] == "1.0.2-dev"
 
 
 def test_deleting_a_created_container_releases_its_waiters(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -201,3 +202,16 @@ def test_a_kernel_only_root_can_read_is_refused(spec: VmSpec) -> None:
 def test_bad_specs_are_refused(spec: VmSpec, change: dict[str, object], message: str) -> None:
     with pytest.raises(VmError, match=message.replace("(", r"\(").replace(".", r"\.")):
         VmSpec(**{**spec.__dict__, **change}).validate()  # type: ignore[arg-type]
+
+
+def test_a_share_adds_virtio_fs_and_a_shared_memory_backend(spec: VmSpec) -> None:
+    plain = QemuCommand(spec, accel="tcg").argv()
+    assert "memory-backend" not in " ".join(plain) and "vhost-user-fs-pci" not in " ".join(plain)
+    shared = dataclasses.replace(spec, memory_mib=512, virtiofs_fd=7)
+    command = QemuCommand(shared, accel="tcg")
+    argv = command.argv()
+    assert option_values(argv, "-machine")[0].endswith(",memory-backend=mem")
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert "socket,id=virtiofs,fd=7" in option_values(argv, "-chardev")
+    assert "vhost-user-fs-pci,id=fs0,chardev=virtiofs,tag=spinbox" in option_values(argv, "-device")
+    assert 7 in command.pass_fds

@@ -101,3 +101,9 @@ def test_a_template_s_identity_command_line_opens_nothing_and_is_stable(spec: Vm
     assert argv == QemuCommand(spec, accel="tcg").argv(second)
     assert first.fds == [] and not (tmp_path / "absent").exists()
     assert option_values(argv, "-kernel") == ["/proc/self/fd/1000"]
+
+
+def test_a_vm_with_a_share_never_has_a_templates_ram(spec: VmSpec, tmp_path: Path) -> None:
+    spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=False), virtiofs_fd=7)
+    with pytest.raises(VmError, match="a VM with a virtio-fs share boots cold"):
+        spec.validate()

@@ -1,0 +1,134 @@
+"""A pod's further containers in its running VM: their rootfses (hot-plugged disks the guest
+mounts) and their volumes (binds in the VM's share)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from spinbox.daemon import share
+from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
+from spinbox.daemon.options import Mount, check_container_id
+
+if TYPE_CHECKING:
+    from spinbox.daemon.manager import Vm, VmManager
+
+log = logging.getLogger(__name__)
+
+
+async def add_rootfs(manager: VmManager, vm: Vm, container_id: str, mounts: tuple[Mount, ...]) -> str:
+    """Prepare a further container's rootfs, hot-plug its disks and have the guest mount it."""
+    check_container_id(container_id)
+    if not mounts:
+        raise InvalidArgument(f"the rootfs of container {container_id!r} has no mounts")
+    async with vm.lock:
+        if vm.phase != "running":
+            raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
+        if container_id == vm.state.container_id or container_id in vm.added:
+            raise AlreadyExists(f"VM {vm.id!r} already has a rootfs for container {container_id!r}")
+        used = {entry["prefix"] for entry in vm.state.added_rootfs.values()}
+        prefix = next(f"sb{n}" for n in range(1, len(used) + 2) if f"sb{n}" not in used)
+        if not vm.state.storage_dir:
+            vm.state.storage_dir = str(manager.storage_dir / vm.id)
+            vm.state.save(vm.runtime_dir)
+        try:
+            return await _add_rootfs(manager, vm, container_id, mounts, prefix)
+        except SpinboxError:
+            raise
+        except Exception as e:
+            log.exception("adding the rootfs of %s to VM %s failed", container_id, vm.id)
+            raise Failed(
+                f"the rootfs of container {container_id!r} could not be added to VM {vm.id!r}: {e}"
+            ) from None
+
+
+async def _add_rootfs(
+    manager: VmManager, vm: Vm, container_id: str, mounts: tuple[Mount, ...], prefix: str
+) -> str:
+    work_dir = Path(vm.state.storage_dir)
+    async with AsyncExitStack() as undo:
+        rootfs, disks, mount = await manager.backend.prepare_added_rootfs(
+            container_id, mounts, work_dir, prefix
+        )
+        undo.push_async_callback(rootfs.release)
+        for disk in disks:
+            await vm.machine.add_disk(disk)
+            undo.push_async_callback(vm.machine.remove_disk, disk.serial)
+        path = await manager.backend.mount_rootfs(vm.machine, mount)
+        vm.added[container_id] = rootfs
+        vm.state.added_rootfs[container_id] = {
+            "prefix": prefix,
+            "serials": [disk.serial for disk in disks],
+            "path": path,
+        }
+        vm.state.save(vm.runtime_dir)
+        undo.pop_all()
+    log.info("VM %s: added the rootfs of container %s at %s", vm.id, container_id, path)
+    return path
+
+
+async def add_volumes(vm: Vm, container_id: str, volumes: tuple[share.Volume, ...]) -> None:
+    """Bind a further container's volumes into the running VM's share (seen by its virtiofsd)."""
+    check_container_id(container_id)
+    async with vm.lock:
+        if vm.phase != "running":
+            raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
+        if not vm.state.share:
+            raise Failed(f"VM {vm.id!r} was created without a share (CreateVM's option 'share')")
+        directory = share.share_dir(vm.runtime_dir)
+        if (directory / container_id).exists():
+            raise AlreadyExists(f"VM {vm.id!r} already has volumes for container {container_id!r}")
+        await asyncio.to_thread(share.bind, directory, container_id, list(volumes))
+    log.info("VM %s: added %d volume(s) of container %s", vm.id, len(volumes), container_id)
+
+
+async def remove_rootfs(manager: VmManager, vm: Vm, container_id: str) -> None:
+    """Have the guest unmount a further container's rootfs, write it back, unplug and release it."""
+    async with vm.lock:
+        rootfs = vm.added.get(container_id)
+        if rootfs is None:
+            raise NotFound(f"VM {vm.id!r} has no added rootfs for container {container_id!r}")
+        if vm.phase not in ("running", "paused"):
+            raise Failed(f"VM {vm.id!r} is {vm.phase}")
+        errors = []
+        written = True
+        if rootfs.writable:
+            try:
+                await manager.backend.export_upper(vm.machine, container_id, rootfs)
+            except Exception as e:
+                log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
+                errors.append(f"writeback: {e}")
+                written = False
+                # Its files stay (never deleted unread), and so does the VM's storage.
+                vm.unwritten.add(container_id)
+        try:
+            await manager.backend.quiesce_guest(vm.machine, container_id, unmount=True)
+        except Exception as e:
+            raise Failed(
+                f"the guest could not unmount the rootfs of {container_id!r}: {e}"
+                + "".join(f"; {error}" for error in errors)
+            ) from None
+        for serial in vm.state.added_rootfs[container_id]["serials"]:
+            try:
+                await vm.machine.remove_disk(serial)
+            except Exception as e:
+                errors.append(f"disk {serial}: {e}")
+        try:
+            if written:
+                await rootfs.release()
+        except Exception as e:
+            errors.append(f"storage: {e}")
+        del vm.added[container_id]
+        del vm.state.added_rootfs[container_id]
+        vm.state.save(vm.runtime_dir)
+        if vm.state.share:
+            try:
+                await asyncio.to_thread(share.unbind, share.share_dir(vm.runtime_dir), container_id)
+            except Exception as e:
+                errors.append(f"volumes: {e}")
+    log.info("VM %s: removed the rootfs of container %s", vm.id, container_id)
+    if errors:
+        raise Failed(f"removing the rootfs of {container_id!r} from VM {vm.id!r}: " + "; ".join(errors))

@@ -1,0 +1,344 @@
+"""Host directories and files shared into spinbox containers over virtio-fs.
+
+ctr's --mount (containerd 1.6 and 2.x), nerdctl's named volumes and a CRI
+pod's emptyDir and configMap-style volume: changes are live both ways,
+read-only mounts stay read-only on the host whatever the guest remounts, a
+mount a VM cannot give fails the create with a sentence, and nothing (no
+virtiofsd, no mount, no share directory) is left after a delete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.e2e.stack import (
+    BUILDS,
+    CRICTL,
+    IMAGE,
+    NERDCTL,
+    NOTHING_LEFT,
+    RUNTIME,
+    Containerd,
+    CriContainerd,
+    wait_until_clean,
+)
+from tests.harness.systemd import PrivateSystemd
+
+# Under /etc, which is an overlay private to the test's systemd.
+HOST_DIR = "/etc/spinbox-e2e-volumes"
+CRI_WORK = "/run/spinbox-e2e-volumes"
+GIB = 1 << 30
+
+
+def preferred_build() -> str:
+    """containerd 2.x where installed (nerdctl needs it), else Debian's 1.6."""
+    return "2.x" if BUILDS["2.x"].available else "1.6"
+
+
+def eventually(what: str, read: Callable[[], object], expected: object, timeout: float = 60) -> None:
+    """`read()` returns `expected` within `timeout` (execs in a TCG guest take seconds each)."""
+    deadline = time.monotonic() + timeout
+    while (found := read()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout:g}s; last read {found!r}")
+        time.sleep(0.3)
+
+
+def exec_in(containerd: Containerd, container: str, script: str, exec_id: str) -> tuple[int, str]:
+    result = containerd.ctr("task", "exec", "--exec-id", exec_id, container, "sh", "-c", script, check=False)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module", params=["1.6", "2.x"])
+def containerd(request: pytest.FixtureRequest, stack: PrivateSystemd) -> Iterator[Containerd]:
+    build = BUILDS[request.param]
+    if not build.available:
+        pytest.skip(f"containerd {build.name} is not installed")
+    with Containerd.running(stack, build) as instance:
+        yield instance
+
+
+def test_ctr_volumes_are_live_both_ways_and_read_only_ones_stay_read_only_on_the_host(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    rw, ro = f"{HOST_DIR}/rw", f"{HOST_DIR}/ro"
+    stack.run("mkdir", "-p", rw, ro)
+    stack.write_file(f"{ro}/kept", "read-only content\n")
+    stack.write_file(f"{HOST_DIR}/file", "a single file\n")
+    name = "vol-" + containerd.build.name.replace(".", "")
+    containerd.ctr(
+        "run", "-d", "--privileged", "--runtime", RUNTIME,
+        "--mount", f"type=bind,src={rw},dst=/rw,options=rbind:rw",
+        "--mount", f"type=bind,src={ro},dst=/ro,options=rbind:ro",
+        "--mount", f"type=bind,src={HOST_DIR}/file,dst=/etc/single,options=bind:ro",
+        IMAGE, name, "sleep", "600",
+    )  # fmt: skip
+    try:
+        # The container's write is on the host while the container runs.
+        code, out = exec_in(containerd, name, "echo from-the-container > /rw/out", "w1")
+        assert code == 0, out
+        assert stack.path(f"{rw}/out").read_text() == "from-the-container\n"
+        # The host's write is seen by the running container.
+        stack.write_file(f"{rw}/in", "from-the-host\n")
+        eventually(
+            "the host's file in the container",
+            lambda: exec_in(containerd, name, "cat /rw/in", "r1"),
+            (0, "from-the-host\n"),
+        )
+        code, out = exec_in(containerd, name, "cat /etc/single /ro/kept", "r2")
+        assert (code, out) == (0, "a single file\nread-only content\n")
+        # Read-only: EROFS, and still so after the guest remounts it read-write.
+        code, out = exec_in(containerd, name, "echo x > /ro/new", "w2")
+        assert code != 0 and "Read-only file system" in out, out
+        code, out = exec_in(containerd, name, "mount -o remount,rw /ro && echo remounted", "m1")
+        assert "remounted" in out, out
+        code, out = exec_in(containerd, name, "echo x > /ro/new; echo x >> /ro/kept", "w3")
+        assert code != 0, out
+        assert not stack.path(f"{ro}/new").exists()
+        assert stack.path(f"{ro}/kept").read_text() == "read-only content\n"
+    finally:
+        containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
+        time.sleep(1)
+        containerd.ctr("task", "delete", "-f", name, check=False)
+        containerd.ctr("containers", "delete", name, check=False)
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_a_socket_or_device_bind_fails_the_create_naming_the_mount(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    socket_path = f"{HOST_DIR}/app.sock"
+    stack.run("mkdir", "-p", HOST_DIR)
+    stack.run("rm", "-f", socket_path)
+    stack.run("python3", "-c", f"import socket; socket.socket(socket.AF_UNIX).bind({socket_path!r})")
+    for source, kind in ((socket_path, "a socket"), ("/dev/null", "a device node")):
+        result = containerd.ctr(
+            "run", "--rm", "--runtime", RUNTIME,
+            "--mount", f"type=bind,src={source},dst=/mnt/x,options=rbind",
+            IMAGE, "vol-bad", "true",
+            check=False,
+        )  # fmt: skip
+        assert result.returncode != 0
+        assert f"bind mount of {source} at /mnt/x: the source is {kind}" in result.stderr, result.stderr
+        containerd.ctr("containers", "delete", "vol-bad", check=False)
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_a_gib_written_through_a_volume_arrives_intact(containerd: Containerd, stack: PrivateSystemd) -> None:
+    if containerd.build.name != preferred_build():
+        pytest.skip("one containerd build is enough for the data path")
+    out_dir = f"{HOST_DIR}/big"
+    stack.run("mkdir", "-p", out_dir)
+    # Not sparse: 1024 blocks of 1 MiB, each a repeated line ending with its own number.
+    script = (
+        "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done > /tmp/lines; "
+        "head -c 1048560 /tmp/lines > /tmp/block; "
+        "i=0; while [ $i -lt 1024 ]; do cat /tmp/block; printf '%015d\\n' $i; i=$((i+1)); done > /out/big; "
+        "sync; stat -c %s /out/big"
+    )
+    started = time.monotonic()
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", RUNTIME,
+        "--mount", f"type=bind,src={out_dir},dst=/out,options=rbind:rw",
+        IMAGE, "vol-big", "sh", "-c", script,
+        check=False, timeout=900,
+    )  # fmt: skip
+    print(f"1 GiB through a volume: {time.monotonic() - started:.1f} s (with the VM's boot)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(GIB)
+    block = "".join(f"line {i}\n" for i in range(20000)).encode()[:1048560]
+    expected = hashlib.sha256()
+    for i in range(1024):
+        expected.update(block + f"{i:015d}\n".encode())
+    digest = hashlib.sha256()
+    with stack.path(f"{out_dir}/big").open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    assert digest.hexdigest() == expected.hexdigest()
+    stack.path(f"{out_dir}/big").unlink()
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_nerdctl_named_volume_keeps_what_the_first_container_wrote(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    if containerd.build.name == "1.6":
+        pytest.skip("nerdctl v2 needs containerd 1.7 or newer")
+    if not NERDCTL.exists():
+        pytest.skip("nerdctl is not installed (tools/install-test-clients)")
+    containerd.nerdctl("volume", "rm", "-f", "spinbox-e2e-vol", check=False)
+    try:
+        first = containerd.nerdctl(
+            "run", "--rm", "--runtime", RUNTIME, "-v", "spinbox-e2e-vol:/data", IMAGE,
+            "sh", "-c", "echo written-by-the-first > /data/note",
+            check=False,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        second = containerd.nerdctl(
+            "run", "--rm", "--runtime", RUNTIME, "-v", "spinbox-e2e-vol:/data", IMAGE, "cat", "/data/note",
+            check=False,
+        )  # fmt: skip
+        assert (second.returncode, second.stdout) == (0, "written-by-the-first\n"), second.stderr
+    finally:
+        containerd.nerdctl("volume", "rm", "-f", "spinbox-e2e-vol", check=False)
+        # nerdctl v2.1 leaves its client-side FIFOs behind, with runc as well.
+        stack.run("sh", "-c", "rm -rf /run/containerd/fifo/*")
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def task_stopped(containerd: Containerd, name: str) -> bool:
+    return containerd.tasks().get(name) in ("STOPPED", None)
+
+
+def crash(stack: PrivateSystemd, name: str) -> None:
+    """SIGKILL the container's shim, or spinboxd and QEMU together (spinboxd restarts)."""
+    if name == "vol-shim-kill":
+        (shim,) = stack.processes(f"spinbox.shim .*-id {name}")
+        stack.run("kill", "-KILL", str(shim))
+        return
+    started = stack.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic")
+    stack.systemctl("kill", "--kill-who=main", "--signal=KILL", "spinbox.service")
+    for pid in stack.processes("qemu-system"):
+        stack.run("kill", "-KILL", str(pid), check=False)
+    stack.wait_for(
+        "spinboxd restarted",
+        lambda: (
+            stack.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic") != started
+            and stack.unit_property("spinbox.service", "ActiveState") == "active"
+        ),
+        timeout=60,
+    )
+
+
+def test_volumes_are_released_after_a_sigkill_of_the_shim_or_of_spinboxd_and_qemu(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    if containerd.build.name != preferred_build():
+        pytest.skip("one containerd build is enough for the crash paths")
+    data = f"{HOST_DIR}/crash"
+    stack.run("mkdir", "-p", data)
+    stack.write_file(f"{data}/keep", "user data\n")
+    for name in ("vol-shim-kill", "vol-daemon-kill"):
+        containerd.ctr(
+            "run", "-d", "--runtime", RUNTIME,
+            "--mount", f"type=bind,src={data},dst=/data,options=rbind:rw",
+            IMAGE, name, "sleep", "600",
+        )  # fmt: skip
+        try:
+            assert stack.processes("virtiofsd")
+            crash(stack, name)
+            stack.wait_for("the task to stop", functools.partial(task_stopped, containerd, name), timeout=120)
+        finally:
+            containerd.ctr("task", "delete", name, check=False)
+            containerd.ctr("container", "delete", name, check=False)
+            stack.run("sh", "-c", f"rm -rf $(dirname /run/containerd/fifo/*/{name}-stdout)", check=False)
+        assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+        # The volume was unmounted, never removed through.
+        assert stack.path(f"{data}/keep").read_text() == "user data\n"
+
+
+def write_config_map(stack: PrivateSystemd, directory: str, version: str, value: str) -> None:
+    """A configMap volume as the kubelet writes it: a timestamped directory, `..data` pointing
+    at it (swapped atomically by a rename), and each key a link through `..data`."""
+    stack.write_file(f"{directory}/..{version}/key", value)
+    stack.run(
+        "sh", "-c",
+        f"cd {directory} && ln -sfn ..{version} ..data_tmp && mv -T ..data_tmp ..data && "
+        "{ test -L key || ln -s ..data/key key; }",
+    )  # fmt: skip
+
+
+def test_cri_pod_containers_share_an_empty_dir_and_see_a_config_map_change(stack: PrivateSystemd) -> None:
+    if not CRICTL.exists():
+        pytest.skip("crictl is not installed (tools/install-test-clients)")
+    cri = CriContainerd(stack, BUILDS[preferred_build()])
+    cri.start()
+    pod = ""
+    try:
+        empty_dir, config_map = f"{CRI_WORK}/empty-dir", f"{CRI_WORK}/config-map"
+        stack.run("mkdir", "-p", empty_dir, config_map, f"{CRI_WORK}/logs")
+        write_config_map(stack, config_map, "2026_12_06_1", "first\n")
+        pod_config = f"{CRI_WORK}/pod.json"
+        stack.write_file(
+            pod_config,
+            json.dumps(
+                {
+                    "metadata": {
+                        "name": "volumes",
+                        "namespace": "default",
+                        "uid": "volumes-uid",
+                        "attempt": 0,
+                    },
+                    "log_directory": f"{CRI_WORK}/logs",
+                    "linux": {},
+                }
+            ),
+        )
+        mounts = [
+            {"container_path": "/cache", "host_path": empty_dir},
+            {"container_path": "/config", "host_path": config_map, "readonly": True},
+        ]
+        containers = []
+        for name, command in (
+            ("writer", "echo from-the-writer > /cache/note; exec sleep 2147483647"),
+            ("reader", "exec sleep 2147483647"),
+        ):
+            config = f"{CRI_WORK}/{name}.json"
+            stack.write_file(
+                config,
+                json.dumps(
+                    {
+                        "metadata": {"name": name},
+                        "image": {"image": IMAGE},
+                        "command": ["sh", "-c", command],
+                        "mounts": mounts,
+                        "log_path": f"{name}.log",
+                    }
+                ),
+            )
+            containers.append((name, config))
+        pod = cri.crictl("runp", "--runtime", "spinbox", pod_config).stdout.strip()
+        ids = {}
+        for name, config in containers:
+            ids[name] = cri.crictl("create", pod, config, pod_config).stdout.strip()
+            cri.crictl("start", ids[name])
+
+        def in_reader(script: str) -> str:
+            result = cri.crictl("exec", "-s", ids["reader"], "sh", "-c", script, check=False)
+            # crictl's exec -s adds blank lines to the output.
+            return (
+                result.stdout.strip()
+                if result.returncode == 0
+                else f"exit {result.returncode}: {result.stderr}"
+            )
+
+        eventually("the writer's file in the reader", lambda: in_reader("cat /cache/note"), "from-the-writer")
+        assert stack.path(f"{empty_dir}/note").read_text() == "from-the-writer\n"
+        assert in_reader("cat /config/key") == "first"
+        write_config_map(stack, config_map, "2026_12_06_2", "second\n")
+        eventually("the configMap's new value", lambda: in_reader("cat /config/key"), "second")
+        denied = cri.crictl("exec", "-s", ids["reader"], "sh", "-c", "echo x > /config/new", check=False)
+        assert "Read-only" in denied.stdout + denied.stderr
+    finally:
+        if pod:
+            cri.crictl("stopp", pod, check=False)
+            cri.crictl("rmp", pod, check=False)
+        try:
+            eventually(
+                "the pod's VM and share to go", lambda: stack.processes("virtiofsd|qemu-system"), [], 120
+            )
+            found = [
+                t
+                for t in stack.run("findmnt", "-rn", "-o", "TARGET").stdout.split()
+                if t.startswith("/run/spinbox/")
+            ]
+            assert found == []
+            assert not list(stack.path("/run/spinbox/vm").glob("*"))
+        finally:
+            cri.stop()
