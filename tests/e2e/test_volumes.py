@@ -199,7 +199,7 @@ def task_stopped(containerd: Containerd, name: str) -> bool:
 def crash(stack: PrivateSystemd, name: str) -> None:
     """SIGKILL the container's shim, or spinboxd and QEMU together (spinboxd restarts)."""
     if name == "vol-shim-kill":
-        (shim,) = stack.processes(f"spinbox.shim .*-id {name}")
+        (shim,) = stack.processes(f"containerd-shim-spinbox-v1 .*-id {name}")
         stack.run("kill", "-KILL", str(shim))
         return
     started = stack.unit_property("spinbox.service", "ExecMainStartTimestampMonotonic")

@@ -205,11 +205,11 @@ def test_bad_specs_are_refused(spec: VmSpec, change: dict[str, object], message:
 
 
 def test_a_share_adds_virtio_fs_and_a_shared_memory_backend(spec: VmSpec) -> None:
-    plain = QemuCommand(spec, accel="tcg").argv()
+    plain = argv_of(QemuCommand(spec, accel="tcg"))
     assert "memory-backend" not in " ".join(plain) and "vhost-user-fs-pci" not in " ".join(plain)
     shared = dataclasses.replace(spec, memory_mib=512, virtiofs_fd=7)
     command = QemuCommand(shared, accel="tcg")
-    argv = command.argv()
+    argv = argv_of(command)
     assert option_values(argv, "-machine")[0].endswith(",memory-backend=mem")
     assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
     assert "socket,id=virtiofs,fd=7" in option_values(argv, "-chardev")
