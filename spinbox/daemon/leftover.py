@@ -18,6 +18,7 @@ from spinbox.daemon.options import check_vm_id
 from spinbox.daemon.process import pid_alive
 from spinbox.daemon.state import VmState
 from spinbox.daemon.systemd import scope_name
+from spinbox.storage.errors import SnapshotGone
 
 if TYPE_CHECKING:
     from spinbox.daemon.manager import VmManager
@@ -52,6 +53,8 @@ async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None,
             if rootfs.writable:
                 try:
                     await manager._write_back_with_helper(vm_id, container_id, rootfs)
+                except SnapshotGone as e:
+                    log.warning("VM %s: %s", vm_id, e)
                 except Exception:
                     log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm_id)
                     unwritten.append(container_id)

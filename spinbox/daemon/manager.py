@@ -28,7 +28,7 @@ from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.daemon.templates import TemplateStore
 from spinbox.daemon.virtiofsd import start_share
-from spinbox.storage.errors import StorageError
+from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
 
@@ -435,6 +435,9 @@ class VmManager:
             return
         try:
             await self.backend.export_upper(vm.machine, container_id, rootfs)
+        except SnapshotGone as e:
+            log.warning("VM %s: %s", vm.id, e)
+            vm.exported.add(container_id)
         except Exception as e:
             if not isinstance(e, StorageError) and (connection_lost(e) or isinstance(e, TimeoutError)):
                 log.warning(
@@ -494,6 +497,8 @@ class VmManager:
         for container_id, rootfs in unsent.items():
             try:
                 await self._write_back_with_helper(vm.id, container_id, rootfs)
+            except SnapshotGone as e:
+                log.warning("VM %s: %s", vm.id, e)
             except Exception as e:
                 log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm.id)
                 errors.append(f"writeback of container {container_id!r}: {e}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from spinbox.daemon import share
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
 from spinbox.daemon.options import Mount, check_container_id
+from spinbox.storage.errors import SnapshotGone
 
 if TYPE_CHECKING:
     from spinbox.daemon.manager import Vm, VmManager
@@ -98,6 +99,8 @@ async def remove_rootfs(manager: VmManager, vm: Vm, container_id: str) -> None:
         if rootfs.writable:
             try:
                 await manager.backend.export_upper(vm.machine, container_id, rootfs)
+            except SnapshotGone as e:
+                log.warning("VM %s: %s", vm.id, e)
             except Exception as e:
                 log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
                 errors.append(f"writeback: {e}")

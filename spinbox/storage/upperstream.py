@@ -54,7 +54,7 @@ from spinbox.api.upper_format import (
     Kind,
     RecordType,
 )
-from spinbox.storage.errors import StorageError
+from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import os_error
 
 XATTR_PREFIXES = ("user.", "trusted.", "security.")
@@ -443,7 +443,28 @@ async def receive(chunks: AsyncIterable[bytes], snapshot_upper: Path, limits: Li
     """Make `snapshot_upper` exactly the layer the stream carries, or leave it as it was.
 
     The stream is written into a new sibling directory, checked to its end,
-    then exchanged with the snapshot's upper directory in one step."""
+    then exchanged with the snapshot's upper directory in one step. SnapshotGone
+    when containerd removed the snapshot (its container deleted) before the
+    layer was in place."""
+    try:
+        await _receive(chunks, snapshot_upper, limits, what)
+    except StorageError:
+        if not snapshot_upper.parent.exists():
+            raise _gone(snapshot_upper, what) from None
+        raise
+    if not snapshot_upper.parent.exists():
+        # Written through directory fds into a snapshot removed meanwhile: it went with it.
+        raise _gone(snapshot_upper, what)
+
+
+def _gone(snapshot_upper: Path, what: str) -> SnapshotGone:
+    return SnapshotGone(
+        f"{what} was not written back: its snapshot {snapshot_upper.parent} was removed "
+        "(the container was deleted) before the layer was in place"
+    )
+
+
+async def _receive(chunks: AsyncIterable[bytes], snapshot_upper: Path, limits: Limits, what: str) -> None:
     staging = snapshot_upper.with_name(f".spinbox-upper.{uuid.uuid4().hex[:12]}")
     try:
         extractor = await _blocking(Extractor, staging, limits, what, snapshot_upper)

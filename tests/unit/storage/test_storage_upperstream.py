@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ from spinbox.api.upper_format import (
     Kind,
     RecordType,
 )
+from spinbox.storage.errors import SnapshotGone
 from spinbox.storage.upperstream import Limits, UnsafeUpper, receive
 
 WHAT = "the writable layer of container c1"
@@ -165,6 +167,27 @@ def test_a_real_upper_arrives_exactly(tmp_path: Path) -> None:
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
     assert (upper / "sparse").stat().st_blocks * 512 < 1 << 20
     assert not [p for p in upper.parent.iterdir() if p.name != "fs"]  # no staging left
+    assert (place.outside / "secret").read_text() == "host\n"
+
+
+def test_a_layer_whose_snapshot_was_removed_meanwhile_says_so(tmp_path: Path) -> None:
+    """containerd removes a deleted container's snapshot; a layer still on its way has nowhere to go."""
+    source = tmp_path / "guest-upper"
+    source.mkdir()
+    (source / "file").write_text("late\n")
+    place = Place(tmp_path / "host")
+
+    async def removed_on_the_way() -> AsyncIterator[bytes]:
+        # The receiver has made its staging directory before it asks for the first piece.
+        shutil.rmtree(place.upper.parent)
+        for piece in guest_stream.pieces(source):
+            yield piece
+
+    with pytest.raises(SnapshotGone, match=r"its snapshot .*snap was removed"):
+        asyncio.run(receive(removed_on_the_way(), place.upper, BIG, WHAT))
+    # Removed before the layer started to arrive.
+    with pytest.raises(SnapshotGone, match=r"its snapshot .*snap was removed"):
+        receive_blob(place, b"".join(guest_stream.pieces(source)))
     assert (place.outside / "secret").read_text() == "host\n"
 
 
