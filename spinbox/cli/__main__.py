@@ -71,6 +71,10 @@ def _mib(resources: dict[str, Any]) -> str:
 
 
 async def cmd_list(client: Spinboxd, args: argparse.Namespace) -> int:
+    if args.quiet:
+        for vm in await client.vms():
+            print(vm["Id"])
+        return 0
     rows = [
         [
             vm.get("Namespace") or "-",
@@ -211,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinboxctl", description="Inspect and control spinbox VMs.")
     p.add_argument("--address", help="D-Bus address of the system bus (default: the system bus)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list VMs")
+    list_parser = sub.add_parser("list", help="list VMs")
+    list_parser.add_argument("-q", "--quiet", action="store_true", help="print only the VM ids, one a line")
 
     def with_id(name: str, text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)

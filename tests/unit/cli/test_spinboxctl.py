@@ -3,11 +3,15 @@ and top's readings of a scope's cgroup."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from spinbox.cli import top
-from spinbox.cli.__main__ import candidates, parser
+from spinbox.cli.__main__ import candidates, cmd_list, parser
 from spinbox.cli.check import cni_rows
 from spinbox.config import Config
 
@@ -22,6 +26,35 @@ def test_a_container_id_names_its_vm_in_the_default_namespace() -> None:
     args = parser().parse_args(["logs", "-n", "other", "-f", "u1"])
     assert (args.id, args.namespace, args.follow) == ("u1", "other", True)
     assert parser().parse_args(["top", "--once"]).once
+
+
+class TwoVms:
+    async def vms(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "Namespace": "default",
+                "ContainerId": "u1",
+                "Id": "default-u1",
+                "State": "running",
+                "Pid": 7,
+                "Scope": "s",
+            },
+            {"Id": "pod-x", "State": "running", "Pid": 8, "Scope": "t"},
+        ]
+
+
+def test_list_quiet_prints_only_the_vm_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    """Scripts (the package's prerm among them) read the ids from `list -q`, not from a column."""
+    args = parser().parse_args(["list", "-q"])
+    assert asyncio.run(cmd_list(TwoVms(), args)) == 0  # type: ignore[arg-type]
+    assert capsys.readouterr().out == "default-u1\npod-x\n"
+    asyncio.run(cmd_list(TwoVms(), parser().parse_args(["list"])))  # type: ignore[arg-type]
+    header, first, _second = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["NAMESPACE", "CONTAINER", "ID"] and first.split()[:3] == [
+        "default",
+        "u1",
+        "default-u1",
+    ]
 
 
 def config_with(conflist: Path, plugins: Path) -> Config:
