@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e test-system-containers soak conformance lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e test-system-containers test-templates soak conformance lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -28,6 +28,11 @@ test-e2e: setup
 # mmdebstrap (minutes) and boots it in a large VM, so it runs on its own.
 test-system-containers: setup
 	$(PYTEST) tests/e2e/test_syscont.py
+
+# Containers in VMs restored from templates (vm.boot = "template", opt-in): out of
+# `make test` while a restore can hang (README, Limitations).
+test-templates: setup
+	$(PYTEST) tests/e2e/test_templates.py
 
 # The whole soak: four creates at once, five rounds, containerd 1.6 and 2.x, ctr
 # and CRI pods (`make test` runs two rounds of it); then ten CRI pods created at
