@@ -59,8 +59,13 @@ async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None,
                     log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm_id)
                     unwritten.append(container_id)
                     continue
-            with contextlib.suppress(Exception):
+            try:
                 await rootfs.release()
+            except Exception:
+                # Written back already: what stays is cache references and files, no user data.
+                log.exception(
+                    "releasing the rootfs of %s (VM %s) failed: its files stay", container_id, vm_id
+                )
         # The removal unmounts first: a mount a crash left must neither block it
         # nor have its source's files removed through it.
         await keep_or_remove(manager.kept, state.storage_dir, vm_id, unwritten)

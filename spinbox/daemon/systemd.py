@@ -137,7 +137,7 @@ class SystemdManager:
             del self._jobs[job]
 
     async def _call_bus(self, member: str, signature: str = "", body: list[Any] | None = None) -> Any:
-        reply = await self.bus.call(
+        call = self.bus.call(
             Message(
                 destination="org.freedesktop.DBus",
                 path="/org/freedesktop/DBus",
@@ -147,6 +147,10 @@ class SystemdManager:
                 body=body or [],
             )
         )
+        try:
+            reply = await asyncio.wait_for(call, self.job_timeout)
+        except TimeoutError:
+            raise JobTimeout(f"the bus did not answer {member} within {self.job_timeout:g}s") from None
         return _body(reply)
 
     async def call(
