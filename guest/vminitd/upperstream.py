@@ -14,21 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 
-from spinbox.api.upper_format import (
-    DATA_CHUNK,
-    DATA_HEAD,
-    END_BODY,
-    ENTRY_HEAD,
-    GUEST_ONLY_XATTRS,
-    MAGIC,
-    RECORD_HEAD,
-    U8,
-    U16,
-    U32,
-    VERSION,
-    Kind,
-    RecordType,
-)
+from spinbox.api import upper_format as wire
 
 # The stream is handed out in pieces of about this size.
 PIECE = 1 << 20
@@ -38,27 +24,27 @@ class ExportError(Exception):
     """The upper directory holds something that cannot be written back."""
 
 
-def _record(kind: RecordType, payload: bytes) -> bytes:
-    return RECORD_HEAD.pack(kind, len(payload)) + payload
+def _record(kind: wire.RecordType, payload: bytes) -> bytes:
+    return wire.RECORD_HEAD.pack(kind, len(payload)) + payload
 
 
 def _entry(
-    kind: Kind, st: os.stat_result, path: bytes, target: bytes, xattrs: list[tuple[bytes, bytes]]
+    kind: wire.Kind, st: os.stat_result, path: bytes, target: bytes, xattrs: list[tuple[bytes, bytes]]
 ) -> bytes:
-    size = st.st_size if kind is Kind.REGULAR else 0
+    size = st.st_size if kind is wire.Kind.REGULAR else 0
     parts = [
-        ENTRY_HEAD.pack(
+        wire.ENTRY_HEAD.pack(
             kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, size
         ),
-        U16.pack(len(path)),
+        wire.U16.pack(len(path)),
         path,
-        U16.pack(len(target)),
+        wire.U16.pack(len(target)),
         target,
-        U16.pack(len(xattrs)),
+        wire.U16.pack(len(xattrs)),
     ]
     for name, value in xattrs:
-        parts += [U8.pack(len(name)), name, U32.pack(len(value)), value]
-    return _record(RecordType.ENTRY, b"".join(parts))
+        parts += [wire.U8.pack(len(name)), name, wire.U32.pack(len(value)), value]
+    return _record(wire.RecordType.ENTRY, b"".join(parts))
 
 
 def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
@@ -71,24 +57,24 @@ def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (name.encode(), os.getxattr(path, name, follow_symlinks=False))
         for name in sorted(names)
-        if name not in GUEST_ONLY_XATTRS
+        if name not in wire.GUEST_ONLY_XATTRS
     ]
 
 
-def _kind(st: os.stat_result, shown: bytes) -> Kind:
+def _kind(st: os.stat_result, shown: bytes) -> wire.Kind:
     mode = st.st_mode
     if stat.S_ISDIR(mode):
-        return Kind.DIRECTORY
+        return wire.Kind.DIRECTORY
     if stat.S_ISREG(mode):
-        return Kind.REGULAR
+        return wire.Kind.REGULAR
     if stat.S_ISLNK(mode):
-        return Kind.SYMLINK
+        return wire.Kind.SYMLINK
     if stat.S_ISCHR(mode) and st.st_rdev == 0:
-        return Kind.WHITEOUT
+        return wire.Kind.WHITEOUT
     if stat.S_ISFIFO(mode):
-        return Kind.FIFO
+        return wire.Kind.FIFO
     if stat.S_ISSOCK(mode):
-        return Kind.SOCKET
+        return wire.Kind.SOCKET
     what = "character" if stat.S_ISCHR(mode) else "block" if stat.S_ISBLK(mode) else "special"
     name = shown.decode(errors="replace")
     raise ExportError(f"/{name} is a {what} device node, which spinbox does not write back to the host")
@@ -108,10 +94,10 @@ def _content(path: bytes, size: int) -> Iterator[bytes]:
                     return  # nothing but a hole up to the end
                 raise
             while offset < end:
-                data = os.pread(fd, min(DATA_CHUNK, end - offset), offset)
+                data = os.pread(fd, min(wire.DATA_CHUNK, end - offset), offset)
                 if not data:
                     return  # the file shrank under us; END's sum still names its recorded size
-                yield _record(RecordType.DATA, DATA_HEAD.pack(offset) + data)
+                yield _record(wire.RecordType.DATA, wire.DATA_HEAD.pack(offset) + data)
                 offset += len(data)
     finally:
         os.close(fd)
@@ -120,7 +106,7 @@ def _content(path: bytes, size: int) -> Iterator[bytes]:
 def records(upper: str | os.PathLike[str]) -> Iterator[bytes]:
     """The stream's records for the upper directory `upper`, in order."""
     root = os.fsencode(upper)
-    yield MAGIC + U8.pack(VERSION)
+    yield wire.MAGIC + wire.U8.pack(wire.VERSION)
     linked: dict[tuple[int, int], bytes] = {}
     count = total = 0
     pending: list[bytes] = [b""]
@@ -130,23 +116,23 @@ def records(upper: str | os.PathLike[str]) -> Iterator[bytes]:
         st = os.lstat(full)
         kind = _kind(st, relative)
         target = b""
-        if kind is Kind.SYMLINK:
+        if kind is wire.Kind.SYMLINK:
             target = os.readlink(full)
-        elif kind is Kind.REGULAR and st.st_nlink > 1:
+        elif kind is wire.Kind.REGULAR and st.st_nlink > 1:
             first = linked.get((st.st_dev, st.st_ino))
             if first is None:
                 linked[(st.st_dev, st.st_ino)] = relative
             else:
-                kind, target = Kind.HARDLINK, first
-        yield _entry(kind, st, relative, target, _xattrs(full) if kind is not Kind.HARDLINK else [])
+                kind, target = wire.Kind.HARDLINK, first
+        yield _entry(kind, st, relative, target, _xattrs(full) if kind is not wire.Kind.HARDLINK else [])
         count += 1
-        if kind is Kind.REGULAR:
+        if kind is wire.Kind.REGULAR:
             total += st.st_size
             yield from _content(full, st.st_size)
-        elif kind is Kind.DIRECTORY:
+        elif kind is wire.Kind.DIRECTORY:
             names = sorted(os.listdir(full), reverse=True)
             pending += [os.path.join(relative, name) if relative else name for name in names]
-    yield _record(RecordType.END, END_BODY.pack(count, total))
+    yield _record(wire.RecordType.END, wire.END_BODY.pack(count, total))
 
 
 def pieces(upper: str | os.PathLike[str]) -> Iterator[bytes]:

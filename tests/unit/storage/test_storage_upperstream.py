@@ -14,19 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guest.vminitd import upperstream as guest_stream
-from spinbox.api.upper_format import (
-    DATA_HEAD,
-    END_BODY,
-    ENTRY_HEAD,
-    MAGIC,
-    RECORD_HEAD,
-    U8,
-    U16,
-    U32,
-    VERSION,
-    Kind,
-    RecordType,
-)
+from spinbox.api import upper_format as wire
 from spinbox.storage.errors import SnapshotGone
 from spinbox.storage.upperstream import Limits, UnsafeUpper, receive
 
@@ -38,12 +26,12 @@ BIG = Limits(max_bytes=1 << 30)
 
 
 def record(kind: int, payload: bytes) -> bytes:
-    return RECORD_HEAD.pack(kind, len(payload)) + payload
+    return wire.RECORD_HEAD.pack(kind, len(payload)) + payload
 
 
 def entry(
     path: bytes,
-    kind: int = Kind.REGULAR,
+    kind: int = wire.Kind.REGULAR,
     mode: int = 0o644,
     size: int = 0,
     target: bytes = b"",
@@ -53,27 +41,27 @@ def entry(
     mtime: int = 1_700_000_000_123_456_789,
 ) -> bytes:
     pairs = list(xattrs)
-    body = ENTRY_HEAD.pack(kind, mode, uid, gid, mtime, mtime, size)
-    body += U16.pack(len(path)) + path + U16.pack(len(target)) + target + U16.pack(len(pairs))
+    body = wire.ENTRY_HEAD.pack(kind, mode, uid, gid, mtime, mtime, size)
+    body += wire.U16.pack(len(path)) + path + wire.U16.pack(len(target)) + target + wire.U16.pack(len(pairs))
     for name, value in pairs:
-        body += U8.pack(len(name)) + name + U32.pack(len(value)) + value
-    return record(RecordType.ENTRY, body)
+        body += wire.U8.pack(len(name)) + name + wire.U32.pack(len(value)) + value
+    return record(wire.RecordType.ENTRY, body)
 
 
 def data(offset: int, content: bytes) -> bytes:
-    return record(RecordType.DATA, DATA_HEAD.pack(offset) + content)
+    return record(wire.RecordType.DATA, wire.DATA_HEAD.pack(offset) + content)
 
 
 def end(entries: int, total: int) -> bytes:
-    return record(RecordType.END, END_BODY.pack(entries, total))
+    return record(wire.RecordType.END, wire.END_BODY.pack(entries, total))
 
 
-HEAD = MAGIC + U8.pack(VERSION)
-ROOT = entry(b"", Kind.DIRECTORY, 0o755)
+HEAD = wire.MAGIC + wire.U8.pack(wire.VERSION)
+ROOT = entry(b"", wire.Kind.DIRECTORY, 0o755)
 
 
 def stream(*records: bytes, entries: int | None = None, total: int = 0) -> bytes:
-    count = sum(1 for r in records if r[0] == RecordType.ENTRY) + 1
+    count = sum(1 for r in records if r[0] == wire.RecordType.ENTRY) + 1
     return HEAD + ROOT + b"".join(records) + end(count if entries is None else entries, total)
 
 
@@ -221,29 +209,34 @@ HOSTILE = {
     "nul": (stream(entry(b"a\0b")), "escapes"),
     "empty-name": (stream(entry(b"a//b")), "escapes"),
     "through-symlink": (
-        stream(entry(b"out", Kind.SYMLINK, target=b"../../outside"), entry(b"out/secret", size=1), total=1),
+        stream(
+            entry(b"out", wire.Kind.SYMLINK, target=b"../../outside"), entry(b"out/secret", size=1), total=1
+        ),
         "not a directory",
     ),
     "symlink-then-dir": (
-        stream(entry(b"out", Kind.SYMLINK, target=b"/"), entry(b"out/etc", Kind.DIRECTORY)),
+        stream(entry(b"out", wire.Kind.SYMLINK, target=b"/"), entry(b"out/etc", wire.Kind.DIRECTORY)),
         "not a directory",
     ),
     "parent-not-sent": (stream(entry(b"missing/file")), "not a directory"),
     "device": (stream(entry(b"sda", 8)), "device nodes are refused"),
     "sparse-beyond-cap": (stream(entry(b"big", size=(1 << 30) + 1)), "cap of"),
     "twice": (stream(entry(b"a"), entry(b"a")), "twice"),
-    "hardlink-out": (stream(entry(b"l", Kind.HARDLINK, target=b"../outside/secret")), "escapes"),
+    "hardlink-out": (stream(entry(b"l", wire.Kind.HARDLINK, target=b"../outside/secret")), "escapes"),
     "hardlink-to-symlink": (
-        stream(entry(b"s", Kind.SYMLINK, target=b"/etc/shadow"), entry(b"l", Kind.HARDLINK, target=b"s")),
+        stream(
+            entry(b"s", wire.Kind.SYMLINK, target=b"/etc/shadow"),
+            entry(b"l", wire.Kind.HARDLINK, target=b"s"),
+        ),
         "not a regular file",
     ),
-    "hardlink-unsent": (stream(entry(b"l", Kind.HARDLINK, target=b"nothing")), "did not send"),
+    "hardlink-unsent": (stream(entry(b"l", wire.Kind.HARDLINK, target=b"nothing")), "did not send"),
     "data-beyond-size": (stream(entry(b"f", size=2), data(0, b"xyz"), total=2), "beyond its size"),
     "data-backwards": (
         stream(entry(b"f", size=4), data(2, b"xy"), data(0, b"ab"), total=4),
         "out of order",
     ),
-    "data-without-file": (stream(entry(b"d", Kind.DIRECTORY), data(0, b"x")), "follows no regular file"),
+    "data-without-file": (stream(entry(b"d", wire.Kind.DIRECTORY), data(0, b"x")), "follows no regular file"),
     "xattr-namespace": (stream(entry(b"f", xattrs=[(b"system.sockprotoname", b"x")])), "name spaces"),
     "bad-mode": (stream(entry(b"f", mode=0o170000)), "invalid mode"),
     "wrong-count": (stream(entry(b"f"), entries=7), "announced"),
@@ -252,8 +245,8 @@ HOSTILE = {
     "after-end": (stream() + entry(b"late"), "after its end"),
     "not-root-first": (HEAD + entry(b"f") + end(1, 0), "top directory"),
     "bad-magic": (b"TAR!" + stream()[4:], "format"),
-    "new-version": (MAGIC + U8.pack(VERSION + 1), "version"),
-    "huge-record": (HEAD + RECORD_HEAD.pack(RecordType.DATA, 1 << 30), "over the limit"),
+    "new-version": (wire.MAGIC + wire.U8.pack(wire.VERSION + 1), "version"),
+    "huge-record": (HEAD + wire.RECORD_HEAD.pack(wire.RecordType.DATA, 1 << 30), "over the limit"),
     "unknown-record": (HEAD + ROOT + record(9, b""), "unknown type"),
 }
 
@@ -286,7 +279,7 @@ def test_the_byte_cap_counts_every_file(tmp_path: Path) -> None:
 
 def test_symlinks_to_anywhere_are_data_not_followed(tmp_path: Path) -> None:
     place = Place(tmp_path)
-    blob = stream(entry(b"passwd", Kind.SYMLINK, mode=0o777, target=b"../../outside/secret", uid=7))
+    blob = stream(entry(b"passwd", wire.Kind.SYMLINK, mode=0o777, target=b"../../outside/secret", uid=7))
     receive_blob(place, blob)
     assert os.readlink(place.upper / "passwd") == "../../outside/secret"
     assert (place.upper / "passwd").lstat().st_uid == 7
@@ -348,11 +341,11 @@ def test_damaged_real_streams_are_refused_or_stay_inside(
 ) -> None:
     blob = bytearray(
         stream(
-            entry(b"d", Kind.DIRECTORY),
+            entry(b"d", wire.Kind.DIRECTORY),
             entry(b"d/f", size=5),
             data(0, b"hello"),
-            entry(b"d/l", Kind.HARDLINK, target=b"d/f"),
-            entry(b"s", Kind.SYMLINK, target=b"../outside"),
+            entry(b"d/l", wire.Kind.HARDLINK, target=b"d/f"),
+            entry(b"s", wire.Kind.SYMLINK, target=b"../outside"),
             total=5,
         )
     )
