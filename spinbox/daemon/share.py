@@ -24,6 +24,7 @@ from pathlib import Path
 from spinbox.daemon import mountapi
 from spinbox.daemon.errors import Failed, InvalidArgument
 from spinbox.host import find_virtiofsd
+from spinbox.mounts import unshareable
 
 __all__ = ["find_virtiofsd"]
 
@@ -94,17 +95,6 @@ def check_volume(index: int, volume: Volume) -> None:
         raise InvalidArgument(f"volume {index}: the source {volume.source!r} is not an absolute path")
 
 
-def _kind(info: os.stat_result) -> str:
-    mode = info.st_mode
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device node"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    return "neither a directory nor a regular file"
-
-
 def bind(share: Path, container_id: str, volumes: list[Volume]) -> None:
     """Bind each volume's source at share/<container id>/<n> (blocking); all or nothing."""
     directory = share / container_id
@@ -124,15 +114,16 @@ def _bind_one(target: Path, volume: Volume) -> None:
         raise InvalidArgument(f"cannot share {volume.source} into the VM: {e.strerror}") from None
     try:
         info = os.fstat(tree)
-        if stat.S_ISDIR(info.st_mode):
-            target.mkdir(mode=0o755)
-        elif stat.S_ISREG(info.st_mode):
-            target.touch(mode=0o644, exist_ok=False)
-        else:
+        kind = unshareable(info.st_mode)
+        if kind is not None:
             raise InvalidArgument(
-                f"cannot share {volume.source} into the VM: it is {_kind(info)}, and a VM can only "
+                f"cannot share {volume.source} into the VM: it is {kind}, and a VM can only "
                 "be given host directories and regular files"
             )
+        if stat.S_ISDIR(info.st_mode):
+            target.mkdir(mode=0o755)
+        else:
+            target.touch(mode=0o644, exist_ok=False)
         if volume.read_only:
             mountapi.set_read_only(tree, volume.recursive, volume.source)
         mountapi.attach(tree, target)

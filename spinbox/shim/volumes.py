@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from typing import Any
 
 from spinbox.api.proto import agent_pb2
+from spinbox.mounts import unshareable
 from spinbox.shim.guestspec import is_bind, is_pod_shm
 
 log = logging.getLogger(__name__)
@@ -44,18 +44,6 @@ class Volumes:
     shared: tuple[agent_pb2.SharedMount, ...] = ()
 
 
-def _kind(mode: int) -> str | None:
-    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-        return None
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device node"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    return "neither a directory nor a regular file"
-
-
 def volumes_of(spec: dict[str, Any], container_id: str) -> Volumes:
     """The volumes a spec's bind mounts need; VolumeError names a mount a VM cannot honour."""
     volumes: list[Volume] = []
@@ -73,7 +61,7 @@ def volumes_of(spec: dict[str, Any], container_id: str) -> Volumes:
             info = os.stat(source)
         except OSError as error:
             raise VolumeError(f"{what}: cannot use its source: {error.strerror}") from None
-        kind = _kind(info.st_mode)
+        kind = unshareable(info.st_mode)
         if kind is not None:
             raise VolumeError(
                 f"{what}: the source is {kind}, which cannot be shared into the container's VM "
