@@ -17,6 +17,21 @@ from spinbox.daemon.options import Mount, VmRequest
 Spawn = Callable[[list[str], Sequence[int]], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a VM's QEMU is started with."""
+
+    request: VmRequest
+    runtime_dir: Path
+    disks: Sequence[Any]  # spinbox.vm.Disk
+    nics: Sequence[Any]  # spinbox.vm.Nic
+    spawn: Spawn
+    # Restore from the template in this directory instead of booting.
+    template_dir: Path | None = None
+    # QEMU's end of the connection to the VM's virtiofsd (never with a template).
+    virtiofs_fd: int | None = None
+
+
 class Machine(Protocol):
     """A running QEMU (spinbox.vm.VirtualMachine)."""
 
@@ -102,18 +117,8 @@ class Backend(Protocol):
         """Layer cache entries nothing references any more and what a crash left in it."""
         ...
 
-    async def launch(
-        self,
-        request: VmRequest,
-        runtime_dir: Path,
-        disks: Sequence[Any],
-        nics: Sequence[Any],
-        spawn: Spawn,
-        template_dir: Path | None = None,
-        virtiofs_fd: int | None = None,
-    ) -> Machine:
-        """QEMU for the VM: booted, or restored from the template in `template_dir`; `virtiofs_fd` is
-        its end of the connection to the VM's virtiofsd (never with a template)."""
+    async def launch(self, launch: Launch) -> Machine:
+        """QEMU for the VM: booted, or restored from the template in `launch.template_dir`."""
         ...
 
     def template_identity(self, shape: Any, ports: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
 from spinbox.daemon import pod, share
-from spinbox.daemon.backend import Backend, GuestSetup, Machine, Rootfs
+from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.keep import KeptStorage, keep_or_remove
 from spinbox.daemon.leftover import recover, remove_leftover
@@ -280,13 +280,15 @@ class VmManager:
             resources["boot"] = "template" if template is not None else "cold"
             try:
                 machine = await self.backend.launch(
-                    request,
-                    runtime_dir,
-                    disks,
-                    nics,
-                    spawner,
-                    template,
-                    None if virtiofs is None else virtiofs.qemu_fd,
+                    Launch(
+                        request,
+                        runtime_dir,
+                        disks,
+                        nics,
+                        spawner,
+                        template_dir=template,
+                        virtiofs_fd=None if virtiofs is None else virtiofs.qemu_fd,
+                    )
                 )
             except Failed as e:
                 if template is None:
@@ -297,7 +299,7 @@ class VmManager:
                 spawner = ScopeSpawner(self.systemd, vm_id, runtime_dir, limits, f"spinbox VM {vm_id}")
                 undo.push_async_callback(spawner.abort)
                 resources["boot"] = "cold"
-                machine = await self.backend.launch(request, runtime_dir, disks, nics, spawner)
+                machine = await self.backend.launch(Launch(request, runtime_dir, disks, nics, spawner))
             if virtiofs is not None:
                 virtiofs.close()  # QEMU's end is QEMU's alone: virtiofsd ends when QEMU does
             # Undone in reverse: QEMU killed, then its pid no longer named in logs.

@@ -15,7 +15,7 @@ from spinbox import net, storage, vm
 from spinbox.agent import AgentClient
 from spinbox.api.proto import agent_pb2
 from spinbox.config import Config, ConfigError
-from spinbox.daemon.backend import GuestSetup, Machine, Network, Rootfs, Spawn
+from spinbox.daemon.backend import GuestSetup, Launch, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.options import Mount, VmRequest
 from spinbox.daemon.templates import TEMPLATE_PORTS, Shape
@@ -130,36 +130,28 @@ class QemuBackend:
             raise Failed(f"no guest image at {initrd}: run spinbox-mkguest (or set vm.initrd)")
         return initrd
 
-    async def launch(
-        self,
-        request: VmRequest,
-        runtime_dir: Path,
-        disks: Sequence[Any],
-        nics: Sequence[Any],
-        spawn: Spawn,
-        template_dir: Path | None = None,
-        virtiofs_fd: int | None = None,
-    ) -> Machine:
-        if template_dir is not None:
-            return await self._restore(request, runtime_dir, disks, nics, spawn, template_dir)
+    async def launch(self, launch: Launch) -> Machine:
+        if launch.template_dir is not None:
+            return await self._restore(launch, launch.template_dir)
+        request = launch.request
         spec = vm.VmSpec(
             vm_id=request.id,
             kernel=self._kernel(),
             initrd=self._initrd(),
-            runtime_dir=runtime_dir,
+            runtime_dir=launch.runtime_dir,
             vcpus=request.vcpus,
             memory_mib=request.memory_mib,
             kernel_args=(*self.config.vm.kernel_args, *request.kernel_args),
-            disks=tuple(disks),
-            nics=tuple(nics),
+            disks=tuple(launch.disks),
+            nics=tuple(launch.nics),
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=request.hotplug_ports,
             confine=self.config.vm.confine,
             uid_base=self.config.vm.uid_base,
-            virtiofs_fd=virtiofs_fd,
+            virtiofs_fd=launch.virtiofs_fd,
         )
         try:
-            machine: Machine = await vm.launch(spec, spawn=spawn)
+            machine: Machine = await vm.launch(spec, spawn=launch.spawn)
         except vm.VmError as e:
             raise Failed(str(e)) from None
         return machine
@@ -212,19 +204,16 @@ class QemuBackend:
         except vm.VmError as e:
             raise Failed(str(e)) from None
 
-    async def _restore(
-        self,
-        request: VmRequest,
-        runtime_dir: Path,
-        disks: Sequence[Any],
-        nics: Sequence[Any],
-        spawn: Spawn,
-        template_dir: Path,
-    ) -> Machine:
-        spec = self._template_spec(request.id, runtime_dir, request.vcpus, request.memory_mib, TEMPLATE_PORTS)
-        spec = dataclasses.replace(spec, disks=tuple(disks), nics=tuple(nics))
+    async def _restore(self, launch: Launch, template_dir: Path) -> Machine:
+        request = launch.request
+        spec = self._template_spec(
+            request.id, launch.runtime_dir, request.vcpus, request.memory_mib, TEMPLATE_PORTS
+        )
+        spec = dataclasses.replace(spec, disks=tuple(launch.disks), nics=tuple(launch.nics))
         try:
-            machine: Machine = await template.restore(spec, template.TemplateFiles(template_dir), spawn)
+            machine: Machine = await template.restore(
+                spec, template.TemplateFiles(template_dir), launch.spawn
+            )
         except (vm.VmError, OSError) as e:
             raise Failed(
                 f"restoring VM {request.id} from the template {template_dir.name} failed: {e}"
@@ -283,7 +272,7 @@ class QemuBackend:
             kernel_args=(), annotations=(),
         )  # fmt: skip
         disk = vm.Disk(path=image, serial=RESCUE_SERIAL, read_only=False)
-        machine = await self.launch(request, runtime_dir, [disk], [], spawn)
+        machine = await self.launch(Launch(request, runtime_dir, [disk], [], spawn))
         try:
             launched(machine)
             await machine.wait_ready(self.config.vm.boot_timeout)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from spinbox.config import Config, TimeoutsConfig
+from spinbox.daemon.backend import Launch
 from spinbox.daemon.errors import Failed, NotFound
 from spinbox.daemon.manager import VmManager
 from spinbox.daemon.options import VmRequest
@@ -60,16 +61,7 @@ class StubBackend:
         if "network" in self.taken:
             self.taken.remove("network")
 
-    async def launch(
-        self,
-        request: VmRequest,
-        runtime_dir: Path,
-        disks: Any,
-        nics: Any,
-        spawn: Any,
-        template_dir: Any = None,
-        virtiofs_fd: Any = None,
-    ) -> Any:
+    async def launch(self, launch: Launch) -> Any:
         self.taken.append("qemu")
         self.launched.set()
         return SilentMachine(self.taken)
