@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,38 @@ async def create_runtime_hooks(
     await run_hooks("createRuntime", hooks.create_runtime, state, fatal=True)
 
 
+@dataclass(frozen=True)
+class CreatePlan:
+    """A validated CreateTaskRequest and what the Task API read from its bundle."""
+
+    req: task.CreateTaskRequest
+    spec: dict[str, Any]
+    guest_spec: dict[str, Any]  # the spec without the hooks that run on the host
+    volumes: Volumes
+    sizing: VmSizing
+    hooks: HostHooks
+    stdio: StdioConfig
+    annotations: dict[str, str]
+
+    def container(
+        self, vm_id: str, vm: VmInfo, agent: Agent, init: ProcessState, hook_pid: int, sandbox: str = ""
+    ) -> Container:
+        """The created container, in the VM `vm_id` (its own, or its pod's `sandbox`)."""
+        return Container(
+            id=self.req.id,
+            bundle=self.req.bundle,
+            spec=self.spec,
+            hooks=self.hooks,
+            vm_id=vm_id,
+            vm=vm,
+            agent=agent,
+            init=init,
+            rootfs=list(self.req.rootfs),
+            hook_pid=hook_pid,
+            sandbox=sandbox,
+        )
+
+
 class ContainerCreator:
     """Builds a Container for a validated CreateTaskRequest."""
 
@@ -107,18 +140,9 @@ class ContainerCreator:
         self.connect_agent = connect_agent
         self.publisher = publisher
 
-    async def in_new_vm(
-        self,
-        req: task.CreateTaskRequest,
-        spec: dict[str, Any],
-        guest_spec: dict[str, Any],
-        volumes: Volumes,
-        sizing: VmSizing,
-        hooks: HostHooks,
-        stdio: StdioConfig,
-        annotations: dict[str, str],
-    ) -> Container:
+    async def in_new_vm(self, plan: CreatePlan) -> Container:
         """A container in a VM of its own (a pod's sandbox is one)."""
+        req, spec, hooks, sizing = plan.req, plan.spec, plan.hooks, plan.sizing
         spinboxd = await self.spinboxd()
         vm_id = vm_id_for(self.namespace, req.id)
         netns = netns_path(spec)
@@ -133,7 +157,7 @@ class ContainerCreator:
                 # /proc/<pid>/ns/net before the container exists.
                 netns, hook_pid = await spinboxd.prepare_network_namespace(vm_id)
             await create_runtime_hooks(hooks, spec, req, hook_pid)
-            pod_sandbox = annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
+            pod_sandbox = plan.annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
             request = VmRequest(
                 vm_id=vm_id,
                 container_id=req.id,
@@ -143,11 +167,11 @@ class ContainerCreator:
                 memory_mib=sizing.memory_mib,
                 kernel_args=sizing.kernel_args,
                 netns=netns,
-                annotations=tuple(sorted(annotations.items())),
+                annotations=tuple(sorted(plan.annotations.items())),
                 hotplug_ports=POD_HOTPLUG_PORTS if pod_sandbox else 0,
                 # A pod's VM gets a share for its further containers' volumes.
-                share=pod_sandbox or bool(volumes.volumes),
-                volumes=volumes.volumes,
+                share=pod_sandbox or bool(plan.volumes.volumes),
+                volumes=plan.volumes.volumes,
             )
             # From here spinboxd may hold a VM for this id even if this call
             # fails or is cancelled: the abandon below asks for it by id.
@@ -155,54 +179,31 @@ class ContainerCreator:
             vm = await spinboxd.create_vm(request)
             hook_pid = hook_pid or vm.pid
             agent = await self.connect_agent(vm.agent_address)
-            await self._create_in_guest(
-                agent, req, spec, guest_spec, volumes, hooks, stdio, state, vm.pid, hook_pid
-            )
+            await self._create_in_guest(agent, plan, state, vm.pid, hook_pid)
         except BaseException as error:
             # A VM of this id that was there before this request is not ours to remove.
             ours = requested and not (isinstance(error, SpinboxdError) and error.kind == "AlreadyExists")
             await self._abandon(vm_id, ours or bool(netns and hook_pid), agent, state)
             raise create_error(error, f"cannot create the VM for {req.id!r}") from None
-        container = Container(
-            id=req.id,
-            bundle=req.bundle,
-            spec=spec,
-            hooks=hooks,
-            vm_id=vm_id,
-            vm=vm,
-            agent=agent,
-            init=state,
-            rootfs=list(req.rootfs),
-            hook_pid=hook_pid,
-        )
+        container = plan.container(vm_id, vm, agent, state, hook_pid)
         container.oom_watcher = asyncio.get_running_loop().create_task(
             exits.watch_oom(container, self.publisher)
         )
         return container
 
-    async def in_pod(
-        self,
-        req: task.CreateTaskRequest,
-        spec: dict[str, Any],
-        guest_spec: dict[str, Any],
-        volumes: Volumes,
-        hooks: HostHooks,
-        stdio: StdioConfig,
-        pod: Container,
-    ) -> Container:
+    async def in_pod(self, plan: CreatePlan, pod: Container) -> Container:
         """A further container of a pod: its rootfs is added to the sandbox's running VM."""
+        req, volumes = plan.req, plan.volumes
         spinboxd = await self.spinboxd()
         state = init_state(req)
         added = False
         try:
-            await create_runtime_hooks(hooks, spec, req, pod.vm.pid)
+            await create_runtime_hooks(plan.hooks, plan.spec, req, pod.vm.pid)
             await spinboxd.add_rootfs(pod.vm.path, req.id, rootfs_mounts(req))
             added = True  # removing the rootfs also removes the volumes
             if volumes.volumes:
                 await spinboxd.add_volumes(pod.vm.path, req.id, volumes.volumes)
-            await self._create_in_guest(
-                pod.agent, req, spec, guest_spec, volumes, hooks, stdio, state, pod.vm.pid, pod.vm.pid
-            )
+            await self._create_in_guest(pod.agent, plan, state, pod.vm.pid, pod.vm.pid)
         except BaseException as error:
             await pump.stop(state)
             if added:
@@ -215,42 +216,22 @@ class ContainerCreator:
                         "could not remove the rootfs of %s after a failed create: %s", req.id, undo_error
                     )
             raise create_error(error, f"cannot add {req.id!r} to the VM of pod {pod.id!r}") from None
-        return Container(
-            id=req.id,
-            bundle=req.bundle,
-            spec=spec,
-            hooks=hooks,
-            vm_id=pod.vm_id,
-            vm=pod.vm,
-            agent=pod.agent,
-            init=state,
-            rootfs=list(req.rootfs),
-            hook_pid=pod.vm.pid,
-            sandbox=pod.id,
-        )
+        return plan.container(pod.vm_id, pod.vm, pod.agent, state, pod.vm.pid, pod.id)
 
     async def _create_in_guest(
-        self,
-        agent: Agent,
-        req: task.CreateTaskRequest,
-        spec: dict[str, Any],
-        guest_spec: dict[str, Any],
-        volumes: Volumes,
-        hooks: HostHooks,
-        stdio: StdioConfig,
-        state: ProcessState,
-        vm_pid: int,
-        hook_pid: int,
+        self, agent: Agent, plan: CreatePlan, state: ProcessState, vm_pid: int, hook_pid: int
     ) -> None:
         """The container in the guest (its rootfs mounted there), its output copied, prestart hooks run."""
-        io_config = await pump.open_stdio(state, stdio, req.id, self.namespace)
-        spec_for_guest = for_guest(guest_spec)
-        await agent.create_container(req.id, json.dumps(spec_for_guest).encode(), io_config, volumes.shared)
+        req = plan.req
+        io_config = await pump.open_stdio(state, plan.stdio, req.id, self.namespace)
+        spec_for_guest = for_guest(plan.guest_spec)
+        await agent.create_container(
+            req.id, json.dumps(spec_for_guest).encode(), io_config, plan.volumes.shared
+        )
         state.process.pid = vm_pid
         pump.start_output(agent, state)
-        await run_hooks(
-            "prestart", hooks.prestart, state_json(spec, req.id, "created", hook_pid, req.bundle), fatal=True
-        )
+        created = state_json(plan.spec, req.id, "created", hook_pid, req.bundle)
+        await run_hooks("prestart", plan.hooks.prestart, created, fatal=True)
 
     async def _abandon(self, vm_id: str, has_vm: bool, agent: Agent | None, state: ProcessState) -> None:
         """Gives back what a failed Create took."""

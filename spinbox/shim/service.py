@@ -18,7 +18,7 @@ from spinbox.shim import events as topics
 from spinbox.shim import exits, pump
 from spinbox.shim.bootstrap import SANDBOX_ID_ANNOTATION
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
-from spinbox.shim.create import ContainerCreator, load_spec
+from spinbox.shim.create import ContainerCreator, CreatePlan, load_spec
 from spinbox.shim.errors import (
     already_exists,
     invalid,
@@ -105,6 +105,7 @@ class TaskService:
             volumes = volumes_of(guest_spec, req.id)
         except (SizingError, HookError, StdioError, PodCheckError, VolumeError) as error:
             raise invalid(str(error)) from None
+        plan = CreatePlan(req, spec, guest_spec, volumes, sizing, hooks, stdio, annotations)
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION, "")
         self._creating.add(req.id)
         try:
@@ -118,11 +119,9 @@ class TaskService:
                     check_pod_namespaces(req.id, spec, pod.vm.pid)
                 except PodCheckError as error:
                     raise invalid(str(error)) from None
-                container = await self.creator.in_pod(req, spec, guest_spec, volumes, hooks, stdio, pod)
+                container = await self.creator.in_pod(plan, pod)
             else:
-                container = await self.creator.in_new_vm(
-                    req, spec, guest_spec, volumes, sizing, hooks, stdio, annotations
-                )
+                container = await self.creator.in_new_vm(plan)
         finally:
             self._creating.discard(req.id)
         self.containers[req.id] = container
