@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 from google.protobuf.message import DecodeError, Message
 
@@ -25,6 +25,13 @@ Resp = TypeVar("Resp", bound=Message)
 Metadata = Mapping[str, str | Sequence[str]]
 
 _MAX_STREAM_ID = (1 << 32) - 1
+
+
+class CallOptions(TypedDict, total=False):
+    """What every kind of call may be given besides its request."""
+
+    timeout: float | None  # seconds; also sent to the server as the call's deadline
+    metadata: Metadata | None
 
 
 @dataclass(eq=False)
@@ -103,68 +110,43 @@ class Client:
     # The calls.
 
     async def call(
-        self,
-        service: str,
-        method: str,
-        request: Message,
-        response_type: type[Resp],
-        timeout: float | None = None,  # noqa: ASYNC109 (also sent to the server as the call's deadline)
-        metadata: Metadata | None = None,
+        self, service: str, method: str, request: Message, reply_type: type[Resp], **opts: Unpack[CallOptions]
     ) -> Resp:
         """A unary call; raises TtrpcError for a failed status."""
-        stream_id, call = self._start(service, method, request.SerializeToString(), 0, timeout, metadata)
+        timeout = opts.get("timeout")
+        payload = request.SerializeToString()
+        stream_id, call = self._start(service, method, payload, 0, timeout, opts.get("metadata"))
         try:
-            if timeout is None:
+            async with self._guard(service, method, timeout, _deadline_of(timeout)):
                 await self._out.drain()
                 response = await call.response
-            else:
-                async with asyncio.timeout(timeout) as scope:
-                    await self._out.drain()
-                    response = await call.response
-        except TimeoutError:
-            if timeout is None or not scope.expired():
-                raise
-            raise _deadline(service, method, timeout) from None
-        except (ConnectionError, OSError) as e:
-            raise self._lost(e) from None
         finally:
             self._calls.pop(stream_id, None)
-        return _unpack(response, response_type)
+        return _unpack(response, reply_type)
 
     async def server_stream(
-        self,
-        service: str,
-        method: str,
-        request: Message,
-        response_type: type[Resp],
-        timeout: float | None = None,  # noqa: ASYNC109 (also sent to the server as the call's deadline)
-        metadata: Metadata | None = None,
+        self, service: str, method: str, request: Message, reply_type: type[Resp], **opts: Unpack[CallOptions]
     ) -> AsyncIterator[Resp]:
         """A call answered by a stream of messages. Use it in `async for` and
         leave the loop (or aclose it) to stop listening."""
+        timeout = opts.get("timeout")
         inbox = Inbox(self._stream_buffer)
+        body = request.SerializeToString()
         stream_id, _ = self._start(
-            service, method, request.SerializeToString(), Flags.REMOTE_CLOSED, timeout, metadata, inbox
+            service, method, body, Flags.REMOTE_CLOSED, timeout, opts.get("metadata"), inbox
         )
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        deadline = _deadline_of(timeout)
         try:
             first = True
             while True:
-                try:
-                    async with asyncio.timeout_at(deadline) as scope:
-                        if first:
-                            first = False
-                            await self._out.drain()
-                        payload = await inbox.get()
-                except TimeoutError:
-                    if not scope.expired():
-                        raise
-                    raise _deadline(service, method, timeout) from None
-                except (ConnectionError, OSError) as e:
-                    raise self._lost(e) from None
+                async with self._guard(service, method, timeout, deadline):
+                    if first:
+                        first = False
+                        await self._out.drain()
+                    payload = await inbox.get()
                 if payload is None:
                     return
-                yield _decode(response_type, payload)
+                yield _decode(reply_type, payload)
         finally:
             self._calls.pop(stream_id, None)
             # Releases the connection's reader if it waits for room in the inbox.
@@ -175,15 +157,15 @@ class Client:
         service: str,
         method: str,
         requests: AsyncIterable[Message] | Iterable[Message],
-        response_type: type[Resp],
-        timeout: float | None = None,  # noqa: ASYNC109 (also sent to the server as the call's deadline)
-        metadata: Metadata | None = None,
+        reply_type: type[Resp],
+        **opts: Unpack[CallOptions],
     ) -> Resp:
         """A call that sends a stream of messages and gets one answer. If the
         server answers before the requests run out, the rest are not sent."""
-        stream_id, call = self._start(service, method, b"", Flags.REMOTE_OPEN, timeout, metadata)
+        timeout = opts.get("timeout")
+        stream_id, call = self._start(service, method, b"", Flags.REMOTE_OPEN, timeout, opts.get("metadata"))
         try:
-            async with asyncio.timeout(timeout) as scope:
+            async with self._guard(service, method, timeout, _deadline_of(timeout)):
                 await self._out.drain()
                 async for request in _aiter(requests):
                     if call.response.done():
@@ -194,15 +176,9 @@ class Client:
                 if not call.response.done():
                     await self._out.send(stream_id, FrameType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA)
                 response = await call.response
-        except TimeoutError:
-            if not scope.expired():
-                raise
-            raise _deadline(service, method, timeout) from None
-        except (ConnectionError, OSError) as e:
-            raise self._lost(e) from None
         finally:
             self._calls.pop(stream_id, None)
-        return _unpack(response, response_type)
+        return _unpack(response, reply_type)
 
     # Internals.
 
@@ -240,6 +216,22 @@ class Client:
             raise self._lost(e) from None
         self._calls[stream_id] = call
         return stream_id, call
+
+    @contextlib.asynccontextmanager
+    async def _guard(
+        self, service: str, method: str, seconds: float | None, deadline: float | None
+    ) -> AsyncIterator[None]:
+        """A call's wait until `deadline` (the loop's time, `seconds` after the call began): its
+        expiry and a lost connection become the call's TtrpcError."""
+        try:
+            async with asyncio.timeout_at(deadline) as scope:
+                yield
+        except TimeoutError:
+            if seconds is None or not scope.expired():
+                raise
+            raise _deadline(service, method, seconds) from None
+        except (ConnectionError, OSError) as e:
+            raise self._lost(e) from None
 
     def _lost(self, error: Exception) -> TtrpcError:
         if self._closed is not None:
@@ -332,6 +324,10 @@ class Client:
         if flags & Flags.REMOTE_CLOSED:
             call.inbox.end()
             self._calls.pop(stream_id, None)
+
+
+def _deadline_of(timeout: float | None) -> float | None:
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
 
 def _deadline(service: str, method: str, timeout: float | None) -> TtrpcError:
