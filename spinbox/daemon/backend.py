@@ -150,12 +150,7 @@ class Backend(Protocol):
         ...
 
     async def rescue_upper(
-        self,
-        vm_id: str,
-        rootfs: Rootfs,
-        runtime_dir: Path,
-        spawn: Spawn,
-        launched: Callable[[Machine], None] = ...,
+        self, vm_id: str, rootfs: Rootfs, runtime_dir: Path, spawn: Spawn, launched: Callable[[Machine], None]
     ) -> None:
         """Write back the writable layer of a VM whose QEMU ended: a helper VM (a fresh guest,
         as confined as any VM) reads the layer's disk and streams it like a running guest;

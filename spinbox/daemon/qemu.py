@@ -255,12 +255,7 @@ class QemuBackend:
         await _stream_upper(machine.control_address, request, rootfs)
 
     async def rescue_upper(
-        self,
-        vm_id: str,
-        rootfs: Rootfs,
-        runtime_dir: Path,
-        spawn: Spawn,
-        launched: Callable[[Machine], None] = lambda machine: None,
+        self, vm_id: str, rootfs: Rootfs, runtime_dir: Path, spawn: Spawn, launched: Callable[[Machine], None]
     ) -> None:
         prepared = cast(storage.PreparedRootfs, rootfs)
         image = prepared.upper_image
