@@ -47,6 +47,28 @@ async def connect_bus(bus_address: str | None) -> MessageBus:
         raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
 
 
+async def method_call(
+    bus: MessageBus,
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str,
+    body: Sequence[Any],
+    seconds: float,
+) -> Message | None:
+    """The reply to one method call (None if the bus gave none); TimeoutError if none came in time."""
+    message = Message(
+        destination=destination,
+        path=path,
+        interface=interface,
+        member=member,
+        signature=signature,
+        body=list(body),
+    )
+    return await asyncio.wait_for(bus.call(message), seconds)
+
+
 class BusClient:
     """Calls to org.spinstack.Spinbox. A restart of spinboxd keeps the bus
     connection; a lost connection to the bus itself is made again."""
@@ -71,18 +93,10 @@ class BusClient:
         body: Sequence[Any] = (),
         timeout: float = CALL_TIMEOUT,  # noqa: ASYNC109
     ) -> list[Any]:
-        message = Message(
-            destination=BUS_NAME,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-        )
         if not self.bus.connected:
             self.bus = await connect_bus(self.bus_address)
         try:
-            reply = await asyncio.wait_for(self.bus.call(message), timeout)
+            reply = await method_call(self.bus, BUS_NAME, path, interface, member, signature, body, timeout)
         except TimeoutError:
             what = f" for {body[0]}" if body and isinstance(body[0], str) and member != "GetAll" else ""
             raise SpinboxdError(

@@ -13,6 +13,8 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.errors import DBusError
 
+from spinbox.busclient import method_call
+
 log = logging.getLogger(__name__)
 
 SYSTEMD = "org.freedesktop.systemd1"
@@ -26,6 +28,7 @@ JOB_TIMEOUT = 30.0
 FINISHED_KEPT = 256
 # The bus itself: the sender of NameOwnerChanged, a name no client can own.
 BUS_DRIVER = "org.freedesktop.DBus"
+BUS_DRIVER_PATH = "/org/freedesktop/DBus"
 
 
 def scope_name(vm_id: str) -> str:
@@ -137,21 +140,9 @@ class SystemdManager:
             del self._jobs[job]
 
     async def _call_bus(self, member: str, signature: str = "", body: list[Any] | None = None) -> Any:
-        call = self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member=member,
-                signature=signature,
-                body=body or [],
-            )
+        return await self._call(
+            "the bus", BUS_DRIVER, BUS_DRIVER_PATH, BUS_DRIVER, member, signature, body or []
         )
-        try:
-            reply = await asyncio.wait_for(call, self.job_timeout)
-        except TimeoutError:
-            raise JobTimeout(f"the bus did not answer {member} within {self.job_timeout:g}s") from None
-        return _body(reply)
 
     async def call(
         self,
@@ -161,19 +152,25 @@ class SystemdManager:
         path: str = SYSTEMD_PATH,
         interface: str = MANAGER_IFACE,
     ) -> list[Any]:
-        message = Message(
-            destination=SYSTEMD,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
+        return list(await self._call("systemd", SYSTEMD, path, interface, member, signature, body or []))
+
+    async def _call(
+        self,
+        who: str,
+        destination: str,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str,
+        body: list[Any],
+    ) -> Any:
         try:
-            reply = await asyncio.wait_for(self.bus.call(message), self.job_timeout)
+            reply = await method_call(
+                self.bus, destination, path, interface, member, signature, body, self.job_timeout
+            )
         except TimeoutError:
-            raise JobTimeout(f"systemd did not answer {member} within {self.job_timeout:g}s") from None
-        return list(_body(reply))
+            raise JobTimeout(f"{who} did not answer {member} within {self.job_timeout:g}s") from None
+        return _body(reply)
 
     async def _wait_job(self, job: str, what: str) -> None:
         """Wait for `job` to be removed; its result must be "done"."""
