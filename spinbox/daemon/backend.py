@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spinbox.config import Config
-from spinbox.daemon.options import Mount, VmRequest
+from spinbox.daemon.options import VmRequest
+from spinbox.mounts import MountSpec
 
 Spawn = Callable[[list[str], Sequence[int]], Awaitable[Any]]
 
@@ -96,7 +97,7 @@ class Backend(Protocol):
         ...
 
     async def prepare_added_rootfs(
-        self, container_id: str, mounts: Sequence[Mount], work_dir: Path, serial_prefix: str
+        self, container_id: str, mounts: Sequence[MountSpec], work_dir: Path, serial_prefix: str
     ) -> tuple[Rootfs, Sequence[Any], Any]:
         """The same for a further container of a running VM, its disks' serials starting with the prefix."""
         ...

@@ -21,13 +21,14 @@ from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.keep import KeptStorage, keep_or_remove
 from spinbox.daemon.leftover import recover, remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
-from spinbox.daemon.options import Mount, VmRequest, check_vm_id, escape_path_element
+from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.daemon.templates import TemplateStore
 from spinbox.daemon.virtiofsd import start_share
+from spinbox.mounts import MountSpec
 from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
@@ -387,7 +388,7 @@ class VmManager:
 
     # -- a pod's further containers -----------------------------------------
 
-    async def add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[Mount, ...]) -> str:
+    async def add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[MountSpec, ...]) -> str:
         return await pod.add_rootfs(self, vm, container_id, mounts)
 
     async def add_volumes(self, vm: Vm, container_id: str, volumes: tuple[share.Volume, ...]) -> None:

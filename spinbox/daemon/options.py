@@ -12,6 +12,7 @@ from dbus_fast import Variant
 from spinbox.config import VmConfig
 from spinbox.daemon.errors import InvalidArgument
 from spinbox.daemon.share import Volume
+from spinbox.mounts import MountSpec
 
 # Room for containerd and Kubernetes ids (64 hex digits) and names, while the
 # scope name spinbox-vm-<id>.scope stays a plain unit name.
@@ -40,21 +41,11 @@ MAX_HOTPLUG_PORTS = 64
 
 
 @dataclass(frozen=True)
-class Mount:
-    """One containerd rootfs mount as CreateVM received it."""
-
-    type: str
-    source: str
-    target: str
-    options: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class VmRequest:
     id: str
     vcpus: int
     memory_mib: int
-    rootfs: tuple[Mount, ...]
+    rootfs: tuple[MountSpec, ...]
     container_id: str
     netns: str | None
     kernel_args: tuple[str, ...]
@@ -103,14 +94,14 @@ def _value(options: dict[str, Variant], key: str) -> Any:
     return variant.value
 
 
-def parse_mounts(value: list[list[Any]], what: str = "option 'rootfs'") -> tuple[Mount, ...]:
+def parse_mounts(value: list[list[Any]], what: str = "option 'rootfs'") -> tuple[MountSpec, ...]:
     mounts = []
     for i, (type_, source, target, mount_options) in enumerate(value):
         if not type_:
             raise InvalidArgument(f"{what}: mount {i} has no type")
         if not source:
             raise InvalidArgument(f"{what}: mount {i} has no source")
-        mounts.append(Mount(type_, source, target, tuple(mount_options)))
+        mounts.append(MountSpec(type_, source, target, tuple(mount_options)))
     return tuple(mounts)
 
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from spinbox.daemon import share
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
-from spinbox.daemon.options import Mount, check_container_id
+from spinbox.daemon.options import check_container_id
+from spinbox.mounts import MountSpec
 from spinbox.storage.errors import SnapshotGone
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def add_rootfs(manager: VmManager, vm: Vm, container_id: str, mounts: tuple[Mount, ...]) -> str:
+async def add_rootfs(manager: VmManager, vm: Vm, container_id: str, mounts: tuple[MountSpec, ...]) -> str:
     """Prepare a further container's rootfs, hot-plug its disks and have the guest mount it."""
     check_container_id(container_id)
     if not mounts:
@@ -47,7 +48,7 @@ async def add_rootfs(manager: VmManager, vm: Vm, container_id: str, mounts: tupl
 
 
 async def _add_rootfs(
-    manager: VmManager, vm: Vm, container_id: str, mounts: tuple[Mount, ...], prefix: str
+    manager: VmManager, vm: Vm, container_id: str, mounts: tuple[MountSpec, ...], prefix: str
 ) -> str:
     work_dir = Path(vm.state.storage_dir)
     async with AsyncExitStack() as undo:

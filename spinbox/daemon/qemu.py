@@ -17,8 +17,9 @@ from spinbox.api.proto import agent_pb2
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Launch, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed
-from spinbox.daemon.options import Mount, VmRequest
+from spinbox.daemon.options import VmRequest
 from spinbox.daemon.templates import TEMPLATE_PORTS, Shape
+from spinbox.mounts import MountSpec
 from spinbox.vm import control, template
 from spinbox.vm.handover import NumberingHandover
 
@@ -67,7 +68,7 @@ class QemuBackend:
         return await self.prepare_added_rootfs(request.container_id, request.rootfs, work_dir, "sb")
 
     async def prepare_added_rootfs(
-        self, container_id: str, mounts: Sequence[Mount], work_dir: Path, serial_prefix: str
+        self, container_id: str, mounts: Sequence[MountSpec], work_dir: Path, serial_prefix: str
     ) -> tuple[Rootfs, Sequence[Any], Any]:
         specs = [storage.MountSpec(m.type, m.source, m.target, m.options) for m in mounts]
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
