@@ -18,6 +18,15 @@ class MountSpec:
     options: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Volume:
+    """A host directory or file for one bind mount of a container, shared into its VM."""
+
+    source: str
+    read_only: bool
+    recursive: bool
+
+
 def unshareable(mode: int) -> str | None:
     """What a volume's source of this st_mode is, if a VM cannot be given it (None: a directory or
     a regular file, which it can)."""

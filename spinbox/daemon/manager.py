@@ -28,7 +28,7 @@ from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.daemon.templates import TemplateStore
 from spinbox.daemon.virtiofsd import start_share
-from spinbox.mounts import MountSpec
+from spinbox.mounts import MountSpec, Volume
 from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
@@ -391,7 +391,7 @@ class VmManager:
     async def add_rootfs(self, vm: Vm, container_id: str, mounts: tuple[MountSpec, ...]) -> str:
         return await pod.add_rootfs(self, vm, container_id, mounts)
 
-    async def add_volumes(self, vm: Vm, container_id: str, volumes: tuple[share.Volume, ...]) -> None:
+    async def add_volumes(self, vm: Vm, container_id: str, volumes: tuple[Volume, ...]) -> None:
         await pod.add_volumes(vm, container_id, volumes)
 
     async def remove_rootfs(self, vm: Vm, container_id: str) -> None:

@@ -11,8 +11,7 @@ from dbus_fast import Variant
 
 from spinbox.config import VmConfig
 from spinbox.daemon.errors import InvalidArgument
-from spinbox.daemon.share import Volume
-from spinbox.mounts import MountSpec
+from spinbox.mounts import MountSpec, Volume
 
 # Room for containerd and Kubernetes ids (64 hex digits) and names, while the
 # scope name spinbox-vm-<id>.scope stays a plain unit name.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from spinbox.daemon import share
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
 from spinbox.daemon.options import check_container_id
-from spinbox.mounts import MountSpec
+from spinbox.mounts import MountSpec, Volume
 from spinbox.storage.errors import SnapshotGone
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ async def _add_rootfs(
     return path
 
 
-async def add_volumes(vm: Vm, container_id: str, volumes: tuple[share.Volume, ...]) -> None:
+async def add_volumes(vm: Vm, container_id: str, volumes: tuple[Volume, ...]) -> None:
     """Bind a further container's volumes into the running VM's share (seen by its virtiofsd)."""
     check_container_id(container_id)
     async with vm.lock:

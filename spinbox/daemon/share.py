@@ -18,13 +18,12 @@ import os
 import shutil
 import socket
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from spinbox.daemon import mountapi
 from spinbox.daemon.errors import Failed, InvalidArgument
 from spinbox.host import find_virtiofsd
-from spinbox.mounts import unshareable
+from spinbox.mounts import Volume, unshareable
 
 __all__ = ["find_virtiofsd"]
 
@@ -34,15 +33,6 @@ SHARE_DIR = "share"
 SOCKET = "virtiofs.sock"
 # The virtio-fs tag the guest mounts.
 TAG = "spinbox"
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A host directory or file for one bind mount of a container."""
-
-    source: str
-    read_only: bool
-    recursive: bool
 
 
 def share_dir(runtime_dir: Path) -> Path:

@@ -12,12 +12,12 @@ from typing import Any, Protocol
 from google.protobuf.message import Message
 
 from spinbox.api.proto import agent_pb2
+from spinbox.mounts import Volume
 from spinbox.shim.hooks import HostHooks
 from spinbox.shim.process import Process
 from spinbox.shim.protos import mount
 from spinbox.shim.spinboxd import VmInfo, VmRequest
 from spinbox.shim.stdio import ProcessIO
-from spinbox.shim.volumes import Volume
 
 
 class Agent(Protocol):

@@ -11,8 +11,7 @@ from dbus_fast import Variant
 
 from spinbox.busclient import BusClient, SpinboxdError
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
-from spinbox.mounts import MountSpec
-from spinbox.shim.volumes import Volume
+from spinbox.mounts import MountSpec, Volume
 from spinbox.vmid import vm_id_for
 
 __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]

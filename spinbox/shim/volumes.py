@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spinbox.api.proto import agent_pb2
-from spinbox.mounts import unshareable
+from spinbox.mounts import Volume, unshareable
 from spinbox.shim.guestspec import is_bind, is_pod_shm
 
 log = logging.getLogger(__name__)
@@ -27,15 +27,6 @@ _SLAVE_PROPAGATION = ("slave", "rslave")
 
 class VolumeError(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class Volume:
-    """One host source for spinboxd (spinbox.daemon.share.Volume's D-Bus form)."""
-
-    source: str
-    read_only: bool
-    recursive: bool
 
 
 @dataclass(frozen=True)
