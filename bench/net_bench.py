@@ -27,9 +27,9 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TOP))
 
-from guest.mkguest.image import BUSYBOX, ImageConfig, build  # noqa: E402
 from spinbox.net import NetConfig, setup_network, teardown_network  # noqa: E402
 from spinbox.vm import VirtualMachine, VmSpec, default_kernel, launch  # noqa: E402
+from tests.harness.initimage import build_init_image  # noqa: E402
 
 FIRST_PORT = 5001
 BOOT_TIMEOUT = 300.0  # TCG boots take seconds; this only bounds a hung guest
@@ -60,23 +60,6 @@ def main():
     print("SPINBOX-BENCH-READY", flush=True)
     sh("busybox sleep 1000000")
 """
-
-
-def build_image(work: Path) -> Path:
-    root = work / "init"
-    (root / "spinboxbenchinit").mkdir(parents=True)
-    (root / "spinboxbenchinit" / "__init__.py").write_text("")
-    (root / "spinboxbenchinit" / "main.py").write_text(BENCH_INIT)
-    output = work / "initrd.img"
-    config = ImageConfig(
-        kernel_version=default_kernel().name.removeprefix("vmlinuz-"),
-        entry="spinboxbenchinit.main:main",
-        packages=("spinboxbenchinit",),
-        roots=(root,),
-        tools=(BUSYBOX,),
-    )
-    build(config, output)
-    return output
 
 
 def connect(host: str, port: int) -> socket.socket:
@@ -135,7 +118,7 @@ async def wait_console(vm: VirtualMachine, marker: bytes) -> None:
 
 async def guest_throughput(work: Path, size: int, runs: int, accel: str) -> tuple[list[float], float]:
     config = NetConfig(run_dir=work / "run")
-    image = build_image(work)
+    image = build_init_image(work, "spinboxbenchinit", BENCH_INIT)
     network = await setup_network("bench-net", None, config)
     try:
         address = network.guest.interfaces[0].addresses[0]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from guest.mkguest.image import BUSYBOX, ImageConfig, build
 from spinbox.vm import VirtualMachine, VmError, VmSpec, default_kernel, launch
+from tests.harness.initimage import build_init_image
 
 # PID 1 of the test image: says hello on the console, then powers off or idles,
 # as the kernel command line's `spinboxtest=` (init's environment) says.
@@ -40,20 +40,7 @@ BOOT_TIMEOUT = 180.0  # generous: TCG on a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def test_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("testinit")
-    (root / "spinboxtestinit").mkdir()
-    (root / "spinboxtestinit" / "__init__.py").write_text("")
-    (root / "spinboxtestinit" / "main.py").write_text(TEST_INIT)
-    output = root / "initrd.img"
-    config = ImageConfig(
-        kernel_version=default_kernel().name.removeprefix("vmlinuz-"),
-        entry="spinboxtestinit.main:main",
-        packages=("spinboxtestinit",),
-        roots=(root,),
-        tools=(BUSYBOX,),
-    )
-    build(config, output)
-    return output
+    return build_init_image(tmp_path_factory.mktemp("testinit"), "spinboxtestinit", TEST_INIT)
 
 
 def make_spec(image: Path, runtime_dir: Path, **changes: Any) -> VmSpec:
