@@ -3,8 +3,13 @@ VM, and spinboxctl, which finds it again from the id the user knows."""
 
 from __future__ import annotations
 
-import hashlib
 import re
+
+try:
+    # CPython's own SHA-256: hashlib would load OpenSSL, megabytes in every shim.
+    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
+except ImportError:  # Python 3.12 and later name it _sha2
+    from hashlib import sha256 as _sha256
 
 # containerd's default namespace, as ctr and nerdctl use it without -n.
 DEFAULT_NAMESPACE = "default"
@@ -21,6 +26,6 @@ def vm_id_for(namespace: str, group_id: str) -> str:
     name = f"{namespace}-{group_id}" if namespace else group_id
     if len(name) <= VM_ID_MAX and _VM_ID.fullmatch(name):
         return name
-    digest = hashlib.sha256(f"{namespace}/{group_id}".encode()).hexdigest()[:16]
+    digest = _sha256(f"{namespace}/{group_id}".encode()).hexdigest()[:16]
     prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[: VM_ID_MAX - len(digest) - 1].lstrip("_.-")
     return f"{prefix}-{digest}" if prefix else digest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from spinbox.shim.options import USAGE, ShimOptions, UsageError, parse_args
 
@@ -46,9 +47,24 @@ def run(options: ShimOptions) -> int:
         from spinbox.shim.cleanup import delete
 
         return delete(options)
+    return server_entry()(options)
+
+
+# What the long-lived server's libraries import but it never uses: asyncio
+# imports ssl for TLS (libssl and libcrypto, about 5 MiB in every shim), and
+# dbus_fast imports gi for its GLib main loop (GObject introspection, about
+# 3 MiB). Both carry on without them: they catch the ImportError.
+SERVER_NEVER_IMPORTS = ("ssl", "gi")
+
+
+def server_entry() -> Callable[[ShimOptions], int]:
+    """The server's entry point, its modules loaded without SERVER_NEVER_IMPORTS."""
+    for name in SERVER_NEVER_IMPORTS:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # importing it raises ImportError
     from spinbox.shim.server import serve
 
-    return serve(options)
+    return serve
 
 
 if __name__ == "__main__":

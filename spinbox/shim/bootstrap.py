@@ -17,12 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import spinbox
+from spinbox.shim.cri import SANDBOX_ID_ANNOTATION
 from spinbox.shim.options import ShimOptions
 
 # Overridable for tests and benchmarks that run beside a real containerd.
 SOCKET_DIR = Path(os.environ.get("SPINBOX_SHIM_SOCKET_DIR", "/run/containerd/s"))
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # The highest task API version spinbox serves (containerd.task.v3.Task).
 SHIM_VERSION = 3
 # The directory holding the spinbox package `start` runs from.

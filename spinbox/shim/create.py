@@ -18,6 +18,7 @@ from spinbox.busclient import SpinboxdError
 from spinbox.mounts import MountSpec
 from spinbox.shim import exits, pump
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
+from spinbox.shim.cri import CONTAINER_TYPE_ANNOTATION
 from spinbox.shim.errors import invalid, precondition, spinboxd_error
 from spinbox.shim.guestspec import for_guest
 from spinbox.shim.hooks import HookError, HostHooks, run_hooks, state_json
@@ -30,7 +31,6 @@ from spinbox.shim.volumes import Volumes
 
 log = logging.getLogger(__name__)
 
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # A pod's VM takes its further containers' disks on spare PCIe ports, up to
 # 5 disks per container (4 read-only layer disks and the writable one).
 POD_HOTPLUG_PORTS = 16

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from spinbox.shim.bootstrap import CONTAINER_TYPE_ANNOTATION
+from spinbox.shim.cri import CONTAINER_TYPE_ANNOTATION
 
 _HOST_NAMESPACES = {
     "network": "the host's network (hostNetwork)",

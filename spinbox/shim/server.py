@@ -1,5 +1,7 @@
 """The long-lived shim: serves the Task API on the listener containerd's
-`start` handed over as fd 3, until Shutdown."""
+`start` handed over as fd 3, until Shutdown. Its imports are what a serving
+shim holds in memory for the life of its container (spinbox.shim.__main__
+imports this module for the server alone)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,15 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from spinbox.agent import AgentClient
+from spinbox.busclient import SpinboxdError
+from spinbox.shim.errors import ShimError, spinboxd_error
+from spinbox.shim.events import EventPublisher, TtrpcEventSender
 from spinbox.shim.options import ShimOptions
+from spinbox.shim.protos import TASK_SERVICES
+from spinbox.shim.service import TaskService
+from spinbox.shim.spinboxd import Spinboxd
+from spinbox.ttrpc import Code, Server, TtrpcError
 
 log = logging.getLogger("spinbox.shim")
 
@@ -43,9 +53,6 @@ def redirect_logs_to_containerd(bundle: Path, debug: bool) -> None:
 
 def ttrpc_handler(handler: Callable[[Any], Awaitable[Message]]) -> Callable[[Any, Any], Awaitable[Message]]:
     """Turns the service's named errors into ttrpc statuses."""
-    from spinbox.busclient import SpinboxdError
-    from spinbox.shim.errors import ShimError, spinboxd_error
-    from spinbox.ttrpc import Code, TtrpcError
 
     async def handle(request: Any, ctx: Any) -> Message:
         try:
@@ -60,13 +67,6 @@ def ttrpc_handler(handler: Callable[[Any], Awaitable[Message]]) -> Callable[[Any
 
 
 async def _serve(options: ShimOptions, listener: socket.socket) -> None:
-    from spinbox.agent import AgentClient
-    from spinbox.shim.events import EventPublisher, TtrpcEventSender
-    from spinbox.shim.protos import TASK_SERVICES
-    from spinbox.shim.service import TaskService
-    from spinbox.shim.spinboxd import Spinboxd
-    from spinbox.ttrpc import Server
-
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

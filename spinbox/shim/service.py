@@ -16,9 +16,9 @@ from google.protobuf.message import Message
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
 from spinbox.shim import exits, pump
-from spinbox.shim.bootstrap import SANDBOX_ID_ANNOTATION
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
 from spinbox.shim.create import ContainerCreator, CreatePlan, load_spec
+from spinbox.shim.cri import SANDBOX_ID_ANNOTATION
 from spinbox.shim.errors import (
     already_exists,
     invalid,

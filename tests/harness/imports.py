@@ -11,12 +11,9 @@ from pathlib import Path
 
 TOP = Path(__file__).resolve().parents[2]
 
-_LOAD = (
-    "import importlib, sys\n"
-    "for name in sys.argv[1:]:\n"
-    "    importlib.import_module(name)\n"
-    "print('\\n'.join(sorted(sys.modules)))\n"
-)
+_LOAD = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+# A name bound to None in sys.modules is one whose import is refused, not a loaded module.
+_PRINT = "print('\\n'.join(sorted(name for name, module in sys.modules.items() if module is not None)))\n"
 
 
 def package_modules(package: str) -> list[str]:
@@ -29,12 +26,22 @@ def package_modules(package: str) -> list[str]:
 
 def loaded_by(modules: Sequence[str], path: Iterable[Path] = ()) -> set[str]:
     """The names in sys.modules after a fresh interpreter imports `modules`."""
+    return loaded_after(_LOAD, modules, path)
+
+
+def loaded_after(code: str, args: Sequence[str] = (), path: Iterable[Path] = ()) -> set[str]:
+    """The modules loaded after a fresh interpreter runs `code` (with `args` in sys.argv[1:])."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TOP), *map(str, path)])
     result = subprocess.run(
-        [sys.executable, "-c", _LOAD, *modules], cwd=TOP, env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", "import sys\n" + code + _PRINT, *args],
+        cwd=TOP,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    assert result.returncode == 0, f"importing {', '.join(modules)} failed:\n{result.stderr}"
+    assert result.returncode == 0, f"running {code!r} failed:\n{result.stderr}"
     return set(result.stdout.split())
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.imports import check_imports, forbidden_loads, package_modules
+from tests.harness.imports import check_imports, forbidden_loads, loaded_after, package_modules
 
 # The shim's modules, and those its server loads once it serves.
 SHIM = [*package_modules("spinbox.shim"), "spinbox.agent", "spinbox.ttrpc"]
@@ -27,6 +27,44 @@ VMINITD_FORBIDDEN = ("dbus_fast", "pyroute2", "qemu", "guest.mkguest")
 
 def test_the_shim_loads_no_daemon_vm_or_storage_code() -> None:
     check_imports("the shim", SHIM, SHIM_FORBIDDEN)
+
+
+# What a serving shim holds for its container's whole life: what only `start`
+# and `delete` need, TLS (asyncio's ssl), OpenSSL's hashes, GLib (dbus_fast's gi)
+# and the D-Bus service side of dbus_fast are not among it.
+SERVER_NEVER = (
+    "spinbox.shim.bootstrap",
+    "spinbox.shim.cleanup",
+    "ssl",
+    "_ssl",
+    "hashlib",
+    "_hashlib",
+    "gi",
+    *SHIM_FORBIDDEN,
+)
+# The server, and a VM id for a CRI container's 64 hex digits (a digest of the id).
+SERVER = (
+    "from spinbox.shim.__main__ import server_entry\nserver_entry()\n"
+    "from spinbox.vmid import vm_id_for\nvm_id_for('k8s.io', 'f' * 64)\n"
+)
+
+
+def server_loads(code: str = SERVER) -> set[str]:
+    return loaded_after(code)
+
+
+def test_the_serving_shim_loads_only_what_it_serves_with() -> None:
+    loaded = server_loads()
+    # The check sees the server's real import set: the Task API, ttrpc and the D-Bus client.
+    assert {"spinbox.shim.service", "spinbox.ttrpc.server", "spinbox.busclient", "dbus_fast"} <= loaded
+    bad = sorted(name for name in loaded if any(name == n or name.startswith(n + ".") for n in SERVER_NEVER))
+    assert not bad, f"the serving shim loads modules it never uses: {', '.join(bad)}"
+
+
+def test_the_server_check_sees_what_a_plain_import_would_load() -> None:
+    # Without server_entry's refusals, asyncio brings ssl and dbus_fast brings gi (where installed).
+    loaded = server_loads("import spinbox.shim.server\n")
+    assert "ssl" in loaded and "spinbox.shim.service" in loaded
 
 
 def test_spinboxctl_loads_no_daemon_or_vm_code() -> None:
