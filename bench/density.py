@@ -7,7 +7,8 @@ proportional set size (PSS, what smem shows: a page shared by k processes
 counts 1/k to each) of every QEMU, shim and virtiofsd serving them is summed,
 guest pages included. A template's RAM is shared by the VMs restored from it,
 so it counts once across them. "Fit" is the host's MemAvailable before the
-containers started divided by the memory per container.
+containers started divided by the memory per container. The shims' RSS (pages
+shared with other processes counted whole) is shown beside their PSS.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ from tests.harness.fixtures import artifacts_dir  # noqa: E402
 from tests.harness.systemd import PrivateSystemd  # noqa: E402
 
 
-def pss_kib(systemd: PrivateSystemd, pid: int) -> int:
-    """The PSS of a process of the private systemd's PID namespace."""
+def memory_kib(systemd: PrivateSystemd, pid: int, field: str = "Pss") -> int:
+    """The PSS (or another smaps_rollup field, such as Rss) of a process of the private systemd's
+    PID namespace."""
     result = systemd.run("cat", f"/proc/{pid}/smaps_rollup", check=False)
     if result.returncode != 0:
         raise SystemExit(f"cannot read the memory of pid {pid}: {result.stderr.strip()}")
     text = result.stdout
-    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:"))
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith(f"{field}:"))
+
+
+def pss_kib(systemd: PrivateSystemd, pid: int) -> int:
+    return memory_kib(systemd, pid, "Pss")
 
 
 def mem_available_kib() -> int:
@@ -48,7 +54,7 @@ def serving(systemd: PrivateSystemd, prefix: str) -> dict[str, list[int]]:
     """The pids of the QEMUs, shims and virtiofsds of the benchmark's containers."""
     return {
         "qemu": systemd.processes(f"process=spinbox-vm-default-{prefix}"),
-        "shim": systemd.processes(f"spinbox.shim .*-id {prefix}"),
+        "shim": systemd.processes(f"containerd-shim-spinbox-v1 .*-id {prefix}"),
         "virtiofsd": systemd.processes(f"virtiofsd.*{prefix}"),
     }
 
@@ -67,10 +73,12 @@ def measure(systemd: PrivateSystemd, initrd: Path, boot: str, count: int, settle
             start_s = time.monotonic() - started
             time.sleep(settle)  # the guests go idle; free page reporting hands freed pages back
             pids = serving(systemd, prefix)
-            if len(pids["qemu"]) != count:
-                raise SystemExit(f"expected {count} QEMUs, found {len(pids['qemu'])}")
+            for kind in ("qemu", "shim"):
+                if len(pids[kind]) != count:
+                    raise SystemExit(f"expected {count} of {kind}, found {len(pids[kind])}")
             per_kind = {kind: sum(pss_kib(systemd, p) for p in found) / 1024 for kind, found in pids.items()}
             qemu_each = [pss_kib(systemd, p) / 1024 for p in pids["qemu"]]
+            shim_rss = [memory_kib(systemd, p, "Rss") / 1024 for p in pids["shim"]]
         finally:
             for name in names:
                 containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
@@ -88,6 +96,7 @@ def measure(systemd: PrivateSystemd, initrd: Path, boot: str, count: int, settle
         "qemu": per_kind["qemu"] / count,
         "qemu_median": statistics.median(qemu_each),
         "shim": per_kind["shim"] / count,
+        "shim_rss": statistics.median(shim_rss),
         "virtiofsd": per_kind["virtiofsd"] / count,
         "per_container": per_container,
         "fit": available / 1024 / per_container,
@@ -100,29 +109,38 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=20.0, help="seconds the containers idle before measuring"
     )
+    parser.add_argument(
+        "--boot",
+        choices=("cold", "template"),
+        action="append",
+        help="only these boot modes (default: both, in the same run)",
+    )
     args = parser.parse_args()
+    boots = tuple(args.boot or ("cold", "template"))
     if os.geteuid() != 0:
         raise SystemExit("bench/density runs containerd and VMs: run it as root")
     initrd = guest_image()
     results = {}
     with PrivateSystemd.booted(artifacts_dir() / "logs") as systemd:
-        for boot in ("cold", "template"):
+        for boot in boots:
             results[boot] = measure(systemd, initrd, boot, args.count, args.settle)
     print(f"{args.count} idle containers (sleep), PSS in MiB per container; containerd 1.6, TCG guests")
-    print(f"{'':<36}{'cold':>12}{'template':>12}")
+    print(f"{'':<36}" + "".join(f"{b:>12}" for b in boots))
     rows = [
         ("QEMU (guest pages included)", "qemu", "{:.1f}"),
         ("  median QEMU", "qemu_median", "{:.1f}"),
         ("shim", "shim", "{:.1f}"),
+        ("  median shim RSS", "shim_rss", "{:.1f}"),
         ("virtiofsd", "virtiofsd", "{:.1f}"),
         ("host memory per container", "per_container", "{:.1f}"),
         ("containers that fit in MemAvailable", "fit", "{:.0f}"),
         (f"seconds to start all {args.count}", "start_s", "{:.1f}"),
     ]
     for title, key, fmt in rows:
-        print(f"{title:<36}" + "".join(f"{fmt.format(results[b][key]):>12}" for b in ("cold", "template")))
-    ratio = results["template"]["per_container"] / results["cold"]["per_container"]
-    print(f"ratio template / cold (memory per container): {ratio:.2f}")
+        print(f"{title:<36}" + "".join(f"{fmt.format(results[b][key]):>12}" for b in boots))
+    if len(boots) == 2:
+        ratio = results["template"]["per_container"] / results["cold"]["per_container"]
+        print(f"ratio template / cold (memory per container): {ratio:.2f}")
 
 
 if __name__ == "__main__":
