@@ -26,8 +26,20 @@ FSTYPES = ("erofs", "ext4")
 
 
 # A disk hot-plugged just before MountRootfs (a pod's further containers)
-# appears once the guest kernel has handled the hotplug event.
+# appears once the guest kernel has handled the hotplug event: on a loaded
+# host that can take as long as the host's own deadline for the call. The host
+# sends its wait in the request (derived from timeouts.agent_call); this is
+# the wait of a request that names none.
 DEVICE_WAIT = 10.0
+# A request's wait is capped: the guest never blocks a call for longer.
+DEVICE_WAIT_MAX = 3600.0
+
+
+def device_wait(req: pb.MountRootfsRequest, default: float = DEVICE_WAIT) -> float:
+    """Seconds to wait for the request's disks: the host's choice, else `default`."""
+    if req.device_wait_ms:
+        return min(req.device_wait_ms / 1000, DEVICE_WAIT_MAX)
+    return default
 
 
 def find_device(
@@ -41,7 +53,8 @@ def find_device(
                 if (entry / "serial").read_text().strip() == serial:
                     return dev / entry.name
         if time.monotonic() >= deadline:
-            raise TtrpcError(Code.NOT_FOUND, f"no block device has the serial {serial!r}")
+            waited = f" after waiting {wait:g} s for the hot-plugged disk" if wait else ""
+            raise TtrpcError(Code.NOT_FOUND, f"no block device has the serial {serial!r}{waited}")
         time.sleep(0.02)
 
 
@@ -113,17 +126,18 @@ class RootfsManager:
         work = self.mnt_dir / cid
         target = self.rootfs_dir / cid
         state = MountedRootfs(cid, target)
+        wait = device_wait(req, self.device_wait)
         try:
             lowers = []
             for i, layer in enumerate(req.lowers):
                 point = work / f"lower{i}"
-                self._mount_device(layer, point, read_only=True, state=state)
+                self._mount_device(layer, point, read_only=True, state=state, wait=wait)
                 lowers.append(point / validate.subdir(layer.subdir))
             upper_dir = work_dir = None
             if req.HasField("upper") or req.tmpfs_upper:
                 point = work / "upper"
                 if req.HasField("upper"):
-                    self._mount_device(req.upper, point, read_only=False, state=state)
+                    self._mount_device(req.upper, point, read_only=False, state=state, wait=wait)
                     state.upper = point
                     base = point / validate.subdir(req.upper.subdir)
                 else:
@@ -159,13 +173,13 @@ class RootfsManager:
         return target
 
     def _mount_device(
-        self, device: pb.BlockDevice, point: Path, read_only: bool, state: MountedRootfs
+        self, device: pb.BlockDevice, point: Path, read_only: bool, state: MountedRootfs, wait: float
     ) -> None:
-        source = find_device(device.serial, self.sys_block, self.dev, self.device_wait)
+        source = find_device(device.serial, self.sys_block, self.dev, wait)
         point.mkdir(parents=True, exist_ok=True)
         flags = syscalls.MS_RDONLY if read_only else 0
         try:
-            mount_when_ready(source, point, device.fstype, flags | syscalls.MS_NODEV, self.device_wait)
+            mount_when_ready(source, point, device.fstype, flags | syscalls.MS_NODEV, wait)
         except OSError as e:
             raise TtrpcError(
                 Code.FAILED_PRECONDITION,
@@ -232,7 +246,7 @@ class RootfsManager:
             raise validate.InvalidRequest(f"a writable layer is ext4, not {device.fstype!r}")
         state = MountedRootfs(name, self.mnt_dir / name / "disk")
         # Read-write, so that ext4 replays its journal; nothing on it is run or opened as a device.
-        self._mount_device(device, state.path, read_only=False, state=state)
+        self._mount_device(device, state.path, read_only=False, state=state, wait=self.device_wait)
         upper = state.path / validate.subdir(device.subdir) / "upper"
         if not upper.is_dir():
             self._release(state)

@@ -37,6 +37,17 @@ RESCUE_SHUTDOWN_TIMEOUT = 10.0
 TEMPLATE_BOOT_TIMEOUT = 900.0
 # Where a template's command line is made to name its files, for its identity.
 TEMPLATE_IDENTITY_DIR = Path("/run/spinbox/templates/identity")
+# The share of timeouts.agent_call the guest may wait for a MountRootfs's hot-plugged
+# disks: it gives up first, so that its sentence naming the disk reaches the host.
+DEVICE_WAIT_SHARE = 0.8
+
+
+def with_device_wait(mount: agent_pb2.MountRootfsRequest, agent_call: float) -> agent_pb2.MountRootfsRequest:
+    """The request with the guest's wait for its disks derived from timeouts.agent_call."""
+    request = agent_pb2.MountRootfsRequest()
+    request.CopyFrom(mount)
+    request.device_wait_ms = max(1000, int(agent_call * DEVICE_WAIT_SHARE * 1000))
+    return request
 
 
 class QemuBackend:
@@ -227,20 +238,24 @@ class QemuBackend:
     # -- the guest ----------------------------------------------------------
 
     async def configure_guest(self, machine: Machine, setup: GuestSetup) -> str:
+        agent_call = self.config.timeouts.agent_call
+
         async def configure(agent: AgentClient) -> str:
             if setup.network is not None and len(setup.network.interfaces):
                 await agent.configure_network(setup.network)
             if setup.mount is not None:
-                return str(await agent.mount_rootfs(setup.mount))
+                return str(await agent.mount_rootfs(with_device_wait(setup.mount, agent_call)))
             return ""
 
-        return await control.session(machine.control_address, configure, self.config.timeouts.agent_call)
+        return await control.session(machine.control_address, configure, agent_call)
 
     async def mount_rootfs(self, machine: Machine, mount: Any) -> str:
-        async def mount_it(agent: AgentClient) -> str:
-            return str(await agent.mount_rootfs(mount))
+        agent_call = self.config.timeouts.agent_call
 
-        return await control.session(machine.control_address, mount_it, self.config.timeouts.agent_call)
+        async def mount_it(agent: AgentClient) -> str:
+            return str(await agent.mount_rootfs(with_device_wait(mount, agent_call)))
+
+        return await control.session(machine.control_address, mount_it, agent_call)
 
     async def quiesce_guest(self, machine: Machine, container_id: str, unmount: bool) -> None:
         async def quiesce(agent: AgentClient) -> None:
