@@ -17,6 +17,7 @@ from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
 from spinbox.daemon import pod, share
 from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
+from spinbox.daemon.endings import Endings
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.keep import KeptStorage, keep_or_remove
 from spinbox.daemon.leftover import recover, remove_leftover
@@ -32,6 +33,7 @@ from spinbox.mounts import MountSpec, Volume
 from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
+from spinbox.vm.ending import Ending
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ class VmManager:
         # The task creating each VM id, for those who must wait for its outcome.
         self._creating_ids: dict[str, asyncio.Task[Any]] = {}
         self._on_count_changed = on_count_changed
+        self.endings = Endings()
         self.kept = KeptStorage()
         self.templates = TemplateStore(config, systemd, backend, run_dir / "templates")
 
@@ -472,7 +475,7 @@ class VmManager:
             await vm.machine.wait_exit()
             # From here on the pid may be another process's.
             vm.forwarder.sink.pid = 0
-            log.info("QEMU of VM %s (pid %d) has exited", vm.id, vm.state.pid)
+            self.endings.record(vm.id, vm.machine.ending or Ending(None), vm.state.pid, vm.forwarder.sink)
             await self._release(vm)
         except Exception as e:
             log.exception("releasing VM %s failed", vm.id)
@@ -481,6 +484,22 @@ class VmManager:
         else:
             if not vm.finished.done():
                 vm.finished.set_result(None)
+
+    async def ending(self, vm_id: str, wait: float) -> Ending:
+        """How the VM's QEMU ended, waiting up to `wait` seconds for it to end."""
+        check_vm_id(vm_id)
+        vm = self.vms.get(vm_id)
+        if vm is not None and vm_id not in self.endings:
+            try:
+                async with asyncio.timeout(wait):
+                    await vm.machine.wait_exit()
+            except TimeoutError:
+                raise Failed(f"VM {vm_id!r} is still running after {wait:g} s") from None
+            return vm.machine.ending or Ending(None)
+        ending = self.endings.get(vm_id)
+        if ending is None:
+            raise NotFound(f"there is no VM {vm_id!r}, nor one that ended lately")
+        return ending
 
     async def _release(self, vm: Vm) -> None:
         """Everything after QEMU ended: logs, writable layer, network, scope, files, object."""
@@ -554,4 +573,6 @@ class VmManager:
         await recover(self)
 
     async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
+        if state is not None and state.phase in ("running", "paused"):
+            self.endings.record(vm_id, Ending(None), state.pid)
         await remove_leftover(self, vm_id, state, directory)

@@ -222,6 +222,11 @@ class ManagerInterface(DocumentedInterface):
         return (await self.manager.settled(id)).path
 
     @method()
+    async def VMEnding(self, id: "s", timeout_ms: "u") -> "us":
+        ending = await _answer(f"the end of VM {id!r}", self.manager.ending(id, timeout_ms / 1000))
+        return [ending.container_status, ending.reason]
+
+    @method()
     def ListVMs(self) -> "ao":
         return sorted(vm.path for vm in self.manager.vms.values())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -140,6 +141,9 @@ class ContainerCreator:
         self.connect_agent = connect_agent
         self.publisher = publisher
 
+    async def vm_ending(self, vm_id: str) -> tuple[int, str]:
+        return await (await self.spinboxd()).vm_ending(vm_id, exits.VM_ENDING_WAIT)
+
     async def in_new_vm(self, plan: CreatePlan) -> Container:
         """A container in a VM of its own (a pod's sandbox is one)."""
         req, spec, hooks, sizing = plan.req, plan.spec, plan.hooks, plan.sizing
@@ -186,6 +190,7 @@ class ContainerCreator:
             await self._abandon(vm_id, ours or bool(netns and hook_pid), agent, state)
             raise create_error(error, f"cannot create the VM for {req.id!r}") from None
         container = plan.container(vm_id, vm, agent, state, hook_pid)
+        container.vm_ending = functools.partial(self.vm_ending, vm_id)
         container.oom_watcher = asyncio.get_running_loop().create_task(
             exits.watch_oom(container, self.publisher)
         )
@@ -216,7 +221,9 @@ class ContainerCreator:
                         "could not remove the rootfs of %s after a failed create: %s", req.id, undo_error
                     )
             raise create_error(error, f"cannot add {req.id!r} to the VM of pod {pod.id!r}") from None
-        return plan.container(pod.vm_id, pod.vm, pod.agent, state, pod.vm.pid, pod.id)
+        container = plan.container(pod.vm_id, pod.vm, pod.agent, state, pod.vm.pid, pod.id)
+        container.vm_ending = functools.partial(self.vm_ending, pod.vm_id)
+        return container
 
     async def _create_in_guest(
         self, agent: Agent, plan: CreatePlan, state: ProcessState, vm_pid: int, hook_pid: int

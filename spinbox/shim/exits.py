@@ -17,8 +17,12 @@ from spinbox.shim.protos import events
 
 log = logging.getLogger(__name__)
 
-# The exit status of a process whose VM went away: killed (128 + SIGKILL).
+# The exit status of a process whose VM was removed (128 + SIGKILL).
 KILLED = 128 + 9
+# The exit status of a process lost with its VM when spinboxd cannot say how the VM ended.
+UNKNOWN = 255
+# How long spinboxd may take to see the end of a VM whose agent went silent.
+VM_ENDING_WAIT = 10.0
 
 
 def now() -> datetime:
@@ -45,9 +49,12 @@ async def watch_exit(container: Container, state: ProcessState, publisher: Publi
     except asyncio.CancelledError:
         raise
     except Exception as error:
-        # The guest went away (VM killed): report the process as killed.
-        log.error("lost %s: %s", proc.name, error)
-        status, at = KILLED, now()
+        # The guest went away: the status says how its VM ended, as spinboxd's journal does.
+        status, reason = await vm_ended(container)
+        log.error(
+            "lost %s with VM %s (%s): %s; exit status %d", proc.name, container.vm_id, error, reason, status
+        )
+        at = now()
     # Everything the process wrote reaches containerd before its exit does.
     if state.outputs:
         await asyncio.gather(*state.outputs, return_exceptions=True)
@@ -66,6 +73,18 @@ async def watch_exit(container: Container, state: ProcessState, publisher: Publi
             exited_at=stamp(at),
         ),
     )
+
+
+async def vm_ended(container: Container) -> tuple[int, str]:
+    """The exit status of a process lost with the container's VM, and the sentence saying why."""
+    if container.vm_ending is None:
+        return UNKNOWN, "spinboxd was not asked how the VM ended"
+    try:
+        return await container.vm_ending()
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        return UNKNOWN, f"spinboxd cannot say how the VM ended: {error}"
 
 
 async def watch_oom(container: Container, publisher: Publisher) -> None:

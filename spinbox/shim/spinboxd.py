@@ -123,6 +123,13 @@ class Spinboxd:
             raise
         return str(path)
 
+    async def vm_ending(self, vm_id: str, wait: float) -> tuple[int, str]:
+        """How the VM ended (waiting up to `wait` s): its container processes' exit status, and why."""
+        status, reason = await self.client.call(
+            MANAGER_PATH, MANAGER_IFACE, "VMEnding", "su", [vm_id, int(wait * 1000)], wait + 30
+        )
+        return int(status), str(reason)
+
     async def prepare_network_namespace(self, vm_id: str) -> tuple[str, int]:
         path, pid = await self.client.call(
             MANAGER_PATH, MANAGER_IFACE, "PrepareNetworkNamespace", "s", [vm_id]

@@ -17,6 +17,7 @@ from spinbox import procstat, statefile
 from spinbox.vm import control
 from spinbox.vm.accel import choose_accel
 from spinbox.vm.cid import CID_DIR, CidLease, _try_lock, allocate_cid
+from spinbox.vm.ending import Ending
 from spinbox.vm.errors import VmError, VmNotRunning
 from spinbox.vm.handover import Handover, VmUser, allocate_vm_user
 from spinbox.vm.process import (
@@ -81,6 +82,11 @@ class VirtualMachine:
         self.state = state
         self._process = process
         self._qmp = qmp
+        # How QEMU ended, once it has: set before the exit is awaited.
+        self.ending: Ending | None = None
+        self._requested = ""
+        self._panics = EventListener(("GUEST_PANICKED",))
+        qmp.register_listener(self._panics)
         self._exit: asyncio.Task[int | None] = asyncio.ensure_future(self._watch_exit())
 
     # What callers read.
@@ -308,6 +314,7 @@ class VirtualMachine:
         """Stop the VM: the agent's orderly Shutdown, then QMP quit, then SIGKILL. Returns QEMU's status."""
         if self.exited:
             return await self._exit
+        self._requested = self._requested or "stop"
         deadline = asyncio.get_running_loop().time() + timeout
         if "agent-ready" in self.state.stamps and await self._running():
             try:
@@ -325,6 +332,7 @@ class VirtualMachine:
 
     async def kill(self) -> int | None:
         if not self.exited:
+            self._requested = "kill"
             send_signal(self.pid, signal.SIGKILL)
         return await self._exit
 
@@ -370,7 +378,14 @@ class VirtualMachine:
 
     async def _watch_exit(self) -> int | None:
         status = await self._process.wait()
-        log.info("VM %s: QEMU exited with status %s", self.vm_id, status)
+        panicked = not self._panics.empty()
+        if not panicked and status == 1:
+            # With panic=exit-failure QEMU exits 1 right after its GUEST_PANICKED event.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._panics.get(), 1)
+                panicked = True
+        self.ending = Ending(status, panicked, self._requested)
+        log.info("VM %s: %s (QEMU exit status %s)", self.vm_id, self.ending.reason, status)
         with contextlib.suppress(Exception):
             await self._qmp.disconnect()
         _remove_runtime_files(self.paths, self.state.cid)

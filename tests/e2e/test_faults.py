@@ -1,7 +1,9 @@
 """Faults a user's host will see, each with what the user must get: a guest
 that stops answering (its QEMU SIGSTOPped) fails `ctr run` within the
 configured deadline, with a sentence naming the VM and the step, and the VM
-is cleaned up."""
+is cleaned up; a QEMU killed by SIGKILL, or a guest kernel that panics, ends
+the task with an exit status that spinboxd's journal line about the VM
+explains, and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -38,6 +40,73 @@ def create_deadline(stack: PrivateSystemd) -> Iterator[int]:
     finally:
         stack.write_file(CONFIG, original)
         stack.systemctl("restart", "spinbox.service")
+
+
+def qemu_pid(stack: PrivateSystemd, vm_id: str) -> int:
+    """QEMU's pid from the VM's state file (0 until QEMU answers QMP)."""
+    state = stack.path(f"/run/spinbox/vm/{vm_id}/{statefile.FILE}")
+    with contextlib.suppress(OSError, ValueError):
+        return int((statefile.read_section(state, statefile.DAEMON) or {}).get("pid", 0))
+    return 0
+
+
+def vm_lines(stack: PrivateSystemd, vm_id: str) -> list[str]:
+    """spinboxd's journal lines about one VM."""
+    journal = stack.journal("-u", "spinbox.service", "-o", "cat")
+    return [line for line in journal.splitlines() if f"VM {vm_id}:" in line]
+
+
+def test_a_qemu_killed_by_sigkill_ends_the_task_with_the_status_the_journal_explains(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    name, vm_id = "qkill1", "default-qkill1"
+    run = subprocess.Popen(
+        containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stack.wait_for(f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300)
+        pid = qemu_pid(stack, vm_id)
+        assert pid
+        stack.run("kill", "-KILL", str(pid))
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    # The status is the one spinboxd's line about the VM gives, and that line says why.
+    said = (
+        f"VM {vm_id}: QEMU was killed by SIGKILL, not by spinbox (QEMU pid {pid}); "
+        "the processes in it end with exit status 137"
+    )
+    assert run.returncode == 137, stderr
+    assert said in vm_lines(stack, vm_id), vm_lines(stack, vm_id)
+    assert said in stack.journal("-u", f"spinbox-vm-{vm_id}.scope", "-o", "cat")
+    containerd.ctr("container", "delete", name, check=False)
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_a_guest_kernel_panic_ends_the_task_with_the_reason_in_the_journal(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    name, vm_id = "panic1", "default-panic1"
+    result = containerd.ctr(
+        "run", "--rm", "--privileged", "--runtime", RUNTIME, IMAGE, name,
+        "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 600",
+        check=False, timeout=600,
+    )  # fmt: skip
+    # A panic gives the processes no status of their own: 255, containerd's "unknown", and the reason.
+    assert result.returncode == 255, result.stderr
+    lines = vm_lines(stack, vm_id)
+    assert any(
+        "the guest kernel panicked" in line and "end with exit status 255" in line for line in lines
+    ), lines
+    console = stack.journal("-u", f"spinbox-vm-{vm_id}.scope", "-o", "cat")
+    assert "Kernel panic" in console and "the guest kernel panicked" in console, console[-3000:]
+    containerd.ctr("container", "delete", name, check=False)
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
 def test_a_guest_that_stops_answering_fails_the_create_within_the_deadline(

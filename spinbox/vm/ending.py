@@ -1,0 +1,67 @@
+"""How a VM's QEMU ended, said as a sentence for the journal and as the exit
+status of the container processes that ended with it.
+
+A process inside the guest has no exit status of its own when its VM goes
+away: it ends because QEMU did. The status reported for it follows the usual
+shell convention where that is true, and is "unknown" otherwise:
+
+- QEMU killed by signal N (someone's `kill -9`, the kernel's OOM killer, the
+  scope's MemoryMax): 128 + N, as for a process killed by that signal;
+- anything else (a guest kernel panic, QEMU failing, a status nobody could
+  read because an earlier spinboxd started QEMU): 255, the status containerd
+  itself gives an exit it does not know.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+# The exit status of a process whose VM ended in a way that gives it none.
+UNKNOWN_STATUS = 255
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """QEMU's end: its wait status (negative: killed by that signal; None:
+    not known), whether the guest kernel panicked first, and whether spinbox
+    itself asked for it (a stop or kill)."""
+
+    status: int | None
+    panicked: bool = False
+    requested: str = ""  # "stop" or "kill" when spinbox ended it
+
+    @property
+    def signal(self) -> int:
+        return -self.status if self.status is not None and self.status < 0 else 0
+
+    @property
+    def reason(self) -> str:
+        if self.panicked:
+            return "the guest kernel panicked (QEMU's pvpanic device reported it) and QEMU exited"
+        if self.signal:
+            name = signal_name(self.signal)
+            if self.requested == "kill" and self.signal == signal.SIGKILL:
+                return f"spinbox killed QEMU ({name}) to stop the VM"
+            return f"QEMU was killed by {name}, not by spinbox"
+        if self.status is None:
+            return "QEMU ended; its exit status is unknown (an earlier spinboxd started it)"
+        if self.status == 0:
+            return "QEMU exited normally (the guest powered off)" + (
+                " as spinbox asked" if self.requested else ""
+            )
+        return f"QEMU exited with status {self.status}"
+
+    @property
+    def container_status(self) -> int:
+        """The exit status of a container process that ended with the VM."""
+        if self.signal and not self.panicked:
+            return 128 + self.signal
+        return UNKNOWN_STATUS
