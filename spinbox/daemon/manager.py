@@ -19,7 +19,7 @@ from spinbox.daemon import pod, share
 from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.endings import Endings
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
-from spinbox.daemon.keep import KeptStorage, keep_or_remove
+from spinbox.daemon.keep import KeptStorage, keep_or_remove, move_aside
 from spinbox.daemon.leftover import recover, remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
@@ -250,6 +250,13 @@ class VmManager:
             mount = None
             if request.rootfs:
                 work_dir = self.storage_dir / vm_id
+                try:
+                    await asyncio.to_thread(move_aside, self.kept, work_dir, vm_id)
+                except OSError as e:
+                    raise Failed(
+                        f"the storage directory {work_dir} of an earlier VM {vm_id!r} is in the way "
+                        f"and could not be moved aside: {e.strerror}"
+                    ) from None
                 state.storage_dir = str(work_dir)
                 state.save(runtime_dir)
                 undo.push_async_callback(asyncio.to_thread, remove_tree, work_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.daemon.keep import KeptStorage, keep_or_remove, name_orphans
+from spinbox.daemon.keep import KeptStorage, keep_or_remove, move_aside, name_orphans
 
 
 def test_storage_with_an_unwritten_layer_is_kept_and_named(
@@ -53,3 +53,36 @@ def test_storage_with_no_vm_state_is_kept_and_named(tmp_path: Path) -> None:
     (sentence,) = kept.listed()
     assert sentence.startswith(f"{root / 'rebooted'}: storage of VM rebooted with no VM state in /run")
     assert name_orphans(tmp_path / "absent", set(), KeptStorage()) == []
+
+
+def test_kept_storage_moves_aside_for_a_new_vm_of_the_same_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "vms"
+    storage = root / "default-c1"
+    (storage / "rootfs-c1").mkdir(parents=True)
+    (storage / "rootfs-c1" / "upper.img").write_bytes(b"user data")
+    kept = KeptStorage()
+    asyncio.run(keep_or_remove(kept, str(storage), "default-c1", {"c1"}))
+
+    with caplog.at_level(logging.ERROR):
+        moved = move_aside(kept, storage, "default-c1")
+        again = move_aside(kept, storage, "default-c1")  # nothing left in the way
+    assert moved is not None and again is None
+    assert not storage.exists()
+    assert moved.parent == root and moved.name.startswith("default-c1.kept-")
+    assert (moved / "rootfs-c1" / "upper.img").read_bytes() == b"user data"
+    (sentence,) = kept.listed()
+    assert sentence.startswith(
+        f"{moved}: moved aside from {storage} for a new VM default-c1: "
+        "the writable layer of c1 (VM default-c1) could not be written back; kept"
+    )
+    assert sentence in caplog.text
+
+    # A second one in the same second gets a name of its own; one nobody kept is named too.
+    storage.mkdir()
+    second = move_aside(kept, storage, "default-c1")
+    assert second is not None and second != moved and second.is_dir()
+    assert f"{second}: moved aside from {storage} for a new VM default-c1: storage of an earlier VM" in (
+        "\n".join(kept.listed())
+    )
