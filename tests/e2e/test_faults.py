@@ -11,6 +11,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from spinbox import statefile
 from tests.e2e.stack import BUILDS, IMAGE, NOTHING_LEFT, RUNTIME, Containerd, wait_until_clean
 from tests.e2e.test_network import NO_NETWORK_LEFT, network_leftovers
 from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import PYTHON, TOP
 
 CONFIG = "/etc/spinbox/spinbox.toml"
 CREATE_DEADLINE = 60
@@ -151,3 +153,35 @@ def test_a_guest_that_stops_answering_fails_the_create_within_the_deadline(
         "default-frozen1: waiting for the guest's agent did not finish within timeouts.create" in journal
         or ("default-frozen1: " in journal and "did not finish within timeouts.create" in journal)
     ), journal[-3000:]
+
+
+def test_storage_kept_from_a_crash_moves_aside_for_a_container_of_the_same_name(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    # The host crashed while container reuse1 ran: its storage, with no VM state in /run, is kept.
+    storage = "/var/lib/spinbox/vms/default-reuse1"
+    stack.write_file(f"{storage}/rootfs-reuse1/upper.img", "the user's data\n")
+    stack.systemctl("restart", "spinbox.service")
+    moved: list[Path] = []
+    try:
+        result = containerd.ctr(
+            "run", "--rm", "--runtime", RUNTIME, IMAGE, "reuse1", "echo", "ran", check=False
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (0, "ran\n"), result.stderr
+        moved[:] = list(stack.path("/var/lib/spinbox/vms").glob("default-reuse1.kept-*"))
+        assert len(moved) == 1, moved
+        assert (moved[0] / "rootfs-reuse1/upper.img").read_text() == "the user's data\n"
+        aside = f"/var/lib/spinbox/vms/{moved[0].name}"
+        said = (
+            f"{aside}: moved aside from {storage} for a new VM default-reuse1: storage of VM default-reuse1"
+        )
+        journal = stack.journal("-u", "spinbox.service", "-o", "cat")
+        assert said in journal, [line for line in journal.splitlines() if "reuse1" in line]
+        check = stack.run("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", "check", check=False)
+        assert said in check.stdout, check.stdout
+        assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+        assert not stack.path(storage).exists()
+    finally:
+        stack.run("sh", "-c", f"rm -rf {storage} {storage}.kept-*")
+        # spinboxd forgets it only at its next start.
+        stack.systemctl("restart", "spinbox.service")
