@@ -18,6 +18,10 @@ from spinbox.busnames import BUS_NAME, ERROR_PREFIX, PROPERTIES_IFACE
 CALL_TIMEOUT = 120.0
 
 
+# The bus daemon's error for a call whose recipient left the bus without replying.
+NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+
+
 class SpinboxdError(Exception):
     """A D-Bus error from spinboxd; `kind` is the last part of its name
     (NotFound, InvalidArgument, AlreadyExists, Failed, ...)."""
@@ -107,6 +111,12 @@ class BusClient:
         if reply.message_type == MessageType.ERROR:
             name = str(reply.error_name or "")
             text = str(reply.body[0]) if reply.body else name or "unknown error"
+            if name == NO_REPLY:
+                # The bus daemon's answer when spinboxd's connection went away mid-call.
+                text = (
+                    f"spinboxd ended before it answered {member} ({text}); systemd starts it again, "
+                    "and the new spinboxd finishes or undoes what the call had begun"
+                )
             raise SpinboxdError(name, text)
         return list(reply.body)
 

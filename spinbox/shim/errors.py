@@ -40,6 +40,7 @@ SPINBOXD_CODES = {
     "AlreadyExists": "ALREADY_EXISTS",
     "Unavailable": "UNAVAILABLE",
     "org.freedesktop.DBus.Error.ServiceUnknown": "UNAVAILABLE",
+    "org.freedesktop.DBus.Error.NoReply": "UNAVAILABLE",
     "org.freedesktop.DBus.Error.AccessDenied": "PERMISSION_DENIED",
 }
 

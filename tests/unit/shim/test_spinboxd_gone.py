@@ -1,0 +1,45 @@
+"""A spinboxd that ends in the middle of a call (killed, restarted) gives the
+shim a sentence saying so, as an UNAVAILABLE error, not the bus's own words only."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dbus_fast import Message, MessageType
+
+from spinbox.busclient import NO_REPLY, BusClient, SpinboxdError
+from spinbox.shim.errors import spinboxd_error
+
+
+class _Bus:
+    connected = True
+
+    async def call(self, message: Message) -> Message:
+        return Message(
+            message_type=MessageType.ERROR,
+            error_name=NO_REPLY,
+            reply_serial=1,
+            signature="s",
+            body=["Message recipient disconnected from message bus without replying"],
+        )
+
+
+def test_a_call_spinboxd_never_answered_says_spinboxd_ended() -> None:
+    client = BusClient(_Bus())  # type: ignore[arg-type]
+
+    async def call() -> Any:
+        return await client.call("/org/spinstack/Spinbox", "org.spinstack.Spinbox.Manager", "CreateVM")
+
+    try:
+        asyncio.run(call())
+    except SpinboxdError as error:
+        shim_error = spinboxd_error(error, "cannot create the VM for 'c1'")
+    else:
+        raise AssertionError("the call did not fail")
+    assert shim_error.code == "UNAVAILABLE"
+    assert shim_error.message == (
+        "cannot create the VM for 'c1': spinboxd ended before it answered CreateVM (Message recipient "
+        "disconnected from message bus without replying); systemd starts it again, and the new "
+        "spinboxd finishes or undoes what the call had begun"
+    )
