@@ -26,6 +26,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+async def _stop_in_order(manager: VmManager, vm_id: str, state: VmState, directory: Path) -> bool:
+    """Stop a leftover VM whose QEMU still runs (spinboxd died creating or
+    stopping it) the way a stop does: the guest syncs its disks and powers off,
+    so that what its containers wrote reaches the writable layer read next.
+    False if it could not be reached (it is then killed)."""
+    if state.phase not in ("creating", "stopping"):
+        return False
+    try:
+        machine = await manager.backend.attach(directory)
+    except Exception as e:
+        log.warning("VM %s: cannot reach its QEMU (pid %d) to stop it in order: %s", vm_id, state.pid, e)
+        return False
+    try:
+        await machine.shutdown(manager.config.timeouts.agent_call)
+    except Exception as e:
+        log.warning("VM %s: stopping it in order failed: %s", vm_id, e)
+        return False
+    log.info("VM %s: stopped in order (%s)", vm_id, getattr(machine.ending, "reason", "QEMU ended"))
+    return True
+
+
 async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None, directory: Path) -> None:
     """Its QEMU, scope and network go; its writable layers are written back (by a
     helper VM) where they can be, and kept and named where they cannot."""
@@ -34,6 +55,7 @@ async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None,
         and state.pid
         and pid_alive(state.pid)
         and await manager.systemd.scope_of_pid(state.pid) == state.scope
+        and not await _stop_in_order(manager, vm_id, state, directory)
     ):
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGKILL)

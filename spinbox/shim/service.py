@@ -274,11 +274,14 @@ class TaskService:
                     await container.agent.close()
                 await (await self.spinboxd()).stop_vm(container.vm_id, STOP_TIMEOUT_MS)
         except SpinboxdError as error:
-            if container.sandbox:
+            # The container stays, so that containerd's next Delete tries again (unless it is gone).
+            if error.kind == "NotFound":
+                pass
+            elif container.sandbox:
                 raise spinboxd_error(error, f"cannot remove the rootfs of {container.id!r}") from None
-            raise spinboxd_error(error, f"cannot stop the VM of {container.id!r}") from None
-        finally:
-            del self.containers[container.id]
+            else:
+                raise spinboxd_error(error, f"cannot stop the VM of {container.id!r}") from None
+        del self.containers[container.id]
         await run_hooks(
             "poststop",
             container.hooks.poststop,

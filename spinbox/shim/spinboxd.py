@@ -22,6 +22,12 @@ __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
 # RemoveRootfs) get as long. Other calls have spinbox.busclient.CALL_TIMEOUT.
 # These deadlines are for a spinboxd that hangs; each step inside has its own.
 CREATE_TIMEOUT = 900.0
+# The bus's errors while spinboxd is away: it ended mid-call, or has not taken its name again yet.
+RESTARTING = (
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+)
 
 
 def volume_list(volumes: Sequence[Volume]) -> list[list[Any]]:
@@ -157,7 +163,8 @@ class Spinboxd:
 
     async def stop_vm(self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120) -> None:
         """Stops (or kills) the VM and returns once spinboxd has released it."""
-        path = await self.get_vm(vm_id)
+        deadline = asyncio.get_running_loop().time() + wait
+        path = await self._get_vm_across_restarts(vm_id, deadline)
         if path is None:
             return
         try:
@@ -166,10 +173,20 @@ class Spinboxd:
             else:
                 await self.vm_call(path, "Stop", "t", [timeout_ms])
         except SpinboxdError as error:
-            if error.kind != "NotFound":
+            # spinboxd ended mid-call: the one systemd starts again finishes the stop.
+            if error.kind != "NotFound" and error.name not in RESTARTING:
                 raise
-        deadline = asyncio.get_running_loop().time() + wait
-        while await self.get_vm(vm_id) is not None:
+        while await self._get_vm_across_restarts(vm_id, deadline) is not None:
             if asyncio.get_running_loop().time() > deadline:
                 raise SpinboxdError("Failed", f"VM {vm_id} was not released within {wait:g}s")
             await asyncio.sleep(0.1)
+
+    async def _get_vm_across_restarts(self, vm_id: str, deadline: float) -> str | None:
+        """get_vm, asked again while spinboxd is away (restarting) until the deadline."""
+        while True:
+            try:
+                return await self.get_vm(vm_id)
+            except SpinboxdError as error:
+                if error.name not in RESTARTING or asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.5)

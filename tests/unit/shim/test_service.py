@@ -357,3 +357,32 @@ def test_a_pods_containers_share_the_sandboxs_vm(tmp_path: Path) -> None:
     assert [r.vm_id for r in spinboxd.requests] == ["default-sb"]
     vm = "/org/spinstack/Spinbox/vm/default-sb"
     assert spinboxd.calls == [f"AddRootfs {vm} app", f"RemoveRootfs {vm} app", f"AddRootfs {vm} late"]
+
+
+def test_a_delete_whose_vm_stop_failed_can_be_asked_again(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+
+    class StopFailsOnce(FakeSpinboxd):
+        failed = False
+
+        async def stop_vm(
+            self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120
+        ) -> None:
+            if not self.failed:
+                self.failed = True
+                raise SpinboxdError("Failed", f"VM {vm_id} was not released within 120s")
+            await super().stop_vm(vm_id, timeout_ms, kill=kill, wait=wait)
+
+    spinboxd = StopFailsOnce()
+
+    async def scenario() -> None:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        await service.create(create_request(make_bundle(tmp_path), log))
+        with pytest.raises(ShimError, match="cannot stop the VM of 'c1': VM default-c1 was not released"):
+            await service.delete(task.DeleteRequest(id="c1"))
+        # containerd still finds the task, and its next Delete stops the VM.
+        assert "c1" in service.containers and "default-c1" in spinboxd.live
+        await service.delete(task.DeleteRequest(id="c1"))
+        assert not service.containers and not spinboxd.live
+
+    asyncio.run(scenario())

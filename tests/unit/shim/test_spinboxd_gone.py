@@ -1,5 +1,6 @@
 """A spinboxd that ends in the middle of a call (killed, restarted) gives the
-shim a sentence saying so, as an UNAVAILABLE error, not the bus's own words only."""
+shim a sentence saying so, as an UNAVAILABLE error, not the bus's own words only;
+a stop it ended in is followed through its restart."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dbus_fast import Message, MessageType
 
 from spinbox.busclient import NO_REPLY, BusClient, SpinboxdError
 from spinbox.shim.errors import spinboxd_error
+from spinbox.shim.spinboxd import Spinboxd
 
 
 class _Bus:
@@ -43,3 +45,27 @@ def test_a_call_spinboxd_never_answered_says_spinboxd_ended() -> None:
         "disconnected from message bus without replying); systemd starts it again, and the new "
         "spinboxd finishes or undoes what the call had begun"
     )
+
+
+def test_a_stop_spinboxd_ended_in_is_followed_through_its_restart() -> None:
+    answers: list[Any] = [
+        ["/org/spinstack/Spinbox/vm/default_2dc1"],  # GetVM
+        SpinboxdError(NO_REPLY, "spinboxd ended before it answered Stop"),  # Stop
+        SpinboxdError("org.freedesktop.DBus.Error.ServiceUnknown", "not on the bus yet"),  # GetVM
+        SpinboxdError(
+            "org.spinstack.Spinbox.Error.NotFound", "there is no VM"
+        ),  # GetVM: the new one finished
+    ]
+    asked: list[str] = []
+
+    class Client:
+        async def call(self, path: str, interface: str, member: str, *args: Any) -> list[Any]:
+            asked.append(member)
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return list(answer)
+
+    asyncio.run(Spinboxd(Client()).stop_vm("default-c1", 1000))  # type: ignore[arg-type]
+    assert asked == ["GetVM", "Stop", "GetVM", "GetVM"]
+    assert not answers
