@@ -22,9 +22,11 @@ __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
 # RemoveRootfs) get as long. Other calls have spinbox.busclient.CALL_TIMEOUT.
 # These deadlines are for a spinboxd that hangs; each step inside has its own.
 CREATE_TIMEOUT = 900.0
-# The bus's errors while spinboxd is away: it ended mid-call, or has not taken its name again yet.
+# The bus's errors while spinboxd is away: it ended mid-call, or has not taken its name again yet
+# (a restarted spinboxd finishes what its predecessor left before it does; activation may time out).
 RESTARTING = (
     "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.TimedOut",
     "org.freedesktop.DBus.Error.ServiceUnknown",
     "org.freedesktop.DBus.Error.NameHasNoOwner",
 )
