@@ -257,11 +257,24 @@ class RootfsManager:
         self._release(state)
 
     def unmount(self, container_id: str) -> None:
+        """Syncs and unmounts the rootfs. A failed sync still unmounts (which writes what it
+        can), then fails the call with a sentence: the host must not take the layer as whole."""
         state = self.get(container_id)
-        with contextlib.suppress(OSError):
+        failed: OSError | None = None
+        try:
             self.sync(container_id)
+        except OSError as e:
+            failed = e
+            log.error("syncing the rootfs of container %s at %s failed: %s", container_id, state.path, e)
         self._release(state)
         del self.mounted[container_id]
+        if failed is not None:
+            where = state.upper or state.path
+            raise TtrpcError(
+                Code.DATA_LOSS,
+                f"syncing the rootfs of container {container_id} ({where}) failed: {failed.strerror}; "
+                "its last writes may not have reached its disk",
+            )
         log.info("unmounted the rootfs of container %s", container_id)
 
     def unmount_all(self) -> None:

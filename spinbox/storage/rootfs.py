@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
+import logging
 import os
 import re
 from collections.abc import AsyncIterable, Callable, Sequence
@@ -60,6 +60,8 @@ MAX_PARALLEL_BUILDS = 4
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def lower_serial(index: int, prefix: str = "sb") -> str:
@@ -185,10 +187,17 @@ async def _in_thread(function: Callable[[], T], undo: Callable[[T], None] | None
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
+        done = False
+        try:
             result = await task
-            if undo is not None:
+            done = True
+        except Exception:
+            pass  # it failed on its own, and gave back what it took
+        if done and undo is not None:
+            try:
                 await asyncio.to_thread(undo, result)
+            except Exception as e:
+                log.error("giving back what a cancelled storage step took failed (its files stay): %s", e)
         raise
 
 

@@ -92,3 +92,36 @@ def test_the_host_gives_the_guest_most_of_its_agent_call_deadline() -> None:
     request = with_device_wait(pb.MountRootfsRequest(container_id="c1"), 60)
     assert request.device_wait_ms == 48_000
     assert request.container_id == "c1"
+
+
+def test_a_failed_sync_at_unmount_still_unmounts_and_reaches_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys_block = tmp_path / "sys"
+    (sys_block / "vda").mkdir(parents=True)
+    (sys_block / "vda" / "serial").write_text("sb-l0")
+    mounts: list[str] = []
+    monkeypatch.setattr(syscalls, "mount", lambda source, target, *args: mounts.append(target))
+
+    def umount(target: str, flags: int = 0) -> None:
+        # A bind mount remounted read-only is two entries on one target, gone with one umount.
+        while target in mounts:
+            mounts.remove(target)
+
+    monkeypatch.setattr(syscalls, "umount", umount)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(syscalls, "syncfs", eio)
+    manager = rootfs.RootfsManager(tmp_path / "rootfs", tmp_path / "mnt", sys_block, tmp_path / "dev")
+    request = pb.MountRootfsRequest(
+        container_id="c1", lowers=[pb.BlockDevice(serial="sb-l0", fstype="erofs")]
+    )
+    manager.mount(request)
+    assert mounts
+    with pytest.raises(
+        TtrpcError, match=r"syncing the rootfs of container c1 \(.*\) failed: Input/output error"
+    ):
+        manager.unmount("c1")
+    assert mounts == [] and "c1" not in manager.mounted
