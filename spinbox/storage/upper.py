@@ -69,7 +69,13 @@ def create_upper_image(image: Path, size_mib: int, snapshot_upper: Path, scratch
         remove_file(image)
         raise os_error(exc, f"creating the writable layer {image}") from exc
     except StorageError as exc:
+        host_full = _nearly_full(image.parent)
         remove_file(image)
+        if host_full:
+            raise StorageError(
+                f"creating the writable layer {image} failed: no space left on the file system holding "
+                f"{image.parent}"
+            ) from exc
         if "Could not allocate block" in str(exc) or "no space left" in str(exc):
             raise StorageError(
                 f"the snapshot's upper directory {snapshot_upper} does not fit in a {size_mib} MiB"
@@ -78,6 +84,18 @@ def create_upper_image(image: Path, size_mib: int, snapshot_upper: Path, scratch
         raise
     finally:
         shutil.rmtree(seed, ignore_errors=True)
+
+
+# Free bytes below which the file system holding a failed image is the one that was full.
+NEARLY_FULL = 1024 * 1024
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
 
 
 def _extra(seconds: int, nanoseconds: int) -> int:

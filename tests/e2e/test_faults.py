@@ -323,3 +323,82 @@ def test_tasks_outlive_a_containerd_restart_and_are_managed_afterwards(
         containerd.ctr("container", "delete", name, check=False)
         stack.run("sh", "-c", f"rm -rf $(dirname /run/containerd/fifo/*/{name}-stdout)", check=False)
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_a_full_disk_during_a_create_is_a_clear_error_and_leaves_nothing(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    # Per-VM storage (the writable layer's image) goes on a file system with no room for it.
+    vms = "/var/lib/spinbox/vms"
+    stack.run("mkdir", "-p", vms)
+    stack.run("mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "spinbox-e2e-full", vms)
+    try:
+        result = containerd.ctr(
+            "run", "--rm", "--runtime", RUNTIME, IMAGE, "full1", "echo", "ran", check=False
+        )
+        assert result.returncode != 0
+        assert f"no space left on the file system holding {vms}/default-full1" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        containerd.ctr("container", "delete", "full1", check=False)
+        assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+        assert network_leftovers(stack) == NO_NETWORK_LEFT
+        assert sorted(p.name for p in stack.path(vms).iterdir()) == []
+    finally:
+        stack.run("umount", vms)
+    # With room again, the same container runs: nothing of the failed one is in the way.
+    result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "full1", "echo", "ran", check=False)
+    assert (result.returncode, result.stdout) == (0, "ran\n"), result.stderr
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def test_a_full_disk_during_writeback_keeps_the_layer_and_the_snapshot_as_it_was(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    name, vm_id = "fullwb1", "default-fullwb1"
+    containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME, IMAGE, name,
+        "sh", "-c", "dd if=/dev/zero of=/big bs=1M count=4 && echo small > /small && sleep 600",
+    )  # fmt: skip
+    snapshot = containerd.ctr("snapshot", "mounts", "/tmp/unused", name).stdout
+    upper = snapshot.split("upperdir=")[1].split(",")[0]
+    snapshot_dir = str(Path(upper).parent)
+    kept = f"/var/lib/spinbox/vms/{vm_id}"
+    # The snapshot's directory (where the layer is written back, beside its upper) has no room for it.
+    stack.run("mount", "-t", "tmpfs", "-o", "size=1m", "spinbox-e2e-full", snapshot_dir)
+    stack.run("mkdir", "-p", upper, f"{snapshot_dir}/work")
+    stack.write_file(f"{upper}/before", "the snapshot as it was\n")
+    try:
+        checks = iter(range(1000))
+
+        def written() -> bool:
+            read = containerd.ctr(
+                "task", "exec", "--exec-id", f"chk{next(checks)}", name, "cat", "/small", check=False
+            )
+            return read.stdout == "small\n"
+
+        stack.wait_for(f"{name} to write its files", written, timeout=120)
+        containerd.ctr("task", "kill", "-s", "KILL", name)
+        stack.wait_for(f"task {name} to stop", lambda: containerd.tasks().get(name) == "STOPPED", timeout=120)
+        delete = containerd.ctr("task", "delete", name, check=False)
+        # The delete says what failed and where; the snapshot is untouched; the layer is kept and named.
+        assert delete.returncode != 0
+        assert f"writeback of container '{name}'" in delete.stderr, delete.stderr
+        assert "no space left on the file system holding" in delete.stderr, delete.stderr
+        assert sorted(p.name for p in stack.path(upper).iterdir()) == ["before"]
+        assert sorted(p.name for p in stack.path(snapshot_dir).iterdir()) == ["fs", "work"]
+        said = f"{kept}: the writable layer of {name} (VM {vm_id}) could not be written back; kept"
+        check = stack.run("env", f"PYTHONPATH={TOP}", str(PYTHON), "-m", "spinbox.cli", "check", check=False)
+        assert said in check.stdout, check.stdout
+        assert stack.path(f"{kept}/rootfs-{name}").is_dir()
+        # The shim still has the task; once the VM is gone, its delete goes through.
+        assert containerd.ctr("task", "delete", name, check=False).returncode == 0
+    finally:
+        containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
+        containerd.ctr("task", "delete", name, check=False)
+        stack.run("umount", snapshot_dir, check=False)
+        containerd.ctr("container", "delete", name, check=False)
+        stack.run("sh", "-c", f"rm -rf $(dirname /run/containerd/fifo/*/{name}-stdout) {kept}", check=False)
+        # spinboxd forgets the kept directory only at its next start.
+        stack.systemctl("restart", "spinbox.service")
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+    assert network_leftovers(stack) == NO_NETWORK_LEFT

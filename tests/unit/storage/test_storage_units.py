@@ -167,3 +167,33 @@ def test_references_die_with_their_work_dir(tmp_path: Path) -> None:
     work.rmdir()  # the VM went away without releasing (a crash)
     assert cache.collect_sync() == ["k"]
     assert not image.exists()
+
+
+def test_a_full_host_file_system_is_named_as_such_when_the_upper_image_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spinbox.storage import upper
+
+    def mkfs_out_of_space(*args: object, **kwargs: object) -> None:
+        raise StorageError("creating the writable layer failed: no space left on the file system holding x")
+
+    monkeypatch.setattr(upper, "run", mkfs_out_of_space)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    image = tmp_path / "rootfs-c1" / "upper.img"
+    image.parent.mkdir()
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(
+        os, "statvfs", lambda path: Full() if Path(path) == image.parent else real_statvfs(path)
+    )
+    with pytest.raises(StorageError, match=f"no space left on the file system holding {image.parent}$"):
+        upper.create_upper_image(image, 64, snapshot, tmp_path / "rootfs-c1")
+    assert not image.exists()
+    # With room on the host, it is the layer that is too small.
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    with pytest.raises(StorageError, match="does not fit in a 64 MiB writable layer"):
+        upper.create_upper_image(image, 64, snapshot, tmp_path / "rootfs-c1")
