@@ -340,11 +340,11 @@ def test_a_full_disk_during_a_create_is_a_clear_error_and_leaves_nothing(
         assert f"no space left on the file system holding {vms}/default-full1" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
         containerd.ctr("container", "delete", "full1", check=False)
-        assert wait_until_clean(stack, containerd) == NOTHING_LEFT
-        assert network_leftovers(stack) == NO_NETWORK_LEFT
-        assert sorted(p.name for p in stack.path(vms).iterdir()) == []
+        stack.wait_for("the VM's storage to go", lambda: not any(stack.path(vms).iterdir()))
     finally:
         stack.run("umount", vms)
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+    assert network_leftovers(stack) == NO_NETWORK_LEFT
     # With room again, the same container runs: nothing of the failed one is in the way.
     result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "full1", "echo", "ran", check=False)
     assert (result.returncode, result.stdout) == (0, "ran\n"), result.stderr
