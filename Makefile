@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e test-system-containers test-templates soak conformance lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e test-system-containers test-templates soak faults conformance lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -41,6 +41,12 @@ test-templates: setup
 soak: setup
 	SPINBOX_SOAK_ROUNDS=5 $(PYTEST) tests/e2e/test_soak.py
 	$(PYTEST) tests/e2e/test_cri_pods.py -k ten_pods
+
+# The whole fault matrix (tests/e2e/test_faults.py): `make test` runs the faults that
+# need one VM each; this adds spinboxd killed in a create and in a stop, containerd
+# restarted, and a full disk during writeback (restarts and helper VMs: minutes).
+faults: setup
+	$(PYTEST) tests/e2e/test_faults.py
 
 # critest, the CRI validation suite, in full against containerd 1.6 and 2.x with the
 # `spinbox` handler (tens of minutes under TCG; `make test` runs a focused subset).

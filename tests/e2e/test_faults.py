@@ -208,6 +208,7 @@ def kill_spinboxd(stack: PrivateSystemd) -> None:
     )
 
 
+@pytest.mark.long  # make faults: a spinboxd or containerd restart, or a helper VM
 def test_spinboxd_killed_during_a_create_undoes_the_half_made_vm(
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
@@ -247,6 +248,7 @@ def test_spinboxd_killed_during_a_create_undoes_the_half_made_vm(
     assert not stack.path(f"/var/lib/spinbox/vms/{vm_id}").exists()
 
 
+@pytest.mark.long  # make faults: a spinboxd or containerd restart, or a helper VM
 def test_spinboxd_killed_during_a_stop_finishes_it_and_writes_the_layer_back(
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
@@ -296,6 +298,7 @@ def test_spinboxd_killed_during_a_stop_finishes_it_and_writes_the_layer_back(
     assert not stack.path(f"/var/lib/spinbox/vms/{vm_id}").exists()
 
 
+@pytest.mark.long  # make faults: a spinboxd or containerd restart, or a helper VM
 def test_tasks_outlive_a_containerd_restart_and_are_managed_afterwards(
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
@@ -351,6 +354,7 @@ def test_a_full_disk_during_a_create_is_a_clear_error_and_leaves_nothing(
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
 
+@pytest.mark.long  # make faults: a spinboxd or containerd restart, or a helper VM
 def test_a_full_disk_during_writeback_keeps_the_layer_and_the_snapshot_as_it_was(
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
