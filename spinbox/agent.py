@@ -153,6 +153,10 @@ class AgentClient:
         request = pb.RefreshRequest(seed=seed, realtime_ns=realtime_ns, warm=warm)
         await self._call("Refresh", request, Empty)
 
+    async def online_resources(self, vcpus: int) -> pb.OnlineResourcesResponse:
+        request = pb.OnlineResourcesRequest(vcpus=vcpus)
+        return await self._call("OnlineResources", request, pb.OnlineResourcesResponse)
+
     async def shutdown(self, force: bool = False) -> None:
         await self._call("Shutdown", pb.ShutdownRequest(force=force), Empty)
 

@@ -51,3 +51,11 @@ def find_virtiofsd() -> Path | None:
         if os.access(path, os.X_OK):
             return path
     return None
+
+
+def memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The host's memory (MemTotal) in MiB: no VM is given more."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise ValueError(f"{meminfo} has no MemTotal line")

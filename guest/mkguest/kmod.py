@@ -28,8 +28,10 @@ REQUIRED_MODULES = (
 AGENT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console")
 # virtio_balloon: free page reporting hands the pages the guest frees back to the host.
 # virtiofs (with fuse): the host's directories and files for bind mounts.
+# virtio_mem: memory plugged into and unplugged from the running VM (ctr task update).
 OPTIONAL_MODULES = (
     "vsock", "vmw_vsock_virtio_transport", "loop", "ext4", "pvpanic_pci", "virtio_balloon", "virtiofs",
+    "virtio_mem",
 )  # fmt: skip
 # What containers inside a container need (Docker, systemd-nspawn, CNI plugins, critest's
 # `brctl addbr`): in the image but not loaded at boot. The guest kernel loads them when

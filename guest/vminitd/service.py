@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import guest.vminitd
-from guest.vminitd import validate
+from guest.vminitd import hotplug, validate
 from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.reaper import Reaper
 from guest.vminitd.stdio import Busy
@@ -125,6 +125,7 @@ class AgentService:
             ("SyncRootfs", pb.SyncRootfsRequest, self.sync_rootfs),
             ("Shutdown", pb.ShutdownRequest, self.shutdown),
             ("Refresh", pb.RefreshRequest, self.refresh),
+            ("OnlineResources", pb.OnlineResourcesRequest, self.online_resources),
             ("CreateContainer", pb.CreateContainerRequest, self.create_container),
             ("Exec", pb.ExecRequest, self.exec),
             ("Start", pb.ProcessRequest, self.start),
@@ -292,6 +293,10 @@ class AgentService:
 
     async def stats(self, req: pb.ContainerRequest) -> pb.StatsResponse:
         return pb.StatsResponse(metrics=self.containers.stats(req.container_id))
+
+    async def online_resources(self, req: pb.OnlineResourcesRequest) -> pb.OnlineResourcesResponse:
+        online, mem_total = await hotplug.online(req.vcpus)
+        return pb.OnlineResourcesResponse(online_cpus=online, mem_total_kib=mem_total)
 
     async def update_resources(self, req: pb.UpdateResourcesRequest) -> Empty:
         await self.containers.update(req)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
-from spinbox.daemon import pod, share
+from spinbox.daemon import pod, resize, share
 from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.endings import Endings
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
@@ -384,6 +384,9 @@ class VmManager:
             raise Failed(f"VM {vm.id!r} is {vm.phase}, not paused")
         await vm.machine.resume()
         self._set_phase(vm, "running")
+
+    async def resize(self, vm: Vm, vcpus: int, memory_mib: int) -> dict[str, Any]:
+        return await resize.resize(self, vm, vcpus, memory_mib)
 
     async def sync_rootfs(self, vm: Vm) -> None:
         """Write every rootfs of the VM back (a pod's further containers' too)."""

@@ -11,16 +11,16 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from spinbox import net, storage, vm
+from spinbox import host, net, storage, vm
 from spinbox.agent import AgentClient
 from spinbox.api.proto import agent_pb2
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Launch, Machine, Network, Rootfs, Spawn
-from spinbox.daemon.errors import Failed
+from spinbox.daemon.errors import Failed, InvalidArgument
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.templates import TEMPLATE_PORTS, Shape
 from spinbox.mounts import MountSpec
-from spinbox.vm import control, template
+from spinbox.vm import control, resize, template
 from spinbox.vm.handover import NumberingHandover
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ class QemuBackend:
             runtime_dir=launch.runtime_dir,
             vcpus=request.vcpus,
             memory_mib=request.memory_mib,
+            max_vcpus=self._max_vcpus(request.vcpus),
+            max_memory_mib=self._max_memory(request.memory_mib),
             kernel_args=(*self.config.vm.kernel_args, *request.kernel_args),
             disks=tuple(launch.disks),
             nics=tuple(launch.nics),
@@ -168,6 +170,40 @@ class QemuBackend:
             raise Failed(str(e)) from None
         return machine
 
+    def _max_vcpus(self, vcpus: int) -> int:
+        """What a VM may be resized to: vm.max_vcpus (never less than it boots with)."""
+        return max(vcpus, self.config.vm.max_vcpus)
+
+    def _max_memory(self, memory_mib: int) -> int:
+        """vm.max_memory_mib, but no more than the host has (never less than the VM boots with)."""
+        return max(memory_mib, min(self.config.vm.max_memory_mib, host.memory_mib()))
+
+    async def resize(self, machine: Machine, vcpus: int, memory_mib: int) -> dict[str, int]:
+        try:
+            size = await resize.resize(cast(vm.VirtualMachine, machine), resize.VmSize(vcpus, memory_mib))
+        except resize.SizeOutOfRange as e:
+            raise InvalidArgument(str(e)) from None
+        except vm.VmError as e:
+            raise Failed(str(e)) from None
+
+        async def bring_online(agent: AgentClient) -> agent_pb2.OnlineResourcesResponse:
+            return await agent.online_resources(size.vcpus)
+
+        guest = await control.session(machine.control_address, bring_online, self.config.timeouts.agent_call)
+        return {
+            "vcpus": size.vcpus,
+            "memory-mib": size.memory_mib,
+            "guest-cpus": guest.online_cpus,
+            "guest-mem-total-kib": guest.mem_total_kib,
+        }
+
+    async def size_range(self, machine: Machine) -> tuple[tuple[int, int], tuple[int, int]]:
+        try:
+            limits = await resize.size_range(cast(vm.VirtualMachine, machine))
+        except vm.VmError as e:
+            raise Failed(str(e)) from None
+        return (limits.boot.vcpus, limits.boot.memory_mib), (limits.max.vcpus, limits.max.memory_mib)
+
     # -- templates ----------------------------------------------------------
 
     def _template_spec(
@@ -181,6 +217,8 @@ class QemuBackend:
             runtime_dir=runtime_dir,
             vcpus=vcpus,
             memory_mib=memory_mib,
+            max_vcpus=self._max_vcpus(vcpus),
+            max_memory_mib=self._max_memory(memory_mib),
             kernel_args=self.config.vm.kernel_args,
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=ports,

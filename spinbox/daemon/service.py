@@ -122,6 +122,15 @@ class VMInterface(DocumentedInterface):
         await _answer(f"resuming VM {self.vm.id!r}", self.manager.resume(self.vm))
 
     @method()
+    async def Resize(self, vcpus: "u", memory_mib: "t") -> "a{sv}":
+        await authorize(self.authorizer, "Resize")
+        resized = await _answer(
+            f"resizing VM {self.vm.id!r} to {vcpus} vCPUs and {memory_mib} MiB",
+            self.manager.resize(self.vm, vcpus, memory_mib),
+        )
+        return _variants(resized)
+
+    @method()
     async def SyncRootfs(self):
         await authorize(self.authorizer, "SyncRootfs")
         await _answer(f"syncing the rootfs of VM {self.vm.id!r}", self.manager.sync_rootfs(self.vm))
@@ -294,6 +303,8 @@ class BusPublisher:
     def changed(self, vm: Vm, properties: dict[str, Any]) -> None:
         interface = self._interfaces.get(vm.id)
         if interface is not None:
+            if "Resources" in properties:
+                properties = {**properties, "Resources": _variants(properties["Resources"])}
             interface.emit_properties_changed(properties)
 
 

@@ -210,6 +210,18 @@ class SystemdManager:
             raise SystemdError(f"cannot create {name}: {e.text}") from None
         await self._wait_job(job, f"cannot start {name}")
 
+    async def set_limits(self, name: str, limits: ScopeLimits) -> None:
+        """Change a running scope's limits (a resized VM's), at runtime only."""
+        properties = [
+            ["MemoryMax", Variant("t", limits.memory_max)],
+            ["CPUQuotaPerSecUSec", Variant("t", limits.cpu_quota_per_sec_usec)],
+            ["TasksMax", Variant("t", limits.tasks_max)],
+        ]
+        try:
+            await self.call("SetUnitProperties", "sba(sv)", [name, True, properties])
+        except DBusError as e:
+            raise SystemdError(f"cannot change the limits of {name}: {e.text}") from None
+
     async def unit_state(self, name: str) -> str | None:
         """The unit's ActiveState, or None when systemd does not know it (any more)."""
         try:

@@ -352,6 +352,11 @@ class VirtualMachine:
         self.state.save(self.paths.state)
 
     async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = await self.query(command, arguments)
+        return reply if isinstance(reply, dict) else {}
+
+    async def query(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """A QMP command's reply as QEMU gives it (some are lists); VmError names a refusal."""
         if self.exited:
             raise VmNotRunning(f"VM {self.vm_id} is not running")
         try:
@@ -362,7 +367,7 @@ class VirtualMachine:
             raise VmError(
                 f"VM {self.vm_id}: QEMU did not answer QMP {command} within {QMP_TIMEOUT:g} s"
             ) from None
-        return reply if isinstance(reply, dict) else {}
+        return reply
 
     async def _running(self) -> bool:
         try:

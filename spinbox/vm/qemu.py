@@ -32,6 +32,12 @@ TCG_TB_SIZE_MIB = 128
 # The id of guest RAM's memory backend, and the virtio-fs tag the guest mounts.
 MEMORY_BACKEND = "mem"
 VIRTIOFS_TAG = "spinbox"
+# The virtio-mem device that memory is plugged into and unplugged from while the VM runs,
+# and its backend. Its size is a whole number of the guest's memory blocks (128 MiB on
+# x86_64 Linux): the guest uses no partial block of a device's region.
+VIRTIO_MEM = "vmem0"
+VIRTIO_MEM_BACKEND = "vmem"
+GUEST_MEMORY_BLOCK_MIB = 128
 
 TEMPLATE_VM_NAME = "template"
 
@@ -44,6 +50,9 @@ BASE_KERNEL_ARGS = (
     "i8042.noaux",
     "i8042.nomux",
     "i8042.nopnp",
+    # Memory a virtio-mem device plugs is onlined by the guest kernel itself (there is no
+    # udev), into ZONE_MOVABLE so that the kernel can empty it again for an unplug.
+    "memhp_default_state=online_movable",
     # Boot time, measured with bench/boot under TCG where it matters most:
     "cryptomgr.notests",  # the crypto self-tests alone took ~0.4 s of the kernel's boot
     "noreplace-smp",  # a 1-vCPU guest would otherwise rewrite every lock prefix of the kernel
@@ -122,6 +131,31 @@ def memory_backend_args(spec: VmSpec) -> tuple[str, list[str]]:
     else:
         return "", []
     return f",memory-backend={MEMORY_BACKEND}", ["-object", backend]
+
+
+def hotplug_memory_mib(spec: VmSpec) -> int:
+    """The size of the VM's virtio-mem region: what a resize may add to its boot memory."""
+    room = max(0, spec.max_memory_mib - spec.memory_mib)
+    return room - room % GUEST_MEMORY_BLOCK_MIB
+
+
+def size_args(spec: VmSpec) -> list[str]:
+    """-smp and -m, and the virtio-mem device of a resizable VM."""
+    smp = str(spec.vcpus)
+    if spec.max_vcpus > spec.vcpus:
+        smp += f",maxcpus={spec.max_vcpus}"
+    room = hotplug_memory_mib(spec)
+    if not room:
+        return ["-smp", smp, "-m", f"{spec.memory_mib}M"]
+    # virtiofsd maps all of guest RAM: plugged memory too must be shared with it. reserve=off:
+    # the unplugged region takes no commit charge on the host.
+    kind = "memory-backend-ram" if spec.virtiofs_fd is None else "memory-backend-memfd,share=on"
+    return [
+        "-smp", smp,
+        "-m", f"{spec.memory_mib}M,maxmem={spec.memory_mib + room}M",
+        "-object", f"{kind},id={VIRTIO_MEM_BACKEND},size={room}M,reserve=off",
+        "-device", f"virtio-mem-pci,id={VIRTIO_MEM},memdev={VIRTIO_MEM_BACKEND},requested-size=0",
+    ]  # fmt: skip
 
 
 def _unix_server(chardev_id: str, path: Path, files: Handover) -> list[str]:
@@ -204,8 +238,7 @@ class QemuCommand:
             "-machine", machine,
             "-accel", self._accel_option(),
             "-cpu", cpu,
-            "-smp", str(spec.vcpus),
-            "-m", f"{spec.memory_mib}M",
+            *size_args(spec),
             "-nodefaults",
             "-no-user-config",
             "-display", "none",

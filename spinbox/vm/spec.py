@@ -60,6 +60,10 @@ class VmSpec:
     runtime_dir: Path
     vcpus: int = 1
     memory_mib: int = 256
+    # The most a resize may give the running VM (spinbox.vm.resize): vCPUs by CPU hotplug,
+    # memory by a virtio-mem device; 0 (or the boot size): not resizable.
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
     kernel_args: tuple[str, ...] = ()
     disks: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = ()
@@ -91,6 +95,13 @@ class VmSpec:
             raise VmError(f"vcpus must be between 1 and 255, not {self.vcpus}")
         if not 64 <= self.memory_mib <= 1024 * 1024:
             raise VmError(f"memory_mib must be at least 64 MiB, not {self.memory_mib}")
+        if self.max_vcpus and not self.vcpus <= self.max_vcpus <= 255:
+            raise VmError(f"max_vcpus must be between vcpus ({self.vcpus}) and 255, not {self.max_vcpus}")
+        if self.max_memory_mib and not self.memory_mib <= self.max_memory_mib <= 1024 * 1024:
+            raise VmError(
+                f"max_memory_mib must be between memory_mib ({self.memory_mib}) and {1024 * 1024}, "
+                f"not {self.max_memory_mib}"
+            )
         if self.accel not in ("auto", "kvm", "tcg"):
             raise VmError(f"accel must be 'auto', 'kvm' or 'tcg', not {self.accel!r}")
         if not 0 <= self.hotplug_ports <= MAX_HOTPLUG_PORTS:

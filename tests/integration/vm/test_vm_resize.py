@@ -1,0 +1,71 @@
+"""Resizing a running VM under TCG: vCPUs by CPU hotplug, memory by virtio-mem, seen by the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from spinbox.agent import AgentClient
+from spinbox.vm import VmSpec, default_kernel, launch
+from spinbox.vm.resize import SizeOutOfRange, VmSize, current_size, resize, size_range
+
+BOOT_TIMEOUT = 180.0
+MIB_KIB = 1024
+
+
+async def guest_view(address: str, vcpus: int) -> tuple[int, int]:
+    agent = await AgentClient.connect(address)
+    try:
+        reply = await agent.online_resources(vcpus)
+    finally:
+        await agent.close()
+    return reply.online_cpus, reply.mem_total_kib
+
+
+def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, tmp_path: Path) -> None:
+    spec = VmSpec(
+        vm_id="resize1",
+        kernel=default_kernel(),
+        initrd=guest_image,
+        runtime_dir=tmp_path / "vm",
+        accel="tcg",
+        vcpus=1,
+        memory_mib=256,
+        max_vcpus=3,
+        max_memory_mib=1024,
+    )
+
+    async def scenario() -> None:
+        vm = await launch(spec)
+        try:
+            await vm.wait_ready(BOOT_TIMEOUT)
+            limits = await size_range(vm)
+            assert limits.boot == VmSize(1, 256)
+            assert limits.max == VmSize(3, 1024)
+            cpus, boot_total = await guest_view(vm.control_address, 1)
+            assert cpus == 1
+
+            started = time.monotonic()
+            assert await resize(vm, VmSize(3, 768)) == VmSize(3, 768)
+            cpus, total = await guest_view(vm.control_address, 3)
+            print(f"grow to 3 vCPUs and 768 MiB: {time.monotonic() - started:.2f} s")
+            assert cpus == 3
+            assert total - boot_total == 512 * MIB_KIB
+
+            for bad in (VmSize(4, 768), VmSize(3, 2048), VmSize(3, 128), VmSize(0, 768)):
+                with pytest.raises(SizeOutOfRange):
+                    await resize(vm, bad)
+            assert await current_size(vm) == VmSize(3, 768)
+
+            started = time.monotonic()
+            assert await resize(vm, VmSize(1, 256)) == VmSize(1, 256)
+            cpus, total = await guest_view(vm.control_address, 1)
+            print(f"shrink to 1 vCPU and 256 MiB: {time.monotonic() - started:.2f} s")
+            assert (cpus, total) == (1, boot_total)
+        finally:
+            await vm.kill()
+
+    asyncio.run(scenario())
