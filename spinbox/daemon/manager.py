@@ -216,6 +216,9 @@ class VmManager:
         resources: dict[str, Any] = {
             "vcpus": request.vcpus,
             "memory-mib": request.memory_mib,
+            # What it booted with: a resize never gives back less.
+            "boot-vcpus": request.vcpus,
+            "boot-memory-mib": request.memory_mib,
             "memory-max": limits.memory_max,
             "cpu-quota-per-sec-usec": limits.cpu_quota_per_sec_usec,
             "tasks-max": limits.tasks_max,

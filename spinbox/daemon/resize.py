@@ -18,15 +18,16 @@ async def resize(manager: VmManager, vm: Vm, vcpus: int, memory_mib: int) -> dic
     """Give `vm` this many vCPUs and MiB of memory; the scope's MemoryMax and CPUQuota follow.
 
     The scope grows before the machine (QEMU's new memory must fit in it) and shrinks after
-    it. A size the VM cannot take is InvalidArgument and changes nothing; a guest that does
-    not give back what was asked is Failed, and the VM and its scope keep the size they had.
+    it. 0 keeps the vCPUs or the memory as they are. A size the VM cannot take is
+    InvalidArgument and changes nothing; a guest that does not give back what was asked is
+    Failed, and the VM and its scope keep the size they had.
     """
-    if vcpus < 1 or memory_mib < 1:
-        raise InvalidArgument(f"a VM needs at least 1 vCPU and 1 MiB of memory, not {vcpus} and {memory_mib}")
     async with vm.lock:
         if vm.phase != "running":
             raise Failed(f"VM {vm.id!r} is {vm.phase}, not running")
         resources = vm.state.resources
+        vcpus = vcpus or int(resources["vcpus"])
+        memory_mib = memory_mib or int(resources["memory-mib"])
         overhead = manager.config.vm.memory_overhead_mib
         old = ScopeLimits.for_vm(int(resources["vcpus"]), int(resources["memory-mib"]), overhead)
         (boot_vcpus, boot_memory), (max_vcpus, max_memory) = await manager.backend.size_range(vm.machine)

@@ -80,7 +80,7 @@ def _variants(values: dict[str, Any]) -> dict[str, Variant]:
         if isinstance(value, bool):
             out[key] = Variant("b", value)
         elif isinstance(value, int):
-            out[key] = Variant("t" if key != "vcpus" else "u", value)
+            out[key] = Variant("u" if key in ("vcpus", "boot-vcpus", "guest-cpus") else "t", value)
         elif isinstance(value, float):
             out[key] = Variant("d", value)
         elif isinstance(value, str):

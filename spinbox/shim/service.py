@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
-from spinbox.shim import exits, pump
+from spinbox.shim import exits, pump, resize
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
 from spinbox.shim.create import ContainerCreator, CreatePlan, load_spec
 from spinbox.shim.cri import SANDBOX_ID_ANNOTATION
@@ -77,6 +77,10 @@ class TaskService:
             raise not_found(f"no container {container_id!r} in this shim")
         return container
 
+    def pod_members(self, pod_id: str) -> list[Container]:
+        """The further containers of the pod whose sandbox is `pod_id`."""
+        return [c for c in self.containers.values() if c.sandbox == pod_id]
+
     def state_of(self, container_id: str, exec_id: str) -> ProcessState:
         container = self.container(container_id)
         if not exec_id:
@@ -120,6 +124,7 @@ class TaskService:
                 except PodCheckError as error:
                     raise invalid(str(error)) from None
                 container = await self.creator.in_pod(plan, pod)
+                await resize.grow_pod(await self.spinboxd(), pod, [*self.pod_members(pod.id), container])
             else:
                 container = await self.creator.in_new_vm(plan)
         finally:
@@ -346,7 +351,8 @@ class TaskService:
         container = self.container(req.id)
         if not req.resources.value:
             raise invalid("Update needs resources (OCI LinuxResources)")
-        await container.agent.update_resources(req.id, req.resources.value)
+        members = self.pod_members(container.sandbox or container.id)
+        await resize.update(await self.spinboxd(), container, members, req.resources.value)
         return Empty()
 
     async def resize_pty(self, req: task.ResizePtyRequest) -> Empty:

@@ -9,7 +9,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from spinbox.busclient import BusClient, SpinboxdError
+from spinbox.busclient import BusClient, SpinboxdError, plain
 from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.mounts import MountSpec, Volume
 from spinbox.vmid import vm_id_for
@@ -149,6 +149,18 @@ class Spinboxd:
         body = [container_id, [[m.type, m.source, m.target, list(m.options)] for m in mounts]]
         (guest_path,) = await self.client.call(path, VM_IFACE, "AddRootfs", "sa(sssas)", body, CREATE_TIMEOUT)
         return str(guest_path)
+
+    async def vm_resources(self, path: str) -> dict[str, Any]:
+        """The VM's Resources property (its size, boot size and scope limits)."""
+        props = await self.client.properties(path, VM_IFACE)
+        resources = props.get("Resources") or {}
+        return dict(resources) if isinstance(resources, dict) else {}
+
+    async def resize_vm(self, path: str, vcpus: int, memory_mib: int) -> dict[str, Any]:
+        (resources,) = await self.client.call(
+            path, VM_IFACE, "Resize", "ut", [vcpus, memory_mib], CREATE_TIMEOUT
+        )
+        return dict(plain(resources))
 
     async def remove_rootfs(self, path: str, container_id: str) -> None:
         """Removes a further container's rootfs, and its volumes."""

@@ -36,6 +36,7 @@ class FakeAgent:
         self.exited = asyncio.Event()
         self.signals: list[tuple[int, bool]] = []
         self.closed = False
+        self.updates: list[dict[str, Any]] = []
 
     async def close(self) -> None:
         self.closed = True
@@ -90,6 +91,9 @@ class FakeAgent:
     async def stats(self, container_id: str) -> bytes:
         return b"\x0a\x00"
 
+    async def update_resources(self, container_id: str, resources: bytes) -> None:
+        self.updates.append(json.loads(resources))
+
 
 class FakeSpinboxd:
     def __init__(self, fail: SpinboxdError | None = None) -> None:
@@ -97,6 +101,8 @@ class FakeSpinboxd:
         self.requests: list[VmRequest] = []
         self.live: set[str] = set()
         self.calls: list[str] = []
+        # Each VM's (vcpus, memory-mib): it booted with 1 and 512.
+        self.sizes: dict[str, tuple[int, int]] = {}
 
     async def create_vm(self, request: VmRequest) -> VmInfo:
         if self.fail:
@@ -123,6 +129,17 @@ class FakeSpinboxd:
 
     async def stop_vm(self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120) -> None:
         self.live.discard(vm_id)
+
+    async def vm_resources(self, path: str) -> dict[str, Any]:
+        vcpus, memory = self.sizes.get(path, (1, 512))
+        return {"vcpus": vcpus, "memory-mib": memory, "boot-vcpus": 1, "boot-memory-mib": 512}
+
+    async def resize_vm(self, path: str, vcpus: int, memory_mib: int) -> dict[str, Any]:
+        if self.fail:
+            raise self.fail
+        self.calls.append(f"Resize {path} {vcpus} {memory_mib}")
+        self.sizes[path] = (vcpus, memory_mib)
+        return await self.vm_resources(path)
 
 
 class Recorder:
@@ -356,7 +373,13 @@ def test_a_pods_containers_share_the_sandboxs_vm(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert [r.vm_id for r in spinboxd.requests] == ["default-sb"]
     vm = "/org/spinstack/Spinbox/vm/default-sb"
-    assert spinboxd.calls == [f"AddRootfs {vm} app", f"RemoveRootfs {vm} app", f"AddRootfs {vm} late"]
+    # The pod's VM grew by app's memory limit (128 MiB) when app joined it.
+    assert spinboxd.calls == [
+        f"AddRootfs {vm} app",
+        f"Resize {vm} 1 640",
+        f"RemoveRootfs {vm} app",
+        f"AddRootfs {vm} late",
+    ]
 
 
 def test_a_delete_whose_vm_stop_failed_can_be_asked_again(tmp_path: Path) -> None:
