@@ -2,10 +2,11 @@
 
 Two VMs of the default size (1 vCPU, 512 MiB) boot under the host's accelerator, one
 after the other: a fixed one (no -smp maxcpus, no virtio-mem device) and a resizable
-one with spinboxd's default headroom (vm.max_vcpus, vm.max_memory_mib capped at the
-host's memory). Once each has settled idle, its QEMU's RSS and PSS and its guest's
-MemTotal are read. Then the resizable one is grown (to 4 vCPUs and 2048 MiB, the guest
-bringing the vCPUs online) and shrunk back, `--runs` times, and each is timed.
+one with spinboxd's default headroom (vm.max_vcpus, and vm.hotplug_memory_mib beyond
+its boot memory, capped at vm.max_memory_mib and the host's memory). Once each has
+settled idle, its QEMU's RSS and PSS and its guest's MemTotal are read. Then the
+resizable one is grown (to 4 vCPUs and 2048 MiB, the guest bringing the vCPUs online)
+and shrunk back, `--runs` times, and each is timed.
 """
 
 from __future__ import annotations
@@ -116,7 +117,11 @@ def main() -> None:
                 "vm_id": "bench-resizable",
                 "runtime_dir": Path(work) / "resizable",
                 "max_vcpus": defaults.max_vcpus,
-                "max_memory_mib": min(defaults.max_memory_mib, host.memory_mib()),
+                "max_memory_mib": min(
+                    defaults.memory_mib + defaults.hotplug_memory_mib,
+                    defaults.max_memory_mib,
+                    host.memory_mib(),
+                ),
             }
         )
         fixed = asyncio.run(idle(base, args.settle))

@@ -14,6 +14,7 @@ errors that name the key, so a typo never silently means "default".
     initrd = "/var/lib/spinbox/guest/initrd.img"
     kernel_args = []          # appended to every VM's kernel command line
     memory_overhead_mib = 256 # added to guest RAM for the scope's MemoryMax (QEMU itself)
+    hotplug_memory_mib = 4096 # memory a running VM may be given beyond its boot size (resize)
     boot_timeout = 120        # seconds until the guest agent must answer
     stop_timeout = 30         # seconds a Stop waits for an orderly shutdown
     boot = "cold"             # "template": restore VMs from a saved, booted guest; "cold": boot each
@@ -76,6 +77,7 @@ class VmConfig:
     initrd: str = str(DEFAULT_INITRD)
     kernel_args: tuple[str, ...] = ()
     memory_overhead_mib: int = 256
+    hotplug_memory_mib: int = 4096
     boot_timeout: float = 120.0
     stop_timeout: float = 30.0
     boot: str = "cold"
@@ -187,6 +189,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"vm.boot must be one of {', '.join(BOOTS)}, not {vm.boot!r}")
     for key in ("vcpus", "memory_mib", "max_vcpus", "max_memory_mib", "boot_timeout", "stop_timeout"):
         _positive(f"vm.{key}", getattr(vm, key))
+    if vm.hotplug_memory_mib < 0:
+        raise ConfigError(f"vm.hotplug_memory_mib must not be negative, not {vm.hotplug_memory_mib}")
     if vm.memory_overhead_mib < 0:
         raise ConfigError(f"vm.memory_overhead_mib must not be negative, not {vm.memory_overhead_mib}")
     if not 1000 <= vm.uid_base <= 2**31 - 65536:

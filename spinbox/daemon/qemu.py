@@ -175,8 +175,11 @@ class QemuBackend:
         return max(vcpus, self.config.vm.max_vcpus)
 
     def _max_memory(self, memory_mib: int) -> int:
-        """vm.max_memory_mib, but no more than the host has (never less than the VM boots with)."""
-        return max(memory_mib, min(self.config.vm.max_memory_mib, host.memory_mib()))
+        """The boot memory and vm.hotplug_memory_mib, but no more than vm.max_memory_mib and the
+        host's memory (never less than the VM boots with)."""
+        vm_config = self.config.vm
+        top = min(memory_mib + vm_config.hotplug_memory_mib, vm_config.max_memory_mib, host.memory_mib())
+        return max(memory_mib, top)
 
     async def resize(self, machine: Machine, vcpus: int, memory_mib: int) -> dict[str, int]:
         try:

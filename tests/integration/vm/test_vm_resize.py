@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from spinbox.agent import AgentClient
-from spinbox.vm import VmSpec, default_kernel, launch
+from spinbox.vm import VmSpec, default_kernel, launch, template
 from spinbox.vm.resize import SizeOutOfRange, VmSize, current_size, resize, size_range
 
 BOOT_TIMEOUT = 180.0
@@ -69,3 +71,30 @@ def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, t
             await vm.kill()
 
     asyncio.run(scenario())
+
+
+def test_a_vm_restored_from_a_template_resizes_too(guest_image: Path, tmp_path: Path) -> None:
+    # The template's RAM lives on tmpfs, as spinboxd keeps it (/run/spinbox/templates).
+    shm = Path(tempfile.mkdtemp(prefix="spinbox-test-resize-", dir="/dev/shm"))
+    files = template.TemplateFiles(shm / "t")
+    shape = {"vcpus": 1, "memory_mib": 256, "max_vcpus": 2, "max_memory_mib": 768, "accel": "tcg"}
+    saved = VmSpec(
+        vm_id="resize-tmpl", kernel=default_kernel(), initrd=guest_image, runtime_dir=tmp_path / "t", **shape
+    )  # type: ignore[arg-type]
+    restored = VmSpec(**{**saved.__dict__, "vm_id": "resize-restored", "runtime_dir": tmp_path / "r"})
+
+    async def scenario() -> None:
+        await template.build(saved, files, None, BOOT_TIMEOUT)
+        vm = await template.restore(restored, files, None)
+        try:
+            _, boot_total = await guest_view(vm.control_address, 1)
+            assert await resize(vm, VmSize(2, 512)) == VmSize(2, 512)
+            cpus, total = await guest_view(vm.control_address, 2)
+            assert (cpus, total - boot_total) == (2, 256 * MIB_KIB)
+        finally:
+            await vm.kill()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
