@@ -20,10 +20,6 @@ MIB = 1024 * 1024
 # How long the guest may take to plug or give back memory, and to let go of a vCPU.
 RESIZE_TIMEOUT = 60.0
 _POLL = 0.05
-# A guest whose unplug (or plug) failed in part, pages being briefly busy, tries again only
-# after its retry timer (Linux: 50 s at first); a change of the requested size wakes it at once
-# (and restarts work under way: not before a long pause).
-_NUDGE_AFTER = 10.0
 _VIRTIO_MEM_PATH = f"/machine/peripheral/{VIRTIO_MEM}"
 # Hot-plugged vCPUs are QEMU devices with ids of this prefix (their boot siblings have none).
 _CPU_ID = "vcpu"
@@ -182,14 +178,13 @@ async def _resize_memory(qmp: Qmp, boot: int, memory_mib: int, deadline: float) 
     wanted = (memory_mib - boot) * MIB
     if wanted == before and int(device["size"]) == wanted:
         return
-    step = int(device["block-size"])
     await _set_requested(qmp, wanted)
-    size = await _wait_size(qmp, wanted, step, deadline)
+    size = await _wait_size(qmp, wanted, deadline)
     if size == wanted:
         return
     # What the guest could not give (or take) in time: back to where it was, so nothing changed.
     await _set_requested(qmp, before)
-    await _wait_size(qmp, before, step, time.monotonic() + RESIZE_TIMEOUT)
+    await _wait_size(qmp, before, time.monotonic() + RESIZE_TIMEOUT)
     verb = "give back" if wanted < before else "take"
     raise GuestRefused(
         f"VM {qmp.vm_id}'s guest could not {verb} {abs(wanted - before) // MIB} MiB of memory in time "
@@ -202,19 +197,12 @@ async def _set_requested(qmp: Qmp, size: int) -> None:
     await qmp.query("qom-set", {"path": _VIRTIO_MEM_PATH, "property": "requested-size", "value": size})
 
 
-async def _wait_size(qmp: Qmp, wanted: int, step: int, deadline: float) -> int:
-    """The device's plugged size once it is `wanted`, or at the deadline."""
-    last, progress = -1, time.monotonic()
+async def _wait_size(qmp: Qmp, wanted: int, deadline: float) -> int:
+    """The device's plugged size once it is `wanted`, or at the deadline. (Setting the requested
+    size again to wake a guest that stalled was tried: it restarts the guest's work under way,
+    and under a loaded TCG host the guest then made no progress at all.)"""
     while True:
         size = int(await qmp.query("qom-get", {"path": _VIRTIO_MEM_PATH, "property": "size"}))
-        now = time.monotonic()
-        if size == wanted or now > deadline:
+        if size == wanted or time.monotonic() > deadline:
             return size
-        if size != last:
-            last, progress = size, now
-        elif now - progress > _NUDGE_AFTER:
-            # One step short of the target (still on the way from `size`), then the target.
-            await _set_requested(qmp, wanted + step if size > wanted else max(0, wanted - step))
-            await _set_requested(qmp, wanted)
-            progress = now
         await asyncio.sleep(_POLL)
