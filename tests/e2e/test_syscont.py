@@ -111,11 +111,28 @@ def booted(containerd: Containerd, image: str) -> Iterator[str]:
         containerd.ctr("containers", "rm", "sc1", check=False)
 
 
+# What explains a failure inside: the failed units and the last journal lines of Docker's.
+INNER_DIAGNOSIS = """
+systemctl --failed --no-legend
+journalctl --no-pager -o short-monotonic -n 60 -u docker.service -u docker.socket -u containerd.service
+"""
+
+
+def inner_diagnosis(containerd: Containerd, container_id: str) -> str:
+    result = containerd.ctr(
+        "task", "exec", "--exec-id", f"why-{time.monotonic_ns()}", container_id, "sh", "-c", INNER_DIAGNOSIS,
+        check=False, timeout=300,
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
 def exec_in(containerd: Containerd, container_id: str, exec_id: str, *args: str) -> str:
     result = containerd.ctr(
         "task", "exec", "--exec-id", exec_id, container_id, *args, check=False, timeout=900
     )
-    assert result.returncode == 0, f"{' '.join(args)}: {result.stdout}{result.stderr}"
+    if result.returncode != 0:
+        why = inner_diagnosis(containerd, container_id)
+        raise AssertionError(f"{' '.join(args)}: {result.stdout}{result.stderr}\ninside:\n{why}")
     return result.stdout
 
 
