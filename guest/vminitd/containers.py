@@ -26,7 +26,7 @@ from guest.vminitd import stats, syscont, validate
 from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.crun import Crun, CrunError
 from guest.vminitd.process_stdio import Stdio
-from guest.vminitd.reaper import Reaper, exit_code
+from guest.vminitd.reaper import Reaper
 from guest.vminitd.share import Share
 from guest.vminitd.spec import check_program, prepare_spec
 from guest.vminitd.stdio import InputPipe, OutputPipe
@@ -212,7 +212,7 @@ class Containers:
         exited.add_done_callback(lambda f: self._exited(container, proc, f.result()))
 
     def _exited(self, container: Container, proc: Process, status: int) -> None:
-        proc.status = exit_code(status)
+        proc.status = syscont.init_exit_code(status, container.systemd and proc is container.init)
         proc.exited_at = time.time()
         if proc.stdin is not None and not proc.stdin.closed:
             proc.stdin.closed = True

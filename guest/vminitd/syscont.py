@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from guest.vminitd import validate
+from guest.vminitd.reaper import exit_code
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +140,15 @@ def stop_signal(sig: int, systemd: bool) -> int:
     if systemd and sig == signal.SIGTERM:
         return int(SYSTEMD_STOP_SIGNAL)
     return sig
+
+
+def init_exit_code(status: int, systemd: bool) -> int:
+    """The exit code of a container's init from its wait status.
+
+    systemd that halts or powers off with CAP_SYS_BOOT calls reboot(2), which in a PID
+    namespace the kernel turns into SIGINT for the namespace's init (SIGHUP for a reboot):
+    that is systemd's own clean end, reported as 0. SIGINT sent from outside cannot end it
+    (systemd handles it as ctrl-alt-del), so nothing else looks the same."""
+    if systemd and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT:
+        return 0
+    return exit_code(status)

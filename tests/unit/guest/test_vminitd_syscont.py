@@ -93,3 +93,17 @@ def test_systemd_gets_sigrtmin_3_for_sigterm() -> None:
     assert syscont.stop_signal(signal.SIGTERM, systemd=True) == signal.SIGRTMIN + 3 == 37
     assert syscont.stop_signal(signal.SIGKILL, systemd=True) == signal.SIGKILL
     assert syscont.stop_signal(signal.SIGTERM, systemd=False) == signal.SIGTERM
+
+
+def wait_status(code: int = 0, signalled: int = 0) -> int:
+    return signalled if signalled else code << 8
+
+
+def test_systemds_halt_through_reboot_is_a_clean_exit() -> None:
+    # reboot(2) in a PID namespace ends its init with SIGINT (halt, poweroff) or SIGHUP (reboot).
+    halted = wait_status(signalled=signal.SIGINT)
+    assert syscont.init_exit_code(halted, systemd=True) == 0
+    assert syscont.init_exit_code(halted, systemd=False) == 130
+    assert syscont.init_exit_code(wait_status(signalled=signal.SIGKILL), systemd=True) == 137
+    assert syscont.init_exit_code(wait_status(signalled=signal.SIGHUP), systemd=True) == 129
+    assert syscont.init_exit_code(wait_status(code=3), systemd=True) == 3
