@@ -166,7 +166,7 @@ def test_docker_runs_a_nested_container_that_reaches_the_gateway(
     script = f"echo ok; ping -c 1 -W 10 {gateway}; exec sleep 600"
     start = time.monotonic()
     run = ["docker", "run", "-d", "--name", "kept", NESTED_REFERENCE, "sh", "-c", script]
-    exec_in(containerd, booted, "run", *run)
+    nested = exec_in(containerd, booted, "run", *run).strip()
     out = exec_in(containerd, booted, "logs", "timeout", "600", "sh", "-c", NESTED_OUTPUT)
     record("nested: docker run -d busybox to its output", time.monotonic() - start)
     assert out.splitlines()[0] == "ok", out
@@ -175,7 +175,9 @@ def test_docker_runs_a_nested_container_that_reaches_the_gateway(
     assert "docker0" in exec_in(containerd, booted, "links", "ip", "-o", "link")
     assert "docker0" not in stack.run("ip", "-o", "link").stdout
     assert "docker" not in stack.run("findmnt", "-rno", "TARGET,SOURCE").stdout
-    assert not stack.run("find", "/sys/fs/cgroup", "-name", "*docker*").stdout
+    # Docker names the nested container's cgroup after its id (docker-<id>.scope).
+    assert nested in exec_in(containerd, booted, "cgroups", "find", "/sys/fs/cgroup", "-name", f"*{nested}*")
+    assert nested not in stack.run("find", "/sys/fs/cgroup").stdout
     assert host_leftovers(["dockerd", "containerd-shim-runc", "sleep 600"]) == []
 
 
