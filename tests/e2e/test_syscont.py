@@ -5,7 +5,7 @@ that reaches the VM's gateway, leaves nothing of it on the host, and stops on
 `ctr task kill` and `nerdctl stop` within the stop timeout.
 
 One VM carries the systemd and Docker checks (a systemd boot under TCG takes
-tens of seconds); the nerdctl stop needs a second, smaller one. The timings
+minutes on a busy machine); the nerdctl stop needs a second, smaller one. The timings
 (plain VM boot, inner systemd to `running`, nested `docker run` to its output) are printed;
 run with -s to see them."""
 
