@@ -283,28 +283,34 @@ def write_config_map(stack: PrivateSystemd, directory: str, version: str, value:
     )  # fmt: skip
 
 
-def test_cri_pod_containers_share_an_empty_dir_and_see_a_config_map_change(stack: PrivateSystemd) -> None:
+@pytest.mark.parametrize("build", ["1.6", "2.x"])
+def test_cri_pod_containers_share_an_empty_dir_and_see_a_config_map_change(
+    stack: PrivateSystemd, build: str
+) -> None:
     if not CRICTL.exists():
         pytest.skip("crictl is not installed (tools/install-test-clients)")
-    cri = CriContainerd(stack, BUILDS[preferred_build()])
+    if not BUILDS[build].available:
+        pytest.skip(f"containerd {build} is not installed")
+    cri = CriContainerd(stack, BUILDS[build])
     cri.start()
     pod = ""
+    work = f"{CRI_WORK}/{build}"
     try:
-        empty_dir, config_map = f"{CRI_WORK}/empty-dir", f"{CRI_WORK}/config-map"
-        stack.run("mkdir", "-p", empty_dir, config_map, f"{CRI_WORK}/logs")
+        empty_dir, config_map = f"{work}/empty-dir", f"{work}/config-map"
+        stack.run("mkdir", "-p", empty_dir, config_map, f"{work}/logs")
         write_config_map(stack, config_map, "2026_12_06_1", "first\n")
-        pod_config = f"{CRI_WORK}/pod.json"
+        pod_config = f"{work}/pod.json"
         stack.write_file(
             pod_config,
             json.dumps(
                 {
                     "metadata": {
-                        "name": "volumes",
+                        "name": "volumes-" + build.replace(".", ""),
                         "namespace": "default",
-                        "uid": "volumes-uid",
+                        "uid": "volumes-uid-" + build.replace(".", ""),
                         "attempt": 0,
                     },
-                    "log_directory": f"{CRI_WORK}/logs",
+                    "log_directory": f"{work}/logs",
                     "linux": {},
                 }
             ),
@@ -318,7 +324,7 @@ def test_cri_pod_containers_share_an_empty_dir_and_see_a_config_map_change(stack
             ("writer", "echo from-the-writer > /cache/note; exec sleep 2147483647"),
             ("reader", "exec sleep 2147483647"),
         ):
-            config = f"{CRI_WORK}/{name}.json"
+            config = f"{work}/{name}.json"
             stack.write_file(
                 config,
                 json.dumps(
