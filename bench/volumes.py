@@ -6,8 +6,9 @@ and read back after dropping the guest's page cache, and a tarball of 5,000
 small files extracted, once into a host directory shared as a volume and
 once into the container's rootfs (its ext4 writable layer on virtio-blk).
 Then `ctr run --rm IMAGE true` with and without a volume, alternating: the
-guest boot (QEMU started to agent ready, from spinboxd's boot timeline), the
-wall time, and the resident memory of QEMU and virtiofsd for a running VM.
+wall time and spinboxd's boot timeline (create to agent ready, split at
+QEMU's start), and the memory (RSS and PSS) of QEMU and virtiofsd for a
+running VM with and without a share.
 """
 
 from __future__ import annotations
@@ -75,20 +76,31 @@ def throughput(systemd: PrivateSystemd, containerd: Containerd) -> dict[str, tup
     return found
 
 
-def rss_kib(systemd: PrivateSystemd, pattern: str) -> int:
-    total = 0
+def memory_kib(systemd: PrivateSystemd, pattern: str) -> tuple[int, int]:
+    """(RSS, PSS) summed over the processes: PSS splits the guest RAM that QEMU and virtiofsd
+    both map (the shared memfd) between them, so the PSS of the two adds up."""
+    rss = pss = 0
     for pid in systemd.processes(pattern):
-        status = systemd.run("cat", f"/proc/{pid}/status", check=False).stdout
-        total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return total
+        rollup = systemd.run("cat", f"/proc/{pid}/smaps_rollup", check=False).stdout
+        for line in rollup.splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                kib = int(rest.split()[0])
+                rss, pss = (rss + kib, pss) if key == "Rss" else (rss, pss + kib)
+    return rss, pss
 
 
-def memory(systemd: PrivateSystemd, containerd: Containerd, volume: bool) -> tuple[int, int]:
+QEMU = "^qemu-system"
+VIRTIOFSD = "^/usr/(lib/qemu|libexec)/virtiofsd"
+
+
+def memory(systemd: PrivateSystemd, containerd: Containerd, volume: bool) -> dict[str, tuple[int, int]]:
+    """(RSS, PSS) of QEMU and of virtiofsd for a VM whose container is running."""
     mount = ["--mount", f"type=bind,src={HOST_DIR},dst=/vol,options=rbind:ro"] if volume else []
     containerd.ctr("run", "-d", "--runtime", RUNTIME, *mount, IMAGE, "bench-mem", "sleep", "600")
     try:
         time.sleep(2)
-        return rss_kib(systemd, "^qemu-system"), rss_kib(systemd, "^/usr/(lib/qemu|libexec)/virtiofsd")
+        return {"qemu": memory_kib(systemd, QEMU), "virtiofsd": memory_kib(systemd, VIRTIOFSD)}
     finally:
         containerd.ctr("task", "kill", "-s", "KILL", "bench-mem", check=False)
         systemd.wait_for("bench-mem to stop", lambda: containerd.tasks().get("bench-mem") != "RUNNING", 60)
@@ -96,11 +108,21 @@ def memory(systemd: PrivateSystemd, containerd: Containerd, volume: bool) -> tup
         containerd.ctr("container", "delete", "bench-mem", check=False)
 
 
+BOOT_ROWS = (
+    "wall, ctr run --rm (s)",
+    "create to agent ready (s)",
+    "  create to QEMU started (s)",
+    "  QEMU started to agent ready (s)",
+)
+
+
 async def boots(
     systemd: PrivateSystemd, containerd: Containerd, runs: int
-) -> dict[bool, list[tuple[float, float]]]:
-    """(wall, guest boot) of `ctr run --rm IMAGE true`, alternating without and with a volume."""
-    out: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+) -> dict[bool, list[tuple[float, ...]]]:
+    """`ctr run --rm IMAGE true`, alternating without and with a volume: its wall time and,
+    from spinboxd's boot timeline, the create to agent ready, split at QEMU's start (before it:
+    the rootfs, the network, the scope and, with a share, its binds and virtiofsd's start)."""
+    out: dict[bool, list[tuple[float, ...]]] = {False: [], True: []}
     for n in range(runs):
         for volume in (False, True):
             found: dict[str, dict[str, float]] = {}
@@ -114,7 +136,8 @@ async def boots(
             stop.set()
             await watcher
             (timeline,) = found.values() or [{"agent-ready": float("nan"), "qemu-started": 0.0}]
-            out[volume].append((wall, timeline["agent-ready"] - timeline["qemu-started"]))
+            ready, qemu = timeline["agent-ready"], timeline["qemu-started"]
+            out[volume].append((wall, ready, qemu, ready - qemu))
     return out
 
 
@@ -150,12 +173,21 @@ def main() -> None:
         print(f"{label:<34}{vol[i]:>10.1f}{root[i]:>10.1f}{vol[i] / root[i]:>8.2f}")
     print(f"ctr run --rm IMAGE true, {args.runs} runs each, alternating (medians)")
     print(f"{'':<34}{'no share':>10}{'share':>10}{'ratio':>8}")
-    for i, label in enumerate(("wall (s)", "guest boot, qemu to agent (s)")):
+    for i, label in enumerate(BOOT_ROWS):
         a = statistics.median(x[i] for x in boot[False])
         b = statistics.median(x[i] for x in boot[True])
-        print(f"{label:<34}{a:>10.3f}{b:>10.3f}{b / a:>8.2f}")
-    print(f"{'QEMU RSS, running (MiB)':<34}{mem_without[0] / 1024:>10.1f}{mem_with[0] / 1024:>10.1f}")
-    print(f"{'virtiofsd RSS, running (MiB)':<34}{mem_without[1] / 1024:>10.1f}{mem_with[1] / 1024:>10.1f}")
+        ratio = f"{b / a:>8.2f}" if a else f"{'':>8}"
+        print(f"{label:<34}{a:>10.3f}{b:>10.3f}{ratio}")
+    print("a running VM's memory (MiB): RSS and PSS (guest RAM mapped by both counted once in PSS)")
+    print(f"{'':<34}{'no share':>10}{'share':>10}{'ratio':>8}")
+    for what in ("qemu", "virtiofsd"):
+        for i, kind in enumerate(("RSS", "PSS")):
+            a, b = mem_without[what][i] / 1024, mem_with[what][i] / 1024
+            ratio = f"{b / a:>8.2f}" if a else f"{'':>8}"
+            print(f"{f'{what} {kind}':<34}{a:>10.1f}{b:>10.1f}{ratio}")
+    a = sum(m[1] for m in mem_without.values()) / 1024
+    b = sum(m[1] for m in mem_with.values()) / 1024
+    print(f"{'QEMU + virtiofsd PSS':<34}{a:>10.1f}{b:>10.1f}{b / a:>8.2f}")
 
 
 if __name__ == "__main__":
