@@ -191,6 +191,10 @@ def test_a_gib_written_through_a_volume_arrives_intact_and_a_full_one_fails_the_
                 digest.update(chunk)
         assert digest.hexdigest() == expected.hexdigest()
     finally:
+        # Gone already after `ctr run --rm`; still there when ctr's deadline ended the run.
+        containerd.ctr("task", "kill", "-s", "KILL", "vol-big", check=False)
+        containerd.ctr("task", "delete", "-f", "vol-big", check=False)
+        containerd.ctr("containers", "delete", "vol-big", check=False)
         stack.run("rm", "-f", f"{out_dir}/big")
         stack.run("umount", full_dir, check=False)
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
