@@ -53,12 +53,16 @@ def test_writeback_is_a_checked_stream_never_a_host_mount(spinbox: PrivateSystem
             run(
                 f"echo aaaa > /data && {BB} touch -r /etc/ref /data && {BB} mkdir /d && echo x > /d/f"
                 f" && {BB} ln /d/f /d/g && {BB} rm /etc/gone"
+                f" && {BB} mkdir -m 2755 /sgid && echo s > /suid && {BB} chmod 4755 /suid"
             )
             busctl(spinbox, "call", BUS, path, VM_IFACE, "Pause")
             busctl(spinbox, "call", BUS, path, VM_IFACE, "Resume")
             sync(spinbox, path)
             assert (upper / "data").read_text() == "aaaa\n"
             assert (upper / "d/f").stat().st_ino == (upper / "d/g").stat().st_ino
+            # Set-user-ID and set-group-ID bits come back as the guest made them.
+            assert stat.S_IMODE((upper / "sgid").stat().st_mode) == 0o2755
+            assert stat.S_IMODE((upper / "suid").stat().st_mode) == 0o4755
             gone = (upper / "etc/gone").lstat()
             assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
 
