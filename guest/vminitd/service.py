@@ -195,6 +195,7 @@ class AgentService:
         if req.warm:
             self.containers, self.rootfs  # noqa: B018 (loads them)
             refresh.warm()
+            refresh.stop_page_reporting()
         return Empty()
 
     async def configure_network(self, req: pb.NetworkConfig) -> Empty:
