@@ -25,6 +25,7 @@ import ast
 import asyncio
 import contextlib
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -189,8 +190,10 @@ def template_spec(variant: Variant, run_dir: Path, vm_id: str) -> VmSpec:
     )
 
 
-async def restore_guest(files: template.TemplateFiles, variant: Variant, run_dir: Path) -> dict[str, float]:
-    vm = await template.restore(template_spec(variant, run_dir, "bench"), files, None)
+async def restore_guest(
+    files: template.TemplateFiles, ram: int, variant: Variant, run_dir: Path
+) -> dict[str, float]:
+    vm = await template.restore(template_spec(variant, run_dir, "bench"), files, ram, None)
     try:
         timeline = await vm.wait_ready(300)
         await vm.shutdown(30)
@@ -254,8 +257,10 @@ async def main_async(
         # A template's RAM lives on tmpfs, as spinboxd keeps it.
         shm = tempfile.TemporaryDirectory(prefix="spinbox-bench-template-", dir="/dev/shm")
         files = template.TemplateFiles(Path(shm.name))
+        ram = -1
         if agent:
             await template.build(template_spec(variants[0], work / "run", "bench-template"), files, None, 300)
+            ram = template.load_ram(files)  # sealed, as spinboxd hands it to restored VMs
         order = list(range(len(variants)))
         for run in range(runs):  # interleaved and rotated, so load on the machine hits all alike
             shift = run % len(order)
@@ -265,8 +270,10 @@ async def main_async(
                     floors[index].append(await boot_floor(floor_image, work / "run", variant))
                 timelines[index].append(await boot_guest(variant, work / "run", agent))
                 if agent and index == 0:
-                    restores.append(await restore_guest(files, variant, work / "run"))
+                    restores.append(await restore_guest(files, ram, variant, work / "run"))
         shm.cleanup()
+        if ram >= 0:
+            os.close(ram)
         print(f"accelerator: {choose_accel('auto')}  runs: {runs} (medians)")
         if not agent:
             print("note: no vminitd in this tree; a Python init printing a line stands in for the agent")

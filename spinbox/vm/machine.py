@@ -516,12 +516,8 @@ def _prepare(spec: VmSpec) -> tuple[QemuCommand, CidLease | None]:
     lease = allocate_cid() if vsock else None
     user: VmUser | None = None
     try:
-        if spec.confine and spec.memory_file is None:
+        if spec.confine:
             user = allocate_vm_user(kvm=accel == "kvm", base=spec.uid_base)
-        elif spec.confine:
-            # QEMU opens a template's RAM file by path (memory-backend-file), read-write even for
-            # a private mapping: not yet something a VM's own uid may be given.
-            log.warning("VM %s starts from a template: its QEMU runs unconfined (as root)", spec.vm_id)
     except BaseException:
         if lease:
             lease.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ MAX_HOTPLUG_PORTS = 64
 _SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 # sun_path is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
+# The seals a template's RAM must carry before a restored VM maps it.
+SEALED_RAM = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,14 @@ class Nic:
 
 @dataclass(frozen=True)
 class MemoryFile:
-    """Guest RAM in a file on tmpfs: a template's. `shared`: the template being
-    built writes it; otherwise a VM restored from it maps it private (copy on write)."""
+    """Guest RAM in a memfd: a template's. `shared`: the template being built
+    writes it (and it is saved to `path`); otherwise a VM restored from it maps
+    it private (copy on write), and it must be sealed against writes."""
 
     path: Path
     shared: bool
-    # An open descriptor of the file that QEMU inherits and maps instead of the
-    # path: a template replaced meanwhile (its files unlinked) stays whole.
+    # The memfd, which QEMU inherits and maps as /proc/self/fd/N: a confined QEMU
+    # opens no host path of its own (spinbox.vm.handover).
     fd: int | None = None
 
 
@@ -134,6 +138,8 @@ class VmSpec:
             raise VmError("a VM with a virtio-fs share boots cold: its RAM cannot be a template's")
         if self.incoming_fd is not None and self.memory_file is None:
             raise VmError("a VM restored from a template needs the template's memory file")
+        if self.memory_file is not None:
+            check_memory_file(self.memory_file, confined=self.confine)
         if self.incoming_fd is not None and len(self.disks) + len(self.nics) > self.hotplug_ports:
             raise VmError(
                 f"{len(self.disks)} disks and {len(self.nics)} NICs do not fit in "
@@ -142,6 +148,27 @@ class VmSpec:
         for arg in self.kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise VmError(f"kernel argument {arg!r} is empty or contains white space")
+
+
+def check_memory_file(memory: MemoryFile, *, confined: bool) -> None:
+    """A confined QEMU gets its RAM as a descriptor; a restored VM's RAM is sealed against writes."""
+    if memory.fd is None:
+        if confined:
+            raise VmError(
+                f"guest RAM {memory.path} must be handed to a confined QEMU as a descriptor (a memfd)"
+            )
+        return
+    if memory.shared:
+        return
+    try:
+        seals = fcntl.fcntl(memory.fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & SEALED_RAM != SEALED_RAM:
+        raise VmError(
+            f"the template's RAM ({memory.path}) handed to a restored VM is not a memfd sealed against "
+            "writes, shrinking and growing: a VM could change what every other VM restored from it maps"
+        )
 
 
 def check_disk(disk: Disk) -> None:

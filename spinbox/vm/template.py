@@ -1,20 +1,35 @@
 """VM templates: a guest booted once to agent-ready and saved, and VMs restored from it.
 
-A template's RAM is a file on tmpfs that its QEMU maps shared and writes; its
-device state is QEMU's migration stream, saved to a second file with
-x-ignore-shared (the RAM file is not copied into it). A VM restored from the
-template is a QEMU of its own that maps the RAM file private (copy on write:
-the template's pages count once on the host however many VMs use them),
-loads the device state and continues from agent-ready. Before anything else
-runs in it, the guest mixes a seed from the host into its entropy pool and
-reseeds its CRNG, and takes the host's clock; then the VM's disks and NICs are
-plugged into its spare PCIe ports (the template was saved without any).
+A template's RAM is a memfd that its QEMU (confined like any VM's) maps
+shared and writes; once saved, its data is kept in a file on tmpfs. Its device
+state is QEMU's migration stream, saved to a second file with x-ignore-shared
+(the RAM is not copied into it). spinboxd loads the RAM file into a memfd of
+its own and seals it against every change (`load_ram`): the VMs restored from
+the template map that memfd private (copy on write: the template's pages count
+once on the host however many VMs use them). A restored VM is a QEMU of its
+own, confined like a cold-booted one: it receives the sealed memfd and opens
+it as /proc/self/fd/N (QEMU 7.2's memory-backend-file opens its mem-path
+read-write; a memfd's inode is mode 0777, and its seals, not the permission,
+refuse writes, hole punching and size changes). A VM therefore cannot change
+what other VMs map, and QEMU's discard of a page the guest freed (free page
+reporting punches a hole in a file-backed RAM's file, shared or not) fails
+instead of zeroing the template under every VM restored from it. The restored
+guest stops reporting free pages (vminitd, on Refresh): its private pages stay
+with it until it stops.
+
+A restored VM loads the device state and continues from agent-ready. Before
+anything else runs in it, the guest mixes a seed from the host into its
+entropy pool and reseeds its CRNG, and takes the host's clock; then the VM's
+disks and NICs are plugged into its spare PCIe ports (the template was saved
+without any).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +40,7 @@ from spinbox.vm.errors import VmError
 from spinbox.vm.machine import VirtualMachine, launch
 from spinbox.vm.process import Spawn
 from spinbox.vm.qemu import hotplug_port
-from spinbox.vm.spec import MemoryFile, VmSpec
+from spinbox.vm.spec import SEALED_RAM, MemoryFile, VmSpec
 
 # Seconds QEMU may take to write or read a template's device state (~120 KB).
 MIGRATION_TIMEOUT = 60.0
@@ -34,6 +49,10 @@ REFRESH_TIMEOUT = 30.0
 SEED_BYTES = 64
 _STATE_FD_NAME = "template-state"
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+# A restored VM's RAM: nothing may write, punch, shrink or grow it, nor lift the seals.
+RAM_SEALS = SEALED_RAM | fcntl.F_SEAL_SEAL
+_PAGE = 4096
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,91 @@ class TemplateFiles:
         return self.root / "state"
 
 
+def new_ram(name: str, size: int) -> int:
+    """An empty memfd of `size` bytes that can be sealed later: a template's RAM while it is built."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def copy_data(source: int, target: int, size: int) -> int:
+    """Copy source's data into target (same size, empty): only its data extents (SEEK_DATA,
+    SEEK_HOLE), and of those only the pages that are not all zeros. Returns the bytes written."""
+    zero = bytes(_PAGE)
+    written = 0
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(source, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # no data after offset
+                break
+            raise
+        end = min(os.lseek(source, start, os.SEEK_HOLE), size)
+        position = start
+        while position < end:
+            chunk = os.pread(source, min(_CHUNK, end - position), position)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            page = 0
+            while page < len(chunk):
+                if view[page : page + _PAGE] == zero:
+                    page += _PAGE
+                    continue
+                run = page
+                while run < len(chunk) and view[run : run + _PAGE] != zero:
+                    run += _PAGE
+                written += os.pwrite(target, view[page:run], position + page)
+                page = run
+            position += len(chunk)
+        offset = end
+    return written
+
+
+def load_ram(files: TemplateFiles) -> int:
+    """A memfd holding the template's RAM, sealed with RAM_SEALS: what restored VMs map.
+
+    Blocking (a copy of the template's data): run it in a thread.
+    """
+    try:
+        source = os.open(files.ram, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise VmError(f"cannot read the template's RAM {files.ram}: {error.strerror}") from None
+    try:
+        size = os.fstat(source).st_size
+        if size <= 0 or size % _PAGE:
+            raise VmError(f"the template's RAM {files.ram} has a size of {size} bytes, not whole pages")
+        ram = new_ram(f"spinbox-template-{files.root.name}", size)
+        try:
+            copy_data(source, ram, size)
+            fcntl.fcntl(ram, fcntl.F_ADD_SEALS, RAM_SEALS)
+        except OSError as error:
+            os.close(ram)
+            raise VmError(f"cannot load the template's RAM {files.ram}: {error.strerror}") from None
+        except BaseException:
+            os.close(ram)
+            raise
+        return ram
+    finally:
+        os.close(source)
+
+
+def _save_ram(ram: int, path: Path) -> None:
+    """The built template's RAM (a memfd) into a file, sparse."""
+    size = os.fstat(ram).st_size
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        copy_data(ram, fd, size)
+    finally:
+        os.close(fd)
+
+
 async def build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_timeout: float) -> None:
     """Boot spec's guest (no disks, no NICs) to agent-ready, save it into `files` and stop it."""
     if spec.disks or spec.nics:
@@ -58,7 +162,16 @@ async def build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_ti
     files.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     for path in (files.ram, files.state):
         path.unlink(missing_ok=True)
-    spec = dataclasses.replace(spec, memory_file=MemoryFile(files.ram, shared=True))
+    ram = new_ram(f"spinbox-{spec.vm_id}", spec.memory_mib << 20)
+    try:
+        spec = dataclasses.replace(spec, memory_file=MemoryFile(files.ram, shared=True, fd=ram))
+        await _build(spec, files, spawn, boot_timeout)
+        await asyncio.to_thread(_save_ram, ram, files.ram)
+    finally:
+        os.close(ram)
+
+
+async def _build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_timeout: float) -> None:
     vm = await launch(spec, spawn)
     try:
         await vm.wait_ready(boot_timeout)
@@ -76,16 +189,19 @@ async def build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_ti
         await _wait_migration(vm, "saving the template")
     finally:
         await vm.kill()
+        # No writable shared mapping of the RAM may outlive the build (it would keep the seals off).
+        await vm.wait_exit()
 
 
-async def restore(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None) -> VirtualMachine:
-    """A VM for spec restored from the template in `files`, refreshed, its disks and NICs plugged."""
-    fd = os.open(files.state, os.O_RDONLY | os.O_CLOEXEC)
+async def restore(spec: VmSpec, files: TemplateFiles, ram: int, spawn: Spawn | None) -> VirtualMachine:
+    """A VM for spec restored from the template in `files` (its RAM: `ram`, from load_ram),
+    refreshed, its disks and NICs plugged."""
     try:
-        ram_fd = os.open(files.ram, os.O_RDWR | os.O_CLOEXEC)
-    except BaseException:
-        os.close(fd)
-        raise
+        fd = os.open(files.state, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise VmError(f"cannot read the template's device state {files.state}: {error.strerror}") from None
+    # QEMU inherits its own copy of the memfd, as a descriptor it may keep.
+    ram_fd = os.dup(ram)
     try:
         memory = MemoryFile(files.ram, shared=False, fd=ram_fd)
         spec = dataclasses.replace(spec, memory_file=memory, incoming_fd=fd)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec
-from spinbox.vm.handover import Handover, NumberingHandover
+from spinbox.vm.handover import SANDBOX, Handover, NumberingHandover, VmUser
 from spinbox.vm.spec import MemoryFile
+from spinbox.vm.template import RAM_SEALS, new_ram
 
 
 @pytest.fixture
@@ -40,24 +44,39 @@ def option_values(argv: list[str], option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
 
 
-def test_a_template_writes_its_ram_into_a_shared_file(spec: VmSpec, tmp_path: Path) -> None:
-    spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=True))
-    argv = argv_of(QemuCommand(spec, accel="tcg"))
+@pytest.fixture
+def sealed_ram() -> Iterator[int]:
+    fd = new_ram("test-template", 1 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, RAM_SEALS)
+    yield fd
+    os.close(fd)
+
+
+def test_a_template_writes_its_ram_into_a_shared_memfd(spec: VmSpec, tmp_path: Path) -> None:
+    ram = new_ram("test-template", 1 << 20)
+    try:
+        spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=True, fd=ram))
+        spec.validate()
+        argv = argv_of(QemuCommand(spec, accel="tcg"))
+    finally:
+        os.close(ram)
     assert option_values(argv, "-machine")[0].endswith(",memory-backend=mem")
     assert option_values(argv, "-object") == [
-        f"memory-backend-file,id=mem,size=512M,mem-path={tmp_path}/ram,share=on"
+        f"memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/{ram},share=on"
     ]
     assert "-incoming" not in argv
     # The template's kernel command line is every restored VM's.
     assert "spinbox.vm=template" in option_values(argv, "-append")[0]
 
 
-def test_a_restored_vm_maps_the_ram_private_and_plugs_its_devices_later(spec: VmSpec, tmp_path: Path) -> None:
+def test_a_restored_vm_maps_the_ram_private_and_plugs_its_devices_later(
+    spec: VmSpec, tmp_path: Path, sealed_ram: int
+) -> None:
     disk = tmp_path / "upper.ext4"
     disk.write_bytes(b"")
     spec = dataclasses.replace(
         spec,
-        memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=41),
+        memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=sealed_ram),
         incoming_fd=40,
         disks=(Disk(disk, "upper", read_only=False),),
         nics=(Nic(tap_fd=17, mac="52:54:00:12:34:56"),),
@@ -66,7 +85,7 @@ def test_a_restored_vm_maps_the_ram_private_and_plugs_its_devices_later(spec: Vm
     command = QemuCommand(spec, accel="tcg")
     argv = argv_of(command)
     assert option_values(argv, "-object") == [
-        "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/41,share=off"
+        f"memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/{sealed_ram},share=off"
     ]
     assert option_values(argv, "-incoming") == ["defer"]
     # Backends only: the devices go into the spare ports once the state is loaded.
@@ -74,13 +93,41 @@ def test_a_restored_vm_maps_the_ram_private_and_plugs_its_devices_later(spec: Vm
     assert option_values(argv, "-netdev") == ["tap,id=net0,fd=17"]
     devices = option_values(argv, "-device")
     assert not [d for d in devices if d.startswith(("virtio-blk-pci", "virtio-net-pci"))]
-    assert set(command.pass_fds) == {17, 40, 41}
+    assert set(command.pass_fds) == {17, 40, sealed_ram}
 
 
-def test_a_restored_vm_needs_ports_for_its_devices(spec: VmSpec, tmp_path: Path) -> None:
+def test_a_restored_vm_is_confined_like_a_cold_one(spec: VmSpec, tmp_path: Path, sealed_ram: int) -> None:
+    spec = dataclasses.replace(
+        spec, memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=sealed_ram), incoming_fd=40
+    )
+    spec.validate()
+    argv = argv_of(QemuCommand(spec, accel="tcg", user=VmUser(2097152000, 2097152000)))
+    assert argv[argv.index("--reuid") + 1] == "2097152000"
+    assert option_values(argv, "-sandbox") == [SANDBOX]
+
+
+def test_a_restored_vm_refuses_ram_that_is_not_sealed(spec: VmSpec, tmp_path: Path) -> None:
+    ram = new_ram("test-template", 1 << 20)
+    try:
+        spec = dataclasses.replace(
+            spec, memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=ram), incoming_fd=40
+        )
+        with pytest.raises(VmError, match="not a memfd sealed against writes"):
+            spec.validate()
+    finally:
+        os.close(ram)
+
+
+def test_a_confined_qemu_never_gets_its_ram_by_path(spec: VmSpec, tmp_path: Path) -> None:
+    spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=True))
+    with pytest.raises(VmError, match="must be handed to a confined QEMU as a descriptor"):
+        spec.validate()
+
+
+def test_a_restored_vm_needs_ports_for_its_devices(spec: VmSpec, tmp_path: Path, sealed_ram: int) -> None:
     nics = tuple(Nic(tap_fd=10 + i, mac=f"52:54:00:12:34:5{i}") for i in range(5))
     spec = dataclasses.replace(
-        spec, memory_file=MemoryFile(tmp_path / "ram", shared=False), incoming_fd=40, nics=nics
+        spec, memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=sealed_ram), incoming_fd=40, nics=nics
     )
     with pytest.raises(VmError, match="5 NICs do not fit in 4 spare PCIe ports"):
         spec.validate()
@@ -94,7 +141,7 @@ def test_cold_boot_keeps_qemu_s_own_memory(spec: VmSpec) -> None:
 
 def test_a_template_s_identity_command_line_opens_nothing_and_is_stable(spec: VmSpec, tmp_path: Path) -> None:
     spec = dataclasses.replace(
-        spec, runtime_dir=tmp_path / "absent", memory_file=MemoryFile(tmp_path / "ram", shared=True)
+        spec, runtime_dir=tmp_path / "absent", memory_file=MemoryFile(tmp_path / "ram", shared=True, fd=999)
     )
     first, second = NumberingHandover(), NumberingHandover()
     argv = QemuCommand(spec, accel="tcg").argv(first)
