@@ -27,8 +27,8 @@ class Launch:
     disks: Sequence[Any]  # spinbox.vm.Disk
     nics: Sequence[Any]  # spinbox.vm.Nic
     spawn: Spawn
-    # Restore from the template in this directory instead of booting.
-    template_dir: Path | None = None
+    # Restore from this template (spinbox.daemon.templates.Template) instead of booting.
+    template: Any = None
     # QEMU's end of the connection to the VM's virtiofsd (never with a template).
     virtiofs_fd: int | None = None
 
@@ -122,7 +122,7 @@ class Backend(Protocol):
         ...
 
     async def launch(self, launch: Launch) -> Machine:
-        """QEMU for the VM: booted, or restored from the template in `launch.template_dir`."""
+        """QEMU for the VM: booted, or restored from `launch.template` with its agent answering."""
         ...
 
     def template_identity(self, shape: Any, ports: int) -> dict[str, Any]:

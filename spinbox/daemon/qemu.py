@@ -18,7 +18,7 @@ from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Launch, Machine, Network, Rootfs, Spawn
 from spinbox.daemon.errors import Failed, InvalidArgument
 from spinbox.daemon.options import VmRequest
-from spinbox.daemon.templates import TEMPLATE_PORTS, Shape
+from spinbox.daemon.templates import TEMPLATE_PORTS, Shape, Template
 from spinbox.mounts import MountSpec
 from spinbox.vm import control, resize, template
 from spinbox.vm.handover import NumberingHandover
@@ -35,6 +35,8 @@ RESCUE_SHUTDOWN_TIMEOUT = 10.0
 # Seconds a template's guest may take to boot: nobody waits for it, and on a
 # busy host a boot under TCG takes minutes rather than the seconds vm.boot_timeout allows.
 TEMPLATE_BOOT_TIMEOUT = 900.0
+# Seconds a restored VM's agent, which has answered Refresh, may take to answer Ping.
+RESTORED_READY_TIMEOUT = 30.0
 # Where a template's command line is made to name its files, for its identity.
 TEMPLATE_IDENTITY_DIR = Path("/run/spinbox/templates/identity")
 # The share of timeouts.agent_call the guest may wait for a MountRootfs's hot-plugged
@@ -143,8 +145,8 @@ class QemuBackend:
         return initrd
 
     async def launch(self, launch: Launch) -> Machine:
-        if launch.template_dir is not None:
-            return await self._restore(launch, launch.template_dir)
+        if launch.template is not None:
+            return await self._restore(launch, launch.template)
         request = launch.request
         spec = vm.VmSpec(
             vm_id=request.id,
@@ -236,9 +238,9 @@ class QemuBackend:
         # The machine as this spinbox builds it: a spinbox whose QEMU command line
         # differs (another device, another option) cannot restore the template.
         spec = self._template_spec("template", TEMPLATE_IDENTITY_DIR, shape.vcpus, shape.memory_mib, ports)
-        spec = dataclasses.replace(
-            spec, memory_file=vm.MemoryFile(TEMPLATE_IDENTITY_DIR / "ram", shared=True)
-        )
+        # The RAM's descriptor as NumberingHandover would number it: the same on every call.
+        ram = vm.MemoryFile(TEMPLATE_IDENTITY_DIR / "ram", shared=True, fd=999)
+        spec = dataclasses.replace(spec, memory_file=ram)
         return {
             "kernel": stamp(self._kernel()),
             "initrd": stamp(self._initrd()),
@@ -257,20 +259,28 @@ class QemuBackend:
         except vm.VmError as e:
             raise Failed(str(e)) from None
 
-    async def _restore(self, launch: Launch, template_dir: Path) -> Machine:
+    async def _restore(self, launch: Launch, ready: Template) -> Machine:
+        """A VM restored from `ready` whose agent answers; Failed says why not (the VM is gone)."""
         request = launch.request
         spec = self._template_spec(
             request.id, launch.runtime_dir, request.vcpus, request.memory_mib, TEMPLATE_PORTS
         )
         spec = dataclasses.replace(spec, disks=tuple(launch.disks), nics=tuple(launch.nics))
+        files = template.TemplateFiles(ready.directory)
+        machine: vm.VirtualMachine | None = None
         try:
-            machine: Machine = await template.restore(
-                spec, template.TemplateFiles(template_dir), launch.spawn
-            )
+            machine = await template.restore(spec, files, ready.ram, launch.spawn)
+            # The agent answered Refresh: a restored guest that does not answer Ping right after
+            # is broken, and the VM boots cold instead (the caller's choice).
+            await machine.wait_ready(min(self.config.vm.boot_timeout, RESTORED_READY_TIMEOUT))
         except (vm.VmError, OSError) as e:
-            raise Failed(
-                f"restoring VM {request.id} from the template {template_dir.name} failed: {e}"
-            ) from None
+            if machine is not None:
+                await machine.kill()
+            raise Failed(f"restoring VM {request.id} from the template {ready.name} failed: {e}") from None
+        except BaseException:
+            if machine is not None:
+                await machine.kill()
+            raise
         return machine
 
     async def attach(self, runtime_dir: Path) -> Machine:

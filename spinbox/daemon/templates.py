@@ -7,8 +7,13 @@ QEMU (by path, size and modification time), the accelerator, the kernel
 arguments and the number of spare PCIe ports. A changed kernel, image or QEMU
 gives a new digest: the next VM of that size boots cold while the new
 template is built in the background, and the old one is removed once the new
-one is ready (the VMs restored from it hold its RAM file open and keep it).
+one is ready (the VMs restored from it map its RAM and keep it).
 Builds run one at a time, each in a scope of its own.
+
+What restored VMs map is not the RAM file but a copy of it in a memfd sealed
+against writes (spinbox.vm.template.load_ram), which spinboxd loads once per
+template, at the first restore after the template was built or after
+spinboxd started, and keeps while the template is in use.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager
+from spinbox.vm.template import TemplateFiles, load_ram
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ TEMPLATE_PORTS = 24
 # The most VM sizes spinboxd keeps templates for (the default size among them).
 MAX_SHAPES = 4
 # Bumped when what a template holds changes in a way its digest does not see.
-FORMAT = 1
+FORMAT = 2
 READY = "ready.json"
 
 
@@ -48,6 +55,18 @@ class Shape:
     @property
     def name(self) -> str:
         return f"{self.vcpus}cpu-{self.memory_mib}m"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A ready template: its directory, and its RAM as the sealed memfd restored VMs map."""
+
+    directory: Path
+    ram: int
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
 
 
 class TemplateBackend(Protocol):
@@ -69,6 +88,8 @@ class TemplateStore:
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._failed: set[str] = set()
         self._one_at_a_time = asyncio.Lock()
+        self._rams: dict[str, int] = {}
+        self._loading = asyncio.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +111,21 @@ class TemplateStore:
         if devices + request.hotplug_ports > TEMPLATE_PORTS:
             return None
         return self.directory(Shape(request.vcpus, request.memory_mib), build=True)
+
+    async def load(self, directory: Path) -> Template:
+        """The template in `directory` with its sealed RAM, loaded at the first call (OSError, VmError)."""
+        async with self._loading:
+            ram = self._rams.get(directory.name)
+            if ram is None:
+                ram = await asyncio.to_thread(load_ram, TemplateFiles(directory))
+                self._rams[directory.name] = ram
+        return Template(directory, ram)
+
+    def _forget(self, name: str) -> None:
+        """Close spinboxd's copy of a template's RAM (the VMs restored from it keep theirs)."""
+        ram = self._rams.pop(name, None)
+        if ram is not None:
+            os.close(ram)
 
     def directory(self, shape: Shape, build: bool = False) -> Path | None:
         """The ready template of `shape`; with `build`, start building it in the background if missing."""
@@ -113,6 +149,7 @@ class TemplateStore:
         """A template a VM could not be restored from: removed, so that the next VM of its
         size boots cold and a new one is built."""
         log.error("removing the VM template %s, which a VM failed to restore from: %s", directory.name, error)
+        self._forget(directory.name)
         shutil.rmtree(directory, ignore_errors=True)
 
     async def wait_built(self) -> None:
@@ -125,6 +162,8 @@ class TemplateStore:
             task.cancel()
         if self._builds:
             await asyncio.wait(set(self._builds.values()), timeout=30)
+        for name in list(self._rams):
+            self._forget(name)
 
     def _ready_shapes(self) -> set[str]:
         if not self.root.is_dir():
@@ -186,6 +225,7 @@ class TemplateStore:
         for directory in self.root.glob(f"{shape.name}-*"):
             if directory.name != name and not directory.name.endswith(".partial"):
                 log.info("removing the stale VM template %s", directory.name)
+                self._forget(directory.name)
                 shutil.rmtree(directory, ignore_errors=True)
 
 
