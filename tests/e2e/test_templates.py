@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from spinbox.shim.spinboxd import vm_id_for
 from tests.e2e.stack import (
     BUILDS,
     IMAGE,
     NOTHING_LEFT,
     RUNTIME,
     TEMPLATE_BUILD_TIMEOUT,
+    TEMPLATES,
     Containerd,
     ready_templates,
     spinbox_stack,
     wait_until_clean,
 )
+from tests.e2e.test_confinement import disk_of, qemu_of, status_of
 from tests.harness.systemd import PrivateSystemd
 
 # Restoring from a template intermittently hangs (the restored guest's agent does not
@@ -53,20 +57,77 @@ def boots(stack: PrivateSystemd, container_id: str) -> list[str]:
     return re.findall(rf"VM default-{re.escape(container_id)} is running \(.*, (\w+) boot\)", journal)
 
 
-def test_restored_vms_have_their_own_entropy_boot_id_and_clock(
+def template_ram_of(stack: PrivateSystemd, pid: int) -> int:
+    """The descriptor QEMU holds of the template's RAM (the memfd spinboxd sealed)."""
+    fds = stack.path(f"/proc/{pid}/fd")
+    for entry in sorted(os.listdir(fds), key=int):
+        if os.readlink(fds / entry).startswith("/memfd:spinbox-template-"):
+            return int(entry)
+    raise AssertionError(f"QEMU {pid} holds no template RAM memfd")
+
+
+def as_user(stack: PrivateSystemd, uid: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return stack.run("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd, check=False)
+
+
+def test_restored_vms_are_confined_and_have_their_own_entropy_boot_id_and_clock(
     containerd: Containerd, template_stack: PrivateSystemd
 ) -> None:
-    seen = []
-    for name in ("tpl-a", "tpl-b"):
-        result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sh", "-c", IDENTITY)
-        boot_id, random_hex, clock = result.stdout.split()
-        assert boots(template_stack, name) == ["template"]
-        assert re.fullmatch(r"[0-9a-f-]{36}", boot_id) and len(random_hex) == 64
-        assert abs(int(clock) - time.time()) < 60, "the guest's clock is the host's"
-        seen.append((boot_id, random_hex))
-    (boot_a, random_a), (boot_b, random_b) = seen
-    assert boot_a != boot_b
-    assert random_a != random_b
+    names = ["tpl-a", "tpl-b"]
+    try:
+        seen = []
+        for name in names:
+            containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "3600")
+            assert boots(template_stack, name) == ["template"]
+            result = containerd.ctr("task", "exec", "--exec-id", "id", name, "sh", "-c", IDENTITY)
+            boot_id, random_hex, clock = result.stdout.split()
+            assert re.fullmatch(r"[0-9a-f-]{36}", boot_id) and len(random_hex) == 64
+            assert abs(int(clock) - time.time()) < 60, "the guest's clock is the host's"
+            seen.append((boot_id, random_hex))
+        (boot_a, random_a), (boot_b, random_b) = seen
+        assert boot_a != boot_b
+        assert random_a != random_b
+
+        # Each restored VM's QEMU is confined as a cold-booted one is: a uid of its own, seccomp.
+        pids = [qemu_of(template_stack, name) for name in names]
+        uids = []
+        for pid in pids:
+            status = status_of(template_stack, pid)
+            uid = status["Uid"].split()[0]
+            assert uid != "0" and status["Gid"].split()[0] != "0"
+            assert status["Seccomp"] == "2" and int(status["CapEff"], 16) == 0
+            uids.append(uid)
+        assert uids[0] != uids[1]
+        # As the first QEMU's user: the second VM's disk cannot be opened, by path or descriptor ...
+        fd, disk = disk_of(template_stack, pids[1])
+        for path in (disk, f"/proc/{pids[1]}/fd/{fd}"):
+            tried = as_user(template_stack, uids[0], "head", "-c", "1", path)
+            assert tried.returncode != 0 and "Permission denied" in tried.stderr, (path, tried)
+        # ... and the template's RAM, which it maps, cannot be written, punched or resized
+        # through its own descriptor, nor opened in spinboxd's template directory.
+        ram = f"/proc/{pids[0]}/fd/{template_ram_of(template_stack, pids[0])}"
+        before = template_stack.run("sha256sum", ram).stdout.split()[0]
+        attempts = [
+            ("/usr/bin/python3", "-c", f"import os; os.pwrite(os.open({ram!r}, os.O_RDWR), b'x', 0)"),
+            ("fallocate", "--punch-hole", "--offset", "0", "--length", "2MiB", ram),
+            ("truncate", "--size", "0", ram),
+        ]
+        for attempt in attempts:
+            tried = as_user(template_stack, uids[0], *attempt)
+            assert tried.returncode != 0 and "Operation not permitted" in tried.stderr, (attempt, tried)
+        assert template_stack.run("sha256sum", ram).stdout.split()[0] == before
+        for template in ready_templates(template_stack):
+            tried = as_user(template_stack, uids[0], "head", "-c", "1", f"{TEMPLATES}/{template}/ram")
+            assert tried.returncode != 0 and "Permission denied" in tried.stderr, tried
+        # No restored guest reports free pages into the template's RAM (QEMU's discard would fail).
+        for name in names:
+            lines = template_stack.journal(f"SPINBOX_VM={vm_id_for('default', name)}", "-o", "cat")
+            assert "ram_block_discard_range" not in lines
+    finally:
+        for name in names:
+            containerd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+            containerd.ctr("task", "delete", "-f", name, check=False)
+            containerd.ctr("containers", "delete", name, check=False)
     assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT
 
 
