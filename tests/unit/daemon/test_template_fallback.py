@@ -1,0 +1,122 @@
+"""A VM whose template cannot serve boots cold, and the journal says why. Stub backend
+and template store (failure paths); the real ones are exercised by tests/e2e/test_templates.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spinbox.config import Config, TimeoutsConfig, VmConfig
+from spinbox.daemon import qemu as qemu_backend
+from spinbox.daemon.backend import Launch
+from spinbox.daemon.errors import Failed
+from spinbox.daemon.manager import VmManager
+from spinbox.daemon.options import VmRequest
+from spinbox.daemon.templates import Template
+from spinbox.vm import VmError
+from tests.unit.daemon.test_create_deadline import SilentMachine, StubBackend, StubSystemd
+
+
+class BrokenTemplateBackend(StubBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.templates: list[Any] = []
+
+    async def launch(self, launch: Launch) -> Any:
+        template = launch.template
+        self.templates.append(template)
+        if template is not None:
+            raise Failed(
+                f"restoring VM {launch.request.id} from the template {template.name} failed: no answer"
+            )
+        self.taken.append("qemu")
+        return SilentMachine(self.taken)
+
+
+class OneTemplate:
+    enabled = True
+
+    def __init__(self, directory: Path, load_error: Exception | None = None) -> None:
+        self.directory = directory
+        self.load_error = load_error
+        self.discarded: list[tuple[Path, str]] = []
+
+    def lookup(self, request: VmRequest, devices: int) -> Path:
+        return self.directory
+
+    async def load(self, directory: Path) -> Template:
+        if self.load_error is not None:
+            raise self.load_error
+        return Template(directory, -1)
+
+    def discard(self, directory: Path, error: str) -> None:
+        self.discarded.append((directory, error))
+
+
+@pytest.mark.parametrize("load_error", [None, VmError("cannot read the template's RAM /t/ram: gone")])
+def test_a_template_that_cannot_serve_means_a_cold_boot_and_a_journal_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, load_error: Exception | None
+) -> None:
+    backend = BrokenTemplateBackend()
+    config = Config(vm=VmConfig(boot="template"), timeouts=TimeoutsConfig(create=0.5))
+    manager = VmManager(config, StubSystemd(), backend, tmp_path, storage_dir=tmp_path / "s")  # type: ignore[arg-type]
+    templates = OneTemplate(tmp_path / "1cpu-256m-abc", load_error)
+    manager.templates = templates  # type: ignore[assignment]
+    request = VmRequest("fallback", 1, 256, (), "fallback", None, (), ())
+
+    async def scenario() -> None:
+        with pytest.raises(Failed, match="waiting for the guest's agent"):  # the stub's cold guest is silent
+            await asyncio.wait_for(manager.create(request), 10)
+
+    with caplog.at_level(logging.ERROR, logger="spinbox.daemon.manager"):
+        asyncio.run(scenario())
+    if load_error is None:
+        assert [t is not None for t in backend.templates] == [True, False]
+        assert (
+            "VM fallback boots cold: restoring VM fallback from the template 1cpu-256m-abc failed"
+            in caplog.text
+        )
+    else:
+        assert backend.templates == [None]
+        assert "VM fallback boots cold: the template 1cpu-256m-abc cannot serve: cannot read" in caplog.text
+    assert [d for d, _ in templates.discarded] == [templates.directory]
+    assert backend.taken == []
+
+
+class UnreadyMachine:
+    vm_id = "unready"
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    async def wait_ready(self, timeout: float) -> Any:  # noqa: ASYNC109
+        raise VmError("VM unready's agent did not answer within 30 s")
+
+    async def kill(self) -> None:
+        self.killed = True
+
+
+def test_a_restored_vm_whose_agent_does_not_answer_is_killed_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine = UnreadyMachine()
+
+    async def restore(spec: Any, files: Any, ram: int, spawn: Any) -> UnreadyMachine:
+        return machine
+
+    monkeypatch.setattr(qemu_backend.template, "restore", restore)
+    backend = qemu_backend.QemuBackend(Config(vm=VmConfig(accel="tcg")))
+    monkeypatch.setattr(backend, "_kernel", lambda: tmp_path / "vmlinuz")
+    monkeypatch.setattr(backend, "_initrd", lambda: tmp_path / "initrd.img")
+    request = VmRequest("unready", 1, 256, (), "unready", None, (), ())
+    ready = Template(tmp_path / "1cpu-256m-abc", -1)
+    launch = Launch(request, tmp_path / "run", [], [], None)  # type: ignore[arg-type]
+    with pytest.raises(
+        Failed, match="from the template 1cpu-256m-abc failed: VM unready's agent did not answer"
+    ):
+        asyncio.run(backend._restore(launch, ready))
+    assert machine.killed
