@@ -75,7 +75,11 @@ class PortSessions:
     increase starts a new session (a new client counts from 1 again), and a
     header no client would send (bad type, odd size, even stream id) ends the
     session; bytes are then dropped up to what looks like a new client's first
-    request (stream 1, a request frame, no flags). End of file means the host left.
+    request (stream 1, a request frame, no flags). End of file means the host left,
+    but not necessarily the client whose request is being answered: the guest
+    driver handles the port's close and open messages apart from its data, so the
+    close of one host connection can be seen after the next connection's first
+    request was read. End of file therefore drops partial frames, not the session.
     """
 
     def __init__(self, server: Server, fd: int) -> None:
@@ -92,8 +96,11 @@ class PortSessions:
                 if self.session is None:
                     await _wait_host(self.fd)
                 data = await read(self.fd)
-                if not data:  # the host went away
-                    await self._end("the host disconnected")
+                if not data:  # the host went away, or went away before what was just read
+                    # The session stays: the port reports a host's close (and the next
+                    # host's open) after the next host's first request may already have
+                    # been read, and ending the session would drop that request unanswered.
+                    # The next client's first request ends it (stream ids start again).
                     self.buffer.clear()
                     self.resyncing = False
                     await _wait_host(self.fd)
