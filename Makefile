@@ -29,8 +29,8 @@ test-e2e: setup
 test-system-containers: setup
 	$(PYTEST) tests/e2e/test_syscont.py
 
-# Containers in VMs restored from templates (vm.boot = "template", opt-in): out of
-# `make test` while a restore can hang (README, Limitations).
+# Containers in VMs restored from templates (vm.boot = "template", opt-in), outside
+# `make test`.
 test-templates: setup
 	$(PYTEST) tests/e2e/test_templates.py
 
