@@ -27,14 +27,13 @@ from spinbox.daemon.rescue import write_back_with_helper
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
-from spinbox.daemon.templates import Template, TemplateStore
+from spinbox.daemon.templates import TemplateStore
 from spinbox.daemon.virtiofsd import start_share
 from spinbox.mounts import MountSpec, Volume
 from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import remove_tree
 from spinbox.vm.control import connection_lost
 from spinbox.vm.ending import Ending
-from spinbox.vm.errors import VmError
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +290,7 @@ class VmManager:
                 virtiofs = undo.enter_context(await start_share(request, runtime_dir, spawner, timeout))
                 mark("share")
             self._launched.add(vm_id)
-            template = await self._template_for(request, len(disks) + len(nics))
+            template = await self.templates.for_vm(request, len(disks) + len(nics))
             resources["boot"] = "template" if template is not None else "cold"
             try:
                 machine = await self.backend.launch(
@@ -350,21 +349,6 @@ class VmManager:
         boot = resources["boot"]
         log.info("VM %s is running (QEMU pid %d, %s, %s boot)", vm_id, vm.state.pid, scope, boot)
         return vm
-
-    async def _template_for(self, request: VmRequest, devices: int) -> Template | None:
-        if request.share and self.templates.enabled:
-            # virtiofsd maps guest RAM: it must be a shared memfd, never a template's file.
-            log.info("VM %s boots cold, not from a template: it has a virtio-fs share", request.id)
-            return None
-        directory = self.templates.lookup(request, devices)
-        if directory is None:
-            return None
-        try:
-            return await self.templates.load(directory)
-        except (OSError, VmError) as e:
-            log.error("VM %s boots cold: the template %s cannot serve: %s", request.id, directory.name, e)
-            self.templates.discard(directory, str(e))
-            return None
 
     def _forwarder(self, vm_id: str, runtime_dir: Path, machine: Machine) -> LogForwarder:
         forwarder = LogForwarder(JournalSink(vm_id, scope_name(vm_id)), qemu_log_fifo(runtime_dir))

@@ -33,6 +33,7 @@ from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager
+from spinbox.vm.errors import VmError
 from spinbox.vm.template import TemplateFiles, load_ram
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,23 @@ class TemplateStore:
         if devices + request.hotplug_ports > TEMPLATE_PORTS:
             return None
         return self.directory(Shape(request.vcpus, request.memory_mib), build=True)
+
+    async def for_vm(self, request: VmRequest, devices: int) -> Template | None:
+        """The loaded template a VM for `request` restores from; None: it boots cold (said in the journal
+        when a template exists but cannot serve, which is then discarded)."""
+        if request.share and self.enabled:
+            # virtiofsd maps guest RAM: it must be a shared memfd, never a template's file.
+            log.info("VM %s boots cold, not from a template: it has a virtio-fs share", request.id)
+            return None
+        directory = self.lookup(request, devices)
+        if directory is None:
+            return None
+        try:
+            return await self.load(directory)
+        except (OSError, VmError) as e:
+            log.error("VM %s boots cold: the template %s cannot serve: %s", request.id, directory.name, e)
+            self.discard(directory, str(e))
+            return None
 
     async def load(self, directory: Path) -> Template:
         """The template in `directory` with its sealed RAM, loaded at the first call (OSError, VmError)."""

@@ -16,7 +16,7 @@ from spinbox.daemon.backend import Launch
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.manager import VmManager
 from spinbox.daemon.options import VmRequest
-from spinbox.daemon.templates import Template
+from spinbox.daemon.templates import Template, TemplateStore
 from spinbox.vm import VmError
 from tests.unit.daemon.test_create_deadline import SilentMachine, StubBackend, StubSystemd
 
@@ -44,6 +44,9 @@ class OneTemplate:
         self.directory = directory
         self.load_error = load_error
         self.discarded: list[tuple[Path, str]] = []
+
+    # The store's own choice between its template and a cold boot, over these stand-ins.
+    for_vm = TemplateStore.for_vm
 
     def lookup(self, request: VmRequest, devices: int) -> Path:
         return self.directory
