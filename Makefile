@@ -29,8 +29,8 @@ test-e2e: setup
 test-system-containers: setup
 	$(PYTEST) tests/e2e/test_syscont.py
 
-# Containers in VMs restored from templates (vm.boot = "template", opt-in), outside
-# `make test`.
+# Containers in VMs restored from templates (vm.boot = "template", opt-in) alone;
+# `make test` runs them too.
 test-templates: setup
 	$(PYTEST) tests/e2e/test_templates.py
 

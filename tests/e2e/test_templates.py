@@ -28,9 +28,6 @@ from tests.e2e.stack import (
 from tests.e2e.test_confinement import disk_of, qemu_of, status_of
 from tests.harness.systemd import PrivateSystemd
 
-# Template mode is opt-in: this module runs as `make test-templates`, outside `make test`.
-pytestmark = pytest.mark.long
-
 IDENTITY = "cat /proc/sys/kernel/random/boot_id; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; echo; date +%s"
 
 
