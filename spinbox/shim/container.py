@@ -106,3 +106,5 @@ class Container:
     sandbox: str = ""
     # How the VM ended (spinboxd's VMEnding), for processes lost with it: exit status and why.
     vm_ending: Callable[[], Awaitable[tuple[int, str]]] | None = None
+    # The container's delete once begun: it runs to its end even if containerd stops waiting.
+    deleting: asyncio.Task[None] | None = None

@@ -5,11 +5,13 @@ spinbox.shim.pump and the ordered exit path in spinbox.shim.exits."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -42,6 +44,23 @@ log = logging.getLogger(__name__)
 METRICS_TYPE = "io.containerd.cgroups.v2.Metrics"
 STOP_TIMEOUT_MS = 10_000
 
+T = TypeVar("T")
+
+
+async def to_the_end(work: asyncio.Task[T], what: str) -> T:
+    """`work`'s result; if the caller stops waiting (its deadline passed), `work`
+    still runs to its end, and a failure nobody hears of then is logged."""
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(functools.partial(_log_unheard_failure, what))
+        raise
+
+
+def _log_unheard_failure(what: str, work: asyncio.Task[Any]) -> None:
+    if not work.cancelled() and work.exception() is not None:
+        log.error("%s failed after containerd stopped waiting for it: %s", what, work.exception())
+
 
 class TaskService:
     def __init__(
@@ -58,7 +77,15 @@ class TaskService:
         self._spinboxd: VmManager | None = None
         self._on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
-        self._creating: set[str] = set()
+        # Containers whose delete ended, until containerd's Shutdown for them: a
+        # containerd that stopped waiting for the delete finds their exit again.
+        self.deleted: dict[str, Container] = {}
+        # Creates under way, each set once its create has ended (either way).
+        self._creating: dict[str, asyncio.Event] = {}
+        # Work that outlives the call that began it (kept here so that it is not collected).
+        self._finishing: set[asyncio.Task[Any]] = set()
+        # containerd's Shutdown came while deletes were still ending: the shim goes after them.
+        self._exit_when_empty = False
         self.creator = ContainerCreator(namespace, self.spinboxd, connect_agent, publisher)
 
     # -- lookups --------------------------------------------------------------
@@ -71,8 +98,11 @@ class TaskService:
                 raise spinboxd_error(error, "cannot reach spinboxd") from None
         return self._spinboxd
 
-    def container(self, container_id: str) -> Container:
+    def container(self, container_id: str, *, deleted: bool = False) -> Container:
+        """The container; with `deleted`, also one whose delete ended but containerd has not shut it down."""
         container = self.containers.get(container_id)
+        if container is None and deleted:
+            container = self.deleted.get(container_id)
         if container is None:
             raise not_found(f"no container {container_id!r} in this shim")
         return container
@@ -81,8 +111,8 @@ class TaskService:
         """The further containers of the pod whose sandbox is `pod_id`."""
         return [c for c in self.containers.values() if c.sandbox == pod_id]
 
-    def state_of(self, container_id: str, exec_id: str) -> ProcessState:
-        container = self.container(container_id)
+    def state_of(self, container_id: str, exec_id: str, *, deleted: bool = False) -> ProcessState:
+        container = self.container(container_id, deleted=deleted)
         if not exec_id:
             return container.init
         state = container.execs.get(exec_id)
@@ -111,7 +141,9 @@ class TaskService:
             raise invalid(str(error)) from None
         plan = CreatePlan(req, spec, guest_spec, volumes, sizing, hooks, stdio, annotations)
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION, "")
-        self._creating.add(req.id)
+        self.deleted.pop(req.id, None)
+        self._exit_when_empty = False
+        self._creating[req.id] = created = asyncio.Event()
         try:
             if sandbox and sandbox != req.id:
                 pod = self.containers.get(sandbox)
@@ -127,9 +159,13 @@ class TaskService:
                 await resize.grow_pod(await self.spinboxd(), pod, [*self.pod_members(pod.id), container])
             else:
                 container = await self.creator.in_new_vm(plan)
-        finally:
-            self._creating.discard(req.id)
+        except BaseException:
+            del self._creating[req.id]
+            created.set()
+            raise
+        del self._creating[req.id]
         self.containers[req.id] = container
+        created.set()
         self.publisher.publish(
             topics.TASK_CREATE,
             events.TaskCreate(
@@ -210,43 +246,54 @@ class TaskService:
         container = self.container(req.id)
         state = self.state_of(req.id, req.exec_id)
         state.process.check_signal()
+        # A signal sent is followed by the exit watch it needs, even if containerd stops waiting.
+        await to_the_end(
+            self._finishing_task(self._signal(container, state, req)),
+            f"signal {req.signal} to {state.process.name}",
+        )
+        return Empty()
+
+    async def _signal(self, container: Container, state: ProcessState, req: task.KillRequest) -> None:
         await container.agent.signal(req.id, req.signal, exec_id=req.exec_id, all=req.all)
         if state.process.status == Status.CREATED and not req.exec_id:
             # A container killed before it started still exits.
             exits.watch(container, state, self.publisher)
-        return Empty()
+
+    def _finishing_task(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        finishing = asyncio.get_running_loop().create_task(work)
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
+        return finishing
 
     async def wait(self, req: task.WaitRequest) -> task.WaitResponse:
-        state = self.state_of(req.id, req.exec_id)
+        state = self.state_of(req.id, req.exec_id, deleted=True)
         exit = await state.process.wait()
         return task.WaitResponse(exit_status=exit.status, exited_at=stamp(exit.at))
 
     async def delete(self, req: task.DeleteRequest) -> task.DeleteResponse:
-        container = self.container(req.id)
-        state = self.state_of(req.id, req.exec_id)
+        creating = self._creating.get(req.id)
+        if creating is not None and not req.exec_id:
+            # A Delete after a Create containerd gave up on: the create's end decides what there is to delete.
+            await creating.wait()
+        container = self.container(req.id, deleted=True)
+        state = self.state_of(req.id, req.exec_id, deleted=True)
         proc = state.process
-        proc.check_delete()
         if req.exec_id:
+            proc.check_delete()
             with contextlib.suppress(Exception):
                 await container.agent.delete_process(req.id, req.exec_id)
             await pump.stop(state)
-            del container.execs[req.exec_id]
+            container.execs.pop(req.exec_id, None)
             return self._delete_response(proc)
-        await self._delete_container(container)
-        # A container deleted before it ever ran was killed with its VM; waiters learn so.
-        proc.exited(exits.KILLED, now())
-        response = self._delete_response(proc)
-        self.publisher.publish(
-            topics.TASK_DELETE,
-            events.TaskDelete(
-                container_id=req.id,
-                pid=response.pid,
-                exit_status=response.exit_status,
-                exited_at=response.exited_at,
-                id=req.id,
-            ),
-        )
-        return response
+        if req.id in self.containers:
+            proc.check_delete()
+            if container.deleting is None:
+                container.deleting = self._finishing_task(self._delete_container(container))
+            # The VM's stop and the shim's records of the container end together, whether or
+            # not containerd still waits; a Delete asked again joins the one under way.
+            await to_the_end(container.deleting, f"the delete of container {req.id!r}")
+        # A Delete asked again after one containerd stopped waiting for: the same answer.
+        return self._delete_response(proc)
 
     def _delete_response(self, proc: Process) -> task.DeleteResponse:
         exit = proc.exit
@@ -257,7 +304,38 @@ class TaskService:
         )
 
     async def _delete_container(self, container: Container) -> None:
-        """Removes the container, its VM (whose stop writes the rootfs back) and runs poststop hooks."""
+        """Removes the container, its VM (whose stop writes the rootfs back), runs poststop hooks and
+        publishes TaskDelete; on failure the container stays for a next Delete."""
+        try:
+            await self._remove_container(container)
+        except BaseException:
+            container.deleting = None
+            raise
+        # A container deleted before it ever ran was killed with its VM; waiters learn so.
+        container.init.process.exited(exits.KILLED, now())
+        await run_hooks(
+            "poststop",
+            container.hooks.poststop,
+            state_json(container.spec, container.id, "stopped", 0, container.bundle),
+            fatal=False,
+        )
+        del self.containers[container.id]
+        self.deleted[container.id] = container
+        response = self._delete_response(container.init.process)
+        self.publisher.publish(
+            topics.TASK_DELETE,
+            events.TaskDelete(
+                container_id=container.id,
+                pid=response.pid,
+                exit_status=response.exit_status,
+                exited_at=response.exited_at,
+                id=container.id,
+            ),
+        )
+        if self._exit_when_empty and not self.containers and not self._creating:
+            self._on_shutdown()
+
+    async def _remove_container(self, container: Container) -> None:
         for state in [*container.execs.values(), container.init]:
             if state.watcher is not None and not state.watcher.done():
                 state.watcher.cancel()
@@ -286,19 +364,12 @@ class TaskService:
                 raise spinboxd_error(error, f"cannot remove the rootfs of {container.id!r}") from None
             else:
                 raise spinboxd_error(error, f"cannot stop the VM of {container.id!r}") from None
-        del self.containers[container.id]
-        await run_hooks(
-            "poststop",
-            container.hooks.poststop,
-            state_json(container.spec, container.id, "stopped", 0, container.bundle),
-            fatal=False,
-        )
 
     # -- State, Pids, Stats ---------------------------------------------------------
 
     async def state(self, req: task.StateRequest) -> task.StateResponse:
-        container = self.container(req.id)
-        proc = self.state_of(req.id, req.exec_id).process
+        container = self.container(req.id, deleted=True)
+        proc = self.state_of(req.id, req.exec_id, deleted=True).process
         exit = proc.exit
         return task.StateResponse(
             id=proc.exec_id or proc.container_id,
@@ -388,7 +459,12 @@ class TaskService:
         return task.ConnectResponse(shim_pid=os.getpid(), task_pid=pid)
 
     async def shutdown(self, req: task.ShutdownRequest) -> Empty:
-        if self.containers or self._creating:
+        self.deleted.pop(req.id, None)
+        if self._creating or any(c.deleting is None for c in self.containers.values()):
+            return Empty()
+        if self.containers:
+            # Only deletes that containerd stopped waiting for are left: the shim goes once they end.
+            self._exit_when_empty = True
             return Empty()
         self._on_shutdown()
         return Empty()
