@@ -70,7 +70,10 @@ async def method_call(
         signature=signature,
         body=list(body),
     )
-    return await asyncio.wait_for(bus.call(message), seconds)
+    # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that comes as the reply
+    # does, and a caller past its deadline (a ttrpc call's) would then run on.
+    async with asyncio.timeout(seconds):
+        return await bus.call(message)
 
 
 class BusClient:

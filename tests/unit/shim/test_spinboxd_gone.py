@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from dbus_fast import Message, MessageType
 
-from spinbox.busclient import NO_REPLY, BusClient, SpinboxdError
+from spinbox.busclient import NO_REPLY, BusClient, SpinboxdError, method_call
 from spinbox.shim.errors import spinboxd_error
 from spinbox.shim.spinboxd import Spinboxd
 
@@ -69,3 +70,24 @@ def test_a_stop_spinboxd_ended_in_is_followed_through_its_restart() -> None:
     asyncio.run(Spinboxd(Client()).stop_vm("default-c1", 1000))  # type: ignore[arg-type]
     assert asked == ["GetVM", "Stop", "GetVM", "GetVM"]
     assert not answers
+
+
+def test_a_bus_call_cancelled_as_its_reply_comes_is_cancelled() -> None:
+    """A handler past its deadline stops at its next D-Bus call, even when that call's
+    reply is already there (asyncio.wait_for on Python 3.11 would hand over the reply)."""
+
+    async def scenario() -> None:
+        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        class Bus:
+            async def call(self, message: Message) -> Message:
+                return await reply
+
+        call = asyncio.create_task(method_call(Bus(), "a.b", "/", "a.b", "M", "", [], 5))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        reply.set_result(Message(path="/", member="M"))
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(scenario())
