@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 METRICS_TYPE = "io.containerd.cgroups.v2.Metrics"
 STOP_TIMEOUT_MS = 10_000
+# How many deleted containers a shim answers for until containerd's Shutdown names them.
+# containerd 2.x sends no Shutdown for a pod's further containers (their shim goes with the
+# pod), so the oldest are forgotten; a retry comes seconds after the delete it follows.
+DELETED_KEPT = 32
 
 T = TypeVar("T")
 
@@ -321,6 +325,8 @@ class TaskService:
         )
         del self.containers[container.id]
         self.deleted[container.id] = container
+        while len(self.deleted) > DELETED_KEPT:
+            del self.deleted[next(iter(self.deleted))]
         response = self._delete_response(container.init.process)
         self.publisher.publish(
             topics.TASK_DELETE,

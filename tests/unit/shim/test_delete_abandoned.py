@@ -293,3 +293,49 @@ def test_a_delete_during_a_create_deletes_what_the_create_made(tmp_path: Path) -
             assert shim.exited.is_set()
 
     asyncio.run(scenario())
+
+
+class SlowRootfsRemoval(FakeSpinboxd):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def remove_rootfs(self, path: str, container_id: str) -> None:
+        await self.release.wait()
+        await super().remove_rootfs(path, container_id)
+
+
+def test_a_pod_members_delete_containerd_stopped_waiting_for_ends_and_the_pod_goes_on(tmp_path: Path) -> None:
+    spinboxd = SlowRootfsRemoval()
+    for name in ("sb", "app"):
+        (tmp_path / name).mkdir()
+    sandbox_bundle = make_bundle(tmp_path / "sb", **{"io.kubernetes.cri.sandbox-id": "sb"})
+    app_bundle = make_bundle(tmp_path / "app", **{"io.kubernetes.cri.sandbox-id": "sb"})
+
+    async def scenario() -> None:
+        async with Shim(tmp_path, FakeAgent([]), spinboxd) as shim:
+            await shim.call(
+                "Create", task.CreateTaskRequest(id="sb", bundle=str(sandbox_bundle)), task.CreateTaskResponse
+            )
+            await shim.call(
+                "Create", task.CreateTaskRequest(id="app", bundle=str(app_bundle)), task.CreateTaskResponse
+            )
+            with pytest.raises(TtrpcError) as raised:
+                await shim.call("Delete", task.DeleteRequest(id="app"), task.DeleteResponse, within=0.2)
+            assert raised.value.code == Code.DEADLINE_EXCEEDED
+            spinboxd.release.set()
+            await until(lambda: "app" not in shim.service.containers)
+            vm = "/org/spinstack/Spinbox/vm/default-sb"
+            assert spinboxd.calls.count(f"RemoveRootfs {vm} app") == 1
+            # containerd's retry for the member, then its Shutdown: the pod's shim stays.
+            state = await shim.call("State", task.StateRequest(id="app"), task.StateResponse)
+            assert state.status == Status.STOPPED
+            await shim.call("Delete", task.DeleteRequest(id="app"), task.DeleteResponse)
+            await shim.call("Shutdown", task.ShutdownRequest(id="app"), Empty)
+            assert not shim.exited.is_set() and spinboxd.live == {"default-sb"}
+            assert spinboxd.calls.count(f"RemoveRootfs {vm} app") == 1
+            await shim.call("Delete", task.DeleteRequest(id="sb"), task.DeleteResponse)
+            await shim.call("Shutdown", task.ShutdownRequest(id="sb"), Empty)
+            assert shim.exited.is_set() and not spinboxd.live
+
+    asyncio.run(scenario())

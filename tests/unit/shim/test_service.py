@@ -409,3 +409,26 @@ def test_a_delete_whose_vm_stop_failed_can_be_asked_again(tmp_path: Path) -> Non
         assert not service.containers and not spinboxd.live
 
     asyncio.run(scenario())
+
+
+def test_a_shim_answers_for_its_latest_deleted_containers_only(tmp_path: Path) -> None:
+    """containerd 2.x never shuts a pod's further containers down one by one: a
+    long-lived pod's shim keeps no more than DELETED_KEPT of their records."""
+    from spinbox.shim.service import DELETED_KEPT
+
+    log = tmp_path / "out.log"
+    bundle = make_bundle(tmp_path)
+
+    async def scenario() -> TaskService:
+        service = make_service(FakeAgent([]), FakeSpinboxd(), Recorder(log))
+        for n in range(DELETED_KEPT + 3):
+            await service.create(task.CreateTaskRequest(id=f"c{n}", bundle=str(bundle)))
+            await service.delete(task.DeleteRequest(id=f"c{n}"))
+        state = await service.state(task.StateRequest(id=f"c{DELETED_KEPT + 2}"))
+        assert state.exit_status == 137
+        with pytest.raises(ShimError, match="no container 'c0' in this shim"):
+            await service.state(task.StateRequest(id="c0"))
+        return service
+
+    service = asyncio.run(scenario())
+    assert len(service.deleted) == DELETED_KEPT and not service.containers
