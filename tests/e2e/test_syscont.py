@@ -202,7 +202,10 @@ def test_ctr_task_kill_halts_systemd(containerd: Containerd, booted: str) -> Non
 def test_nerdctl_stop_halts_systemd(containerd: Containerd, stack: PrivateSystemd, image: str) -> None:
     if not NERDCTL.exists():
         pytest.skip("nerdctl is not installed (tools/install-test-clients)")
+    # As the README shows it: Docker's storage on a tmpfs (without one, dockerd falls back to its vfs
+    # driver, whose backingFsBlockDev node is a device no writeback takes).
     containerd.nerdctl("run", "-d", "--privileged", "--runtime", RUNTIME, "--network", "none",
+                       "--annotation", MEMORY, "--tmpfs", "/var/lib/docker:size=512m",
                        "--name", "sc2", image, *INIT)  # fmt: skip
     try:
         container_id = containerd.nerdctl("inspect", "-f", "{{.ID}}", "sc2").stdout.strip()
