@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -85,7 +86,11 @@ def test_a_vm_restored_from_a_template_resizes_too(guest_image: Path, tmp_path: 
 
     async def scenario() -> None:
         await template.build(saved, files, None, BOOT_TIMEOUT)
-        vm = await template.restore(restored, files, None)
+        ram = await asyncio.to_thread(template.load_ram, files)
+        try:
+            vm = await template.restore(restored, files, ram, None)
+        finally:
+            os.close(ram)  # the restored QEMU holds its own copy
         try:
             _, boot_total = await guest_view(vm.control_address, 1)
             assert await resize(vm, VmSize(2, 512)) == VmSize(2, 512)
