@@ -52,11 +52,14 @@ async def resize(manager: VmManager, vm: Vm, vcpus: int, memory_mib: int) -> dic
         except BaseException:
             await _set_limits(manager, vm, old)
             raise
-        new = ScopeLimits.for_vm(size["vcpus"], size["memory-mib"], overhead)
+        # The CPU time is what was asked for, also when the guest keeps more vCPUs (they are
+        # never unplugged).
+        new = ScopeLimits.for_vm(vcpus, size["memory-mib"], overhead)
         await _set_limits(manager, vm, new)
         resources.update(
             {
-                "vcpus": size["vcpus"],
+                "vcpus": vcpus,
+                "plugged-vcpus": size["vcpus"],
                 "memory-mib": size["memory-mib"],
                 "memory-max": new.memory_max,
                 "cpu-quota-per-sec-usec": new.cpu_quota_per_sec_usec,
