@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import Variant
@@ -30,6 +31,17 @@ RESTARTING = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
     "org.freedesktop.DBus.Error.NameHasNoOwner",
 )
+SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+# While this file is installed the bus can start spinboxd again; once the package is removed,
+# ServiceUnknown means spinboxd is gone for good, and waiting would only hold containerd's call.
+ACTIVATION_FILE = Path("/usr/share/dbus-1/system-services/org.spinstack.Spinbox.service")
+
+
+def restarting(error: SpinboxdError, activation_file: Path) -> bool:
+    """Whether `error` says spinboxd is away for a restart (not gone for good)."""
+    if error.name == SERVICE_UNKNOWN:
+        return activation_file.exists()
+    return error.name in RESTARTING
 
 
 def volume_list(volumes: Sequence[Volume]) -> list[list[Any]]:
@@ -90,7 +102,8 @@ class VmInfo:
 class Spinboxd:
     """spinboxd's API on the system bus, as the shim uses it."""
 
-    def __init__(self, client: BusClient) -> None:
+    def __init__(self, client: BusClient, activation_file: Path = ACTIVATION_FILE) -> None:
+        self.activation_file = activation_file
         self.client = client
 
     @classmethod
@@ -188,7 +201,7 @@ class Spinboxd:
                 await self.vm_call(path, "Stop", "t", [timeout_ms])
         except SpinboxdError as error:
             # spinboxd ended mid-call: the one systemd starts again finishes the stop.
-            if error.kind != "NotFound" and error.name not in RESTARTING:
+            if error.kind != "NotFound" and not restarting(error, self.activation_file):
                 raise
         while await self._get_vm_across_restarts(vm_id, deadline) is not None:
             if asyncio.get_running_loop().time() > deadline:
@@ -201,6 +214,9 @@ class Spinboxd:
             try:
                 return await self.get_vm(vm_id)
             except SpinboxdError as error:
-                if error.name not in RESTARTING or asyncio.get_running_loop().time() > deadline:
+                if (
+                    not restarting(error, self.activation_file)
+                    or asyncio.get_running_loop().time() > deadline
+                ):
                     raise
             await asyncio.sleep(0.5)

@@ -5,6 +5,7 @@ a stop it ended in is followed through its restart."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,7 +49,7 @@ def test_a_call_spinboxd_never_answered_says_spinboxd_ended() -> None:
     )
 
 
-def test_a_stop_spinboxd_ended_in_is_followed_through_its_restart() -> None:
+def test_a_stop_spinboxd_ended_in_is_followed_through_its_restart(tmp_path: Path) -> None:
     answers: list[Any] = [
         ["/org/spinstack/Spinbox/vm/default_2dc1"],  # GetVM
         SpinboxdError(NO_REPLY, "spinboxd ended before it answered Stop"),  # Stop
@@ -67,9 +68,27 @@ def test_a_stop_spinboxd_ended_in_is_followed_through_its_restart() -> None:
                 raise answer
             return list(answer)
 
-    asyncio.run(Spinboxd(Client()).stop_vm("default-c1", 1000))  # type: ignore[arg-type]
+    installed = tmp_path / "org.spinstack.Spinbox.service"
+    installed.touch()
+    asyncio.run(Spinboxd(Client(), installed).stop_vm("default-c1", 1000))  # type: ignore[arg-type]
     assert asked == ["GetVM", "Stop", "GetVM", "GetVM"]
     assert not answers
+
+
+def test_a_stop_after_spinbox_was_removed_fails_at_once(tmp_path: Path) -> None:
+    """No activation file: ServiceUnknown means spinboxd is gone for good, not restarting."""
+    asked: list[str] = []
+
+    class Client:
+        async def call(self, path: str, interface: str, member: str, *args: Any) -> list[Any]:
+            asked.append(member)
+            raise SpinboxdError(
+                "org.freedesktop.DBus.Error.ServiceUnknown", "not provided by any .service files"
+            )
+
+    with pytest.raises(SpinboxdError):
+        asyncio.run(Spinboxd(Client(), tmp_path / "gone.service").stop_vm("default-c1", 1000, wait=30))  # type: ignore[arg-type]
+    assert asked == ["GetVM"]
 
 
 def test_a_bus_call_cancelled_as_its_reply_comes_is_cancelled() -> None:
