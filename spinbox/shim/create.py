@@ -212,8 +212,10 @@ class ContainerCreator:
         except BaseException as error:
             await pump.stop(state)
             if added:
-                with contextlib.suppress(Exception):
+                try:
                     await pod.agent.delete_container(req.id)
+                except Exception as e:  # the create's own error is raised below
+                    log.warning("pod VM %s could not delete the half-made %s: %s", pod.vm_id, req.id, e)
                 try:
                     await spinboxd.remove_rootfs(pod.vm.path, req.id)
                 except Exception as undo_error:

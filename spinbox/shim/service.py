@@ -284,8 +284,10 @@ class TaskService:
         proc = state.process
         if req.exec_id:
             proc.check_delete()
-            with contextlib.suppress(Exception):
+            try:
                 await container.agent.delete_process(req.id, req.exec_id)
+            except Exception as error:  # its exit was reported; the guest keeps only its record
+                log.warning("guest could not delete exec %s of %s: %s", req.exec_id, req.id, error)
             await pump.stop(state)
             container.execs.pop(req.exec_id, None)
             return self._delete_response(proc)
