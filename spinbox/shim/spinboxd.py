@@ -11,7 +11,7 @@ from typing import Any
 from dbus_fast import Variant
 
 from spinbox.busclient import BusClient, SpinboxdError, plain
-from spinbox.busnames import MANAGER_IFACE, MANAGER_PATH, VM_IFACE
+from spinbox.busnames import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, VM_IFACE
 from spinbox.mounts import MountSpec, Volume
 from spinbox.vmid import vm_id_for
 
@@ -32,6 +32,8 @@ RESTARTING = (
     "org.freedesktop.DBus.Error.NameHasNoOwner",
 )
 SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
+# The bus's errors for a call to an object spinboxd no longer exports (its VM was released).
+OBJECT_GONE = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownObject")
 # While this file is installed the bus can start spinboxd again; once the package is removed,
 # ServiceUnknown means spinboxd is gone for good, and waiting would only hold containerd's call.
 ACTIVATION_FILE = Path("/usr/share/dbus-1/system-services/org.spinstack.Spinbox.service")
@@ -176,8 +178,21 @@ class Spinboxd:
         return dict(plain(resources))
 
     async def remove_rootfs(self, path: str, container_id: str) -> None:
-        """Removes a further container's rootfs, and its volumes."""
-        await self.client.call(path, VM_IFACE, "RemoveRootfs", "s", [container_id], CREATE_TIMEOUT)
+        """Removes a further container's rootfs, and its volumes. NotFound once the VM itself is
+        gone (its release wrote every rootfs back first, or kept and named what it could not)."""
+        try:
+            await self.client.call(path, VM_IFACE, "RemoveRootfs", "s", [container_id], CREATE_TIMEOUT)
+        except SpinboxdError as error:
+            if error.name in OBJECT_GONE and path not in await self.list_vms():
+                raise SpinboxdError(
+                    f"{ERROR_PREFIX}NotFound",
+                    f"VM {path} was released before {container_id}'s rootfs was removed",
+                ) from None
+            raise
+
+    async def list_vms(self) -> list[str]:
+        (paths,) = await self.client.call(MANAGER_PATH, MANAGER_IFACE, "ListVMs")
+        return [str(p) for p in paths]
 
     async def add_volumes(self, path: str, container_id: str, volumes: Sequence[Volume]) -> None:
         """A further container's volumes in a pod's running VM's share."""
