@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
-from spinbox.daemon import pod, resize, share
+from spinbox.daemon import pod, release, resize, share
 from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.endings import Endings
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
-from spinbox.daemon.keep import KeptStorage, keep_or_remove, move_aside
+from spinbox.daemon.keep import KeptStorage, move_aside
 from spinbox.daemon.leftover import recover, remove_leftover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
@@ -30,9 +30,7 @@ from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
 from spinbox.daemon.templates import TemplateStore
 from spinbox.daemon.virtiofsd import start_share
 from spinbox.mounts import MountSpec, Volume
-from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import remove_tree
-from spinbox.vm.control import connection_lost
 from spinbox.vm.ending import Ending
 
 log = logging.getLogger(__name__)
@@ -65,8 +63,10 @@ class Vm:
     # Containers whose writable layer the guest sent for good at stop, and what failed there.
     exported: set[str] = field(default_factory=set)
     writeback_errors: list[str] = field(default_factory=list)
-    # Containers whose writable layer could not be written back: kept, never released.
-    unwritten: set[str] = field(default_factory=set)
+    # Containers whose writable layer could not be written back, and why: kept, never released.
+    unwritten: dict[str, str] = field(default_factory=dict)
+    # Containers whose layer the release wrote back (or had none to write) before dropping its image.
+    saved: set[str] = field(default_factory=set)
 
     def rootfses(self) -> dict[str, Rootfs]:
         """Every rootfs of the VM by container id, a pod's further containers' too."""
@@ -425,9 +425,8 @@ class VmManager:
                     for container_id, rootfs in vm.rootfses().items():
                         await self._export_at_stop(vm, container_id, rootfs)
                         try:
-                            await asyncio.wait_for(
-                                self.backend.quiesce_guest(vm.machine, container_id, unmount=True), timeout
-                            )
+                            async with asyncio.timeout(timeout):
+                                await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
                         except Exception as e:
                             log.warning(
                                 "VM %s: the guest did not unmount the rootfs of %s: %s",
@@ -443,27 +442,7 @@ class VmManager:
         await asyncio.shield(vm.finished)
 
     async def _export_at_stop(self, vm: Vm, container_id: str, rootfs: Rootfs) -> None:
-        """The guest streams the layer one last time; if it cannot (QEMU died), a helper VM will."""
-        if not rootfs.writable:
-            return
-        try:
-            await self.backend.export_upper(vm.machine, container_id, rootfs)
-        except SnapshotGone as e:
-            log.warning("VM %s: %s", vm.id, e)
-            vm.exported.add(container_id)
-        except Exception as e:
-            if not isinstance(e, StorageError) and (connection_lost(e) or isinstance(e, TimeoutError)):
-                log.warning(
-                    "VM %s: the guest did not send the writable layer of %s: %s", vm.id, container_id, e
-                )
-                return
-            # Refused, or the guest answered that it cannot: reading the disk again would not change that.
-            log.error("VM %s: the writable layer of %s: %s", vm.id, container_id, e)
-            vm.writeback_errors.append(f"writeback of container {container_id!r}: {e}")
-            vm.exported.add(container_id)
-            vm.unwritten.add(container_id)
-        else:
-            vm.exported.add(container_id)
+        await release.export_at_stop(self, vm, container_id, rootfs)
 
     async def _write_back_with_helper(self, vm_id: str, container_id: str, rootfs: Rootfs) -> None:
         await write_back_with_helper(
@@ -509,52 +488,7 @@ class VmManager:
         return ending
 
     async def _release(self, vm: Vm) -> None:
-        """Everything after QEMU ended: logs, writable layer, network, scope, files, object."""
-        if vm.phase != "stopping":
-            self._set_phase(vm, "stopping")
-        await vm.forwarder.stop()
-        errors = list(vm.writeback_errors)
-        unwritten = set(vm.unwritten)
-        rootfses = vm.rootfses()
-        unsent = {
-            cid: rootfs for cid, rootfs in rootfses.items() if rootfs.writable and cid not in vm.exported
-        }
-        if unsent:
-            # The helper VM takes the scope's name.
-            await self.systemd.stop_unit(vm.state.scope)
-            await self.systemd.wait_gone(vm.state.scope)
-        for container_id, rootfs in unsent.items():
-            try:
-                await self._write_back_with_helper(vm.id, container_id, rootfs)
-            except SnapshotGone as e:
-                log.warning("VM %s: %s", vm.id, e)
-            except Exception as e:
-                log.exception("writing back the rootfs of %s (VM %s) failed", container_id, vm.id)
-                errors.append(f"writeback of container {container_id!r}: {e}")
-                unwritten.add(container_id)
-        for container_id, rootfs in rootfses.items():
-            if container_id in unwritten:
-                continue  # its files stay: never deleted unread
-            try:
-                await rootfs.release()
-            except Exception as e:
-                errors.append(f"storage: {e}")
-        if vm.state.network:
-            try:
-                await self.backend.teardown_network(vm.id)
-            except Exception as e:
-                errors.append(f"network: {e}")
-        await keep_or_remove(self.kept, vm.state.storage_dir, vm.id, unwritten)
-        await self.systemd.stop_unit(vm.state.scope)
-        await self.systemd.wait_gone(vm.state.scope)
-        await asyncio.to_thread(share.remove_runtime_dir, vm.runtime_dir)
-        self._set_phase(vm, "stopped")
-        self.vms.pop(vm.id, None)
-        if self.publisher is not None:
-            self.publisher.unpublish(vm)
-        self._count_changed()
-        if errors:
-            raise Failed("; ".join(errors))
+        await release.release(self, vm)
 
     async def abandon_creations(self, timeout: float = 30) -> None:  # noqa: ASYNC109
         """At spinboxd exit: give up VMs still being created, undoing what they took."""

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spinbox.daemon import share
+from spinbox.daemon.backend import Rootfs
 from spinbox.daemon.errors import AlreadyExists, Failed, InvalidArgument, NotFound, SpinboxError
 from spinbox.daemon.options import check_container_id
+from spinbox.daemon.release import guest_unreachable, kept_where
 from spinbox.mounts import MountSpec, Volume
 from spinbox.storage.errors import SnapshotGone
 
@@ -19,6 +21,9 @@ if TYPE_CHECKING:
     from spinbox.daemon.manager import Vm, VmManager
 
 log = logging.getLogger(__name__)
+
+# How long a guest that cannot be reached has for its QEMU to be seen ending.
+QEMU_END_GRACE = 5.0
 
 
 async def add_rootfs(manager: VmManager, vm: Vm, container_id: str, mounts: tuple[MountSpec, ...]) -> str:
@@ -88,51 +93,111 @@ async def add_volumes(vm: Vm, container_id: str, volumes: tuple[Volume, ...]) ->
 
 
 async def remove_rootfs(manager: VmManager, vm: Vm, container_id: str) -> None:
-    """Have the guest unmount a further container's rootfs, write it back, unplug and release it."""
+    """Have the guest write a further container's rootfs back and unmount it, then unplug and
+    release it. On a VM whose QEMU has ended, the VM's release writes the layer back (with a
+    helper VM) before its image is dropped, and this answers with that outcome."""
     async with vm.lock:
         rootfs = vm.added.get(container_id)
         if rootfs is None:
             raise NotFound(f"VM {vm.id!r} has no added rootfs for container {container_id!r}")
-        if vm.phase not in ("running", "paused"):
-            raise Failed(f"VM {vm.id!r} is {vm.phase}")
-        errors = []
-        written = True
-        if rootfs.writable:
-            try:
-                await manager.backend.export_upper(vm.machine, container_id, rootfs)
-            except SnapshotGone as e:
-                log.warning("VM %s: %s", vm.id, e)
-            except Exception as e:
-                log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
-                errors.append(f"writeback: {e}")
-                written = False
-                # Its files stay (never deleted unread), and so does the VM's storage.
-                vm.unwritten.add(container_id)
+        alive = vm.phase in ("running", "paused") and vm.machine.ending is None
+        if alive and await _remove_from_guest(manager, vm, container_id, rootfs):
+            return
+    await _removed_with_vm(vm, container_id, rootfs)
+
+
+async def _qemu_ended(vm: Vm) -> bool:
+    """Whether the VM's QEMU has ended (a guest that cannot be reached may be a QEMU that died)."""
+    if vm.machine.ending is not None:
+        return True
+    try:
+        async with asyncio.timeout(QEMU_END_GRACE):
+            await vm.machine.wait_exit()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _remove_from_guest(manager: VmManager, vm: Vm, container_id: str, rootfs: Rootfs) -> bool:
+    """The running guest's part of a removal; False if QEMU turned out to have ended first
+    (nothing was dropped: the VM's release writes the layer back)."""
+    errors = []
+    written = True
+    if rootfs.writable:
         try:
-            await manager.backend.quiesce_guest(vm.machine, container_id, unmount=True)
+            await manager.backend.export_upper(vm.machine, container_id, rootfs)
+        except SnapshotGone as e:
+            log.warning("VM %s: %s", vm.id, e)
         except Exception as e:
-            raise Failed(
-                f"the guest could not unmount the rootfs of {container_id!r}: {e}"
-                + "".join(f"; {error}" for error in errors)
-            ) from None
-        for serial in vm.state.added_rootfs[container_id]["serials"]:
-            try:
-                await vm.machine.remove_disk(serial)
-            except Exception as e:
+            if guest_unreachable(e):
+                if await _qemu_ended(vm):
+                    return False
+                # Not dropped: the layer stays attached, and the VM's stop writes it back.
+                raise Failed(
+                    f"the guest of VM {vm.id!r} did not send the writable layer of {container_id!r} "
+                    f"({e}); the rootfs stays in the VM, whose stop writes it back"
+                ) from None
+            log.exception("VM %s: writing back the rootfs of %s failed", vm.id, container_id)
+            errors.append(f"writeback: {e}; {kept_where(vm, rootfs)}")
+            written = False
+            # Refused: its files stay (never deleted unread), and so does the VM's storage.
+            vm.exported.add(container_id)
+            vm.unwritten[container_id] = str(e)
+    try:
+        await manager.backend.quiesce_guest(vm.machine, container_id, unmount=True)
+    except Exception as e:
+        if guest_unreachable(e) and await _qemu_ended(vm):
+            return False
+        raise Failed(
+            f"the guest could not unmount the rootfs of {container_id!r}: {e}"
+            + "".join(f"; {error}" for error in errors)
+        ) from None
+    for serial in vm.state.added_rootfs[container_id]["serials"]:
+        try:
+            await vm.machine.remove_disk(serial)
+        except Exception as e:
+            if vm.machine.ending is None:  # an ended QEMU took its disks with it
                 errors.append(f"disk {serial}: {e}")
+    try:
+        if written:
+            await rootfs.release()
+    except Exception as e:
+        errors.append(f"storage: {e}")
+    del vm.added[container_id]
+    del vm.state.added_rootfs[container_id]
+    vm.state.save(vm.runtime_dir)
+    if vm.state.share:
         try:
-            if written:
-                await rootfs.release()
+            await asyncio.to_thread(share.unbind, share.share_dir(vm.runtime_dir), container_id)
         except Exception as e:
-            errors.append(f"storage: {e}")
-        del vm.added[container_id]
-        del vm.state.added_rootfs[container_id]
-        vm.state.save(vm.runtime_dir)
-        if vm.state.share:
-            try:
-                await asyncio.to_thread(share.unbind, share.share_dir(vm.runtime_dir), container_id)
-            except Exception as e:
-                errors.append(f"volumes: {e}")
+            errors.append(f"volumes: {e}")
     log.info("VM %s: removed the rootfs of container %s", vm.id, container_id)
     if errors:
         raise Failed(f"removing the rootfs of {container_id!r} from VM {vm.id!r}: " + "; ".join(errors))
+    return True
+
+
+async def _removed_with_vm(vm: Vm, container_id: str, rootfs: Rootfs) -> None:
+    """The rootfs of a VM whose QEMU ended goes with the VM's release, which writes it back
+    first: wait for that and answer with this container's outcome."""
+    log.warning(
+        "VM %s ended before the rootfs of container %s was removed; the VM's release writes it back first",
+        vm.id,
+        container_id,
+    )
+    assert vm.finished is not None
+    failure = ""
+    try:
+        await asyncio.shield(vm.finished)
+    except Exception as e:
+        failure = str(e)
+    if container_id in vm.saved:
+        log.info(
+            "VM %s: the rootfs of container %s was written back and removed with the VM", vm.id, container_id
+        )
+        return
+    why = vm.unwritten.get(container_id) or failure or "the VM's release did not reach it"
+    raise Failed(
+        f"the writable layer of container {container_id!r} could not be written back after VM {vm.id!r} "
+        f"ended: {why}; {kept_where(vm, rootfs)} (spinboxctl check names them)"
+    )

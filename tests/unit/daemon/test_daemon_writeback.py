@@ -22,6 +22,7 @@ class FakeRootfs:
     def __init__(self, writable: bool = True) -> None:
         self.writable = writable
         self.released = False
+        self.upper_image = Path("/var/lib/spinbox/vms/vm1/rootfs-c1/upper.ext4") if writable else None
 
     async def writeback(self, stream: AsyncIterable[bytes]) -> None:
         raise AssertionError("not called by these tests")
