@@ -110,3 +110,23 @@ def test_a_bus_call_cancelled_as_its_reply_comes_is_cancelled() -> None:
             await call
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("listed", "kind"), [([], "NotFound"), (["/org/spinstack/Spinbox/vm/pod1"], "UnknownMethod")]
+)
+def test_a_member_rootfs_removed_from_a_vm_already_released_is_not_found(
+    listed: list[str], kind: str
+) -> None:
+    """The VM's object is gone (its release wrote the rootfs back, or kept and named it): NotFound,
+    which the shim's delete takes as done; an object still listed keeps the bus's error."""
+
+    class Client:
+        async def call(self, path: str, interface: str, member: str, *args: Any) -> list[Any]:
+            if member == "ListVMs":
+                return [listed]
+            raise SpinboxdError("org.freedesktop.DBus.Error.UnknownMethod", "RemoveRootfs could not be found")
+
+    with pytest.raises(SpinboxdError) as raised:
+        asyncio.run(Spinboxd(Client()).remove_rootfs("/org/spinstack/Spinbox/vm/pod1", "m1"))  # type: ignore[arg-type]
+    assert raised.value.kind.endswith(kind)
