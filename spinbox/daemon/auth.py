@@ -56,7 +56,8 @@ class Authorizer:
             destination=destination, path=path, interface=interface, member=member, signature=sig, body=body
         )
         try:
-            reply = await asyncio.wait_for(self.bus.call(message), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                reply = await self.bus.call(message)
         except TimeoutError:
             raise AccessDenied(f"{destination} did not answer {member} within {self.timeout:g} s") from None
         assert reply is not None

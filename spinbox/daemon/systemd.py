@@ -177,7 +177,8 @@ class SystemdManager:
         future = self._job_future(job)
         try:
             # Shielded: one waiter giving up must not end the others' wait.
-            result = await asyncio.wait_for(asyncio.shield(future), self.job_timeout)
+            async with asyncio.timeout(self.job_timeout):
+                result = await asyncio.shield(future)
         except TimeoutError:
             raise JobTimeout(
                 f"{what}: systemd's job {job} did not finish within {self.job_timeout:g}s"

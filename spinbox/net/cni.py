@@ -194,7 +194,8 @@ async def _run(
         env=env,
     )
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(stdin), PLUGIN_TIMEOUT)
+        async with asyncio.timeout(PLUGIN_TIMEOUT):
+            stdout, stderr = await proc.communicate(stdin)
     except TimeoutError:
         proc.kill()
         await proc.wait()

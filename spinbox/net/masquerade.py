@@ -90,7 +90,8 @@ async def run_tool(argv: Sequence[str]) -> tuple[int, str]:
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), IPTABLES_TIMEOUT)
+        async with asyncio.timeout(IPTABLES_TIMEOUT):
+            output, _ = await process.communicate()
     except TimeoutError:
         process.kill()
         await process.wait()

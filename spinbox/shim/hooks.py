@@ -111,7 +111,8 @@ async def run_hook(hook: Hook, state: bytes) -> None:
     except OSError as error:
         raise HookError(f"cannot run hook {hook.path}: {error.strerror}") from error
     try:
-        output, _ = await asyncio.wait_for(process.communicate(state), hook.timeout or DEFAULT_TIMEOUT)
+        async with asyncio.timeout(hook.timeout or DEFAULT_TIMEOUT):
+            output, _ = await process.communicate(state)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

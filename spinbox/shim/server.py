@@ -90,7 +90,8 @@ async def _serve(options: ShimOptions, listener: socket.socket) -> None:
     # The reply to Shutdown goes out before the socket closes.
     await asyncio.sleep(0)
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(publisher.close(), 10)
+        async with asyncio.timeout(10):
+            await publisher.close()
     await sender.close()
     await server.close()
 

@@ -271,7 +271,8 @@ class LoggerProcess:
         await self.stdout.close()
         await self.stderr.close()
         try:
-            await asyncio.wait_for(self.child.wait(), 30)
+            async with asyncio.timeout(30):
+                await self.child.wait()
         except TimeoutError:
             log.warning("logging program %d did not exit after its input closed; killing it", self.child.pid)
             self.child.kill()
@@ -296,7 +297,8 @@ async def start_logger(uri: StdioUri, container_id: str, namespace: str) -> Logg
             os.close(fd)
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.run_in_executor(None, os.read, ready_r, 1), LOGGER_READY_TIMEOUT)
+        async with asyncio.timeout(LOGGER_READY_TIMEOUT):
+            await loop.run_in_executor(None, os.read, ready_r, 1)
     except TimeoutError:
         child.kill()
         await child.wait()

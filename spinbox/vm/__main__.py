@@ -55,7 +55,8 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await vm.resume()
             if args.until_exit:
-                status = await asyncio.wait_for(vm.wait_exit(), args.timeout)
+                async with asyncio.timeout(args.timeout):
+                    status = await vm.wait_exit()
                 print(f"\nQEMU exited with status {status}", file=sys.stderr)
             else:
                 await vm.wait_ready(args.timeout)
@@ -63,7 +64,8 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             await vm.kill()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(console, 5)
+                async with asyncio.timeout(5):
+                    await console
         for phase, seconds in vm.timeline.items():
             print(f"{phase:>24}  {seconds:7.3f} s", file=sys.stderr)
     return 0

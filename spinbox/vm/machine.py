@@ -318,14 +318,16 @@ class VirtualMachine:
         deadline = asyncio.get_running_loop().time() + timeout
         if "agent-ready" in self.state.stamps and await self._running():
             try:
-                await asyncio.wait_for(control.shutdown(self.control_address), timeout)
+                async with asyncio.timeout(timeout):
+                    await control.shutdown(self.control_address)
             except Exception as error:
                 log.warning("VM %s: the agent's Shutdown failed (%s); stopping QEMU", self.vm_id, error)
             else:
                 if await self._exited_by(deadline):
                     return await self._exit
         with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._qmp.execute("quit"), 5)
+            async with asyncio.timeout(5):
+                await self._qmp.execute("quit")
         if await self._exited_by(asyncio.get_running_loop().time() + 5):
             return await self._exit
         return await self.kill()
@@ -360,7 +362,8 @@ class VirtualMachine:
         if self.exited:
             raise VmNotRunning(f"VM {self.vm_id} is not running")
         try:
-            reply = await asyncio.wait_for(self._qmp.execute(command, arguments), QMP_TIMEOUT)
+            async with asyncio.timeout(QMP_TIMEOUT):
+                reply = await self._qmp.execute(command, arguments)
         except QMPError as error:
             raise VmError(f"VM {self.vm_id}: QMP {command} failed: {error}") from None
         except TimeoutError:
@@ -387,7 +390,8 @@ class VirtualMachine:
         if not panicked and status == 1:
             # With panic=exit-failure QEMU exits 1 right after its GUEST_PANICKED event.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._panics.get(), 1)
+                async with asyncio.timeout(1):
+                    await self._panics.get()
                 panicked = True
         self.ending = Ending(status, panicked, self._requested)
         log.info("VM %s: %s (QEMU exit status %s)", self.vm_id, self.ending.reason, status)
@@ -547,7 +551,8 @@ async def _connect_qmp(path: Path, process: ProcessHandle, timeout: float) -> QM
                 qmp = QMPClient(f"spinbox-vm-{path.parent.name}")
                 try:
                     # The socket listens from before QEMU's start: the greeting comes once QEMU accepts.
-                    await asyncio.wait_for(qmp.connect(str(path)), max(deadline - loop.time(), 0.1))
+                    async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
+                        await qmp.connect(str(path))
                     return qmp
                 except (QMPError, TimeoutError):
                     await qmp.disconnect()

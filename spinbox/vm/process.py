@@ -44,7 +44,8 @@ class QemuChild:
     async def wait(self) -> int | None:
         status = await self.process.wait()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), 2)
+            async with asyncio.timeout(2):
+                await asyncio.shield(self._reader)
         return status
 
     async def _read_stderr(self, name: str) -> None:

@@ -227,10 +227,8 @@ async def restore(spec: VmSpec, files: TemplateFiles, ram: int, spawn: Spawn | N
 async def _refresh(vm: VirtualMachine, warm: bool = False) -> None:
     seed = os.urandom(SEED_BYTES)
     try:
-        await asyncio.wait_for(
-            control.session(vm.control_address, lambda agent: agent.refresh(seed, time.time_ns(), warm)),
-            REFRESH_TIMEOUT,
-        )
+        async with asyncio.timeout(REFRESH_TIMEOUT):
+            await control.session(vm.control_address, lambda agent: agent.refresh(seed, time.time_ns(), warm))
     except TimeoutError:
         raise VmError(f"VM {vm.vm_id}'s agent did not answer Refresh within {REFRESH_TIMEOUT:g} s") from None
     except VmError:
