@@ -44,7 +44,8 @@ soak: setup
 
 # The whole fault matrix (tests/e2e/test_faults.py): `make test` runs the faults that
 # need one VM each; this adds spinboxd killed in a create and in a stop, containerd
-# restarted, and a full disk during writeback (restarts and helper VMs: minutes).
+# restarted, a full disk during writeback, and a pod VM's QEMU killed with a member's layer
+# to write back (restarts and helper VMs: minutes).
 faults: setup
 	$(PYTEST) tests/e2e/test_faults.py
 

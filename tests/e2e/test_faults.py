@@ -8,6 +8,7 @@ explains, and leaves nothing behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +17,18 @@ from pathlib import Path
 import pytest
 
 from spinbox import statefile
-from tests.e2e.stack import BUILDS, IMAGE, NOTHING_LEFT, RUNTIME, Containerd, wait_until_clean
+from spinbox.vmid import vm_id_for
+from tests.e2e.stack import (
+    BUILDS,
+    CRICTL,
+    IMAGE,
+    NOTHING_LEFT,
+    RUNTIME,
+    Containerd,
+    CriContainerd,
+    wait_until_clean,
+)
+from tests.e2e.test_cri_pods import wait_clean
 from tests.e2e.test_network import NO_NETWORK_LEFT, network_leftovers
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import PYTHON, TOP
@@ -406,3 +418,79 @@ def test_a_full_disk_during_writeback_keeps_the_layer_and_the_snapshot_as_it_was
         stack.systemctl("restart", "spinbox.service")
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
     assert network_leftovers(stack) == NO_NETWORK_LEFT
+
+
+@pytest.fixture(scope="module")
+def cri(stack: PrivateSystemd) -> Iterator[CriContainerd]:
+    build = BUILDS["2.x"] if BUILDS["2.x"].available else BUILDS["1.6"]
+    if not CRICTL.exists():
+        pytest.skip("crictl is not installed (tools/install-test-clients)")
+    with CriContainerd.running(stack, build) as instance:
+        yield instance
+
+
+@pytest.mark.long  # make faults: a spinboxd or containerd restart, or a helper VM
+@pytest.mark.timeout(1200)  # a pod VM and two helper VMs under TCG
+def test_a_pod_members_layer_is_written_back_after_its_pod_vms_qemu_was_killed(
+    cri: CriContainerd, stack: PrivateSystemd
+) -> None:
+    """containerd's CRI deletes a member's task as soon as it sees it end with its VM: that
+    delete's RemoveRootfs comes while spinboxd releases the VM, and must not drop the member's
+    disk before a helper VM wrote it back. The member syncs its write (a QEMU killed by SIGKILL
+    takes the guest's page cache with it; only what reached the disk image can be saved)."""
+    logs = "/run/spinbox-e2e-podcrash"
+    stack.run("mkdir", "-p", logs)
+    pod_config = f"{logs}/pod.json"
+    stack.write_file(
+        pod_config,
+        json.dumps({"metadata": {"name": "podcrash", "namespace": "default", "uid": "podcrash-uid",
+                                "attempt": 0}, "log_directory": logs, "linux": {}}),
+    )  # fmt: skip
+    member_config = f"{logs}/writer.json"
+    stack.write_file(
+        member_config,
+        json.dumps({"metadata": {"name": "writer"}, "image": {"image": IMAGE}, "log_path": "writer.log",
+                    "command": ["sh", "-c", "echo kept > /data && sync && touch /synced; sleep 2147483647"]}),
+    )  # fmt: skip
+    pod = cri.crictl("runp", "--runtime", "spinbox", pod_config).stdout.strip()
+    try:
+        member = cri.crictl("create", pod, member_config, pod_config).stdout.strip()
+        cri.crictl("start", member)
+        vm_id = vm_id_for("k8s.io", pod)
+        stack.wait_for(
+            "the member to sync /data",
+            lambda: (
+                cri.crictl(
+                    "exec", "-s", member, "sh", "-c", "test -e /synced && cat /data", check=False
+                ).stdout.strip()
+                == "kept"
+            ),
+            timeout=120,
+        )
+        mounts = cri.ctr("-n", "k8s.io", "snapshot", "mounts", "/tmp/unused", member).stdout
+        upper = mounts.split("upperdir=")[1].split(",")[0]
+        assert not stack.path(f"{upper}/data").exists()
+        pid = qemu_pid(stack, vm_id)
+        assert pid
+        stack.run("kill", "-KILL", str(pid))
+        # CRI deletes the member's task on its own; the release writes the layer into the snapshot.
+        stack.wait_for(
+            "the member's layer in its snapshot",
+            lambda: (
+                stack.path(f"{upper}/data").exists() and stack.path(f"{upper}/data").read_text() == "kept\n"
+            ),
+            timeout=600,
+        )
+        cri.crictl("stop", member)
+        cri.crictl("rm", member)
+        lines = vm_lines(stack, vm_id)
+        print("\n".join(line for line in lines if member in line or "QEMU was killed" in line))
+        assert any(f"the writable layer of container {member} was written back by a helper VM" in line
+                   for line in lines), lines  # fmt: skip
+        assert not [line for line in lines if "does not exist" in line or "not written back" in line], lines
+    finally:
+        cri.crictl("stopp", pod, check=False)
+        cri.crictl("rmp", pod, check=False)
+    wait_clean(stack, cri)
+    assert network_leftovers(stack) == NO_NETWORK_LEFT
+    assert not stack.path(f"/var/lib/spinbox/vms/{vm_id}").exists()
