@@ -71,13 +71,15 @@ class Daemon:
         )
         export_manager(bus, manager, self.config, accelerator)
         await manager.recover()
-        manager.templates.start()
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise StartupError(
                 f"cannot own {BUS_NAME} on the system bus: another spinboxd runs ({reply.name})"
             )
+        # Their writebacks boot helper VMs: a bus activation must not wait for them.
+        manager.start_cleanup()
+        manager.templates.start()
         log.info(
             "serving %s with %s acceleration; %d VM(s) re-adopted", BUS_NAME, accelerator, len(manager.vms)
         )
@@ -94,6 +96,7 @@ class Daemon:
         # VMs outlive spinboxd: only stop watching them. Half-made ones are
         # undone while the bus (and so systemd) is still reachable.
         await manager.abandon_creations()
+        await manager.abandon_cleanup()
         await manager.templates.close()
         await manager.stop_all_watchers()
         for task in (stopped, disconnected):

@@ -1,5 +1,5 @@
 """At spinboxd start: re-adopting the VMs a previous spinboxd left running, and
-cleaning up after those it left dead (a crash)."""
+cleaning up after those it left dead (a crash) once spinboxd serves again."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from spinbox.daemon.process import pid_alive
 from spinbox.daemon.state import VmState
 from spinbox.daemon.systemd import scope_name
 from spinbox.storage.errors import SnapshotGone
+from spinbox.vm.ending import Ending
 
 if TYPE_CHECKING:
     from spinbox.daemon.manager import VmManager
@@ -95,18 +97,31 @@ async def remove_leftover(manager: VmManager, vm_id: str, state: VmState | None,
     await asyncio.to_thread(share.remove_runtime_dir, directory)
 
 
-async def recover(manager: VmManager) -> None:
-    """Re-adopt the VMs a previous spinboxd left running; clean up the rest."""
+@dataclass(frozen=True)
+class Leftover:
+    """A VM a previous spinboxd left dead or half made (its state may be unreadable: None)."""
+
+    vm_id: str
+    state: VmState | None
+    directory: Path
+
+
+async def recover(manager: VmManager) -> list[Leftover]:
+    """Re-adopt the VMs a previous spinboxd left running (quick: spinboxd does it before it takes
+    its bus name), and return the rest, for clean_up once spinboxd serves (their writebacks boot
+    helper VMs). Meanwhile their ids are in manager.recovering, and their network and storage
+    are theirs: collected by nothing else."""
     from spinbox.daemon.manager import Vm  # the manager imports this module
 
     vm_root = manager.run_dir / "vm"
     vm_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    leftovers = []
     for directory in sorted(vm_root.iterdir()):
         try:
             state = VmState.load(directory)
         except (OSError, ValueError, TypeError) as e:
             log.warning("removing %s: unreadable VM state (%s)", directory, e)
-            await manager._remove_leftover(directory.name, None, directory)
+            leftovers.append(Leftover(directory.name, None, directory))
             continue
         alive = (
             state.phase in ("running", "paused")
@@ -115,14 +130,13 @@ async def recover(manager: VmManager) -> None:
             and await manager.systemd.scope_of_pid(state.pid) == state.scope
         )
         if not alive:
-            log.warning("cleaning up VM %s left %s by a previous spinboxd", state.id, state.phase)
-            await manager._remove_leftover(state.id, state, directory)
+            leftovers.append(Leftover(state.id, state, directory))
             continue
         try:
             machine = await manager.backend.attach(directory)
         except Exception:
             log.exception("cannot re-adopt VM %s; stopping it", state.id)
-            await manager._remove_leftover(state.id, state, directory)
+            leftovers.append(Leftover(state.id, state, directory))
             continue
         forwarder = manager._forwarder(state.id, directory, machine)
         rootfs = None
@@ -137,11 +151,40 @@ async def recover(manager: VmManager) -> None:
         state.save(directory)  # in this release's layout (an upgrade may have left two files)
         manager._adopt(vm)
         log.info("re-adopted VM %s (QEMU pid %d)", state.id, state.pid)
-    name_orphans(manager.storage_dir, manager.vms, manager.kept)
+    for leftover in leftovers:
+        manager.recovering[leftover.vm_id] = asyncio.Event()
+        left = leftover.state
+        if left is not None and left.phase in ("running", "paused"):
+            # Its shim may ask how it ended before it is cleaned up.
+            manager.endings.record(leftover.vm_id, Ending(None), left.pid)
+    known = [*manager.vms, *manager.recovering]
+    name_orphans(manager.storage_dir, known, manager.kept)
     try:
-        await manager.backend.collect_network_leftovers(sorted(manager.vms))
+        await manager.backend.collect_network_leftovers(sorted(known))
     except Exception:
         log.exception("collecting network leftovers failed")
+    return leftovers
+
+
+async def clean_up(manager: VmManager, leftovers: list[Leftover]) -> None:
+    """Clean up the VMs a previous spinboxd left dead or half made, one by one, while spinboxd
+    serves; then collect the layer cache. A VM's id leaves manager.recovering once it is done
+    (its waiters are then answered). Cancelled (spinboxd stopping), what is left stays for the
+    next spinboxd, and its waiters get no answer from this one."""
+    for leftover in leftovers:
+        if leftover.state is not None:
+            log.warning(
+                "cleaning up VM %s left %s by a previous spinboxd", leftover.vm_id, leftover.state.phase
+            )
+        try:
+            await remove_leftover(manager, leftover.vm_id, leftover.state, leftover.directory)
+        except Exception:
+            log.exception("cleaning up after VM %s failed", leftover.vm_id)
+        done = manager.recovering.pop(leftover.vm_id, None)
+        if done is not None:
+            done.set()
+    if leftovers:
+        log.info("cleaned up the %d VM(s) a previous spinboxd left", len(leftovers))
     try:
         await manager.backend.collect_storage_leftovers()
     except Exception:

@@ -20,7 +20,7 @@ from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.endings import Endings
 from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
 from spinbox.daemon.keep import KeptStorage, move_aside
-from spinbox.daemon.leftover import recover, remove_leftover
+from spinbox.daemon.leftover import Leftover, clean_up, recover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.rescue import write_back_with_helper
@@ -120,6 +120,10 @@ class VmManager:
         self.endings = Endings()
         self.kept = KeptStorage()
         self.templates = TemplateStore(config, systemd, backend, run_dir / "templates")
+        # VMs a previous spinboxd left, being cleaned up in the background; set once each is gone.
+        self.recovering: dict[str, asyncio.Event] = {}
+        self._leftovers: list[Leftover] = []
+        self._cleanup: asyncio.Task[None] | None = None
 
     # -- queries ------------------------------------------------------------
 
@@ -138,6 +142,10 @@ class VmManager:
         task = self._creating_ids.get(vm_id)
         if task is not None:
             await asyncio.wait({task})
+        cleaned = self.recovering.get(vm_id)
+        if cleaned is not None:
+            # A VM left by a previous spinboxd is answered once cleaned up (its layers written back).
+            await cleaned.wait()
         return self.get(vm_id)
 
     def _count_changed(self) -> None:
@@ -156,12 +164,14 @@ class VmManager:
         check_vm_id(vm_id)
         if vm_id in self.vms or vm_id in self._reserved:
             raise AlreadyExists(f"VM {vm_id!r} already exists")
+        self.check_not_recovering(vm_id)
         return await self.backend.prepare_netns(vm_id)
 
     async def create(self, request: VmRequest) -> Vm:
         vm_id = request.id
         if vm_id in self.vms or vm_id in self._reserved:
             raise AlreadyExists(f"VM {vm_id!r} already exists")
+        self.check_not_recovering(vm_id)
         runtime_dir = vm_dir(self.run_dir, vm_id)
         if runtime_dir.exists():
             raise AlreadyExists(f"VM {vm_id!r} already exists (state in {runtime_dir})")
@@ -510,10 +520,25 @@ class VmManager:
     # -- restart ------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Re-adopt the VMs a previous spinboxd left running; clean up the rest."""
-        await recover(self)
+        """Re-adopt the VMs a previous spinboxd left running (before spinboxd takes its bus name);
+        the rest are cleaned up by start_cleanup's task."""
+        self._leftovers = await recover(self)
 
-    async def _remove_leftover(self, vm_id: str, state: VmState | None, directory: Path) -> None:
-        if state is not None and state.phase in ("running", "paused"):
-            self.endings.record(vm_id, Ending(None), state.pid)
-        await remove_leftover(self, vm_id, state, directory)
+    def start_cleanup(self) -> asyncio.Task[None]:
+        """Clean up, in the background, the VMs a previous spinboxd left dead or half made."""
+        leftovers, self._leftovers = self._leftovers, []
+        self._cleanup = asyncio.get_running_loop().create_task(clean_up(self, leftovers))
+        return self._cleanup
+
+    async def abandon_cleanup(self, timeout: float = 30) -> None:  # noqa: ASYNC109
+        """At spinboxd exit: stop cleaning up (the next spinboxd finishes it)."""
+        if self._cleanup is not None and not self._cleanup.done():
+            self._cleanup.cancel()
+            await asyncio.wait({self._cleanup}, timeout=timeout)
+
+    def check_not_recovering(self, vm_id: str) -> None:
+        if vm_id in self.recovering:
+            raise AlreadyExists(
+                f"VM {vm_id!r} was left by a previous spinboxd and is being cleaned up (its writable "
+                "layers written back); try again once it is gone"
+            )

@@ -263,7 +263,11 @@ class ManagerInterface(DocumentedInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Leftovers(self) -> "as":
-        return self.manager.kept.listed()
+        cleaning = [
+            f"VM {vm_id}: left by a previous spinboxd; being cleaned up (its writable layers written back)"
+            for vm_id in sorted(self.manager.recovering)
+        ]
+        return self.manager.kept.listed() + cleaning
 
     @dbus_property(access=PropertyAccess.READ)
     def Defaults(self) -> "a{sv}":

@@ -39,9 +39,16 @@ def test_storage_a_crash_left_is_unmounted_removed_and_collected(spinbox: Privat
     spinbox.write_file(f"{LAYERS}/tmp/{KEY}.0123abcd.erofs", b"\0" * 4096)
     try:
         spinbox.systemctl("start", "spinbox.service")
+        # spinboxd serves first, then cleans up what its predecessor left, then the layer cache.
+        spinbox.wait_for(
+            "the crash's leftovers cleaned up",
+            lambda: (
+                not spinbox.path(storage).exists()
+                and not spinbox.path(f"{LAYERS}/tmp/{KEY}.0123abcd.erofs").exists()
+            ),
+        )
 
         assert f" {storage}/" not in spinbox.run("cat", "/proc/self/mounts").stdout
-        assert not spinbox.path(storage).exists()
         assert not spinbox.path("/run/spinbox/vm/vm-gone").exists()
         assert spinbox.path("/var/lib/spinbox/layer-source/keep").read_text() == "the source's data\n"
         # Images other tests' VMs left are still referenced by their layers and stay.

@@ -15,7 +15,16 @@ import pytest
 
 from tests.harness.mounts import HostMountWatch
 from tests.harness.systemd import PrivateSystemd
-from tests.integration.daemon.spinboxd import BUS, VM_IFACE, busctl, get_property, installed, leftovers
+from tests.integration.daemon.spinboxd import (
+    BUS,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    VM_IFACE,
+    busctl,
+    get_property,
+    installed,
+    leftovers,
+)
 from tests.integration.daemon.test_spinboxd_vms import NOTHING, create, run_in_guest, snapshot
 from tests.integration.guest.oci import busybox_rootfs
 
@@ -111,3 +120,41 @@ def test_the_synced_writes_of_a_killed_qemu_are_read_by_a_helper_vm(spinbox: Pri
         journal = spinbox.journal("-u", "spinbox.service", "-o", "cat")
         assert "VM vm-wbkill ended before its guest sent the writable layer of container box" in journal
         assert "VM vm-wbkill: the writable layer of container box was written back by a helper VM" in journal
+
+
+def test_a_restarted_spinboxd_serves_while_a_helper_vm_writes_back_what_its_predecessor_left(
+    spinbox: PrivateSystemd,
+) -> None:
+    """The leftover's writeback boots a helper VM: spinboxd takes its bus name first, so a call
+    that activates it is answered meanwhile (it used to wait past the bus's 25 s activation
+    timeout), a VM of the same id is refused by name, and GetVM answers once it is cleaned up."""
+    root = "/var/lib/containerd/spinbox-test-wbrec"
+    with snapshot(spinbox, "wbrec") as rootfs:
+        busybox_rootfs(spinbox.path(f"{root}/1/fs"))
+        upper = spinbox.path(f"{root}/2/fs")
+        agent = "unix:" + str(spinbox.path("/run/spinbox/vm/vm-wbrec/agent.sock"))
+        path = create(spinbox, "vm-wbrec", rootfs, ("container-id", "s", "box"))
+        script = f"echo left > /left && {BB} sync"
+        assert asyncio.run(run_in_guest(agent, "box", BB, "sh", "-c", script)) == 0
+        pid = get_property(spinbox, path, VM_IFACE, "Pid")
+        # spinboxd stops (its VMs keep running), then the VM's QEMU dies while nobody watches.
+        spinbox.systemctl("stop", "spinbox.service")
+        spinbox.run("kill", "-KILL", str(pid))
+        spinbox.wait_for("QEMU to end", lambda: not spinbox.path(f"/proc/{pid}").exists())
+        # Bus activation starts spinboxd; its answer comes while the helper VM runs.
+        refused = create(spinbox, "vm-wbrec", check=False)
+        assert "VM 'vm-wbrec' was left by a previous spinboxd and is being cleaned up" in refused, refused
+        # GetVM waits for the cleanup; then the VM is gone and its layer is in the snapshot.
+        gone = busctl(
+            spinbox, "--timeout=300", "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "vm-wbrec",
+            check=False,
+        )  # fmt: skip
+        assert "there is no VM 'vm-wbrec'" in gone.stderr, gone.stderr
+        assert (upper / "left").read_text() == "left\n"
+        assert leftovers(spinbox) == NOTHING
+    journal = spinbox.journal("-u", "spinbox.service", "-o", "cat").splitlines()
+    serving = max(i for i, line in enumerate(journal) if line.startswith("serving org.spinstack.Spinbox"))
+    written = journal.index(
+        "VM vm-wbrec: the writable layer of container box was written back by a helper VM"
+    )
+    assert serving < written
