@@ -218,3 +218,17 @@ def test_plugins_are_executables(tmp_path: Path) -> None:
     os.chmod(tmp_path / "bridge", 0o644)
     with pytest.raises(NetworkError, match='"bridge"'):
         conflist.find_plugin("bridge", (tmp_path,), tmp_path / "x.conflist")
+
+
+def test_a_plugin_that_never_finishes_is_killed_at_its_deadline_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin = tmp_path / "stuck"
+    plugin.write_text("#!/bin/sh\nexec sleep 600\n")
+    plugin.chmod(0o755)
+    monkeypatch.setattr(cni, "PLUGIN_TIMEOUT", 0.3)
+    networks = conflist.parse(
+        {"name": "n", "cniVersion": "1.0.0", "plugins": [{"type": "stuck"}]}, tmp_path / "n"
+    )
+    with pytest.raises(NetworkError, match='CNI plugin "stuck" did not finish ADD in 0s'):
+        asyncio.run(cni.add(networks, cni.Attachment(container_id="vm1", netns=""), (tmp_path,)))

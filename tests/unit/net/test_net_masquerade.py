@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import pytest
+
+from spinbox.net import masquerade
 from spinbox.net.masquerade import chain_name, comment, masquerade_rules, remove_masquerade
 
 # Written by the bridge plugin's ADD for network "spinbox", container "default-soak0x1".
@@ -60,3 +63,11 @@ def test_a_removal_that_fails_is_a_sentence() -> None:
     rules = masquerade_rules(CONFLIST, "vm1", {"ips": [{"address": "10.77.0.9/16"}]})
     problems = asyncio.run(remove_masquerade(rules, run))
     assert len(problems) == 4 and problems[0].endswith("Permission denied (you must be root).")
+
+
+def test_a_tool_that_never_finishes_is_killed_at_its_deadline_and_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(masquerade, "IPTABLES_TIMEOUT", 0.3)
+    status, output = asyncio.run(masquerade.run_tool(["sleep", "600"]))
+    assert (status, output) == (-1, "sleep did not finish within 0.3s")
