@@ -25,7 +25,7 @@ from tests.integration.daemon.spinboxd import (
     installed,
     leftovers,
 )
-from tests.integration.daemon.test_spinboxd_vms import NOTHING, create, run_in_guest, snapshot
+from tests.integration.daemon.test_spinboxd_vms import NOTHING, add_rootfs, create, run_in_guest, snapshot
 from tests.integration.guest.oci import busybox_rootfs
 
 BB = "/bin/busybox"
@@ -158,3 +158,32 @@ def test_a_restarted_spinboxd_serves_while_a_helper_vm_writes_back_what_its_pred
         "VM vm-wbrec: the writable layer of container box was written back by a helper VM"
     )
     assert serving < written
+
+
+def test_a_pod_members_rootfs_removed_as_its_qemu_dies_is_answered_once_written_back(
+    spinbox: PrivateSystemd,
+) -> None:
+    """RemoveRootfs right after the pod VM's QEMU was killed (as containerd's CRI sends it): the
+    VM's release writes the member's layer back with a helper VM before its image goes, and the
+    call answers with that outcome (it used to fail "VM is stopping", or drop the image)."""
+    app_root = "/var/lib/containerd/spinbox-test-wbpod1"
+    with snapshot(spinbox, "wbpod0") as pause, snapshot(spinbox, "wbpod1") as app:
+        busybox_rootfs(spinbox.path(f"{app_root}/1/fs"))
+        path = create(spinbox, "vm-wbpod", pause, ("container-id", "s", "pause"), ("hotplug-ports", "u", "2"))
+        add_rootfs(spinbox, path, "app", app)
+        agent = "unix:" + str(spinbox.path("/run/spinbox/vm/vm-wbpod/agent.sock"))
+        script = f"echo member > /member && {BB} sync"
+        assert asyncio.run(run_in_guest(agent, "app", BB, "sh", "-c", script)) == 0
+        pid = get_property(spinbox, path, VM_IFACE, "Pid")
+        spinbox.run("kill", "-KILL", str(pid))
+        removal = busctl(
+            spinbox, "--timeout=300", "call", BUS, path, VM_IFACE, "RemoveRootfs", "s", "app", check=False
+        )
+        assert removal.returncode == 0, removal.stderr
+        assert spinbox.path(f"{app_root}/2/fs/member").read_text() == "member\n"
+        spinbox.wait_for("the VM to be released", lambda: leftovers(spinbox) == NOTHING, timeout=400)
+    assert not spinbox.path("/var/lib/spinbox/vms/vm-wbpod").exists()
+    journal = spinbox.journal("-u", "spinbox.service", "-o", "cat").splitlines()
+    lines = [line for line in journal if re.search(r"\bVM vm-wbpod\b", line)]
+    assert "VM vm-wbpod: the writable layer of container app was written back by a helper VM" in lines, lines
+    assert not [line for line in lines if "does not exist" in line or "not written back" in line], lines
