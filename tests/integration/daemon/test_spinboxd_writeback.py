@@ -144,6 +144,8 @@ def test_a_restarted_spinboxd_serves_while_a_helper_vm_writes_back_what_its_pred
         # Bus activation starts spinboxd; its answer comes while the helper VM runs.
         refused = create(spinbox, "vm-wbrec", check=False)
         assert "VM 'vm-wbrec' was left by a previous spinboxd and is being cleaned up" in refused, refused
+        named = get_property(spinbox, MANAGER_PATH, MANAGER_IFACE, "Leftovers")
+        assert "VM vm-wbrec: left by a previous spinboxd; being cleaned up" in " ".join(named), named  # type: ignore[arg-type]
         # GetVM waits for the cleanup; then the VM is gone and its layer is in the snapshot.
         gone = busctl(
             spinbox, "--timeout=300", "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "vm-wbrec",
