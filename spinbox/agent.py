@@ -284,6 +284,16 @@ class AgentClient:
 
         await self.client.client_stream(SERVICE, "WriteInput", chunks(), Empty)
 
+    def forward(self, port: int) -> AsyncIterator[pb.ForwardChunk]:
+        """A connection to 127.0.0.1:`port` in the VM: its first message names it, the
+        rest carry its data (spinbox.api.forward). No deadline: it lasts as long as the
+        connection; the caller bounds the wait for the first message."""
+        return self.client.server_stream(SERVICE, "Forward", pb.ForwardRequest(port=port), pb.ForwardChunk)
+
+    async def forward_input(self, chunks: AsyncIterable[pb.ForwardChunk]) -> None:
+        """The host's side of a Forward connection; the first chunk names it."""
+        await self.client.client_stream(SERVICE, "ForwardInput", chunks, Empty)
+
     async def events(self) -> AsyncIterator[pb.Event]:
         """Container events (OOM kills) for as long as the caller iterates."""
         async for event in self.client.server_stream(SERVICE, "Events", pb.EventsRequest(), pb.Event):

@@ -30,6 +30,7 @@ from spinbox.ttrpc import CallContext, Code, Server, TtrpcError
 
 if TYPE_CHECKING:
     from guest.vminitd.containers import Containers, Process
+    from guest.vminitd.forward import Forwarder
     from guest.vminitd.rootfs import RootfsManager
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,10 @@ class AgentService:
         )
         server.add_client_stream(
             SERVICE, "WriteInput", pb.InputChunk, self._unary("WriteInput", self.write_input)
+        )
+        server.add_server_stream(SERVICE, "Forward", pb.ForwardRequest, self._stream("Forward", self.forward))
+        server.add_client_stream(
+            SERVICE, "ForwardInput", pb.ForwardChunk, self._unary("ForwardInput", self.forward_input)
         )
 
     def _unary(
@@ -316,6 +321,18 @@ class AgentService:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"{proc.name} has no {name} to read")
         async for data in out.chunks():
             yield pb.OutputChunk(data=data)
+
+    @functools.cached_property
+    def forwarder(self) -> Forwarder:
+        from guest.vminitd.forward import Forwarder
+
+        return Forwarder()
+
+    def forward(self, req: pb.ForwardRequest) -> AsyncIterator[pb.ForwardChunk]:
+        return self.forwarder.forward(req)
+
+    async def forward_input(self, requests: AsyncIterator[pb.ForwardChunk]) -> Empty:
+        return await self.forwarder.forward_input(requests)
 
     async def write_input(self, requests: AsyncIterator[pb.InputChunk]) -> Empty:
         first = await anext(requests, None)
