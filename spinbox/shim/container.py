@@ -53,6 +53,8 @@ class Agent(Protocol):
         self, container_id: str, data: AsyncIterable[bytes], exec_id: str = "", close_stdin: bool = True
     ) -> None: ...
     def events(self) -> AsyncIterator[agent_pb2.Event]: ...
+    def forward(self, port: int) -> AsyncIterator[agent_pb2.ForwardChunk]: ...
+    async def forward_input(self, chunks: AsyncIterable[agent_pb2.ForwardChunk]) -> None: ...
 
 
 class VmManager(Protocol):
@@ -71,6 +73,10 @@ class VmManager(Protocol):
     async def stop_vm(
         self, vm_id: str, timeout_ms: int, *, kill: bool = False, wait: float = 120
     ) -> None: ...
+
+
+class Forwarder(Protocol):
+    async def close(self) -> None: ...
 
 
 class Publisher(Protocol):
@@ -108,3 +114,5 @@ class Container:
     vm_ending: Callable[[], Awaitable[tuple[int, str]]] | None = None
     # The container's delete once begun: it runs to its end even if containerd stops waiting.
     deleting: asyncio.Task[None] | None = None
+    # A pod sandbox's port-forward (spinbox.shim.portforward.PortForwarder).
+    forwarder: Forwarder | None = None

@@ -23,6 +23,7 @@ from spinbox.shim.cri import CONTAINER_TYPE_ANNOTATION
 from spinbox.shim.errors import invalid, precondition, spinboxd_error
 from spinbox.shim.guestspec import for_guest
 from spinbox.shim.hooks import HookError, HostHooks, run_hooks, state_json
+from spinbox.shim.portforward import PortForwarder, PortForwardError
 from spinbox.shim.process import Process
 from spinbox.shim.protos import task
 from spinbox.shim.sizing import VmSizing
@@ -54,7 +55,7 @@ def create_error(error: BaseException, doing: str) -> BaseException:
     """What a failed Create raises: spinboxd's, hooks' and stdio's errors as named shim errors."""
     if isinstance(error, SpinboxdError):
         return spinboxd_error(error, doing)
-    if isinstance(error, HookError):
+    if isinstance(error, (HookError, PortForwardError)):
         return precondition(str(error))
     if isinstance(error, StdioError):
         return invalid(str(error))
@@ -154,6 +155,7 @@ class ContainerCreator:
         requested = False
         vm: VmInfo | None = None
         agent: Agent | None = None
+        forwarder: PortForwarder | None = None
         state = init_state(req)
         try:
             if hooks and wants_new_netns(spec):
@@ -184,12 +186,16 @@ class ContainerCreator:
             hook_pid = hook_pid or vm.pid
             agent = await self.connect_agent(vm.agent_address)
             await self._create_in_guest(agent, plan, state, vm.pid, hook_pid)
+            if pod_sandbox and netns:
+                # The pod's localhost on the host reaches the VM's (CRI port-forward).
+                forwarder = await PortForwarder.start(netns, agent, req.id)
         except BaseException as error:
             # A VM of this id that was there before this request is not ours to remove.
             ours = requested and not (isinstance(error, SpinboxdError) and error.kind == "AlreadyExists")
             await self._abandon(vm_id, ours or bool(netns and hook_pid), agent, state)
             raise create_error(error, f"cannot create the VM for {req.id!r}") from None
         container = plan.container(vm_id, vm, agent, state, hook_pid)
+        container.forwarder = forwarder
         container.vm_ending = functools.partial(self.vm_ending, vm_id)
         container.oom_watcher = asyncio.get_running_loop().create_task(
             exits.watch_oom(container, self.publisher)

@@ -361,6 +361,9 @@ class TaskService:
                 if container.sandbox in self.containers:
                     await (await self.spinboxd()).remove_rootfs(container.vm.path, container.id)
             else:
+                if container.forwarder is not None:
+                    await container.forwarder.close()
+                    container.forwarder = None
                 with contextlib.suppress(Exception):
                     await container.agent.close()
                 await (await self.spinboxd()).stop_vm(container.vm_id, STOP_TIMEOUT_MS)
