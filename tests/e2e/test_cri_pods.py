@@ -4,7 +4,10 @@ handler `spinbox` gives a pod one VM, and every container of the pod runs in it.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from spinbox.shim.portforward import RULE_COMMENT
 from tests.e2e.stack import BUILDS, CRICTL, IMAGE, POD_SUBNET, CriContainerd
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import CONFIG as SPINBOXD_CONFIG
@@ -55,6 +59,8 @@ def pod_leftovers(systemd: PrivateSystemd, cri: CriContainerd) -> dict[str, obje
         "pods": cri.crictl("pods", "-q").stdout.split(),
         "containers": cri.crictl("ps", "-a", "-q").stdout.split(),
         "netns": sorted(p.name for p in systemd.path("/run/netns").glob("*")),
+        # Port-forward's rules live in the pods' namespaces, never in the host's.
+        "port-forward-rules": systemd.run("iptables-save", "-t", "nat").stdout.count(RULE_COMMENT),
         "mounts": [
             target
             for target in systemd.run("findmnt", "-rn", "-o", "TARGET").stdout.split()
@@ -118,6 +124,8 @@ def test_a_pod_is_one_vm_with_all_its_containers(cri: CriContainerd, systemd: Pr
     systemd.run("/bin/busybox", "ping", "-c", "1", "-W", "30", ip)
     assert systemd.run("/bin/busybox", "nc", "-w", "30", ip, "8080").stdout.strip() == "pong"
 
+    check_port_forward(cri, systemd, pod, client_id, ip)
+
     # A container removed from a running pod leaves the pod's VM running.
     cri.crictl("stop", "-t", "5", server_id)
     cri.crictl("rm", server_id)
@@ -128,7 +136,7 @@ def test_a_pod_is_one_vm_with_all_its_containers(cri: CriContainerd, systemd: Pr
     cri.crictl("rmp", pod)
     expected = {
         "scopes": [], "qemu": [], "vm-files": [], "vm-storage": [], "shims": [], "pods": [],
-        "containers": [], "netns": [], "mounts": [],
+        "containers": [], "netns": [], "mounts": [], "port-forward-rules": 0,
     }  # fmt: skip
     deadline = time.monotonic() + 60
     found = pod_leftovers(systemd, cri)
@@ -138,10 +146,56 @@ def test_a_pod_is_one_vm_with_all_its_containers(cri: CriContainerd, systemd: Pr
     assert found == expected
 
 
+def pod_netns(cri: CriContainerd, pod: str) -> str:
+    spec = json.loads(cri.crictl("inspectp", "-o", "json", pod).stdout)["info"]["runtimeSpec"]
+    return next(str(ns["path"]) for ns in spec["linux"]["namespaces"] if ns["type"] == "network")
+
+
+def check_port_forward(
+    cri: CriContainerd, systemd: PrivateSystemd, pod: str, container: str, ip: str
+) -> None:
+    """crictl port-forward reaches a server bound to the pod's localhost in the VM (busybox
+    httpd on 127.0.0.1:8081, started in `container`) and one bound to every address (the
+    nc server on 8080)."""
+    cri.crictl(
+        "exec", "-s", container, "sh", "-c",
+        "mkdir -p /www && echo local > /www/index.html && httpd -p 127.0.0.1:8081 -h /www",
+    )  # fmt: skip
+
+    def get(url: str) -> subprocess.CompletedProcess[str]:
+        # curl: busybox-static's wget crashes on this host.
+        return systemd.run("curl", "-sS", "--max-time", "30", url, check=False, timeout=60)
+
+    # Bound to the VM's localhost only: the pod's address refuses it (curl's 7: could not connect).
+    assert get(f"http://{ip}:8081/").returncode == 7
+    # One redirect rule, in the pod's namespace.
+    rules = systemd.run("nsenter", f"--net={pod_netns(cri, pod)}", "iptables-save", "-t", "nat").stdout
+    assert rules.count(RULE_COMMENT) == 1, rules
+    forward = systemd.popen(
+        str(CRICTL), "--runtime-endpoint", f"unix://{cri.address}", "port-forward", pod,
+        "18080:8080", "18081:8081",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+
+        def forwarded() -> bool:
+            result = systemd.run("/bin/busybox", "nc", "-w", "30", "127.0.0.1", "18080", check=False)
+            return result.stdout.strip() == "pong"
+
+        systemd.wait_for("port-forward to the server on every address", forwarded, timeout=120)
+        for _ in range(2):  # each a new connection of the same forward
+            answer = get("http://127.0.0.1:18081/")
+            assert answer.stdout.strip() == "local", answer
+    finally:
+        os.killpg(forward.pid, signal.SIGTERM)  # nsenter and crictl
+        output, _ = forward.communicate(timeout=30)
+        print(f"crictl port-forward: {output.decode(errors='replace').strip()}")
+
+
 def wait_clean(systemd: PrivateSystemd, cri: CriContainerd) -> None:
     expected = {
         "scopes": [], "qemu": [], "vm-files": [], "vm-storage": [], "shims": [], "pods": [],
-        "containers": [], "netns": [], "mounts": [],
+        "containers": [], "netns": [], "mounts": [], "port-forward-rules": 0,
     }  # fmt: skip
     deadline = time.monotonic() + 60
     found = pod_leftovers(systemd, cri)
