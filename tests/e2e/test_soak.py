@@ -42,10 +42,11 @@ pytestmark = pytest.mark.timeout(ROUNDS * CLIENT_DEADLINE * 2 + 120)
 
 
 def iptables_rules(systemd: PrivateSystemd) -> list[str]:
-    """The host's iptables rules a VM's network adds: per-VM CNI chains and
-    rules about one address of spinbox's or the test pods' subnets."""
+    """The host's iptables rules a VM's network adds: per-VM CNI chains,
+    rules about one address of spinbox's or the test pods' subnets, and
+    port-forward's (which belong in the pods' own namespaces)."""
     saved = systemd.run("iptables-save", check=False).stdout.splitlines()
-    per_vm = re.compile(r"CNI-[0-9a-f]{24}|\b10\.(77|88)\.\d+\.\d+/32\b|id: \"")
+    per_vm = re.compile(r"CNI-[0-9a-f]{24}|\b10\.(77|88)\.\d+\.\d+/32\b|id: \"|spinbox port-forward")
     return sorted(line for line in saved if per_vm.search(line) and not line.startswith("#"))
 
 

@@ -20,7 +20,8 @@ from guest.vminitd.forward import Forwarder
 from spinbox.agent import SERVICE, AgentClient
 from spinbox.api.forward import CHUNK, WINDOW, ForwardError, Splice
 from spinbox.api.proto import agent_pb2 as pb
-from spinbox.shim.portforward import PortForwarder, original_port, redirect_rule
+from spinbox.shim import portforward
+from spinbox.shim.portforward import PortForwarder, PortForwardError, original_port, redirect_rule
 from spinbox.ttrpc import Server
 
 
@@ -214,3 +215,50 @@ def test_a_refused_port_closes_the_connection_at_once(
 
     with caplog.at_level(logging.WARNING):
         asyncio.run(run())
+
+
+def test_a_namespace_that_is_not_there_is_named(tmp_path: Path) -> None:
+    async def run() -> None:
+        with pytest.raises(PortForwardError, match=f"network namespace {tmp_path}/gone of pod 'pod1'"):
+            await PortForwarder.start(str(tmp_path / "gone"), None, "pod1")  # type: ignore[arg-type]
+
+    asyncio.run(run())
+
+
+def test_a_rule_that_cannot_be_added_leaves_no_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    ports: list[int] = []
+    calls: list[tuple[str, str, int]] = []
+
+    make_listener = portforward._listener
+
+    def listener() -> socket.socket:
+        sock = make_listener()
+        ports.append(sock.getsockname()[1])
+        return sock
+
+    async def iptables(netns: str, action: str, port: int) -> tuple[int, str]:
+        calls.append((netns, action, port))
+        return (1, "iptables: No chain/target/match by that name.") if action == "-A" else (0, "")
+
+    monkeypatch.setattr(portforward, "_listener", listener)
+    monkeypatch.setattr(portforward, "iptables", iptables)
+    own = "/proc/self/ns/net"  # entering one's own namespace changes nothing
+
+    async def run() -> None:
+        with pytest.raises(PortForwardError, match=r"cannot add the port-forward rule .* No chain"):
+            await PortForwarder.start(own, None, "pod1")  # type: ignore[arg-type]
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", ports[0])
+        monkeypatch.setattr(portforward, "iptables", lambda *a: _ok(calls, *a))
+        forwarder = await PortForwarder.start(own, None, "pod2")  # type: ignore[arg-type]
+        await forwarder.close()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", ports[1])
+
+    asyncio.run(run())
+    assert calls == [(own, "-A", ports[0]), (own, "-A", ports[1]), (own, "-D", ports[1])]
+
+
+async def _ok(calls: list[tuple[str, str, int]], netns: str, action: str, port: int) -> tuple[int, str]:
+    calls.append((netns, action, port))
+    return 0, ""
