@@ -7,6 +7,7 @@ there before (AlreadyExists) is left alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,24 @@ def test_a_create_refused_as_a_duplicate_leaves_the_existing_vm_alone(tmp_path: 
     with pytest.raises(ShimError, match="already exists"):
         asyncio.run(scenario())
     assert spinboxd.live == {"default-c1"}
+
+
+def test_a_pod_whose_port_forward_cannot_be_set_up_is_refused_and_its_vm_removed(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    bundle = make_bundle(
+        tmp_path, **{"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "c1"}
+    )
+    spec = json.loads((bundle / "config.json").read_text())
+    netns = tmp_path / "netns-gone"
+    own = [{"type": kind} for kind in ("pid", "ipc", "uts", "mount")]
+    spec["linux"]["namespaces"] = [*own, {"type": "network", "path": str(netns)}]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    spinboxd = FakeSpinboxd()
+
+    async def scenario() -> None:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        await service.create(create_request(bundle, log))
+
+    with pytest.raises(ShimError, match=f"port-forward in the network namespace {netns} of pod 'c1'"):
+        asyncio.run(scenario())
+    assert not spinboxd.live
