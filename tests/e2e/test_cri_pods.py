@@ -151,16 +151,38 @@ def pod_netns(cri: CriContainerd, pod: str) -> str:
     return next(str(ns["path"]) for ns in spec["linux"]["namespaces"] if ns["type"] == "network")
 
 
+FETCH_MD5 = """
+import hashlib, socket, sys
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
+digest, size = hashlib.md5(), 0
+while data := conn.recv(1 << 16):
+    digest.update(data)
+    size += len(data)
+print(digest.hexdigest(), size)
+"""
+
+
 def check_port_forward(
     cri: CriContainerd, systemd: PrivateSystemd, pod: str, container: str, ip: str
 ) -> None:
     """crictl port-forward reaches a server bound to the pod's localhost in the VM (busybox
     httpd on 127.0.0.1:8081, started in `container`) and one bound to every address (the
-    nc server on 8080)."""
+    nc server on 8080); 8 MiB from a third server arrive whole."""
     cri.crictl(
         "exec", "-s", container, "sh", "-c",
-        "mkdir -p /www && echo local > /www/index.html && httpd -p 127.0.0.1:8081 -h /www",
+        "mkdir -p /www && echo local > /www/index.html && httpd -p 127.0.0.1:8081 -h /www"
+        " && head -c 8388608 /dev/urandom > /big"
+        " && (nc -ll -p 8082 -e cat /big </dev/null >/dev/null 2>&1 &)",
     )  # fmt: skip
+    big_md5 = cri.crictl("exec", "-s", container, "md5sum", "/big").stdout.split()[0]
+
+    def big(address: str, port: int) -> float:
+        # A client that never half-closes: containerd ends a forwarded connection 1 s after
+        # either direction ends (as nc does at once when its stdin is empty).
+        started = time.monotonic()
+        fetched = systemd.run("python3", "-c", FETCH_MD5, address, str(port), timeout=300)
+        assert fetched.stdout.split() == [big_md5, "8388608"], fetched
+        return time.monotonic() - started
 
     def get(url: str) -> subprocess.CompletedProcess[str]:
         # curl: busybox-static's wget crashes on this host.
@@ -173,7 +195,7 @@ def check_port_forward(
     assert rules.count(RULE_COMMENT) == 1, rules
     forward = systemd.popen(
         str(CRICTL), "--runtime-endpoint", f"unix://{cri.address}", "port-forward", pod,
-        "18080:8080", "18081:8081",
+        "18080:8080", "18081:8081", "18082:8082",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -185,6 +207,8 @@ def check_port_forward(
         systemd.wait_for("port-forward to the server on every address", forwarded, timeout=120)
         answer = get("http://127.0.0.1:18081/")
         assert answer.stdout.strip() == "local", answer
+        through, direct = big("127.0.0.1", 18082), big(ip, 8082)
+        print(f"8 MiB through port-forward {through:.1f} s, from the pod's address {direct:.1f} s")
         # spinboxd carries none of it: its restart leaves port-forward working.
         systemd.systemctl("restart", "spinbox.service")
         assert forwarded()
