@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from guest.vminitd import forward as guest_forward
 from guest.vminitd.forward import Forwarder
 from spinbox.agent import SERVICE, AgentClient
 from spinbox.api.forward import CHUNK, WINDOW, ForwardError, Splice
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.shim import portforward
 from spinbox.shim.portforward import PortForwarder, PortForwardError, original_port, redirect_rule
-from spinbox.ttrpc import Server
+from spinbox.ttrpc import Server, TtrpcError
 
 
 def sockaddr_in(address: str, port: int, family: int = socket.AF_INET) -> bytes:
@@ -262,3 +264,71 @@ def test_a_rule_that_cannot_be_added_leaves_no_listener(monkeypatch: pytest.Monk
 async def _ok(calls: list[tuple[str, str, int]], netns: str, action: str, port: int) -> tuple[int, str]:
     calls.append((netns, action, port))
     return 0, ""
+
+
+def test_connections_beyond_the_hosts_bound_are_closed_as_they_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(portforward, "MAX_CONNECTIONS", 1)
+
+    async def run() -> None:
+        async with Relay(tmp_path) as relay:
+            busy = asyncio.create_task(asyncio.sleep(3600))
+            relay.forwarder.connections.add(busy)
+            ours, theirs = socket.socketpair()
+            reader, writer = await asyncio.open_connection(sock=ours)
+            r, w = await asyncio.open_connection(sock=theirs)
+            await relay.forwarder._accepted(r, w)
+            async with asyncio.timeout(10):
+                assert await reader.read(-1) == b""
+            busy.cancel()
+            writer.close()
+
+    asyncio.run(run())
+
+
+def test_connections_beyond_the_guests_bound_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guest_forward, "MAX_CONNECTIONS", 0)
+
+    async def run() -> None:
+        server = await echo_server("127.0.0.1")
+        async with server, Relay(tmp_path) as relay:
+            _, writer, task = await relay.connect(server.sockets[0].getsockname()[1])
+            with pytest.raises(TtrpcError, match="0 connections are forwarded already"):
+                await task
+            writer.close()
+
+    asyncio.run(run())
+
+
+def test_a_connect_that_hangs_fails_within_the_guests_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def hang(*args: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(guest_forward.asyncio, "open_connection", hang)
+
+    async def run() -> None:
+        stream = Forwarder(connect_timeout=0.2).forward(pb.ForwardRequest(port=8080))
+        with pytest.raises(
+            TtrpcError, match=re.escape("127.0.0.1:8080 in the VM: no connection within 0.2 s")
+        ):
+            await anext(stream)
+
+    asyncio.run(run())
+
+
+def test_a_host_that_never_sends_its_input_loses_the_connection() -> None:
+    async def run() -> None:
+        server = await echo_server("127.0.0.1")
+        async with server:
+            forwarder = Forwarder(connect_timeout=0.2)
+            stream = forwarder.forward(pb.ForwardRequest(port=server.sockets[0].getsockname()[1]))
+            first = await anext(stream)
+            assert first.connection in forwarder._connections
+            with pytest.raises(TtrpcError, match=re.escape("the host sent no input stream within 0.2 s")):
+                await anext(stream)
+            assert not forwarder._connections
+
+    asyncio.run(run())
