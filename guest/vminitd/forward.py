@@ -25,8 +25,9 @@ from spinbox.ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)
 
-# Connections forwarded at once; more are refused (the host bounds its own too).
-MAX_CONNECTIONS = 128
+# Connections forwarded at once (each holds at most about 1 MiB here: a window each way);
+# more are refused. The host bounds its own too.
+MAX_CONNECTIONS = 64
 
 
 class _Connection:
