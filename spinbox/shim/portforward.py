@@ -185,7 +185,11 @@ class PortForwarder:
             sock.close()
             raise
         forwarder = cls(netns, agent, pod, server, listen_port)
-        status, err = await iptables(netns, "-A", listen_port)
+        try:
+            status, err = await iptables(netns, "-A", listen_port)
+        except BaseException:  # a create given up: the listener goes with it
+            server.close()
+            raise
         if status != 0:
             server.close()
             raise PortForwardError(
