@@ -104,12 +104,7 @@ class Forwarder:
         connection.attached.set()
         splice = connection.splice
         try:
-
-            async def rest() -> AsyncIterator[pb.ForwardChunk]:
-                async for message in requests:
-                    yield message
-
-            await splice.consume(rest())
+            await splice.consume(requests)
         except ForwardError as error:
             log.warning("%s", error)
             raise TtrpcError(Code.INVALID_ARGUMENT, str(error)) from None
