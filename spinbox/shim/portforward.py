@@ -195,6 +195,7 @@ class PortForwarder:
             raise PortForwardError(
                 f"cannot add the port-forward rule to the network namespace {netns} of pod {pod!r}: {err}"
             )
+        log.info("pod %r: port-forward listens on 127.0.0.1:%d in %s", pod, listen_port, netns)
         return forwarder
 
     async def close(self) -> None:
