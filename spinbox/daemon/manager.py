@@ -297,7 +297,9 @@ class VmManager:
                 state.save(runtime_dir)
                 progress.step = "preparing the share and starting its virtiofsd"
                 timeout = self.config.timeouts.virtiofsd_start
-                virtiofs = undo.enter_context(await start_share(request, runtime_dir, spawner, timeout))
+                uid_base = self.config.vm.uid_base if self.config.vm.confine else None
+                virtiofs = await start_share(request, runtime_dir, spawner, timeout, uid_base)
+                undo.enter_context(virtiofs)
                 mark("share")
             self._launched.add(vm_id)
             template = await self.templates.for_vm(request, len(disks) + len(nics))

@@ -12,7 +12,10 @@ spinboxd restarts, and spinboxd (re)opens the read end to pass its lines to
 the journal. Lines written while nobody reads wait in the pipe's buffer.
 
 Companions (the VM's virtiofsd) are started the same way before QEMU and
-join the same scope, so their memory and CPU count against the VM.
+join the same scope, so their memory and CPU count against the VM. A
+companion's `prefix` runs before its waiting shell (virtiofsd's user
+namespace is made there), and its `started` hook is awaited before the scope
+is asked for (spinboxd writes that namespace's maps then).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from spinbox.daemon.process import wait_pid_exit
@@ -38,6 +42,15 @@ QEMU_LOG_FIFO = "qemu.log"
 
 # Awaited with a started companion: returns once it is ready for QEMU, raises if it never is.
 Ready = Callable[[subprocess.Popen[bytes]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Companion:
+    argv: list[str]
+    fds: tuple[int, ...]
+    ready: Ready | None = None
+    prefix: tuple[str, ...] = ()
+    started: Ready | None = None
 
 
 class SpawnError(RuntimeError):
@@ -87,26 +100,35 @@ class ScopeSpawner:
         self.scope = scope_name(vm_id)
         self.process: subprocess.Popen[bytes] | None = None
         self.scope_started = False
-        # (argv, pass_fds, ready) of processes that start with QEMU in its scope.
-        self.companions: list[tuple[list[str], tuple[int, ...], Ready | None]] = []
+        # Processes that start with QEMU in its scope.
+        self.companions: list[Companion] = []
         self.companion_processes: list[subprocess.Popen[bytes]] = []
         self.reapers: list[asyncio.Task[None]] = []
 
-    def add_companion(self, argv: list[str], fds: tuple[int, ...], ready: Ready | None = None) -> None:
+    def add_companion(
+        self,
+        argv: list[str],
+        fds: tuple[int, ...],
+        ready: Ready | None = None,
+        *,
+        prefix: Sequence[str] = (),
+        started: Ready | None = None,
+    ) -> None:
         """A process to start with QEMU in its scope, inheriting `fds`, which the spawner owns and
-        closes once the process has them (or the spawn is undone). QEMU starts once `ready`
+        closes once the process has them (or the spawn is undone). `prefix` runs first (until its
+        go-ahead), `started` is awaited before the scope is made, and QEMU starts once `ready`
         (given the running companion) has returned."""
-        self.companions.append((argv, fds, ready))
+        self.companions.append(Companion(argv, fds, ready, tuple(prefix), started))
 
     def _close_companion_fds(self) -> None:
-        for _, fds, _ready in self.companions:
-            for fd in fds:
+        for companion in self.companions:
+            for fd in companion.fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.companions = []
 
     def _waiting(
-        self, argv: list[str], pass_fds: Sequence[int], label: str
+        self, argv: list[str], pass_fds: Sequence[int], label: str, prefix: Sequence[str] = ()
     ) -> tuple[subprocess.Popen[bytes], int]:
         """A child that execs argv once its go-ahead pipe (the returned fd) gets a line."""
         fifo = qemu_log_fifo(self.runtime_dir)
@@ -117,7 +139,7 @@ class ScopeSpawner:
         try:
             # Popen returns as soon as the shell is forked; nothing here blocks.
             process = subprocess.Popen(
-                ["/bin/sh", "-c", _WAIT_THEN_EXEC, label, *argv],
+                [*prefix, "/bin/sh", "-c", _WAIT_THEN_EXEC, label, *argv],
                 stdin=read_go,
                 stdout=log_fd,
                 stderr=log_fd,
@@ -136,12 +158,16 @@ class ScopeSpawner:
         go: list[tuple[subprocess.Popen[bytes], int]] = []
         waits: list[tuple[subprocess.Popen[bytes], Ready]] = []
         try:
-            for companion_argv, companion_fds, ready in self.companions:
-                started = self._waiting(companion_argv, companion_fds, f"spinbox-vm-{self.vm_id}-fs")
+            for companion in self.companions:
+                label = f"spinbox-vm-{self.vm_id}-fs"
+                started = self._waiting(companion.argv, companion.fds, label, companion.prefix)
                 self.companion_processes.append(started[0])
                 go.append(started)
-                if ready is not None:
-                    waits.append((started[0], ready))
+                if companion.ready is not None:
+                    waits.append((started[0], companion.ready))
+            for (child, _), companion in zip(go, self.companions, strict=True):
+                if companion.started is not None:
+                    await companion.started(child)
             self._close_companion_fds()
             self.process, write_go = self._waiting(argv, pass_fds, f"spinbox-vm-{self.vm_id}")
             go.append((self.process, write_go))
@@ -153,8 +179,8 @@ class ScopeSpawner:
             for process, fd in go:
                 if process is self.process:
                     # The companions first, and QEMU once they are ready for it.
-                    for companion, ready in waits:
-                        await ready(companion)
+                    for waiting, ready in waits:
+                        await ready(waiting)
                 try:
                     os.write(fd, b"go\n")
                 except BrokenPipeError:

@@ -3,6 +3,8 @@
 spinboxd creates the vhost-user connection itself: virtiofsd gets the
 listening socket (--fd), QEMU the connected end, and QEMU starts once
 virtiofsd has accepted that connection (within timeouts.virtiofsd_start).
+A confined VM's virtiofsd runs as a uid of its own in a user namespace of its
+own (spinbox.daemon.fsuser).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from types import TracebackType
 
 from spinbox.daemon import share
 from spinbox.daemon.errors import Failed
+from spinbox.daemon.fsuser import CONFINABLE, FsUser
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.spawn import ScopeSpawner
 
@@ -71,10 +74,15 @@ class VirtiofsConnection(contextlib.AbstractContextManager["VirtiofsConnection"]
 
 
 async def start_share(
-    request: VmRequest, runtime_dir: Path, spawner: ScopeSpawner, start_timeout: float
+    request: VmRequest,
+    runtime_dir: Path,
+    spawner: ScopeSpawner,
+    start_timeout: float,
+    uid_base: int | None,
 ) -> VirtiofsConnection:
     """The VM's share with the container's volumes, and its virtiofsd (a companion of QEMU in
-    the scope); the caller closes the returned connection once QEMU has its end."""
+    the scope): confined as a uid of its own from `uid_base` on, or root's with None
+    (vm.confine = false); the caller closes the returned connection once QEMU has its end."""
     virtiofsd = share.find_virtiofsd()
     if virtiofsd is None:
         raise Failed(
@@ -88,5 +96,22 @@ async def start_share(
     listener, client = share.vhost_user_sockets(runtime_dir)
     connection = VirtiofsConnection(listener, client, start_timeout)
     fd = os.dup(listener.fileno())  # virtiofsd's; the spawner closes it once virtiofsd has it
-    spawner.add_companion(share.virtiofsd_argv(virtiofsd, directory, fd), (fd,), connection.accepted)
+    argv = share.virtiofsd_argv(virtiofsd, directory, fd)
+    if uid_base is None or virtiofsd != CONFINABLE:
+        spawner.add_companion(argv, (fd,), connection.accepted)
+        return connection
+    try:
+        user = FsUser.allocate(uid_base)
+    except BaseException:
+        os.close(fd)
+        connection.close()
+        raise
+
+    async def map_ids(process: subprocess.Popen[bytes]) -> None:
+        await user.map_ids(process, start_timeout)
+
+    # The uid's lease goes with virtiofsd: free again exactly when it ends.
+    spawner.add_companion(
+        user.wrap(argv), (fd, user.lease_fd), connection.accepted, prefix=user.prefix(), started=map_ids
+    )
     return connection

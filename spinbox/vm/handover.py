@@ -24,8 +24,9 @@ handed to QEMU as a file descriptor (`Handover`):
   they must be world-readable (they hold nothing secret).
 
 Anything added to a VM later follows the same rule: spinboxd opens, QEMU (or
-the helper, e.g. virtiofsd, started with the VM's `VmUser.setpriv()`)
-receives a descriptor. A path QEMU opens itself is a regression.
+virtiofsd, which runs as a uid of its own from the same range: see
+spinbox.daemon.fsuser) receives a descriptor. A path QEMU opens itself is a
+regression.
 
 Why a uid per VM rather than one shared system user: processes of one uid
 may open each other's descriptors through /proc/PID/fd, signal and ptrace
