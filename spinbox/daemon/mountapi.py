@@ -64,8 +64,9 @@ def clone_tree(source: str | Path, recursive: bool) -> int:
     return _check(fd, "open_tree", source)
 
 
-def set_read_only(tree: int, recursive: bool, what: str | Path) -> None:
-    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+def restrict(tree: int, recursive: bool, read_only: bool, what: str | Path) -> None:
+    """Make a detached tree nosuid and nodev, and read-only when `read_only`."""
+    attr = _MountAttr(attr_set=(MOUNT_ATTR_RDONLY if read_only else 0) | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     result = _libc.syscall(
         _SYS_MOUNT_SETATTR, tree, b"", ctypes.c_uint(flags), ctypes.byref(attr), ctypes.sizeof(attr)

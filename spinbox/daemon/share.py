@@ -3,9 +3,9 @@
 The share is `<runtime dir>/share`, a bind mount of itself made shared, so
 that virtiofsd's mount namespace (a slave copy, made when it starts) also
 receives the binds added later for a pod's further containers. Each volume
-is `share/<container id>/<n>`: a bind of the source made read-only before it
-is attached when the volume is read-only, so no copy of it can be written,
-whatever the guest remounts. Nothing here removes a user's files: mount
+is `share/<container id>/<n>`: a bind of the source made nosuid and nodev,
+and read-only when the volume is, before it is attached, so no copy of it
+can be written, whatever the guest remounts. Nothing here removes a user's files: mount
 points are removed with rmdir/unlink only, after their unmount, and a tree
 that still holds a mount is left in place and reported.
 """
@@ -114,8 +114,8 @@ def _bind_one(target: Path, volume: Volume) -> None:
             target.mkdir(mode=0o755)
         else:
             target.touch(mode=0o644, exist_ok=False)
-        if volume.read_only:
-            mountapi.set_read_only(tree, volume.recursive, volume.source)
+        # nosuid and nodev change nothing the guest sees: the share's mounts are virtiofsd's alone.
+        mountapi.restrict(tree, volume.recursive, volume.read_only, volume.source)
         mountapi.attach(tree, target)
     except OSError as e:
         raise Failed(f"cannot share {volume.source} into the VM: {e.strerror}") from None
