@@ -2,21 +2,27 @@
 
 ctr's --mount (containerd 1.6 and 2.x), nerdctl's named volumes and a CRI
 pod's emptyDir and configMap-style volume: changes are live both ways,
-read-only mounts stay read-only on the host whatever the guest remounts, a
-mount a VM cannot give fails the create with a sentence, and nothing (no
-virtiofsd, no mount, no share directory) is left after a delete.
+read-only mounts stay read-only on the host whatever the guest remounts,
+owners and modes are the host's, virtiofsd holds no capability of the host's
+and no device node can be made through a volume, a mount a VM cannot give
+fails the create with a sentence, and nothing (no virtiofsd, no mount, no
+share directory) is left after a delete.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
+import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from spinbox.shim.spinboxd import vm_id_for
 from tests.e2e.stack import (
     BUILDS,
     CRICTL,
@@ -53,6 +59,102 @@ def eventually(what: str, read: Callable[[], object], expected: object, timeout:
 def exec_in(containerd: Containerd, container: str, script: str, exec_id: str) -> tuple[int, str]:
     result = containerd.ctr("task", "exec", "--exec-id", exec_id, container, "sh", "-c", script, check=False)
     return result.returncode, result.stdout + result.stderr
+
+
+def status_of(stack: PrivateSystemd, pid: int) -> dict[str, str]:
+    lines = stack.path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+# Capability numbers (include/uapi/linux/capability.h) and ioctl_ns(2)'s NS_GET_OWNER_UID.
+CAP = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "SETGID": 6, "SETUID": 7}
+NS_GET_OWNER_UID = 0xB704
+
+
+def assert_virtiofsd_confined(stack: PrivateSystemd, container: str) -> None:
+    """The VM's virtiofsd (its waiting parent and the child serving the share): a uid of its own,
+    neither root's nor QEMU's, capabilities only in a user namespace that uid owns, with the
+    identity maps spinboxd wrote, and in its own sandbox."""
+    vm_id = vm_id_for("default", container)
+    pids = stack.processes(f"virtiofsd .*source=.*/{vm_id}/share")
+    (qemu,) = stack.processes(f"process=spinbox-vm-{vm_id} ")
+    assert len(pids) == 2, pids
+    qemu_uid = status_of(stack, qemu)["Uid"].split()[0]
+    host_userns = os.stat(stack.path("/proc/1/ns/user")).st_ino
+    statuses = {pid: status_of(stack, pid) for pid in pids}
+    (server,) = [pid for pid, status in statuses.items() if len(status["NSpid"].split()) == 2]
+    for pid, status in statuses.items():
+        uids, gids = set(status["Uid"].split()), set(status["Gid"].split())
+        assert len(uids) == 1 and len(gids) == 1 and "0" not in uids | gids, status
+        assert uids != {qemu_uid}, (status, qemu_uid)
+        assert status["Groups"] == "", status
+        assert stack.path(f"/proc/{pid}/uid_map").read_text().split() == ["0", "0", "4294967295"]
+        assert stack.path(f"/proc/{pid}/gid_map").read_text().split() == ["0", "0", "4294967295"]
+        assert os.stat(stack.path(f"/proc/{pid}/ns/user")).st_ino != host_userns
+        fd = os.open(stack.path(f"/proc/{pid}/ns/user"), os.O_RDONLY)
+        try:
+            owner = bytearray(4)
+            fcntl.ioctl(fd, NS_GET_OWNER_UID, owner, True)
+        finally:
+            os.close(fd)
+        assert {str(int.from_bytes(owner, "little"))} == uids
+    status = statuses[server]
+    wanted = sum(1 << bit for bit in CAP.values())
+    # The file capabilities, in its namespace only: no MKNOD, SETFCAP, SYS_ADMIN or any other.
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == wanted, status
+    assert int(status["CapBnd"], 16) == 0 and int(status["CapAmb"], 16) == 0, status
+    assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", status
+
+
+# As the container's root: owners, modes, a setgid directory, a FIFO, and device nodes.
+AS_ROOT = """
+set -e
+mkdir /rw/own && cd /rw/own
+echo r > by-root && chmod 640 by-root
+echo c > chowned && chown 1234:2345 chowned && chmod 4755 chowned
+mkdir shared && chown 0:3456 shared && chmod 2777 shared
+mkfifo fifo
+mknod blk b 8 0 2>&1 || echo block-refused
+mknod chr c 1 3 2>&1 || echo char-refused
+"""
+# As uid 1000, gid 1001: its files take the setgid directory's group; root's file and directory
+# refuse it.
+AS_USER = """
+cd /rw/own
+mkdir shared/dir-by-user && echo s > shared/file-by-user && echo made
+echo x >> by-root 2>&1 || echo append-refused
+touch new-in-roots-dir 2>&1 || echo create-refused
+"""
+
+
+def assert_owners_modes_and_devices(
+    containerd: Containerd, stack: PrivateSystemd, name: str, rw: str
+) -> None:
+    stack.run("rm", "-rf", f"{rw}/own")  # the other containerd's run
+    code, out = exec_in(containerd, name, AS_ROOT, "own1")
+    assert code == 0, out
+    assert "block-refused" in out and "char-refused" in out, out
+    assert "Operation not permitted" in out, out
+    result = containerd.ctr(
+        "task", "exec", "--exec-id", "own2", "--user", "1000:1001", name, "sh", "-c", AS_USER, check=False
+    )
+    out = result.stdout + result.stderr
+    assert "made" in out and "append-refused" in out and "create-refused" in out, out
+
+    def owner(path: str) -> tuple[int, int, int]:
+        info = os.lstat(stack.path(f"{rw}/own/{path}"))
+        return info.st_uid, info.st_gid, info.st_mode
+
+    assert owner("by-root") == (0, 0, stat.S_IFREG | 0o640)
+    assert owner("chowned") == (1234, 2345, stat.S_IFREG | 0o4755)
+    assert owner("shared") == (0, 3456, stat.S_IFDIR | 0o2777)
+    assert stat.S_ISFIFO(owner("fifo")[2])
+    assert not stack.path(f"{rw}/own/blk").exists() and not stack.path(f"{rw}/own/chr").exists()
+    # uid 1000's files; a setgid directory's group and (for directories) its setgid bit are inherited.
+    assert owner("shared/dir-by-user") == (1000, 3456, stat.S_IFDIR | 0o2755)
+    assert owner("shared/file-by-user") == (1000, 3456, stat.S_IFREG | 0o644)
+    assert stack.path(f"{rw}/own/by-root").read_text() == "r\n"
+    assert not stack.path(f"{rw}/own/new-in-roots-dir").exists()
 
 
 @pytest.fixture(scope="module", params=["1.6", "2.x"])
@@ -102,6 +204,8 @@ def test_ctr_volumes_are_live_both_ways_and_read_only_ones_stay_read_only_on_the
         assert code != 0, out
         assert not stack.path(f"{ro}/new").exists()
         assert stack.path(f"{ro}/kept").read_text() == "read-only content\n"
+        assert_virtiofsd_confined(stack, name)
+        assert_owners_modes_and_devices(containerd, stack, name, rw)
     finally:
         containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
         time.sleep(1)
