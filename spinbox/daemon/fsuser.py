@@ -1,4 +1,4 @@
-"""Whom a VM's virtiofsd runs as: a uid of its own, in a user namespace of its own.
+"""Whom a VM's virtiofsd runs as, and where: a uid of its own, in namespaces of its own.
 
 virtiofsd creates the guest's files with the guest's owners, so it needs the
 file capabilities (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID). It
@@ -13,20 +13,27 @@ nothing else, never in the host's:
   the namespace's uid and gid maps: the identity, so that owners are the
   same on both sides (a file the guest creates as uid 1000 is uid 1000's on
   the host; root's files stay root's).
-- Inside, virtiofsd starts with the file capabilities plus SYS_ADMIN (its
-  own mount, PID and network namespaces and pivot_root into the share) and
-  SETPCAP (its bounding set), which it drops itself once sandboxed. MKNOD
-  and SETFCAP are not given (`modcaps`): the kernel checks CAP_MKNOD in the
-  host's namespace anyway, so no device node can be made through a share;
-  a file capability written from a namespace that maps the host's root would
-  be the host's (extended attributes are off in any case).
-- This is QEMU's C virtiofsd (Debian 12's /usr/lib/qemu/virtiofsd), which
-  was checked to work so. The separate virtiofsd package sets up user
-  namespaces itself when it is not root, and still runs as root.
+- It keeps only the file capabilities there (SYS_CHROOT and SETPCAP too
+  until it has set itself up; it drops them itself). MKNOD and SETFCAP are
+  not given (`modcaps`): the kernel checks CAP_MKNOD in the host's namespace
+  anyway, so no device node can be made through a share; a file capability
+  written from a namespace that maps the host's root would be the host's
+  (extended attributes are off in any case).
 - The securebits keep its capabilities across its per-request changes of
   effective uid (SECBIT_NO_SETUID_FIXUP): virtiofsd was written to run as
   uid 0, where the kernel restores them, and as uid n a request of the
   guest's root would otherwise take them away for good.
+- Its sandbox is made here, not by virtiofsd (`-o sandbox=chroot`): new
+  mount, PID, network and IPC namespaces whose root is a read-only tmpfs
+  holding the share, /usr read-only, and a read-only proc. The namespace maps
+  the host's uid 0, so virtiofsd can take that uid, and the host's root uid
+  may write the host's sysctls and /proc/sysrq-trigger with no capability
+  at all: virtiofsd's own sandbox (`sandbox=namespace`) mounts a fresh,
+  writable proc it keeps a descriptor into. Here every proc it can reach is
+  read-only, and it cannot remount it (no SYS_ADMIN, and seccomp).
+- This is QEMU's C virtiofsd (Debian 12's /usr/lib/qemu/virtiofsd), which
+  was checked to work so. The separate virtiofsd package sets up user
+  namespaces itself when it is not root, and still runs as root.
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ from spinbox.vm.handover import VmUser, allocate_vm_user
 # The capabilities virtiofsd keeps, in its namespace; it asks for MKNOD and SETFCAP unless told.
 FILE_CAPS = ("chown", "dac_override", "fowner", "fsetid", "setgid", "setuid")
 MODCAPS = "modcaps=-mknod:-setfcap"
-# Held until virtiofsd has set up its sandbox; it drops them itself.
-SETUP_CAPS = ("sys_admin", "setpcap")
+# Held until virtiofsd has set itself up (chroot into the share, its bounding set); it drops them.
+SETUP_CAPS = ("sys_chroot", "setpcap")
 SECUREBITS = "+no_setuid_fixup,+no_setuid_fixup_locked,+noroot,+noroot_locked,+keep_caps_locked"
 # Every uid and gid is itself inside.
 IDENTITY_MAP = "0 0 4294967295\n"
@@ -53,9 +60,37 @@ IDENTITY_MAP = "0 0 4294967295\n"
 NOFILE = 1_000_000
 # The virtiofsd that runs confined so (QEMU's own, in C).
 CONFINABLE = Path("/usr/lib/qemu/virtiofsd")
+# Where the share is in virtiofsd's root.
+SHARE = "/share"
 SETPRIV = "setpriv"
 UNSHARE = "unshare"
 POLL_INTERVAL = 0.01
+# virtiofsd's root, built in its new mount namespace as that namespace's uid 0 (mount(8) mounts
+# for no other uid) from $1 (an empty directory) and $2 (the share), then "$@" is run in it:
+# a read-only tmpfs with the share, /usr (and the root's links into it, or its lib directories)
+# read-only, and a read-only proc. A bind of the share receives the binds added to it later.
+SETUP = r"""
+set -e
+root=$1 share=$2
+shift 2
+mount -t tmpfs -o mode=0755,nosuid,nodev,size=64k spinbox-virtiofsd "$root"
+cd "$root"
+mkdir share proc usr oldroot
+mount --rbind "$share" share
+for d in bin sbin lib lib32 lib64 libx32; do
+  if [ -L "/$d" ]; then ln -s "$(readlink "/$d")" "$d"
+  elif [ -d "/$d" ]; then mkdir "$d" && mount --rbind "/$d" "$d" && mount -o remount,bind,ro "$d"
+  fi
+done
+mount --rbind /usr usr
+mount -o remount,bind,ro usr
+mount -t proc -o ro,nosuid,nodev,noexec proc proc
+pivot_root . oldroot
+umount -l /oldroot
+rmdir /oldroot
+mount -o remount,bind,ro /
+exec "$@"
+"""
 
 
 def _caps(names: tuple[str, ...]) -> str:
@@ -98,11 +133,22 @@ class FsUser:
             UNSHARE, "--user", "--keep-caps", "--",
         ]  # fmt: skip
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """virtiofsd's argv, run inside the namespace with only the capabilities it needs there."""
+    def wrap(self, argv: list[str], root: Path, share: Path) -> list[str]:
+        """What runs inside the user namespace once its maps are written: new mount, PID, network
+        and IPC namespaces with `root` (an empty directory) made virtiofsd's root around `share`,
+        and virtiofsd (its `argv`, serving SHARE with `-o sandbox=chroot`) as this uid with only
+        the capabilities it needs there. Only the forked child is in the new PID namespace: it is
+        started once the process is in the VM's scope."""
         caps = _caps((*FILE_CAPS, *SETUP_CAPS))
         return [
+            UNSHARE, "--mount", "--pid", "--net", "--ipc", "--fork", "--kill-child",
+            "--propagation", "slave", "--",
+            SETPRIV, "--reuid", "0", "--regid", "0", "--clear-groups", "--",
+            "/bin/sh", "-c", SETUP, "virtiofsd-setup", str(root), str(share),
             SETPRIV,
+            "--reuid", str(self.uid),
+            "--regid", str(self.gid),
+            "--clear-groups",
             "--inh-caps", caps,
             "--ambient-caps", caps,
             "--bounding-set", caps,

@@ -30,6 +30,8 @@ __all__ = ["find_virtiofsd"]
 log = logging.getLogger(__name__)
 
 SHARE_DIR = "share"
+# An empty directory a confined virtiofsd builds its root on (in its own mount namespace).
+ROOT_DIR = "virtiofsd-root"
 SOCKET = "virtiofs.sock"
 # The virtio-fs tag the guest mounts.
 TAG = "spinbox"
@@ -39,18 +41,22 @@ def share_dir(runtime_dir: Path) -> Path:
     return runtime_dir / SHARE_DIR
 
 
-def virtiofsd_argv(virtiofsd: Path, share: Path, fd: int) -> list[str]:
+def virtiofsd_argv(virtiofsd: Path, share: Path | str, fd: int, sandbox: str = "namespace") -> list[str]:
     return [
         str(virtiofsd),
         f"--fd={fd}",
         "-o", f"source={share}",
         # Host changes are seen within a second; the guest's writes go to the host at once.
         "-o", "cache=auto",
-        "-o", "sandbox=namespace",
+        "-o", f"sandbox={sandbox}",
         # Each volume is a mount of its own: distinct st_dev in the guest, as on the host.
         "-o", "announce_submounts",
         "-o", "log_level=warn",
     ]  # fmt: skip
+
+
+def root_dir(runtime_dir: Path) -> Path:
+    return runtime_dir / ROOT_DIR
 
 
 def prepare(share: Path) -> None:

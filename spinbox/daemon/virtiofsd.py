@@ -20,7 +20,7 @@ from types import TracebackType
 
 from spinbox.daemon import share
 from spinbox.daemon.errors import Failed
-from spinbox.daemon.fsuser import CONFINABLE, FsUser
+from spinbox.daemon.fsuser import CONFINABLE, SHARE, FsUser
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.spawn import ScopeSpawner
 
@@ -96,22 +96,27 @@ async def start_share(
     listener, client = share.vhost_user_sockets(runtime_dir)
     connection = VirtiofsConnection(listener, client, start_timeout)
     fd = os.dup(listener.fileno())  # virtiofsd's; the spawner closes it once virtiofsd has it
-    argv = share.virtiofsd_argv(virtiofsd, directory, fd)
     if uid_base is None or virtiofsd != CONFINABLE:
-        spawner.add_companion(argv, (fd,), connection.accepted)
+        spawner.add_companion(share.virtiofsd_argv(virtiofsd, directory, fd), (fd,), connection.accepted)
         return connection
+    user: FsUser | None = None
     try:
         user = FsUser.allocate(uid_base)
+        root = share.root_dir(runtime_dir)
+        root.mkdir(mode=0o700)
     except BaseException:
-        os.close(fd)
+        for owned in (fd, -1 if user is None else user.lease_fd):
+            with contextlib.suppress(OSError):
+                os.close(owned)
         connection.close()
         raise
+    argv = user.wrap(share.virtiofsd_argv(virtiofsd, SHARE, fd, sandbox="chroot"), root, directory)
 
     async def map_ids(process: subprocess.Popen[bytes]) -> None:
         await user.map_ids(process, start_timeout)
 
     # The uid's lease goes with virtiofsd: free again exactly when it ends.
     spawner.add_companion(
-        user.wrap(argv), (fd, user.lease_fd), connection.accepted, prefix=user.prefix(), started=map_ids
+        argv, (fd, user.lease_fd), connection.accepted, prefix=user.prefix(), started=map_ids
     )
     return connection

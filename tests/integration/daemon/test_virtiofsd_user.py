@@ -1,6 +1,7 @@
 """Debian's virtiofsd, started as spinboxd starts it (spinbox.daemon.fsuser), for real but without a
-VM: it sets up its sandbox as a uid of its own in a user namespace that uid owns, keeps only the
-file capabilities there, and a failed start is a named error."""
+VM: it serves as a uid of its own in a user namespace that uid owns, keeps only the file
+capabilities there, sees only the share, and even the host's uid 0 in its namespaces can write
+no sysctl; a failed start is a named error."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from spinbox.daemon import share
 from spinbox.daemon.errors import Failed
-from spinbox.daemon.fsuser import FsUser
+from spinbox.daemon.fsuser import SHARE, FsUser
 from spinbox.vm.handover import VmUser
 
 VIRTIOFSD = share.find_virtiofsd()
@@ -54,7 +55,7 @@ def start(user: FsUser, argv: list[str], fds: tuple[int, ...]) -> tuple[subproce
     read_go, write_go = os.pipe()
     wait = 'read -r go || exit 97; exec </dev/null; exec "$@"'
     process = subprocess.Popen(
-        [*user.prefix(), "/bin/sh", "-c", wait, "virtiofsd-test", *user.wrap(argv)],
+        [*user.prefix(), "/bin/sh", "-c", wait, "virtiofsd-test", *argv],
         stdin=read_go,
         pass_fds=fds,
         start_new_session=True,
@@ -79,9 +80,13 @@ def test_virtiofsd_serves_as_its_own_uid_with_file_capabilities_only_in_its_name
 ) -> None:
     assert VIRTIOFSD is not None
     directory, listener, _client = shared
+    (directory / "kept").write_text("the host's\n")
+    root = directory.parent / "root"
+    root.mkdir()
     user = FsUser(VmUser(UID, UID))
     fd = os.dup(listener.fileno())
-    process, go = start(user, share.virtiofsd_argv(VIRTIOFSD, directory, fd), (fd,))
+    argv = user.wrap(share.virtiofsd_argv(VIRTIOFSD, SHARE, fd, sandbox="chroot"), root, directory)
+    process, go = start(user, argv, (fd,))
     os.close(fd)
     try:
         asyncio.run(user.map_ids(process, 10))
@@ -111,11 +116,39 @@ def test_virtiofsd_serves_as_its_own_uid_with_file_capabilities_only_in_its_name
         assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == FILE_CAPS, status
         assert int(status["CapBnd"], 16) == 0 and int(status["CapAmb"], 16) == 0, status
         assert status["NoNewPrivs"] == "1"
-        assert os.readlink(f"/proc/{server}/ns/net") != os.readlink("/proc/self/ns/net")
+        for namespace in ("net", "mnt", "pid", "ipc"):
+            assert os.readlink(f"/proc/{server}/ns/{namespace}") != os.readlink(f"/proc/self/ns/{namespace}")
+        assert os.listdir(f"/proc/{server}/root") == ["kept"]
+        assert_nothing_but_the_share_is_writable(server)
+        assert root.exists() and not os.listdir(root)  # its root was built in its own mount namespace
     finally:
         os.close(go)
         os.killpg(process.pid, 9)
         process.wait()
+
+
+# Run in virtiofsd's user and mount namespaces as their uid 0, the host's root uid.
+PROBE = """
+cat /proc/self/mountinfo
+for f in /proc/sys/kernel/printk_ratelimit /proc/sysrq-trigger /usr/bin/env /probe; do
+  (: 1<>"$f") 2>/dev/null && echo "writable $f" || echo "refused $f"
+done
+"""
+
+
+def assert_nothing_but_the_share_is_writable(pid: int) -> None:
+    """Its mount namespace holds a read-only root, /usr and proc, and the share: the host's uid 0
+    there (which virtiofsd can take) can write no sysctl, no sysrq-trigger, nothing outside it."""
+    probe = subprocess.run(
+        ["nsenter", "-t", str(pid), "-U", "-m", "-p", "--", "sh", "-c", PROBE],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    mounts = {line.split()[4]: line.split()[5] for line in probe.stdout.splitlines() if " - " in line}
+    assert set(mounts) == {"/", "/share", "/usr", "/proc"}, probe.stdout
+    assert all(mounts[path].startswith("ro,") for path in ("/", "/usr", "/proc")), mounts
+    assert mounts["/share"].startswith("rw,"), mounts
+    for path in ("/proc/sys/kernel/printk_ratelimit", "/proc/sysrq-trigger", "/usr/bin/env", "/probe"):
+        assert f"refused {path}" in probe.stdout, probe.stdout
 
 
 def test_a_virtiofsd_that_gets_no_namespace_is_a_named_error() -> None:
