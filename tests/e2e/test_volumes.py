@@ -72,17 +72,23 @@ NS_GET_OWNER_UID = 0xB704
 
 
 def assert_virtiofsd_confined(stack: PrivateSystemd, container: str) -> None:
-    """The VM's virtiofsd (its waiting parent and the child serving the share): a uid of its own,
-    neither root's nor QEMU's, capabilities only in a user namespace that uid owns, with the
-    identity maps spinboxd wrote, and in its own sandbox."""
+    """The VM's virtiofsd (and the process that waits for it): a uid of its own, neither root's
+    nor QEMU's, capabilities only in a user namespace that uid owns, with the identity maps
+    spinboxd wrote, in namespaces of its own where even the host's uid 0 writes nothing but the
+    share (tests/integration/daemon/test_virtiofsd_user.py shows the same without a VM)."""
     vm_id = vm_id_for("default", container)
-    pids = stack.processes(f"virtiofsd .*source=.*/{vm_id}/share")
     (qemu,) = stack.processes(f"process=spinbox-vm-{vm_id} ")
+    scope = stack.path(f"/proc/{qemu}/cgroup").read_text()
+    pids = [
+        pid
+        for pid in stack.processes("virtiofsd")
+        if pid != qemu and stack.path(f"/proc/{pid}/cgroup").read_text() == scope
+    ]
     assert len(pids) == 2, pids
     qemu_uid = status_of(stack, qemu)["Uid"].split()[0]
     host_userns = os.stat(stack.path("/proc/1/ns/user")).st_ino
     statuses = {pid: status_of(stack, pid) for pid in pids}
-    (server,) = [pid for pid, status in statuses.items() if len(status["NSpid"].split()) == 2]
+    (server,) = [pid for pid, status in statuses.items() if status["Name"] == "virtiofsd"]
     for pid, status in statuses.items():
         uids, gids = set(status["Uid"].split()), set(status["Gid"].split())
         assert len(uids) == 1 and len(gids) == 1 and "0" not in uids | gids, status
@@ -104,6 +110,24 @@ def assert_virtiofsd_confined(stack: PrivateSystemd, container: str) -> None:
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == wanted, status
     assert int(status["CapBnd"], 16) == 0 and int(status["CapAmb"], 16) == 0, status
     assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", status
+    assert len(status["NSpid"].split()) == 2, status
+    # As its namespaces' uid 0 (the host's root uid, which virtiofsd can take): all is read-only
+    # but the share.
+    probe = stack.run("nsenter", "-t", str(server), "-U", "-m", "-p", "--", "sh", "-c", PROBE).stdout
+    fields = [line.split() for line in probe.splitlines() if " - " in line]
+    # (The volumes are mounts below /share.)
+    mounts = {field[4]: field[5][:3] for field in fields if not field[4].startswith("/share/")}
+    assert mounts == {"/": "ro,", "/usr": "ro,", "/proc": "ro,", "/share": "rw,"}, probe
+    assert probe.count("refused") == 4, probe
+
+
+# Run in virtiofsd's namespaces: its mounts, and what its uid 0 may open for writing.
+PROBE = """
+cat /proc/self/mountinfo
+for f in /proc/sys/kernel/printk_ratelimit /proc/sysrq-trigger /usr/bin/env /probe; do
+  (: 1<>"$f") 2>/dev/null && echo "writable $f" || echo "refused $f"
+done
+"""
 
 
 # As the container's root: owners, modes, a setgid directory, a FIFO, and device nodes.
