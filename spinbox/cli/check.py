@@ -41,6 +41,7 @@ def host_rows(config: Config, config_error: str | None) -> list[Row]:
         else "not found: bind mounts cannot be shared (apt install qemu-system-common, or virtiofsd)",
         warn=True,
     )
+    rows.append(user_namespaces_row())
     kernel = config.vm.kernel_path()
     _row(
         rows,
@@ -63,6 +64,28 @@ def host_rows(config: Config, config_error: str | None) -> list[Row]:
     _row(rows, "shim", shim is not None, shim or "containerd-shim-spinbox-v1 not on PATH", warn=True)
     _row(rows, "tun", Path("/dev/net/tun").exists(), "/dev/net/tun")
     return rows
+
+
+def user_namespaces_row(limit: Path = Path("/proc/sys/user/max_user_namespaces")) -> Row:
+    """A confined VM's virtiofsd runs in a user namespace of its own (doc/security.md)."""
+    rows: list[Row] = []
+    try:
+        count = int(limit.read_text())
+    except (OSError, ValueError):
+        count = -1
+    if count > 0:
+        _row(rows, "user namespaces", True, f"{limit}: {count} (virtiofsd's confinement)")
+    else:
+        found = "unreadable" if count < 0 else "0"
+        _row(
+            rows,
+            "user namespaces",
+            False,
+            f"{limit} is {found}: a VM with volumes cannot start its confined virtiofsd "
+            "(sysctl user.max_user_namespaces)",
+            warn=True,
+        )
+    return rows[0]
 
 
 def cni_rows(config: Config) -> list[Row]:

@@ -1,5 +1,5 @@
-"""spinboxctl's own logic: which VM an id names, the CNI plugins check names,
-and top's readings of a scope's cgroup."""
+"""spinboxctl's own logic: which VM an id names, the CNI plugins and user namespaces check
+names, and top's readings of a scope's cgroup."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from spinbox.cli import top
 from spinbox.cli.__main__ import candidates, cmd_list, parser
-from spinbox.cli.check import cni_rows
+from spinbox.cli.check import cni_rows, user_namespaces_row
 from spinbox.config import Config
 
 
@@ -83,6 +83,16 @@ def test_check_says_when_the_network_list_is_unreadable(tmp_path: Path) -> None:
     assert rows[0][:2] == ["cni", "FAIL"]
     assert "missing.conflist does not exist" in rows[0][2]
     assert cni_rows(Config(network=(("enabled", False),)))[0][:2] == ["cni", "ok"]
+
+
+def test_check_warns_when_user_namespaces_are_off(tmp_path: Path) -> None:
+    limit = tmp_path / "max_user_namespaces"
+    limit.write_text("15000\n")
+    assert user_namespaces_row(limit)[:2] == ["user namespaces", "ok"]
+    limit.write_text("0\n")
+    row = user_namespaces_row(limit)
+    assert row[:2] == ["user namespaces", "warn"] and "cannot start its confined virtiofsd" in row[2]
+    assert user_namespaces_row(tmp_path / "missing")[1] == "warn"
 
 
 def test_top_finds_the_cgroup2_mount_and_reads_usage(tmp_path: Path) -> None:
