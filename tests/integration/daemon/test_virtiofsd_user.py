@@ -25,6 +25,7 @@ VIRTIOFSD = share.find_virtiofsd()
 # Far from the VMs' range (vm.uid_base) and from the users of the host.
 UID = 0x7E000000 + 4242
 NS_GET_OWNER_UID = 0xB704
+SYS_CHROOT = 1 << 18
 FILE_CAPS = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7)
 
 pytestmark = pytest.mark.skipif(VIRTIOFSD is None, reason="no virtiofsd (qemu-system-common)")
@@ -98,8 +99,8 @@ def test_virtiofsd_serves_as_its_own_uid_with_file_capabilities_only_in_its_name
             assert time.monotonic() < deadline, "virtiofsd did not set up its sandbox"
             time.sleep(0.05)
         (server,) = served
-        # Its sandbox is up once the child runs under seccomp.
-        while status_of(server)["Seccomp"] != "2":
+        # Its sandbox is up once it has dropped SYS_CHROOT, its last step (after seccomp's).
+        while status_of(server)["Seccomp"] != "2" or int(status_of(server)["CapPrm"], 16) & SYS_CHROOT:
             assert time.monotonic() < deadline, status_of(server)
             time.sleep(0.05)
         host_userns = os.stat("/proc/self/ns/user").st_ino
