@@ -30,10 +30,11 @@ nothing else, never in the host's:
   may write the host's sysctls and /proc/sysrq-trigger with no capability
   at all: virtiofsd's own sandbox (`sandbox=namespace`) mounts a fresh,
   writable proc it keeps a descriptor into. Here every proc it can reach is
-  read-only, and it cannot remount it (no SYS_ADMIN, and seccomp).
+  read-only, and it cannot remount it (it holds no SYS_ADMIN).
 - This is QEMU's C virtiofsd (Debian 12's /usr/lib/qemu/virtiofsd), which
-  was checked to work so. The separate virtiofsd package sets up user
-  namespaces itself when it is not root, and still runs as root.
+  was checked to work so. The separate virtiofsd package, with other
+  options and its own handling of user namespaces, was not: it still runs
+  as root in its own sandbox.
 """
 
 from __future__ import annotations
