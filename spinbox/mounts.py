@@ -4,8 +4,14 @@ the host files a volume may share into a VM."""
 
 from __future__ import annotations
 
+import os
+import re
 import stat
 from dataclasses import dataclass
+from pathlib import Path
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,36 @@ class Volume:
     source: str
     read_only: bool
     recursive: bool
+
+
+@dataclass(frozen=True)
+class Submount:
+    """A host mount below a directory: where it is mounted, and whether it is read-only."""
+
+    target: str
+    read_only: bool
+
+
+def submounts(source: str, mountinfo: Path = MOUNTINFO) -> list[Submount]:
+    """The mounts a recursive bind of `source` carries: those visible strictly below it, each
+    after the mount it is mounted on (mount table order). A later mount at or above a mount
+    point hides what was mounted there before."""
+    root = os.path.realpath(source)
+    prefix = root.rstrip("/") + "/"
+    found: dict[str, bool] = {}
+    for line in mountinfo.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        target = _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        if target != root and not target.startswith(prefix):
+            continue
+        hidden = target.rstrip("/") + "/"
+        for known in [k for k in found if k == target or k.startswith(hidden)]:
+            del found[known]
+        if target != root:
+            found[target] = "ro" in fields[5].split(",")
+    return [Submount(target, read_only) for target, read_only in found.items()]
 
 
 def unshareable(mode: int) -> str | None:

@@ -19,7 +19,7 @@ def test_the_pods_dev_shm_directory_becomes_the_vms(tmp_path: Path) -> None:
     guest = for_guest(spec)
     assert guest["mounts"] == [{**mount, "source": "/dev/shm"}, other]
     volumes = volumes_of(spec, "c1")
-    assert volumes.volumes == (Volume(str(tmp_path), read_only=False, recursive=True),)
+    assert volumes.volumes == (Volume(str(tmp_path), read_only=False, recursive=False),)
     assert [(s.mount, s.volume) for s in volumes.shared] == [(1, 0)]
 
 
@@ -29,4 +29,4 @@ def test_a_file_bound_at_dev_shm_is_a_volume(tmp_path: Path) -> None:
     mount = {"destination": "/dev/shm", "type": "bind", "source": str(source), "options": ["rbind"]}
     spec = {"ociVersion": "1.0.2", "mounts": [mount]}
     assert for_guest(spec)["mounts"] == [mount]
-    assert volumes_of(spec, "c1").volumes == (Volume(str(source), read_only=False, recursive=True),)
+    assert volumes_of(spec, "c1").volumes == (Volume(str(source), read_only=False, recursive=False),)
