@@ -2,7 +2,8 @@
 
 ctr's --mount (containerd 1.6 and 2.x), nerdctl's named volumes and a CRI
 pod's emptyDir and configMap-style volume: changes are live both ways,
-read-only mounts stay read-only on the host whatever the guest remounts,
+read-only mounts stay read-only on the host whatever the guest remounts, a
+read-only bind of a tree leaves its submounts their own flags (as runc does),
 owners and modes are the host's, virtiofsd holds no capability of the host's
 and no device node can be made through a volume, a mount a VM cannot give
 fails the create with a sentence, and nothing (no virtiofsd, no mount, no
@@ -198,11 +199,14 @@ def test_ctr_volumes_are_live_both_ways_and_read_only_ones_stay_read_only_on_the
     stack.write_file(f"{ro}/kept", "read-only content\n")
     stack.write_file(f"{HOST_DIR}/file", "a single file\n")
     name = "vol-" + containerd.build.name.replace(".", "")
+    tree, tmpfs_names = make_tree_with_submounts(stack, name)
     containerd.ctr(
         "run", "-d", "--privileged", "--runtime", RUNTIME,
         "--mount", f"type=bind,src={rw},dst=/rw,options=rbind:rw",
         "--mount", f"type=bind,src={ro},dst=/ro,options=rbind:ro",
         "--mount", f"type=bind,src={HOST_DIR}/file,dst=/etc/single,options=bind:ro",
+        "--mount", f"type=bind,src={tree},dst=/tree,options=rbind:ro",
+        "--mount", f"type=bind,src={tree},dst=/rtree,options=rbind:rro",
         IMAGE, name, "sleep", "600",
     )  # fmt: skip
     try:
@@ -230,12 +234,64 @@ def test_ctr_volumes_are_live_both_ways_and_read_only_ones_stay_read_only_on_the
         assert stack.path(f"{ro}/kept").read_text() == "read-only content\n"
         assert_virtiofsd_confined(stack, name)
         assert_owners_modes_and_devices(containerd, stack, name, rw)
+        check_tree_with_submounts(containerd, stack, name, tree)
     finally:
         containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
         time.sleep(1)
         containerd.ctr("task", "delete", "-f", name, check=False)
         containerd.ctr("containers", "delete", name, check=False)
+        remove_tree(stack, tree)
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+    # Nothing holds the tree's tmpfs mounts once the container is gone.
+    sources = stack.run("findmnt", "-rn", "-o", "SOURCE").stdout.split()
+    assert [s for s in sources if s in tmpfs_names] == []
+
+
+def make_tree_with_submounts(stack: PrivateSystemd, name: str) -> tuple[str, tuple[str, str]]:
+    """A host directory with a writable tmpfs at tmpfs/ and a read-only one at rosub/."""
+    tree = f"{HOST_DIR}/tree"
+    writable, read_only = f"spinbox-e2e-{name}-rw", f"spinbox-e2e-{name}-ro"
+    remove_tree(stack, tree)
+    stack.run("mkdir", "-p", f"{tree}/tmpfs", f"{tree}/rosub")
+    stack.run("mount", "-t", "tmpfs", "-o", "size=1m", writable, f"{tree}/tmpfs")
+    stack.run("mount", "-t", "tmpfs", "-o", "size=1m", read_only, f"{tree}/rosub")
+    stack.write_file(f"{tree}/rosub/kept", "kept\n")
+    stack.run("mount", "-o", "remount,ro", f"{tree}/rosub")
+    return tree, (writable, read_only)
+
+
+def remove_tree(stack: PrivateSystemd, tree: str) -> None:
+    for sub in ("tmpfs", "rosub"):
+        stack.run("umount", "-l", f"{tree}/{sub}", check=False)
+    stack.run("rm", "-rf", tree)
+
+
+def check_tree_with_submounts(containerd: Containerd, stack: PrivateSystemd, name: str, tree: str) -> None:
+    """A read-only, not recursively read-only, bind of a tree (runc's semantics): its top is
+    read-only, a writable submount writable, a read-only one read-only; with rro all are
+    read-only; the host can unmount the submounts and remove the tree while the container
+    runs (as critest's cleanup does)."""
+    code, out = exec_in(containerd, name, "touch /tree/top", "t1")
+    assert code != 0 and "Read-only file system" in out, out
+    code, out = exec_in(
+        containerd, name, "echo in-the-tmpfs > /tree/tmpfs/file && cat /tree/rosub/kept", "t2"
+    )
+    assert (code, out) == (0, "kept\n")
+    assert stack.path(f"{tree}/tmpfs/file").read_text() == "in-the-tmpfs\n"
+    code, out = exec_in(containerd, name, "touch /tree/rosub/new", "t3")
+    assert code != 0 and "Read-only file system" in out, out
+    # Recursively read-only (rro): the writable submount too.
+    code, out = exec_in(containerd, name, "cat /rtree/tmpfs/file && touch /rtree/tmpfs/new", "t6")
+    assert code != 0 and out.startswith("in-the-tmpfs\n") and "Read-only file system" in out, out
+    assert not stack.path(f"{tree}/tmpfs/new").exists()
+    # The host keeps the top read-only whatever the guest remounts.
+    code, out = exec_in(containerd, name, "mount -o remount,rw /tree && echo remounted", "t4")
+    assert "remounted" in out, out
+    code, out = exec_in(containerd, name, "touch /tree/top", "t5")
+    assert code != 0 and not stack.path(f"{tree}/top").exists(), out
+    stack.run("umount", "-l", f"{tree}/tmpfs")
+    stack.run("umount", "-l", f"{tree}/rosub")
+    stack.run("rm", "-rf", tree)
 
 
 def test_a_socket_or_device_bind_fails_the_create_naming_the_mount(
