@@ -126,14 +126,54 @@ def test_restored_vms_are_confined_and_have_their_own_entropy_boot_id_and_clock(
     assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT
 
 
+def memfd_holders(stack: PrivateSystemd, name: str) -> list[int]:
+    """The processes that hold a descriptor of the memfd `name`."""
+    holders = []
+    for entry in stack.path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:  # it ended, or is a kernel thread
+            continue
+        if any(link.startswith(f"/memfd:{name} ") or link == f"/memfd:{name}" for link in links):
+            holders.append(int(entry.name))
+    return holders
+
+
+def template_ram(stack: PrivateSystemd, pid: int) -> tuple[str, str, str]:
+    """QEMU's descriptor of the template's RAM: the memfd's name, its inode and the sha256 of its bytes."""
+    fd = f"/proc/{pid}/fd/{template_ram_of(stack, pid)}"
+    name = os.readlink(stack.path(fd)).removeprefix("/memfd:").removesuffix(" (deleted)")
+    inode = stack.run("stat", "-L", "-c", "%i", fd).stdout.strip()
+    return name, inode, stack.run("sha256sum", fd).stdout.split()[0]
+
+
 def test_rebuilding_the_template_leaves_running_containers_alone(
     containerd: Containerd, template_stack: PrivateSystemd, guest_image: Path
 ) -> None:
-    loop = "trap 'exit 0' TERM; while :; do sleep 0.1; done"
+    # The container holds 8 MiB of random bytes in its guest's memory (a tmpfs) and their checksum.
+    hold = "head -c 8388608 /dev/urandom > /dev/shm/held && sha256sum /dev/shm/held > /held.sum"
+    loop = f"{hold}; trap 'exit 0' TERM; while :; do sleep 0.1; done"
+    check = "sha256sum -c /held.sum && cat /held.sum"
+    spinboxd = int(template_stack.unit_property("spinbox.service", "MainPID"))
     containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "tpl-old", "sh", "-c", loop)
     try:
         assert boots(template_stack, "tpl-old") == ["template"]
         (old,) = ready_templates(template_stack)
+        template_stack.wait_for(
+            "tpl-old's checksum",
+            lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "sum0", "tpl-old", "cat", "/held.sum", check=False
+            ).stdout.endswith("/dev/shm/held\n"),
+            timeout=60,
+        )
+        held = containerd.ctr("task", "exec", "--exec-id", "sum1", "tpl-old", "sh", "-c", check).stdout
+        qemu = qemu_of(template_stack, "tpl-old")
+        ram = template_ram(template_stack, qemu)
+        assert ram[0] == f"spinbox-template-{old}"
+        assert spinboxd in memfd_holders(template_stack, ram[0])
+
         # A new guest image (here: its modification time) makes the template stale: the next
         # VM boots cold and spinboxd builds a new template, then removes the old one.
         stat = guest_image.stat()
@@ -146,14 +186,35 @@ def test_rebuilding_the_template_leaves_running_containers_alone(
             lambda: ready_templates(template_stack) not in ([], [old]),
             TEMPLATE_BUILD_TIMEOUT,
         )
-        assert old not in ready_templates(template_stack)
+        (new,) = ready_templates(template_stack)
+        # The old template's files are gone (no VM maps them: restored VMs map the sealed memfd) ...
+        assert not template_stack.path(f"{TEMPLATES}/{old}").exists()
 
-        # The container restored from the old template works on, and a new one comes from the new template.
+        # ... while the container restored from it works on: its QEMU, its memory, the template's
+        # RAM it maps (the same memfd, unchanged), which spinboxd no longer holds.
         fed = containerd.ctr("task", "exec", "--exec-id", "e1", "tpl-old", "cat", input="still here\n")
         assert fed.stdout == "still here\n"
-        new = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "tpl-new", "echo", "new")
-        assert new.stdout == "new\n"
-        assert boots(template_stack, "tpl-new") == ["template"]
+        assert (
+            containerd.ctr("task", "exec", "--exec-id", "sum2", "tpl-old", "sh", "-c", check).stdout == held
+        )
+        assert qemu_of(template_stack, "tpl-old") == qemu
+        assert template_ram(template_stack, qemu) == ram
+        assert memfd_holders(template_stack, ram[0]) == [qemu]
+
+        # A new container comes from the new template, and maps its RAM.
+        containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "tpl-new", "sleep", "3600")
+        try:
+            assert boots(template_stack, "tpl-new") == ["template"]
+            fresh = containerd.ctr("task", "exec", "--exec-id", "new", "tpl-new", "echo", "new")
+            assert fresh.stdout == "new\n"
+            assert (
+                template_ram(template_stack, qemu_of(template_stack, "tpl-new"))[0]
+                == f"spinbox-template-{new}"
+            )
+        finally:
+            containerd.ctr("task", "kill", "-s", "SIGKILL", "tpl-new", check=False)
+            containerd.ctr("task", "delete", "-f", "tpl-new", check=False)
+            containerd.ctr("containers", "delete", "tpl-new", check=False)
 
         containerd.ctr("task", "kill", "-s", "TERM", "tpl-old")
         template_stack.wait_for(
@@ -163,3 +224,5 @@ def test_rebuilding_the_template_leaves_running_containers_alone(
         containerd.ctr("task", "delete", "--force", "tpl-old", check=False)
         containerd.ctr("container", "delete", "tpl-old", check=False)
     assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT
+    # The old template's RAM went with the last VM that mapped it.
+    assert memfd_holders(template_stack, f"spinbox-template-{old}") == []
