@@ -70,6 +70,10 @@ class Template:
         return self.directory.name
 
 
+class TemplateReplaced(Exception):
+    """A template removed (a newer one replaced it) while spinboxd loaded its RAM."""
+
+
 class TemplateBackend(Protocol):
     def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:
         """What a restored VM must share with its template: files, QEMU, its command line."""
@@ -103,7 +107,9 @@ class TemplateStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for partial in self.root.glob("*.partial"):
             shutil.rmtree(partial, ignore_errors=True)  # a build an earlier spinboxd did not finish
-        self.directory(Shape(self.config.vm.vcpus, self.config.vm.memory_mib), build=True)
+        ready = self.directory(Shape(self.config.vm.vcpus, self.config.vm.memory_mib), build=True)
+        if ready is not None:
+            log.info("VM template %s is ready", ready.name)
 
     def lookup(self, request: VmRequest, devices: int) -> Path | None:
         """The template a VM for `request` with `devices` disks and NICs restores from; None: boot cold."""
@@ -120,22 +126,39 @@ class TemplateStore:
             # virtiofsd maps guest RAM: it must be a shared memfd, never a template's file.
             log.info("VM %s boots cold, not from a template: it has a virtio-fs share", request.id)
             return None
-        directory = self.lookup(request, devices)
-        if directory is None:
-            return None
-        try:
-            return await self.load(directory)
-        except (OSError, VmError) as e:
-            log.error("VM %s boots cold: the template %s cannot serve: %s", request.id, directory.name, e)
-            self.discard(directory, str(e))
-            return None
+        # A template replaced by a rebuilt one while its RAM was loaded: the new one serves.
+        for _ in range(2):
+            directory = self.lookup(request, devices)
+            if directory is None:
+                return None
+            try:
+                return await self.load(directory)
+            except TemplateReplaced:
+                continue
+            except (OSError, VmError) as e:
+                log.error("VM %s boots cold: the template %s cannot serve: %s", request.id, directory.name, e)
+                self.discard(directory, str(e))
+                return None
+        log.info("VM %s boots cold: its template was replaced twice while it was loaded", request.id)
+        return None
 
     async def load(self, directory: Path) -> Template:
-        """The template in `directory` with its sealed RAM, loaded at the first call (OSError, VmError)."""
+        """The template in `directory` with its sealed RAM, loaded at the first call (OSError, VmError;
+        TemplateReplaced when it was removed meanwhile)."""
         async with self._loading:
             ram = self._rams.get(directory.name)
             if ram is None:
-                ram = await asyncio.to_thread(load_ram, TemplateFiles(directory))
+                try:
+                    ram = await asyncio.to_thread(load_ram, TemplateFiles(directory))
+                except (OSError, VmError):
+                    if not _is_ready(directory):
+                        raise TemplateReplaced(directory.name) from None
+                    raise
+                # Checked here, in the loop, where _remove_stale runs: not in the thread.
+                if not _is_ready(directory):
+                    # Removed as stale while it loaded: nothing would ever close this copy.
+                    os.close(ram)
+                    raise TemplateReplaced(directory.name)
                 self._rams[directory.name] = ram
         return Template(directory, ram)
 
@@ -245,6 +268,10 @@ class TemplateStore:
                 log.info("removing the stale VM template %s", directory.name)
                 self._forget(directory.name)
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def _is_ready(directory: Path) -> bool:
+    return (directory / READY).exists()
 
 
 def _shape_of(name: str) -> str:

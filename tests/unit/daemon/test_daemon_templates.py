@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spinbox.config import Config, VmConfig
+from spinbox.daemon import templates as templates_module
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.templates import READY, TEMPLATE_PORTS, Shape, TemplateStore
+from spinbox.vm.template import TemplateFiles
 
 
 class FakeBackend:
@@ -125,3 +129,53 @@ def test_no_guest_image_yet_means_cold_boot_not_a_failed_start(tmp_path: Path) -
         await templates.wait_built()
 
     asyncio.run(run())
+
+
+def test_a_template_replaced_while_its_ram_loads_gives_way_to_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild that ends while a VM's restore loads the old template's RAM: the VM restores
+    from the new template, and the old RAM's copy is closed, not kept for ever."""
+    loading = threading.Event()
+    rebuilt = threading.Event()
+    loaded: dict[str, int] = {}
+
+    def load_ram(files: TemplateFiles) -> int:
+        if not loaded:
+            loading.set()
+            assert rebuilt.wait(10)
+        fd = os.memfd_create(files.root.name)
+        loaded[files.root.name] = fd
+        return fd
+
+    monkeypatch.setattr(templates_module, "load_ram", load_ram)
+
+    async def run() -> None:
+        backend = FakeBackend()
+        templates = store(tmp_path, backend)
+        templates.lookup(request(), 1)
+        await templates.wait_built()
+        old = templates.lookup(request(), 1)
+        assert old is not None
+        restoring = asyncio.create_task(templates.for_vm(request(), 1))
+        await asyncio.to_thread(loading.wait, 10)
+        backend.identity["initrd"] = 2
+        assert templates.lookup(request(), 1) is None
+        await templates.wait_built()
+        assert not old.exists()
+        rebuilt.set()
+        template = await restoring
+        assert template is not None and template.directory != old and template.directory.exists()
+        assert template.ram == loaded[template.name]
+        assert not [link for link in _open_files() if link.startswith(f"/memfd:{old.name}")]
+        await templates.close()
+
+    asyncio.run(run())
+
+
+def _open_files() -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # listdir's own descriptor
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return links
