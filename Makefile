@@ -7,7 +7,7 @@ export VENV
 
 PROTOS := $(shell find spinbox/api/proto -name '*.proto' 2>/dev/null)
 
-.PHONY: setup test test-unit test-integration test-e2e test-system-containers test-templates soak faults conformance lint proto deb install demo demo-clean clean
+.PHONY: setup test test-unit test-integration test-e2e test-e2e-templates test-system-containers test-templates soak faults conformance lint proto deb install demo demo-clean clean
 
 setup:
 	./tools/setup
@@ -23,6 +23,12 @@ test-integration: setup
 
 test-e2e: setup
 	$(PYTEST) -m "e2e and not long" tests
+
+# The e2e tier again with every VM that can be restored from a template
+# (vm.boot = "template" in the tests' spinbox.toml): a container from a template
+# must behave as a cold-booted one. VMs with a virtio-fs share boot cold there too.
+test-e2e-templates: setup
+	SPINBOX_TEST_BOOT=template $(PYTEST) -m "e2e and not long" tests
 
 # systemd and Docker inside a spinbox container: builds a Debian image with
 # mmdebstrap (minutes) and boots it in a large VM, so it runs on its own.
