@@ -4,6 +4,7 @@ tree, the shim on PATH through a wrapper, and containerd (Debian's 1.6 or the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -290,6 +291,9 @@ def spinbox_stack(systemd: PrivateSystemd, guest_image: Path, boot: str = BOOT) 
     )
     with installed(systemd, config=config):
         systemd.write_file(SHIM_WRAPPER, wrapper, mode=0o755)
+        cursor = (
+            systemd.run("journalctl", "-n0", "--show-cursor", "-q").stdout.partition("cursor: ")[2].strip()
+        )
         systemd.systemctl("start", "spinbox.service")
         if boot == "template":
             wait_for_default_template(systemd)
@@ -298,6 +302,21 @@ def spinbox_stack(systemd: PrivateSystemd, guest_image: Path, boot: str = BOOT) 
         finally:
             with contextlib.suppress(FileNotFoundError):
                 systemd.path(SHIM_WRAPPER).unlink()
+            record_boots(systemd, boot, cursor)
+
+
+def record_boots(systemd: PrivateSystemd, boot: str, cursor: str) -> None:
+    """How the stack's VMs started (restored from a template or booted cold), appended to
+    boots.txt in the artifacts directory: a run in template mode shows it restored VMs."""
+    after = [f"--after-cursor={cursor}"] if cursor else []
+    lines = systemd.journal("-u", "spinbox.service", *after, "-o", "cat")
+    counts = collections.Counter(re.findall(r"^VM \S+ is running \(.*, (\w+) boot\)$", lines, re.MULTILINE))
+    tests = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
+    with (artifacts_dir() / "boots.txt").open("a") as summary:
+        summary.write(
+            f"{tests or '?'}: vm.boot = {boot}: {counts['template']} VM(s) restored from a template, "
+            f"{counts['cold']} booted cold\n"
+        )
 
 
 # Kubernetes' CRI: containerd's CRI plugin with the `spinbox` runtime handler
