@@ -16,9 +16,11 @@ What it does:
   interface's MAC, the guest gets its addresses, routes and MTU.
 - No namespace, or one without interfaces (plain `ctr run`): spinbox's own CNI
   network list (spinbox.conflist: bridge `spinbox0` with gateway and
-  masquerading, host-local IPAM on 10.77.0.0/16, portmap, firewall; Debian's
+  masquerading, host-local IPAM on 10.77.0.0/16, firewall; Debian's
   plugins in /usr/lib/cni) runs in a namespace spinbox creates
-  (/run/spinbox/netns/spinbox-<id>), then the same TAP plumbing. 10.77.0.0/16
+  (/run/spinbox/netns/spinbox-<id>), then the same TAP plumbing. No portmap:
+  spinbox passes no port mappings, so it would only add a plugin run to every
+  create and delete. 10.77.0.0/16
   stays clear of the usual defaults (Docker 172.17/16, Podman and containerd's
   examples 10.88/16, Podman's extra networks 10.89.x/24, nerdctl 10.4.0/24,
   Kubernetes pods and services 10.244/16 and 10.96/12); `subnet` changes it.

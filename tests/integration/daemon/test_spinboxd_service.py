@@ -201,6 +201,6 @@ def test_spinboxctl_check_reports_the_host(spinbox: PrivateSystemd) -> None:
     assert rows["accelerator"] == "ok"
     # One row per CNI plugin spinbox's own network list needs.
     assert {name for name in rows if name.startswith("cni/")} == {
-        "cni/bridge", "cni/host-local", "cni/portmap", "cni/firewall",
+        "cni/bridge", "cni/host-local", "cni/firewall",
     }  # fmt: skip
     assert all(rows[name] == "ok" for name in rows if name.startswith("cni/"))

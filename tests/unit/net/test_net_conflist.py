@@ -21,7 +21,7 @@ def write(path: Path, data: object) -> Path:
 def test_shipped_conflist_is_valid_and_uses_the_documented_subnet() -> None:
     networks = conflist.load(NetConfig())
     assert networks.name == "spinbox"
-    assert networks.plugin_types() == ["bridge", "host-local", "portmap", "firewall"]
+    assert networks.plugin_types() == ["bridge", "host-local", "firewall"]
     bridge = networks.plugins[0]
     assert bridge["bridge"] == "spinbox0"
     assert bridge["ipam"]["ranges"] == [[{"subnet": "10.77.0.0/16"}]]
