@@ -20,10 +20,10 @@ What it does:
   plugins in /usr/lib/cni) runs in a namespace spinbox creates
   (/run/spinbox/netns/spinbox-<id>), then the same TAP plumbing. No portmap:
   spinbox passes no port mappings, so it would only add a plugin run to every
-  create and delete. 10.77.0.0/16
-  stays clear of the usual defaults (Docker 172.17/16, Podman and containerd's
-  examples 10.88/16, Podman's extra networks 10.89.x/24, nerdctl 10.4.0/24,
-  Kubernetes pods and services 10.244/16 and 10.96/12); `subnet` changes it.
+  create and delete. 10.77.0.0/16 stays clear of the usual defaults (Docker
+  172.17/16, Podman and containerd's examples 10.88/16, Podman's extra
+  networks 10.89.x/24, nerdctl 10.4.0/24, Kubernetes pods and services
+  10.244/16 and 10.96/12); `subnet` changes it.
 - DNS: the CNI result's, else the host's resolv.conf without loopback servers
   (systemd-resolved's upstream list when the host uses its stub).
 - TAP fds are opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR and close-on-exec;
