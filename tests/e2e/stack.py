@@ -365,7 +365,9 @@ CNI_CONFLIST = {
                 "ranges": [[{"subnet": POD_SUBNET}]],
                 "routes": [{"dst": "0.0.0.0/0"}],
             },
-        }
+        },
+        # A pod's host ports, as containerd's own example network has them.
+        {"type": "portmap", "capabilities": {"portMappings": True}},
     ],
 }
 CNI_FILE = "/etc/cni/net.d/10-spinbox-e2e-pods.conflist"
