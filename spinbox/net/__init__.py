@@ -6,6 +6,7 @@ spinboxd's interface (all coroutines; config is the [network] table as NetConfig
     network = await setup_network(vm_id, netns, config)    # netns: a path, or None
     network.nics     -> [Nic(tap_fd, mac)] for QEMU; network.close() once QEMU has them
     network.guest    -> agent_pb2.NetworkConfig for the agent's ConfigureNetwork
+    sock = await open_port_forward(vm_id, config)           # VM.OpenPortForward
     await teardown_network(vm_id, config)                  # idempotent
     await collect_leftovers(live_vm_ids, config)           # at start-up
 
@@ -29,8 +30,11 @@ What it does:
 - TAP fds are opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR and close-on-exec;
   QEMU's `-netdev tap,fd=N` sees the flag and uses the virtio-net header.
   The TAPs are not persistent: they go away when QEMU's fds close.
+- Port-forward (portforward.py): a listener on 127.0.0.1 in the VM's
+  namespace and a nat OUTPUT REDIRECT rule there to it, recorded in the
+  state file and removed by teardown.
 - State: /run/spinbox/net/<id>.json (written before each step), leases under
-  /run/spinbox/cni/<network>/; teardown = TAPs and filters, CNI DEL, holder,
+  /run/spinbox/cni/<network>/; teardown = port-forward rule, TAPs and filters, CNI DEL, holder,
   namespace (if spinbox made it), state file.
 """
 
@@ -46,6 +50,7 @@ from spinbox.net.network import (
     setup_network,
     teardown_network,
 )
+from spinbox.net.portforward import open_port_forward
 from spinbox.vm import Nic
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "Nic",
     "VmNetwork",
     "collect_leftovers",
+    "open_port_forward",
     "prepare_netns",
     "setup_network",
     "teardown_network",

@@ -25,7 +25,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from spinbox.api.proto import agent_pb2
-from spinbox.net import cni, conflist, masquerade, netns, tap
+from spinbox.net import cni, conflist, masquerade, netns, portforward, tap
 from spinbox.net.config import NetConfig
 from spinbox.net.errors import NetworkError
 from spinbox.net.state import CniState, NetState, StateStore, TapState, check_vm_id
@@ -183,6 +183,10 @@ async def teardown_network(vm_id: str, config: NetConfig | None = None) -> None:
         return
     errors: list[str] = []
     present = await asyncio.to_thread(_netns_present, state)
+    if state.forward_port and present:
+        problem = await portforward.remove_rule(state.netns, state.forward_port)
+        if problem is not None:
+            errors.append(problem)
     if state.taps and present:
         taps = state.taps
 

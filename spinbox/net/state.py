@@ -49,6 +49,7 @@ class NetState:
     holder_start: int = 0
     cni: CniState | None = None
     taps: tuple[TapState, ...] = field(default_factory=tuple)
+    forward_port: int = 0  # the port-forward rule's listener port in netns (0: no rule)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +72,7 @@ class NetState:
                 result=cni.get("result"),
             ),
             taps=tuple(TapState(link=t["link"], tap=t["tap"]) for t in data.get("taps", ())),
+            forward_port=int(data.get("forward_port", 0)),
         )
 
     def evolve(self, **changes: Any) -> NetState:
