@@ -5,6 +5,7 @@ spinboxd through it."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,10 +44,13 @@ def plain(value: Any) -> Any:
 
 
 async def connect_bus(bus_address: str | None) -> MessageBus:
+    # File descriptors are negotiated: VM.OpenPortForward answers with one.
     try:
         if bus_address:
-            return await MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM).connect()
-        return await MessageBus(bus_type=BusType.SYSTEM).connect()
+            return await MessageBus(
+                bus_address=bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True
+            ).connect()
+        return await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
     except Exception as error:
         raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
 
@@ -100,6 +104,45 @@ class BusClient:
         body: Sequence[Any] = (),
         timeout: float = CALL_TIMEOUT,  # noqa: ASYNC109
     ) -> list[Any]:
+        reply = await self.reply(path, interface, member, signature, body, timeout)
+        for fd in reply.unix_fds:  # none expected
+            os.close(fd)
+        return list(reply.body)
+
+    async def call_fd(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        timeout: float = CALL_TIMEOUT,  # noqa: ASYNC109
+    ) -> int:
+        """A call answering with one file descriptor (D-Bus type h): the fd, now the caller's."""
+        reply = await self.reply(path, interface, member, signature, body, timeout)
+        fds = list(reply.unix_fds)
+        index = reply.body[0] if reply.signature == "h" and reply.body else -1
+        if not isinstance(index, int) or not 0 <= index < len(fds):
+            for fd in fds:
+                os.close(fd)
+            what = f"without a file descriptor (signature {reply.signature!r})"
+            raise SpinboxdError("Failed", f"spinboxd answered {member} {what}")
+        fd = fds.pop(index)
+        for other in fds:
+            os.close(other)
+        os.set_inheritable(fd, False)
+        return fd
+
+    async def reply(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        timeout: float = CALL_TIMEOUT,  # noqa: ASYNC109
+    ) -> Message:
+        """The method return of one call; an error reply or no reply is raised as SpinboxdError."""
         if not self.bus.connected:
             self.bus = await connect_bus(self.bus_address)
         try:
@@ -112,6 +155,8 @@ class BusClient:
         if reply is None:
             raise SpinboxdError("NoReply", f"spinboxd did not answer {member}")
         if reply.message_type == MessageType.ERROR:
+            for fd in reply.unix_fds:
+                os.close(fd)
             name = str(reply.error_name or "")
             text = str(reply.body[0]) if reply.body else name or "unknown error"
             if name == NO_REPLY:
@@ -121,7 +166,7 @@ class BusClient:
                     "and the new spinboxd finishes or undoes what the call had begun"
                 )
             raise SpinboxdError(name, text)
-        return list(reply.body)
+        return reply
 
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
         """All properties of `interface` on the object at `path`, as plain values."""

@@ -6,6 +6,7 @@ implements them with spinbox.vm, spinbox.storage and spinbox.net.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,10 @@ class Backend(Protocol):
         ...
 
     async def teardown_network(self, vm_id: str) -> None: ...
+    async def open_port_forward(self, vm_id: str) -> socket.socket:
+        """A listener on 127.0.0.1 in the VM's network namespace and the rule redirecting to it."""
+        ...
+
     async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None: ...
     async def collect_storage_leftovers(self) -> None:
         """Layer cache entries nothing references any more and what a crash left in it."""

@@ -53,9 +53,10 @@ class Daemon:
 
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         if self.bus_address:
-            bus = SpecHidingBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM)
+            bus = SpecHidingBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
         else:
-            bus = SpecHidingBus(bus_type=BusType.SYSTEM)
+            # OpenPortForward answers with a file descriptor.
+            bus = SpecHidingBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
         bus.private = PRIVATE
         await bus.connect()
         systemd = SystemdManager(bus, self.config.timeouts.systemd_job)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -67,6 +68,8 @@ class Vm:
     unwritten: dict[str, str] = field(default_factory=dict)
     # Containers whose layer the release wrote back (or had none to write) before dropping its image.
     saved: set[str] = field(default_factory=set)
+    # spinboxd's copy of the port-forward listener handed to the shim (VM.OpenPortForward).
+    port_forward: socket.socket | None = None
 
     def rootfses(self) -> dict[str, Rootfs]:
         """Every rootfs of the VM by container id, a pod's further containers' too."""
@@ -157,6 +160,20 @@ class VmManager:
             vm.state.save(vm.runtime_dir)
         if self.publisher is not None:
             self.publisher.changed(vm, {"State": phase})
+
+    async def open_port_forward(self, vm: Vm) -> socket.socket:
+        """A listener in the VM's network namespace that its connections to 127.0.0.1 are
+        redirected to; spinboxd keeps its own copy until the VM is released."""
+        if not vm.state.network:
+            raise Failed(f"VM {vm.id!r} has no network: there are no ports to forward from the host")
+        async with vm.lock:
+            if vm.phase not in ("running", "paused"):
+                raise Failed(f"VM {vm.id!r} is {vm.phase}")
+            sock = await self.backend.open_port_forward(vm.id)
+            if vm.port_forward is not None:
+                vm.port_forward.close()
+            vm.port_forward = sock
+        return sock
 
     # -- create -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -123,6 +124,9 @@ class QemuBackend:
 
     async def teardown_network(self, vm_id: str) -> None:
         await net.teardown_network(vm_id, self._net_config())
+
+    async def open_port_forward(self, vm_id: str) -> socket.socket:
+        return await net.open_port_forward(vm_id, self._net_config())
 
     async def collect_network_leftovers(self, live_vm_ids: Sequence[str]) -> None:
         await net.collect_leftovers(list(live_vm_ids), self._net_config())

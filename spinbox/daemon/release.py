@@ -106,6 +106,9 @@ async def release(manager: VmManager, vm: Vm) -> None:
             await manager.backend.teardown_network(vm.id)
         except Exception as e:
             errors.append(f"network: {e}")
+    if vm.port_forward is not None:
+        vm.port_forward.close()
+        vm.port_forward = None
     await keep_or_remove(manager.kept, vm.state.storage_dir, vm.id, vm.unwritten)
     await manager.systemd.stop_unit(vm.state.scope)
     await manager.systemd.wait_gone(vm.state.scope)

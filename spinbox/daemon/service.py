@@ -161,6 +161,15 @@ class VMInterface(DocumentedInterface):
             self.manager.remove_rootfs(self.vm, container_id),
         )
 
+    @method()
+    async def OpenPortForward(self) -> "h":
+        await authorize(self.authorizer, "OpenPortForward")
+        sock = await _answer(
+            f"opening port-forward into VM {self.vm.id!r}", self.manager.open_port_forward(self.vm)
+        )
+        # dbus-fast sends the fd after this returns: spinboxd's copy stays open until the release.
+        return sock.fileno()
+
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
         return self.vm.id
