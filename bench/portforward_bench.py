@@ -97,7 +97,7 @@ async def download(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s
 async def measure(args: argparse.Namespace, path: str, sink: int, source: int) -> None:
     agent = await AgentClient.connect(f"unix:{path}")
     idle = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    forwarder = PortForwarder("/nonexistent", agent, "bench", idle, 0)
+    forwarder = PortForwarder(agent, "bench", idle, 0)
     size = args.mib << 20
 
     async def relayed(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:

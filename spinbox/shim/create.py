@@ -188,7 +188,9 @@ class ContainerCreator:
             await self._create_in_guest(agent, plan, state, vm.pid, hook_pid)
             if pod_sandbox and netns:
                 # The pod's localhost on the host reaches the VM's (CRI port-forward).
-                forwarder = await PortForwarder.start(netns, agent, req.id)
+                forwarder = await PortForwarder.start(
+                    await spinboxd.open_port_forward(vm.path), netns, agent, req.id
+                )
         except BaseException as error:
             # A VM of this id that was there before this request is not ours to remove.
             ours = requested and not (isinstance(error, SpinboxdError) and error.kind == "AlreadyExists")

@@ -2,38 +2,35 @@
 
 containerd's CRI PortForward (kubectl and crictl port-forward) enters the
 pod's network namespace on the host and connects to localhost:PORT there; the
-pod's traffic goes to the VM, so nothing would answer. For each pod, the shim
-listens on one port of 127.0.0.1 inside that namespace, and an iptables nat
-OUTPUT rule there redirects every TCP connection to 127.0.0.1 to it. The
-shim reads the port each connection was for (SO_ORIGINAL_DST) and splices it
-with a connection vminitd opens to 127.0.0.1:PORT in the VM, over the agent
-channel the shim already holds (spinbox.api.forward): a server bound to the
-pod's localhost answers as with runc, and so does one bound to 0.0.0.0.
+pod's traffic goes to the VM, so nothing would answer. For each pod, spinboxd
+(which owns the pod's network plumbing) listens on one port of 127.0.0.1
+inside that namespace, adds an iptables nat OUTPUT rule there that redirects
+every TCP connection to 127.0.0.1 to it (spinbox.net.portforward), and hands
+the listening socket to the shim (VM.OpenPortForward, a file descriptor over
+D-Bus). The shim accepts on it, reads the port each connection was for
+(SO_ORIGINAL_DST, an option of the accepted socket) and splices it with a
+connection vminitd opens to 127.0.0.1:PORT in the VM, over the agent channel
+the shim already holds (spinbox.api.forward): a server bound to the pod's
+localhost answers as with runc, and so does one bound to 0.0.0.0.
 
-The shim holds it because it lives exactly as long as the pod and is the
+The shim relays because it lives exactly as long as the pod and is the
 agent's client (a virtio-serial agent port has one client), and it already
 carries the pod's stdio bytes: forwarded bytes never pass through spinboxd,
-which a restart of spinboxd then leaves alone. The rule and the listener go
-with the pod: the shim removes both when the sandbox is deleted, and the rule
-lives in the pod's namespace, which containerd removes with the pod whatever
-became of the shim. Only TCP is forwarded, as the CRI's PortForward is; a
-connection to ::1 is not redirected (containerd dials 127.0.0.1 first, and
-this one always answers).
+and a restart of spinboxd leaves the listener the shim holds working. The
+shim itself never enters the namespace. The rule goes when spinboxd releases
+the VM (and with the namespace, which containerd removes with the pod). Only
+TCP is forwarded, as the CRI's PortForward is; a connection to ::1 is not
+redirected (containerd dials 127.0.0.1 first, and this one always answers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
-import shutil
 import socket
 import struct
-import threading
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 from spinbox.api.forward import CONNECT_TIMEOUT, ForwardError, Splice
 from spinbox.api.proto import agent_pb2
@@ -42,19 +39,13 @@ from spinbox.ttrpc import TtrpcError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-CLONE_NEWNET = 0x40000000
-RULE_COMMENT = "spinbox port-forward"
 # Connections forwarded at once per pod; more are closed as they come.
 MAX_CONNECTIONS = 64
-IPTABLES_TIMEOUT = 30.0
 # How long the guest may take to answer a new connection (its connect has CONNECT_TIMEOUT).
 ANSWER_TIMEOUT = CONNECT_TIMEOUT + 20.0
 # How long the guest may take to end a connection's input call once both sides said eof.
 END_TIMEOUT = 10.0
-_SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
 class PortForwardError(Exception):
@@ -75,51 +66,21 @@ def original_port(raw: bytes) -> int:
     return int(port)
 
 
-def redirect_rule(listen_port: int) -> list[str]:
-    """The nat OUTPUT rule's match and target (after -A or -D)."""
-    return [
-        "OUTPUT",
-        "-o", "lo",
-        "-d", "127.0.0.1/32",
-        "-p", "tcp",
-        "-m", "comment", "--comment", RULE_COMMENT,
-        "-j", "REDIRECT", "--to-ports", str(listen_port),
-    ]  # fmt: skip
-
-
-def in_netns(path: str, fn: Callable[[], T]) -> T:
-    """Runs fn in a short-lived thread that enters the network namespace at `path`
-    (a namespace is a thread's: the shim's own threads never change theirs)."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"cannot enter the network namespace {path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            outcome.append(fn())
-        except BaseException as error:
-            failure.append(error)
-
-    thread = threading.Thread(target=target, name="spinbox-portforward-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
-
-
-def _listener() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def listening_socket(fd: int, where: str) -> socket.socket:
+    """The socket object for the listener's fd (taking it over), checked to be a
+    listening TCP socket on 127.0.0.1."""
     try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(MAX_CONNECTIONS)
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        os.close(fd)
+        raise PortForwardError(f"the port-forward listener for {where} is not a socket: {error}") from None
+    try:
+        address = sock.getsockname()
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM or not listening:
+            raise PortForwardError(f"the port-forward listener for {where} is not a listening TCP socket")
+        if address[0] != "127.0.0.1":
+            raise PortForwardError(f"the port-forward listener for {where} is on {address[0]}, not 127.0.0.1")
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -127,36 +88,10 @@ def _listener() -> socket.socket:
     return sock
 
 
-async def iptables(netns: str, action: str, listen_port: int) -> tuple[int, str]:
-    """Adds (-A) or deletes (-D) the redirect rule in the namespace: (exit status, stderr)."""
-    tool = shutil.which("iptables", path=f"{os.environ.get('PATH', '')}:{_SBIN}") or "iptables"
-    nsenter = shutil.which("nsenter", path=f"{os.environ.get('PATH', '')}:{_SBIN}") or "nsenter"
-    argv = [nsenter, f"--net={netns}", tool, "-w", "10", "-t", "nat", action, *redirect_rule(listen_port)]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as error:
-        return 127, f"cannot run {argv[0]}: {error.strerror}"
-    try:
-        async with asyncio.timeout(IPTABLES_TIMEOUT):
-            _, err = await proc.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        return -1, f"iptables did not finish within {IPTABLES_TIMEOUT:g} s"
-    return proc.returncode or 0, err.decode(errors="replace").strip()
-
-
 class PortForwarder:
-    """One pod's port-forward: the listener in its namespace, the rule, the connections."""
+    """One pod's port-forward: the listener spinboxd opened in its namespace, the connections."""
 
-    def __init__(self, netns: str, agent: Agent, pod: str, server: asyncio.Server, listen_port: int) -> None:
-        self.netns = netns
+    def __init__(self, agent: Agent, pod: str, server: asyncio.Server, listen_port: int) -> None:
         self.agent = agent
         self.pod = pod
         self.server = server
@@ -164,15 +99,10 @@ class PortForwarder:
         self.connections: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def start(cls, netns: str, agent: Agent, pod: str) -> PortForwarder:
-        loop = asyncio.get_running_loop()
-        try:
-            sock = await loop.run_in_executor(None, in_netns, netns, _listener)
-        except OSError as error:
-            raise PortForwardError(
-                f"cannot listen for port-forward in the network namespace {netns} of pod {pod!r}: {error}"
-            ) from None
-        listen_port = sock.getsockname()[1]
+    async def start(cls, fd: int, netns: str, agent: Agent, pod: str) -> PortForwarder:
+        """Serves the listener `fd` (spinboxd's VM.OpenPortForward, taken over)."""
+        sock = listening_socket(fd, f"the network namespace {netns} of pod {pod!r}")
+        listen_port = int(sock.getsockname()[1])
         forwarder: PortForwarder | None = None
 
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -184,39 +114,18 @@ class PortForwarder:
         except BaseException:
             sock.close()
             raise
-        forwarder = cls(netns, agent, pod, server, listen_port)
-        try:
-            status, err = await iptables(netns, "-A", listen_port)
-        except BaseException:  # a create given up: the listener goes with it
-            server.close()
-            raise
-        if status != 0:
-            server.close()
-            raise PortForwardError(
-                f"cannot add the port-forward rule to the network namespace {netns} of pod {pod!r}: {err}"
-            )
-        log.info("pod %r: port-forward listens on 127.0.0.1:%d in %s", pod, listen_port, netns)
+        forwarder = cls(agent, pod, server, listen_port)
+        log.info("pod %r: port-forward accepts on 127.0.0.1:%d in %s", pod, listen_port, netns)
         return forwarder
 
     async def close(self) -> None:
-        """Stops listening, ends every forwarded connection and removes the rule."""
+        """Stops accepting and ends every forwarded connection (spinboxd removes the rule
+        when it releases the VM)."""
         self.server.close()
         for task in list(self.connections):
             task.cancel()
         if self.connections:
             await asyncio.gather(*self.connections, return_exceptions=True)
-        if not await asyncio.to_thread(os.path.exists, self.netns):
-            return  # the rule went with the namespace
-        status, err = await iptables(self.netns, "-D", self.listen_port)
-        if status != 0 and await asyncio.to_thread(os.path.exists, self.netns):
-            log.error(
-                "could not remove the port-forward rule (to port %d) from the network namespace %s"
-                " of pod %r: %s",
-                self.listen_port,
-                self.netns,
-                self.pod,
-                err,
-            )
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self.connections) >= MAX_CONNECTIONS:

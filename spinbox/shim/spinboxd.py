@@ -190,6 +190,11 @@ class Spinboxd:
                 ) from None
             raise
 
+    async def open_port_forward(self, path: str) -> int:
+        """The listening socket's fd that spinboxd opened in the VM's network namespace for
+        port-forward, with the rule that redirects the namespace's connections to 127.0.0.1 to it."""
+        return await self.client.call_fd(path, VM_IFACE, "OpenPortForward")
+
     async def list_vms(self) -> list[str]:
         (paths,) = await self.client.call(MANAGER_PATH, MANAGER_IFACE, "ListVMs")
         return [str(p) for p in paths]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.shim.portforward import RULE_COMMENT
+from spinbox.net.portforward import RULE_COMMENT
 from tests.e2e.stack import BUILDS, CRICTL, IMAGE, POD_SUBNET, CriContainerd
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import CONFIG as SPINBOXD_CONFIG

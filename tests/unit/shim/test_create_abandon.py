@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -76,22 +78,69 @@ def test_a_create_refused_as_a_duplicate_leaves_the_existing_vm_alone(tmp_path: 
     assert spinboxd.live == {"default-c1"}
 
 
-def test_a_pod_whose_port_forward_cannot_be_set_up_is_refused_and_its_vm_removed(tmp_path: Path) -> None:
-    log = tmp_path / "out.log"
+def pod_bundle(tmp_path: Path) -> tuple[Path, Path]:
     bundle = make_bundle(
         tmp_path, **{"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "c1"}
     )
     spec = json.loads((bundle / "config.json").read_text())
-    netns = tmp_path / "netns-gone"
+    netns = tmp_path / "netns"
     own = [{"type": kind} for kind in ("pid", "ipc", "uts", "mount")]
     spec["linux"]["namespaces"] = [*own, {"type": "network", "path": str(netns)}]
     (bundle / "config.json").write_text(json.dumps(spec))
-    spinboxd = FakeSpinboxd()
+    return bundle, netns
+
+
+class NoForwardSpinboxd(FakeSpinboxd):
+    """spinboxd that cannot add the port-forward rule (it named what failed, and left nothing)."""
+
+    async def open_port_forward(self, path: str) -> int:
+        raise SpinboxdError(
+            "org.spinstack.Spinbox.Error.Failed",
+            "opening port-forward into VM 'default-c1' failed: cannot add the port-forward rule to"
+            " the network namespace /run/netns/cni-1 of VM default-c1: iptables: No chain/target/match"
+            " by that name.",
+        )
+
+
+def test_a_pod_whose_port_forward_cannot_be_set_up_is_refused_and_its_vm_removed(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    bundle, _ = pod_bundle(tmp_path)
+    spinboxd = NoForwardSpinboxd()
 
     async def scenario() -> None:
         service = make_service(FakeAgent([]), spinboxd, Recorder(log))
         await service.create(create_request(bundle, log))
 
-    with pytest.raises(ShimError, match=f"port-forward in the network namespace {netns} of pod 'c1'"):
+    with pytest.raises(
+        ShimError, match=r"cannot add the port-forward rule to the network namespace .* No chain"
+    ):
         asyncio.run(scenario())
     assert not spinboxd.live
+
+
+class WrongListenerSpinboxd(FakeSpinboxd):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fds: list[int] = []
+
+    async def open_port_forward(self, path: str) -> int:
+        self.fds.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach())
+        return self.fds[-1]
+
+
+def test_a_listener_that_is_not_one_is_refused_closed_and_the_pods_vm_removed(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    bundle, netns = pod_bundle(tmp_path)
+    spinboxd = WrongListenerSpinboxd()
+
+    async def scenario() -> None:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        await service.create(create_request(bundle, log))
+
+    with pytest.raises(
+        ShimError, match=f"listener for the network namespace {netns} of pod 'c1' is not a listening"
+    ):
+        asyncio.run(scenario())
+    assert not spinboxd.live
+    with pytest.raises(OSError):
+        os.fstat(spinboxd.fds[0])

@@ -1,7 +1,8 @@
-"""Port-forward's wire and splice: SO_ORIGINAL_DST's address, the redirect
-rule, the window each side keeps (and checks of the other), and whole
-connections relayed by the shim's PortForwarder through vminitd's Forwarder
-over a real ttrpc connection on a unix socket, to real TCP servers."""
+"""Port-forward's wire and splice: SO_ORIGINAL_DST's address, the listener
+spinboxd hands over (checked, taken over, served), the window each side keeps
+(and checks of the other), and whole connections relayed by the shim's
+PortForwarder through vminitd's Forwarder over a real ttrpc connection on a
+unix socket, to real TCP servers."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from spinbox.agent import SERVICE, AgentClient
 from spinbox.api.forward import CHUNK, WINDOW, ForwardError, Splice
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.shim import portforward
-from spinbox.shim.portforward import PortForwarder, PortForwardError, original_port, redirect_rule
+from spinbox.shim.portforward import PortForwarder, PortForwardError, original_port
 from spinbox.ttrpc import Server, TtrpcError
 
 
@@ -48,14 +49,6 @@ def test_original_port_reads_the_redirected_destination() -> None:
 def test_original_port_refuses_what_is_not_a_redirected_localhost_connection(raw: bytes, says: str) -> None:
     with pytest.raises(ValueError, match=says):
         original_port(raw)
-
-
-def test_the_rule_redirects_tcp_to_localhost_on_lo_only() -> None:
-    assert redirect_rule(40123) == [
-        "OUTPUT", "-o", "lo", "-d", "127.0.0.1/32", "-p", "tcp",
-        "-m", "comment", "--comment", "spinbox port-forward",
-        "-j", "REDIRECT", "--to-ports", "40123",
-    ]  # fmt: skip
 
 
 def splice() -> Splice:
@@ -113,7 +106,7 @@ class Relay:
         await self.server.serve_unix(self.path)
         self.agent = await AgentClient.connect(f"unix:{self.path}")
         self.idle = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        self.forwarder = PortForwarder("/nonexistent", self.agent, "pod1", self.idle, 0)
+        self.forwarder = PortForwarder(self.agent, "pod1", self.idle, 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -219,51 +212,46 @@ def test_a_refused_port_closes_the_connection_at_once(
         asyncio.run(run())
 
 
-def test_a_namespace_that_is_not_there_is_named(tmp_path: Path) -> None:
+def test_the_handed_over_listener_is_served_and_closed() -> None:
     async def run() -> None:
-        with pytest.raises(PortForwardError, match=f"network namespace {tmp_path}/gone of pod 'pod1'"):
-            await PortForwarder.start(str(tmp_path / "gone"), None, "pod1")  # type: ignore[arg-type]
-
-    asyncio.run(run())
-
-
-def test_a_rule_that_cannot_be_added_leaves_no_listener(monkeypatch: pytest.MonkeyPatch) -> None:
-    ports: list[int] = []
-    calls: list[tuple[str, str, int]] = []
-
-    make_listener = portforward._listener
-
-    def listener() -> socket.socket:
-        sock = make_listener()
-        ports.append(sock.getsockname()[1])
-        return sock
-
-    async def iptables(netns: str, action: str, port: int) -> tuple[int, str]:
-        calls.append((netns, action, port))
-        return (1, "iptables: No chain/target/match by that name.") if action == "-A" else (0, "")
-
-    monkeypatch.setattr(portforward, "_listener", listener)
-    monkeypatch.setattr(portforward, "iptables", iptables)
-    own = "/proc/self/ns/net"  # entering one's own namespace changes nothing
-
-    async def run() -> None:
-        with pytest.raises(PortForwardError, match=r"cannot add the port-forward rule .* No chain"):
-            await PortForwarder.start(own, None, "pod1")  # type: ignore[arg-type]
-        with pytest.raises(ConnectionRefusedError):
-            await asyncio.open_connection("127.0.0.1", ports[0])
-        monkeypatch.setattr(portforward, "iptables", lambda *a: _ok(calls, *a))
-        forwarder = await PortForwarder.start(own, None, "pod2")  # type: ignore[arg-type]
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        forwarder = await PortForwarder.start(listener.detach(), "/run/netns/x", None, "pod1")  # type: ignore[arg-type]
+        assert forwarder.listen_port == port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(10):
+            # Not a redirected connection: no SO_ORIGINAL_DST, so it is closed, named in the log.
+            assert await reader.read(-1) == b""
+        writer.close()
         await forwarder.close()
         with pytest.raises(ConnectionRefusedError):
-            await asyncio.open_connection("127.0.0.1", ports[1])
+            await asyncio.open_connection("127.0.0.1", port)
 
     asyncio.run(run())
-    assert calls == [(own, "-A", ports[0]), (own, "-A", ports[1]), (own, "-D", ports[1])]
 
 
-async def _ok(calls: list[tuple[str, str, int]], netns: str, action: str, port: int) -> tuple[int, str]:
-    calls.append((netns, action, port))
-    return 0, ""
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), "not a listening TCP socket"),
+        (lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), "not a listening TCP socket"),
+        (lambda: socket.create_server(("127.0.0.2", 0)), "on 127.0.0.2, not 127.0.0.1"),
+        (lambda: os.open("/dev/null", os.O_RDONLY), "not a socket"),
+    ],
+)
+def test_a_listener_that_is_not_one_is_refused_and_closed(make: object, says: str) -> None:
+    made = make()  # type: ignore[operator]
+    fd = made.detach() if isinstance(made, socket.socket) else made
+
+    async def run() -> None:
+        with pytest.raises(
+            PortForwardError, match=f"listener for the network namespace /n of pod 'pod1' .*{says}"
+        ):
+            await PortForwarder.start(fd, "/n", None, "pod1")  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
 
 
 def test_connections_beyond_the_hosts_bound_are_closed_as_they_come(

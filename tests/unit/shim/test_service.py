@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +114,10 @@ class FakeSpinboxd:
 
     async def prepare_network_namespace(self, vm_id: str) -> tuple[str, int]:
         return "/run/netns/x", 4343
+
+    async def open_port_forward(self, path: str) -> int:
+        self.calls.append(f"OpenPortForward {path}")
+        return socket.create_server(("127.0.0.1", 0)).detach()
 
     async def get_vm(self, vm_id: str) -> str | None:
         return vm_id if vm_id in self.live else None
