@@ -209,9 +209,12 @@ def check_port_forward(
         assert answer.stdout.strip() == "local", answer
         through, direct = big("127.0.0.1", 18082), big(ip, 8082)
         print(f"8 MiB through port-forward {through:.1f} s, from the pod's address {direct:.1f} s")
-        # spinboxd carries none of it: its restart leaves port-forward working.
+        # spinboxd carries none of it: its restart leaves port-forward working, and the
+        # new spinboxd neither drops nor repeats the rule.
         systemd.systemctl("restart", "spinbox.service")
         assert forwarded()
+        rules = systemd.run("nsenter", f"--net={pod_netns(cri, pod)}", "iptables-save", "-t", "nat").stdout
+        assert rules.count(RULE_COMMENT) == 1, rules
         answer = get("http://127.0.0.1:18081/")  # a new connection of the same forward
         assert answer.stdout.strip() == "local", answer
     finally:
