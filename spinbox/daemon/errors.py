@@ -36,6 +36,12 @@ class Failed(SpinboxError):
     name = "Failed"
 
 
+class NoNetwork(SpinboxError):
+    """The VM has no network (spinbox.toml's network.enabled is off): nothing to forward into."""
+
+    name = "NoNetwork"
+
+
 class AccessDenied(DBusError):
     """The caller may not change state; the standard bus error name, so clients know it."""
 

@@ -19,7 +19,7 @@ from spinbox.config import Config
 from spinbox.daemon import pod, release, resize, share
 from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.endings import Endings
-from spinbox.daemon.errors import AlreadyExists, Failed, NotFound, SpinboxError
+from spinbox.daemon.errors import AlreadyExists, Failed, NoNetwork, NotFound, SpinboxError
 from spinbox.daemon.keep import KeptStorage, move_aside
 from spinbox.daemon.leftover import Leftover, clean_up, recover
 from spinbox.daemon.logs import JournalSink, LogForwarder
@@ -165,7 +165,7 @@ class VmManager:
         """A listener in the VM's network namespace that its connections to 127.0.0.1 are
         redirected to; spinboxd keeps its own copy until the VM is released."""
         if not vm.state.network:
-            raise Failed(f"VM {vm.id!r} has no network: there are no ports to forward from the host")
+            raise NoNetwork(f"VM {vm.id!r} has no network: there are no ports to forward from the host")
         async with vm.lock:
             if vm.phase not in ("running", "paused"):
                 raise Failed(f"VM {vm.id!r} is {vm.phase}")

@@ -187,10 +187,7 @@ class ContainerCreator:
             agent = await self.connect_agent(vm.agent_address)
             await self._create_in_guest(agent, plan, state, vm.pid, hook_pid)
             if pod_sandbox and netns:
-                # The pod's localhost on the host reaches the VM's (CRI port-forward).
-                forwarder = await PortForwarder.start(
-                    await spinboxd.open_port_forward(vm.path), netns, agent, req.id
-                )
+                forwarder = await self._port_forwarder(spinboxd, vm.path, netns, agent, req.id)
         except BaseException as error:
             # A VM of this id that was there before this request is not ours to remove.
             ours = requested and not (isinstance(error, SpinboxdError) and error.kind == "AlreadyExists")
@@ -249,6 +246,21 @@ class ContainerCreator:
         pump.start_output(agent, state)
         created = state_json(plan.spec, req.id, "created", hook_pid, req.bundle)
         await run_hooks("prestart", plan.hooks.prestart, created, fatal=True)
+
+    @staticmethod
+    async def _port_forwarder(
+        spinboxd: VmManager, vm_path: str, netns: str, agent: Agent, pod: str
+    ) -> PortForwarder | None:
+        """The pod's localhost on the host reaching the VM's (CRI port-forward); none for a VM
+        that spinboxd gave no network (network.enabled off), which is logged."""
+        try:
+            listener = await spinboxd.open_port_forward(vm_path)
+        except SpinboxdError as error:
+            if error.kind != "NoNetwork":
+                raise
+            log.warning("pod %s: no port-forward: %s", pod, error)
+            return None
+        return await PortForwarder.start(listener, netns, agent, pod)
 
     async def _abandon(self, vm_id: str, has_vm: bool, agent: Agent | None, state: ProcessState) -> None:
         """Gives back what a failed Create took."""

@@ -144,3 +144,29 @@ def test_a_listener_that_is_not_one_is_refused_closed_and_the_pods_vm_removed(tm
     assert not spinboxd.live
     with pytest.raises(OSError):
         os.fstat(spinboxd.fds[0])
+
+
+class NoNetworkSpinboxd(FakeSpinboxd):
+    """spinboxd whose VMs have no network (network.enabled off)."""
+
+    async def open_port_forward(self, path: str) -> int:
+        raise SpinboxdError(
+            "org.spinstack.Spinbox.Error.NoNetwork",
+            "VM 'default-c1' has no network: there are no ports to forward from the host",
+        )
+
+
+def test_a_pod_whose_vm_has_no_network_runs_without_port_forward(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "out.log"
+    bundle, _ = pod_bundle(tmp_path)
+    spinboxd = NoNetworkSpinboxd()
+
+    async def scenario() -> None:
+        service = make_service(FakeAgent([]), spinboxd, Recorder(log))
+        await service.create(create_request(bundle, log))
+
+    asyncio.run(scenario())
+    assert spinboxd.live
+    assert "pod c1: no port-forward: " in caplog.text and "has no network" in caplog.text
