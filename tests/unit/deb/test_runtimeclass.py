@@ -4,6 +4,7 @@ Kubernetes' node.k8s.io/v1 RuntimeClass, since kubectl's schema is not at hand."
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,15 @@ def test_scheduling_selects_nodes_that_have_spinbox() -> None:
 
 def test_the_package_installs_it() -> None:
     assert "usr/share/spinbox/kubernetes" in (TOP / "tools" / "install-tree").read_text()
+
+
+def test_the_overhead_is_what_bench_density_measured() -> None:
+    """The comment quotes bench/density's per-container PSS and idle CPU; podFixed is them rounded
+    as bench/density rounds them (memory up to 16 MiB, CPU up to 10 millicores)."""
+    text = MANIFEST.read_text()
+    measured = re.search(r"PSS per\n# container ([0-9.]+) MiB .*? and ([0-9]+) millicores", text, re.S)
+    assert measured, "the manifest's comment must quote bench/density's numbers"
+    memory_mib, millicores = float(measured.group(1)), int(measured.group(2))
+    pod_fixed = load()["overhead"]["podFixed"]
+    assert pod_fixed["memory"] == f"{math.ceil(memory_mib / 16) * 16}Mi"
+    assert pod_fixed["cpu"] == f"{max(10, math.ceil(millicores / 10) * 10)}m"
