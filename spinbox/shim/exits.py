@@ -2,7 +2,9 @@
 
 The exit path is written once, in `watch_exit`, and ordered: reap (the
 agent's Wait), drain the output, record the exit, and only then publish
-TaskExit, so everything a process wrote reaches containerd before its exit."""
+TaskExit, so everything a process wrote reaches containerd before its exit.
+The drain has a deadline: a process the exited one started (and that outlived
+it) may hold its stdout open for ever, and the exit is never held back by it."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ KILLED = 128 + 9
 UNKNOWN = 255
 # How long spinboxd may take to see the end of a VM whose agent went silent.
 VM_ENDING_WAIT = 10.0
+# How long output still in the pipes may take to reach containerd after its process exited.
+DRAIN_WAIT = 5.0
 
 
 def now() -> datetime:
@@ -56,8 +60,7 @@ async def watch_exit(container: Container, state: ProcessState, publisher: Publi
         )
         at = now()
     # Everything the process wrote reaches containerd before its exit does.
-    if state.outputs:
-        await asyncio.gather(*state.outputs, return_exceptions=True)
+    await drain(proc.name, state.outputs, DRAIN_WAIT)
     if state.stdin is not None and not state.stdin.done():
         state.stdin.cancel()
     if state.io is not None:
@@ -73,6 +76,27 @@ async def watch_exit(container: Container, state: ProcessState, publisher: Publi
             exited_at=stamp(at),
         ),
     )
+
+
+async def drain(name: str, outputs: list[asyncio.Task[None]], deadline: float) -> None:
+    """Waits for the output copiers to reach their end of file, at most `deadline` seconds; the
+    ones still open then (held by a process that outlived `name`) are cut, and named in the log."""
+    if not outputs:
+        return
+    _, pending = await asyncio.wait(outputs, timeout=deadline)
+    if not pending:
+        return
+    cut = sorted(task.get_name() for task in pending)
+    log.warning(
+        "%s exited, but its %s stayed open %g s later (a process it started still holds it): "
+        "forwarding stopped there, and the exit is reported",
+        name,
+        " and ".join(cut),
+        deadline,
+    )
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def vm_ended(container: Container) -> tuple[int, str]:

@@ -34,10 +34,13 @@ def start_output(agent: Agent, state: ProcessState) -> None:
     loop = asyncio.get_running_loop()
     proc, io = state.process, state.io
     assert io is not None
-    streams = [(agent_pb2.STDOUT, io.stdout), (agent_pb2.STDERR, None if proc.terminal else io.stderr)]
-    for stream, sink in streams:
+    streams = [
+        ("stdout", agent_pb2.STDOUT, io.stdout),
+        ("stderr", agent_pb2.STDERR, None if proc.terminal else io.stderr),
+    ]
+    for name, stream, sink in streams:
         if sink is not None:
-            state.outputs.append(loop.create_task(copy_output(agent, proc, stream, sink)))
+            state.outputs.append(loop.create_task(copy_output(agent, proc, stream, sink), name=name))
 
 
 def start_input(agent: Agent, state: ProcessState, fifo: str) -> None:
