@@ -83,6 +83,8 @@ class Container:
     execs: dict[str, Process] = field(default_factory=dict)
     oom_kills: int = 0
     systemd: bool = False  # its init is systemd (syscont)
+    # Its init is PID 1 of a PID namespace of its own, whose end kills every process in it.
+    own_pid_namespace: bool = True
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -91,6 +93,48 @@ class Container:
             return self.execs[exec_id]
         except KeyError:
             raise TtrpcError(Code.NOT_FOUND, f"container {self.id} has no exec {exec_id!r}") from None
+
+
+def owns_pid_namespace(doc: dict[str, Any]) -> bool:
+    """Whether the spec gives the container a PID namespace of its own (not one joined by path)."""
+    namespaces = doc.get("linux", {}).get("namespaces", [])
+    return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+
+def kill_the_rest(container: Container) -> None:
+    """SIGKILLs every process left in the cgroup of a container whose init exited, as the end of
+    a PID namespace of its own would: in its pod's namespace they would outlive it (and hold its
+    output open). Done before the exit is reported, as runc's shim does."""
+    if container.cgroup is None:
+        log.warning(
+            "container %s: its init exited; without a cgroup its other processes live on", container.id
+        )
+        return
+    try:
+        left = (container.cgroup / "cgroup.procs").read_text().split()
+    except FileNotFoundError:
+        return  # its cgroup is gone, and every process with it
+    except OSError as e:
+        log.warning("container %s: cannot list the processes its init left: %s", container.id, e.strerror)
+        return
+    if not left:
+        return
+    try:
+        (container.cgroup / "cgroup.kill").write_text("1")
+    except OSError as e:
+        log.warning(
+            "container %s: cannot kill the processes its init left (%s): %s",
+            container.id,
+            " ".join(left),
+            e.strerror,
+        )
+        return
+    log.info(
+        "container %s: its init exited; killed the %d processes left in its cgroup (%s)",
+        container.id,
+        len(left),
+        " ".join(left),
+    )
 
 
 class Containers:
@@ -152,7 +196,9 @@ class Containers:
         if self.config.cgroup_parent:
             cgroup = self.config.cgroup_root / self.config.cgroup_parent / cid
         init = Process(cid, "", req.io)
-        container = Container(cid, bundle, rootfs, init, cgroup, systemd=systemd)
+        container = Container(
+            cid, bundle, rootfs, init, cgroup, systemd=systemd, own_pid_namespace=owns_pid_namespace(doc)
+        )
         self.containers[cid] = container
         try:
             await self._spawn(container, init, ["create", "--bundle", str(bundle)])
@@ -219,6 +265,8 @@ class Containers:
             os.close(proc.stdin.fd)
         if proc is container.init:
             self._check_oom(container)
+            if not container.own_pid_namespace:
+                kill_the_rest(container)
         proc.exited.set()
         log.info("%s (pid %d) exited with status %d", proc.name, proc.pid, proc.status)
 
