@@ -394,7 +394,8 @@ class CriContainerd(Containerd):
         images = artifacts_dir() / "images"
         for image in (
             build_image(images / "busybox.tar"),
-            build_image(images / "pause.tar", PAUSE_IMAGE, cmd=("sleep", "2147483647")),
+            # Not `sleep`: critest looks for a `sleep` it ran in a pod's PID namespace, whose PID 1 this is.
+            build_image(images / "pause.tar", PAUSE_IMAGE, cmd=("tail", "-f", "/dev/null")),
         ):
             self.ctr("-n", "k8s.io", "images", "import", str(image))
 
