@@ -279,34 +279,37 @@ def test_a_pods_containers_share_its_uts_ipc_and_pid_namespaces(
         assert "sleep 1000001" in cmdlines and "sleep 1000002" in cmdlines
         assert exec_in(first, "tr '\\0' ' ' < /proc/1/cmdline") == "tail -f /dev/null"
 
-        def pod_processes() -> str:
-            return exec_in(second, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
+        def processes(container: str) -> str:
+            return exec_in(container, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
 
         # An exec past its timeout is killed (containerd's ExecSync kills it, spinbox's guest ends it).
         timed_out = cri.crictl("exec", "--timeout", "1", "-s", first, "sleep", "4321", check=False)
         assert timed_out.returncode != 0, timed_out
-        assert "sleep 4321" not in pod_processes()
+        assert "sleep 4321" not in processes(second)
 
         # A member whose first process has a child holding its stdout, stopped with timeout 0:
-        # SIGKILL ends the first process, the child dies with it, and the exit comes at once.
-        holder = run("holder", "sh", "-c", "sleep 1000003 & echo holding; wait")
-        systemd.wait_for("the holder's child", lambda: "sleep 1000003" in pod_processes())
-        started = time.monotonic()
-        cri.crictl("stop", "-t", "0", holder, timeout=120)
-        print(f"stop -t 0 of a process whose child holds its stdout: {time.monotonic() - started:.1f} s")
-        status = json.loads(cri.crictl("inspect", "-o", "json", holder).stdout)["status"]
-        assert (status["state"], status["exitCode"]) == ("CONTAINER_EXITED", 137), status
-        assert "sleep 1000003" not in pod_processes()
-        assert "holding" in systemd.path(f"{logs}/holder.log").read_text()
+        # SIGKILL ends the first process, the child dies with it, and the exit comes at once;
+        # in the pod's PID namespace (the sandbox is PID 1) and in one of its own
+        # (NamespaceMode_CONTAINER, what a kubelet asks unless the pod shares its processes:
+        # the container's own first process is PID 1).
+        for name, pid_mode in (("holder-pod", 0), ("holder-own", 1)):
+            child = f"sleep {1000003 + pid_mode}"
+            holder = run(name, "sh", "-c", f"{child} & echo holding; wait", pid_mode=pid_mode)
+            systemd.wait_for(f"{name}'s child", lambda c=holder, s=child: s in processes(c))
+            assert exec_in(holder, "cat /proc/1/comm") == ("sh" if pid_mode == 1 else "tail")
+            started = time.monotonic()
+            cri.crictl("stop", "-t", "0", holder, timeout=120)
+            print(f"stop -t 0 of {name}, whose child holds its stdout: {time.monotonic() - started:.1f} s")
+            status = json.loads(cri.crictl("inspect", "-o", "json", holder).stdout)["status"]
+            assert (status["state"], status["exitCode"]) == ("CONTAINER_EXITED", 137), status
+            assert child not in processes(second)
+            assert "holding" in systemd.path(f"{logs}/{name}.log").read_text()
 
         # `top` stopped right after its start: in the pod's PID namespace it is not PID 1, so
         # SIGTERM ends it at once; in one of its own, SIGTERM is dropped and the timeout's
         # SIGKILL ends it.
         for name, pid_mode, timeout, killed in (("top-pod", 0, "120", False), ("top-own", 1, "3", True)):
             top = run(name, "top", "-b", pid_mode=pid_mode)
-            # NamespaceMode_CONTAINER (what a kubelet asks unless the pod shares its process
-            # namespace): the container's own process is its PID 1.
-            assert (exec_in(top, "cat /proc/1/comm") == "top") == (pid_mode == 1)
             cri.crictl("stop", "-t", timeout, top)
             status = json.loads(cri.crictl("inspect", "-o", "json", top).stdout)["status"]
             assert status["state"] == "CONTAINER_EXITED", status
