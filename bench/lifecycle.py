@@ -129,7 +129,7 @@ def set_boot(systemd: PrivateSystemd, initrd: Path, boot: str) -> None:
 def shim_rss_kib(systemd: PrivateSystemd, containerd: Containerd) -> int:
     containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, "bench-rss", "sleep", "600")
     try:
-        (pid,) = systemd.processes("spinbox.shim .*-id bench-rss")
+        (pid,) = systemd.processes("containerd-shim-spinbox-v1 .*-id bench-rss")
         status = systemd.run("cat", f"/proc/{pid}/status").stdout
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
     finally:
