@@ -314,10 +314,63 @@ def test_a_pods_containers_share_its_uts_ipc_and_pid_namespaces(
             status = json.loads(cri.crictl("inspect", "-o", "json", top).stdout)["status"]
             assert status["state"] == "CONTAINER_EXITED", status
             assert (status["exitCode"] == 137) == killed, (name, status["exitCode"])
+
+        check_restarts(cri, systemd, pod, pod_config, processes)
     finally:
         cri.crictl("stopp", pod)
         cri.crictl("rmp", pod)
     wait_clean(systemd, cri)
+
+
+def check_restarts(
+    cri: CriContainerd, systemd: PrivateSystemd, pod: str, pod_config: str, processes: Callable[[str], str]
+) -> None:
+    """A kubelet's restart of a pod's container: a new container of the same name, the next
+    attempt, in the same running pod (the same VM), then the old one's removal; after the old
+    one exited, and after it was stopped."""
+    empty_dir = f"{WORK}/app-empty-dir"
+    systemd.run("mkdir", "-p", empty_dir)
+
+    def app(attempt: int, script: str) -> str:
+        config = container_config("app", "sh", "-c", script)
+        config["metadata"] = {"name": "app", "attempt": attempt}
+        config["mounts"] = [{"container_path": "/cache", "host_path": empty_dir}]
+        config["log_path"] = f"app_{attempt}.log"
+        path = write_json(systemd, f"app-{attempt}.json", config)
+        container = cri.crictl("create", pod, path, pod_config).stdout.strip()
+        cri.crictl("start", container)
+        return container
+
+    def state(container: str) -> tuple[str, int]:
+        status = json.loads(cri.crictl("inspect", "-o", "json", container).stdout)["status"]
+        return status["state"], status["exitCode"]
+
+    def in_app(container: str, script: str) -> str:
+        return cri.crictl("exec", "-s", container, "sh", "-c", script).stdout.strip()
+
+    # Attempt 0 writes to the pod's volume and to its own rootfs, and exits.
+    first = app(0, "echo attempt-0 >> /cache/runs; echo mine > /own; exit 3")
+    systemd.wait_for("app attempt 0 to exit", lambda: state(first) == ("CONTAINER_EXITED", 3), timeout=120)
+    # Attempt 1, in the same pod VM, sees the volume and a rootfs of its own.
+    second = app(1, "echo attempt-1 >> /cache/runs; exec sleep 1000005")
+    assert len(systemd.processes("qemu-system")) == 1
+    systemd.wait_for("app attempt 1's process", lambda: "sleep 1000005" in processes(second))
+    assert in_app(second, "cat /cache/runs") == "attempt-0\nattempt-1"
+    assert in_app(second, "test -e /own && echo found || echo none") == "none"
+    cri.crictl("rm", first)
+    assert state(second) == ("CONTAINER_RUNNING", 0)
+
+    # Attempt 1 stopped, then replaced the same way.
+    cri.crictl("stop", "-t", "30", second)
+    assert state(second) == ("CONTAINER_EXITED", 143)
+    third = app(2, "echo attempt-2 >> /cache/runs; exec sleep 1000006")
+    assert len(systemd.processes("qemu-system")) == 1
+    systemd.wait_for("app attempt 2's process", lambda: "sleep 1000006" in processes(third))
+    assert in_app(third, "cat /cache/runs") == "attempt-0\nattempt-1\nattempt-2"
+    cri.crictl("rm", second)
+    assert state(third) == ("CONTAINER_RUNNING", 0)
+    assert "sleep 1000005" not in processes(third)
+    assert systemd.path(f"{empty_dir}/runs").read_text() == "attempt-0\nattempt-1\nattempt-2\n"
 
 
 @pytest.mark.parametrize(
