@@ -24,12 +24,14 @@ PEER_SOURCE = Path(__file__).parent / "gopeer"
 
 @pytest.fixture(scope="module")
 def gopeer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if shutil.which("go") is None:
+    # The host's Go, or the one tools/install-test-clients fetched where the host has none.
+    go = shutil.which("go") or shutil.which("go", path="/opt/spinbox-test/go/bin")
+    if go is None:
         pytest.skip("no Go toolchain")
     binary = tmp_path_factory.mktemp("gopeer") / "gopeer"
     env = {**os.environ, "GOFLAGS": "-mod=readonly", "GOPROXY": "off", "GOTOOLCHAIN": "local"}
     build = subprocess.run(
-        ["go", "build", "-o", str(binary), "."],
+        [go, "build", "-o", str(binary), "."],
         cwd=PEER_SOURCE, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     if build.returncode != 0:
