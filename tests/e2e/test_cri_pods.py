@@ -328,8 +328,9 @@ def check_restarts(
     """A kubelet's restart of a pod's container: a new container of the same name, the next
     attempt, in the same running pod (the same VM), then the old one's removal; after the old
     one exited, and after it was stopped."""
-    empty_dir = f"{WORK}/app-empty-dir"
-    systemd.run("mkdir", "-p", empty_dir)
+    # A directory of this pod's own: the private systemd outlives one containerd version's run.
+    empty_dir = f"{WORK}/app-empty-dir-{pod[:12]}"
+    systemd.run("mkdir", empty_dir)
 
     def app(attempt: int, script: str) -> str:
         config = container_config("app", "sh", "-c", script)
