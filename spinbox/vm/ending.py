@@ -54,9 +54,9 @@ class Ending:
         if self.status is None:
             return "QEMU ended; its exit status is unknown (an earlier spinboxd started it)"
         if self.status == 0:
-            return "QEMU exited normally (the guest powered off)" + (
-                " as spinbox asked" if self.requested else ""
-            )
+            if self.requested:
+                return "QEMU exited normally as spinbox asked"
+            return "QEMU exited normally (the guest powered off)"
         return f"QEMU exited with status {self.status}"
 
     @property

@@ -172,7 +172,7 @@ def test_qemu_refusing_to_start_is_reported(test_image: Path, tmp_path: Path) ->
 
 
 def test_guest_image_boots_to_agent_ready(guest_image: Path, tmp_path: Path) -> None:
-    """The real image: vminitd answers Ping on both channels, and Shutdown powers the guest off."""
+    """The real image: vminitd answers Ping on both channels and Shutdown, and QEMU then quits."""
     from spinbox.agent import AgentClient
 
     runtime_dir = tmp_path / "vm"
@@ -189,7 +189,7 @@ def test_guest_image_boots_to_agent_ready(guest_image: Path, tmp_path: Path) -> 
                 assert (await agent.ping()).timeline["agent-listening"] > 0
             finally:
                 await agent.close()
-            assert await vm.shutdown(60) == 0  # the guest powered itself off
+            assert await vm.shutdown(60) == 0  # the agent answered Shutdown, then QMP quit
         finally:
             await vm.kill()
         assert_gone(vm.pid, runtime_dir)

@@ -27,9 +27,7 @@ def test_other_ends_give_the_unknown_status_and_say_why() -> None:
     assert Ending(None).container_status == 255
     assert "unknown" in Ending(None).reason
     assert Ending(1).reason == "QEMU exited with status 1"
-    assert (
-        Ending(0, requested="stop").reason == "QEMU exited normally (the guest powered off) as spinbox asked"
-    )
+    assert Ending(0, requested="stop").reason == "QEMU exited normally as spinbox asked"
 
 
 def test_endings_are_said_once_and_the_last_ones_kept(caplog: pytest.LogCaptureFixture) -> None:
