@@ -137,6 +137,18 @@ def kill_the_rest(container: Container) -> None:
     )
 
 
+def processes_left(container: Container) -> bool:
+    """Whether any process may be left in the container (its cgroup not known or not empty)."""
+    if container.cgroup is None:
+        return True
+    try:
+        return bool((container.cgroup / "cgroup.procs").read_text().split())
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 class Containers:
     def __init__(self, config: RuntimeConfig, reaper: Reaper) -> None:
         self.config = config
@@ -363,6 +375,9 @@ class Containers:
             if not force:
                 raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from None
             log.warning("container %s: %s", container.id, e)
+        self._forget(container)
+
+    def _forget(self, container: Container) -> None:
         for proc in [container.init, *container.execs.values()]:
             proc.close_io()
             proc.io_ready.set()
@@ -408,8 +423,12 @@ class Containers:
             path.unlink()
 
     async def shutdown(self) -> None:
-        """Kills and deletes every container."""
+        """Kills and deletes every container. One whose processes have all ended needs no
+        `crun delete`: its state and its empty cgroup end with the VM."""
         for container in list(self.containers.values()):
+            if container.init.exited.is_set() and not processes_left(container):
+                self._forget(container)
+                continue
             if container.init.pid and not container.init.exited.is_set():
                 with contextlib.suppress(OSError):
                     os.kill(container.init.pid, signal.SIGKILL)

@@ -453,16 +453,7 @@ class VmManager:
                         await vm.machine.resume()
                     for container_id, rootfs in vm.rootfses().items():
                         await self._export_at_stop(vm, container_id, rootfs)
-                        try:
-                            async with asyncio.timeout(timeout):
-                                await self.backend.quiesce_guest(vm.machine, container_id, unmount=True)
-                        except Exception as e:
-                            log.warning(
-                                "VM %s: the guest did not unmount the rootfs of %s: %s",
-                                vm.id,
-                                container_id,
-                                e,
-                            )
+                    # The agent's Shutdown ends the containers, then syncs and unmounts every rootfs.
                     await vm.machine.shutdown(timeout)
             except Exception:
                 log.exception("shutting VM %s down failed; killing it", vm.id)

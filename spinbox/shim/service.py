@@ -348,16 +348,18 @@ class TaskService:
             if state.watcher is not None and not state.watcher.done():
                 state.watcher.cancel()
             await pump.stop(state)
-        try:
-            await container.agent.delete_container(container.id)
-        except Exception as error:
-            log.warning("guest could not delete %s: %s", container.id, error)
+        if container.sandbox:
+            # The pod's VM stays for its other containers. A VM of its own goes with everything in
+            # it: the guest's Shutdown ends the container, after its writable layer is written back.
+            try:
+                await container.agent.delete_container(container.id)
+            except Exception as error:
+                log.warning("guest could not delete %s: %s", container.id, error)
         if container.oom_watcher is not None:
             container.oom_watcher.cancel()
         try:
             if container.sandbox:
-                # The pod's VM stays for its other containers; only this rootfs goes
-                # (unless the sandbox went first, and its VM with everything in it).
+                # Only this rootfs goes (unless the sandbox went first, and its VM with everything in it).
                 if container.sandbox in self.containers:
                     await (await self.spinboxd()).remove_rootfs(container.vm.path, container.id)
             else:

@@ -85,3 +85,41 @@ def test_a_kill_that_fails_is_named_and_the_exit_still_reported(
     with caplog.at_level(logging.WARNING, logger="guest.vminitd.containers"):
         exit_of(tmp_path, own=False, procs="52\n", kill_file=False)
     assert "container app: cannot kill the processes its init left (52)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("procs", "exited", "crun_deletes"),
+    [("", True, []), ("57\n", True, ["app"]), ("", False, ["app"])],
+    ids=["all ended", "a process left", "init running"],
+)
+def test_shutdown_runs_crun_delete_only_where_a_process_may_be_left(
+    tmp_path: Path, procs: str, exited: bool, crun_deletes: list[str]
+) -> None:
+    """At the VM's shutdown a container whose processes have all ended (its init exited, its
+    cgroup empty) is forgotten without a `crun delete`: its state and cgroup end with the VM."""
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    (cgroup / "cgroup.procs").write_text(procs)
+    config = RuntimeConfig(state_dir=tmp_path / "state", rootfs_dir=tmp_path / "rootfs")
+    init = Process("app", "", pb.IoConfig(), pid=0)
+    container = Container("app", tmp_path / "bundle", tmp_path / "rootfs", init, cgroup)
+    (tmp_path / "bundle").mkdir()
+    deleted: list[str] = []
+
+    async def main() -> None:
+        containers = Containers(config, Reaper())
+
+        async def crun(*args: str, **_: object) -> None:
+            assert args[:2] == ("delete", "--force")
+            deleted.append(args[2])
+
+        containers.crun.run = crun  # type: ignore[method-assign]
+        containers.containers["app"] = container
+        if exited:
+            init.exited.set()
+        await containers.shutdown()
+        assert containers.containers == {}
+
+    asyncio.run(main())
+    assert deleted == crun_deletes
+    assert not (tmp_path / "bundle").exists()
