@@ -8,7 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MOUNTINFO = Path("/proc/self/mountinfo")
+# Re-exported: spinboxctl's top finds each VM's scope through them.
+from spinbox.cgroups import Cgroup2Mount as Cgroup2Mount
+from spinbox.cgroups import cgroup2_mounts as cgroup2_mounts
+from spinbox.cgroups import cgroup_of as cgroup_of
 
 
 @dataclass(frozen=True)
@@ -18,52 +21,6 @@ class Usage:
     cpu_usec: int | None
     memory: int | None
     at: float
-
-
-@dataclass(frozen=True)
-class Cgroup2Mount:
-    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on a
-    hybrid host), and which of its cgroups is the mount's root ("/" unless the
-    mount was made in another cgroup namespace than the reader's)."""
-
-    path: Path
-    root: str = "/"
-
-
-def cgroup2_mounts(mountinfo: Path = MOUNTINFO) -> list[Cgroup2Mount]:
-    """Every cgroup2 mount, in mount order (a later one may hide an earlier one)."""
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return []
-    mounts = []
-    for line in lines:
-        fields = line.split()
-        # Optional fields end with "-"; the filesystem type follows it.
-        if "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
-            mounts.append(Cgroup2Mount(Path(fields[4]), fields[3]))
-    return mounts
-
-
-def cgroup_of(pid: int, mounts: list[Cgroup2Mount], proc: Path = Path("/proc")) -> Path | None:
-    """The cgroup2 directory of process `pid` (QEMU's is its VM's scope), through
-    the last mount that shows it (None if none does)."""
-    if pid <= 0:
-        return None
-    try:
-        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    cgroup = next((line[3:].rstrip("/") + "/" for line in lines if line.startswith("0::")), None)
-    if cgroup is None:
-        return None
-    for mount in reversed(mounts):
-        root = mount.root.rstrip("/") + "/"
-        if cgroup.startswith(root):  # else outside the part of the hierarchy mounted there
-            path = mount.path / cgroup[len(root) :].strip("/")
-            if path.is_dir():
-                return path
-    return None
 
 
 def read_usage(cgroup: Path | None) -> Usage:
