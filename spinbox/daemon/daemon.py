@@ -18,6 +18,7 @@ from spinbox.config import Config
 from spinbox.daemon.auth import SpecHidingBus
 from spinbox.daemon.backend import Backend
 from spinbox.daemon.manager import VmManager
+from spinbox.daemon.scopememory import say_if_not_enforced
 from spinbox.daemon.service import PRIVATE, export_manager
 from spinbox.daemon.state import RUN_DIR
 from spinbox.daemon.systemd import SystemdManager
@@ -63,6 +64,7 @@ class Daemon:
         await systemd.subscribe()
 
         accelerator = self.backend.accelerator()
+        say_if_not_enforced()
         manager = VmManager(
             self.config,
             systemd,

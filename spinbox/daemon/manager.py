@@ -25,6 +25,7 @@ from spinbox.daemon.leftover import Leftover, clean_up, recover
 from spinbox.daemon.logs import JournalSink, LogForwarder
 from spinbox.daemon.options import VmRequest, check_vm_id, escape_path_element
 from spinbox.daemon.rescue import write_back_with_helper
+from spinbox.daemon.scopememory import ScopeMemoryWatch, scope_ending
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.state import STORAGE_DIR, VmState, vm_dir
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager, scope_name
@@ -70,6 +71,8 @@ class Vm:
     saved: set[str] = field(default_factory=set)
     # spinboxd's copy of the port-forward listener handed to the shim (VM.OpenPortForward).
     port_forward: socket.socket | None = None
+    # The memory events of the VM's scope (None without cgroup2's memory controller).
+    memory: ScopeMemoryWatch | None = None
 
     def rootfses(self) -> dict[str, Rootfs]:
         """Every rootfs of the VM by container id, a pod's further containers' too."""
@@ -392,6 +395,7 @@ class VmManager:
         # Nobody may be waiting when a VM ends by itself; its failure is logged.
         vm.finished.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.vms[vm.id] = vm
+        vm.memory = ScopeMemoryWatch.for_process(vm.id, vm.state.pid)
         vm.exit_task = loop.create_task(self._watch_exit(vm))
         if self.publisher is not None:
             self.publisher.publish(vm)
@@ -479,9 +483,10 @@ class VmManager:
         assert vm.finished is not None
         try:
             await vm.machine.wait_exit()
+            ending = self._ending_of(vm)  # first: the scope's memory events may go with it
             # From here on the pid may be another process's.
             vm.forwarder.sink.pid = 0
-            self.endings.record(vm.id, vm.machine.ending or Ending(None), vm.state.pid, vm.forwarder.sink)
+            self.endings.record(vm.id, ending, vm.state.pid, vm.forwarder.sink)
             await self._release(vm)
         except Exception as e:
             log.exception("releasing VM %s failed", vm.id)
@@ -501,10 +506,19 @@ class VmManager:
                     await vm.machine.wait_exit()
             except TimeoutError:
                 raise Failed(f"VM {vm_id!r} is still running after {wait:g} s") from None
-            return vm.machine.ending or Ending(None)
+            return self._ending_of(vm)
         ending = self.endings.get(vm_id)
         if ending is None:
             raise NotFound(f"there is no VM {vm_id!r}, nor one that ended lately")
+        return ending
+
+    @staticmethod
+    def _ending_of(vm: Vm) -> Ending:
+        """How the ended VM's QEMU ended, its scope's memory limit's OOM kill included."""
+        limit = int(vm.state.resources.get("memory-max", 0))
+        ending = scope_ending(vm.machine.ending or Ending(None), vm.memory, limit)
+        if vm.memory is not None:
+            vm.memory.close()
         return ending
 
     async def _release(self, vm: Vm) -> None:
@@ -524,6 +538,8 @@ class VmManager:
             if vm.exit_task is not None:
                 vm.exit_task.cancel()
             await vm.forwarder.stop(drain=0)
+            if vm.memory is not None:
+                vm.memory.close()
             with contextlib.suppress(Exception):
                 await vm.machine.detach()
 

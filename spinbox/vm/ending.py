@@ -5,8 +5,9 @@ A process inside the guest has no exit status of its own when its VM goes
 away: it ends because QEMU did. The status reported for it follows the usual
 shell convention where that is true, and is "unknown" otherwise:
 
-- QEMU killed by signal N (someone's `kill -9`, the kernel's OOM killer, the
-  scope's MemoryMax): 128 + N, as for a process killed by that signal;
+- QEMU killed by signal N (someone's `kill -9`, the kernel's OOM killer when
+  the VM's scope reached its MemoryMax): 128 + N, as for a process killed by
+  that signal;
 - anything else (a guest kernel panic, QEMU failing, a status nobody could
   read because an earlier spinboxd started QEMU): 255, the status containerd
   itself gives an exit it does not know.
@@ -31,12 +32,29 @@ def signal_name(number: int) -> str:
 @dataclass(frozen=True)
 class Ending:
     """QEMU's end: its wait status (negative: killed by that signal; None:
-    not known), whether the guest kernel panicked first, and whether spinbox
-    itself asked for it (a stop or kill)."""
+    not known), whether the guest kernel panicked first, whether spinbox
+    itself asked for it (a stop or kill), and the VM scope's memory limit in
+    bytes where the kernel's OOM killer ended QEMU at that limit."""
 
     status: int | None
     panicked: bool = False
     requested: str = ""  # "stop" or "kill" when spinbox ended it
+    oom_limit: int | None = None
+
+    @property
+    def cause(self) -> str:
+        """What ended QEMU, as a word a program can compare (VMEndingCause's cause)."""
+        if self.panicked:
+            return "panic"
+        if self.oom_limit is not None:
+            return "oom-kill"
+        if self.signal and self.requested == "kill" and self.signal == signal.SIGKILL:
+            return "requested"
+        if self.signal:
+            return "signal"
+        if self.status is None:
+            return "unknown"
+        return "requested" if self.requested else "exit"
 
     @property
     def signal(self) -> int:
@@ -46,6 +64,11 @@ class Ending:
     def reason(self) -> str:
         if self.panicked:
             return "the guest kernel panicked (QEMU's pvpanic device reported it) and QEMU exited"
+        if self.oom_limit is not None:
+            return (
+                f"the VM's scope reached its memory limit (MemoryMax={self.oom_limit} bytes) "
+                f"and the kernel's OOM killer ended QEMU ({signal_name(self.signal)})"
+            )
         if self.signal:
             name = signal_name(self.signal)
             if self.requested == "kill" and self.signal == signal.SIGKILL:
