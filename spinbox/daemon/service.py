@@ -245,6 +245,11 @@ class ManagerInterface(DocumentedInterface):
         return [ending.container_status, ending.reason]
 
     @method()
+    async def VMEndingCause(self, id: "s", timeout_ms: "u") -> "uss":
+        ending = await _answer(f"the end of VM {id!r}", self.manager.ending(id, timeout_ms / 1000))
+        return [ending.container_status, ending.reason, ending.cause]
+
+    @method()
     def ListVMs(self) -> "ao":
         return sorted(vm.path for vm in self.manager.vms.values())
 
