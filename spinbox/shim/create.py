@@ -142,7 +142,7 @@ class ContainerCreator:
         self.connect_agent = connect_agent
         self.publisher = publisher
 
-    async def vm_ending(self, vm_id: str) -> tuple[int, str]:
+    async def vm_ending(self, vm_id: str) -> tuple[int, str, str]:
         return await (await self.spinboxd()).vm_ending(vm_id, exits.VM_ENDING_WAIT)
 
     async def in_new_vm(self, plan: CreatePlan) -> Container:

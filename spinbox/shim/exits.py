@@ -1,4 +1,7 @@
-"""A process's exit and a container's OOM kills, as containerd learns them.
+"""A process's exit and a container's OOM kills, as containerd learns them: the
+guest's (vminitd watches the container's memory.events) and the VM's own (its
+scope's memory limit had the host kernel's OOM killer end QEMU, which
+spinboxd's VMEndingCause says; TaskOOM then comes before the exit).
 
 The exit path is written once, in `watch_exit`, and ordered: reap (the
 agent's Wait), drain the output, record the exit, and only then publish
@@ -25,6 +28,8 @@ KILLED = 128 + 9
 UNKNOWN = 255
 # How long spinboxd may take to see the end of a VM whose agent went silent.
 VM_ENDING_WAIT = 10.0
+# spinboxd's cause of a VM ended by its scope's memory limit (the kernel's OOM killer).
+OOM_KILL = "oom-kill"
 # How long output still in the pipes may take to reach containerd after its process exited.
 DRAIN_WAIT = 5.0
 
@@ -54,11 +59,15 @@ async def watch_exit(container: Container, state: ProcessState, publisher: Publi
         raise
     except Exception as error:
         # The guest went away: the status says how its VM ended, as spinboxd's journal does.
-        status, reason = await vm_ended(container)
+        status, reason, cause = await vm_ended(container)
         log.error(
             "lost %s with VM %s (%s): %s; exit status %d", proc.name, container.vm_id, error, reason, status
         )
         at = now()
+        if cause == OOM_KILL and not container.vm_oom_published:
+            # The VM's memory limit ended the container: containerd learns it before any exit of it.
+            container.vm_oom_published = True
+            publisher.publish(topics.TASK_OOM, events.TaskOOM(container_id=container.id))
     # Everything the process wrote reaches containerd before its exit does.
     await drain(proc.name, state.outputs, DRAIN_WAIT)
     if state.stdin is not None and not state.stdin.done():
@@ -99,16 +108,17 @@ async def drain(name: str, outputs: list[asyncio.Task[None]], deadline: float) -
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def vm_ended(container: Container) -> tuple[int, str]:
-    """The exit status of a process lost with the container's VM, and the sentence saying why."""
+async def vm_ended(container: Container) -> tuple[int, str, str]:
+    """The exit status of a process lost with the container's VM, the sentence saying why,
+    and what ended the VM (spinboxd's word for it, "" when unknown)."""
     if container.vm_ending is None:
-        return UNKNOWN, "spinboxd was not asked how the VM ended"
+        return UNKNOWN, "spinboxd was not asked how the VM ended", ""
     try:
         return await container.vm_ending()
     except asyncio.CancelledError:
         raise
     except Exception as error:
-        return UNKNOWN, f"spinboxd cannot say how the VM ended: {error}"
+        return UNKNOWN, f"spinboxd cannot say how the VM ended: {error}", ""
 
 
 async def watch_oom(container: Container, publisher: Publisher) -> None:

@@ -33,7 +33,8 @@ RESTARTING = (
 )
 SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"
 # The bus's errors for a call to an object spinboxd no longer exports (its VM was released).
-OBJECT_GONE = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownObject")
+UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+OBJECT_GONE = (UNKNOWN_METHOD, "org.freedesktop.DBus.Error.UnknownObject")
 # While this file is installed the bus can start spinboxd again; once the package is removed,
 # ServiceUnknown means spinboxd is gone for good, and waiting would only hold containerd's call.
 ACTIVATION_FILE = Path("/usr/share/dbus-1/system-services/org.spinstack.Spinbox.service")
@@ -146,12 +147,23 @@ class Spinboxd:
             raise
         return str(path)
 
-    async def vm_ending(self, vm_id: str, wait: float) -> tuple[int, str]:
-        """How the VM ended (waiting up to `wait` s): its container processes' exit status, and why."""
-        status, reason = await self.client.call(
-            MANAGER_PATH, MANAGER_IFACE, "VMEnding", "su", [vm_id, int(wait * 1000)], wait + 30
-        )
-        return int(status), str(reason)
+    async def vm_ending(self, vm_id: str, wait: float) -> tuple[int, str, str]:
+        """How the VM ended (waiting up to `wait` s): its container processes' exit status, why,
+        and what ended it as a word ("oom-kill": its scope's memory limit; "" from a spinboxd
+        older than VMEndingCause)."""
+        body = [vm_id, int(wait * 1000)]
+        try:
+            status, reason, cause = await self.client.call(
+                MANAGER_PATH, MANAGER_IFACE, "VMEndingCause", "su", body, wait + 30
+            )
+        except SpinboxdError as error:
+            if error.name != UNKNOWN_METHOD:
+                raise
+            status, reason = await self.client.call(
+                MANAGER_PATH, MANAGER_IFACE, "VMEnding", "su", body, wait + 30
+            )
+            cause = ""
+        return int(status), str(reason), str(cause)
 
     async def prepare_network_namespace(self, vm_id: str) -> tuple[str, int]:
         path, pid = await self.client.call(

@@ -20,6 +20,21 @@ def test_a_qemu_killed_by_a_signal_gives_128_plus_the_signal() -> None:
     assert Ending(-9, requested="kill").reason == "spinbox killed QEMU (SIGKILL) to stop the VM"
 
 
+def test_each_ending_has_its_cause_word() -> None:
+    assert Ending(-9).cause == "signal"
+    assert Ending(-9, requested="kill").cause == "requested"
+    assert Ending(0, requested="stop").cause == "requested"
+    assert Ending(0).cause == Ending(1).cause == "exit"
+    assert Ending(1, panicked=True).cause == "panic"
+    assert Ending(None).cause == "unknown"
+    oom = Ending(-9, oom_limit=805306368)
+    assert oom.cause == "oom-kill" and oom.container_status == 137
+    assert oom.reason == (
+        "the VM's scope reached its memory limit (MemoryMax=805306368 bytes) "
+        "and the kernel's OOM killer ended QEMU (SIGKILL)"
+    )
+
+
 def test_other_ends_give_the_unknown_status_and_say_why() -> None:
     panic = Ending(1, panicked=True)
     assert panic.container_status == UNKNOWN_STATUS == 255
@@ -49,10 +64,10 @@ def test_endings_are_said_once_and_the_last_ones_kept(caplog: pytest.LogCaptureF
 
 
 class _Lost:
-    def __init__(self, answer: tuple[int, str] | Exception) -> None:
+    def __init__(self, answer: tuple[int, str, str] | Exception) -> None:
         self.answer = answer
 
-    async def __call__(self) -> tuple[int, str]:
+    async def __call__(self) -> tuple[int, str, str]:
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -60,9 +75,10 @@ class _Lost:
 
 def test_a_lost_process_takes_the_status_spinboxd_gives() -> None:
     class Container:
-        vm_ending = _Lost((137, "QEMU was killed by SIGKILL, not by spinbox"))
+        vm_ending = _Lost((137, "QEMU was killed by SIGKILL, not by spinbox", "signal"))
 
-    assert asyncio.run(exits.vm_ended(Container())) == (137, "QEMU was killed by SIGKILL, not by spinbox")  # type: ignore[arg-type]
+    answer = asyncio.run(exits.vm_ended(Container()))  # type: ignore[arg-type]
+    assert answer == (137, "QEMU was killed by SIGKILL, not by spinbox", "signal")
     Container.vm_ending = _Lost(RuntimeError("no bus"))
-    status, reason = asyncio.run(exits.vm_ended(Container()))  # type: ignore[arg-type]
-    assert (status, reason) == (255, "spinboxd cannot say how the VM ended: no bus")
+    status, reason, cause = asyncio.run(exits.vm_ended(Container()))  # type: ignore[arg-type]
+    assert (status, reason, cause) == (255, "spinboxd cannot say how the VM ended: no bus", "")
