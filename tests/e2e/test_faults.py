@@ -3,7 +3,9 @@ that stops answering (its QEMU SIGSTOPped) fails `ctr run` within the
 configured deadline, with a sentence naming the VM and the step, and the VM
 is cleaned up; a QEMU killed by SIGKILL, or a guest kernel that panics, ends
 the task with an exit status that spinboxd's journal line about the VM
-explains, and leaves nothing behind."""
+explains, and leaves nothing behind; a VM whose scope reaches its MemoryMax
+gives TaskOOM before the exit (only where cgroup2 offers the memory
+controller: elsewhere the limit is never enforced)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from tests.e2e.stack import (
     RUNTIME,
     Containerd,
     CriContainerd,
+    task_topics,
     wait_until_clean,
 )
 from tests.e2e.test_cri_pods import wait_clean
@@ -119,6 +122,63 @@ def test_a_guest_kernel_panic_ends_the_task_with_the_reason_in_the_journal(
     ), lines
     console = stack.journal("-u", f"spinbox-vm-{vm_id}.scope", "-o", "cat")
     assert "Kernel panic" in console and "the guest kernel panicked" in console, console[-3000:]
+    containerd.ctr("container", "delete", name, check=False)
+    assert wait_until_clean(stack, containerd) == NOTHING_LEFT
+
+
+def memory_controller_missing(stack: PrivateSystemd) -> str:
+    """Why the test systemd's scopes cannot reach a MemoryMax ("" where they can)."""
+    try:
+        offered = stack.path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    except OSError as e:
+        return f"the test systemd's cgroup2 cannot be read: {e}"
+    if "memory" in offered:
+        return ""
+    return (
+        "the test systemd's cgroup2 offers no memory controller (cgroup.controllers: "
+        f"{' '.join(offered) or 'none'}): a scope's MemoryMax is recorded, never enforced"
+    )
+
+
+def test_a_vm_scope_at_its_memory_limit_gives_taskoom_then_the_exit(
+    containerd: Containerd, stack: PrivateSystemd
+) -> None:
+    missing = memory_controller_missing(stack)
+    if missing:
+        pytest.skip(missing)
+    name, vm_id = "scopeoom1", "default-scopeoom1"
+    scope = f"spinbox-vm-{vm_id}.scope"
+    with containerd.events() as events:
+        run = subprocess.Popen(
+            containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            stack.wait_for(
+                f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300
+            )
+            pid = qemu_pid(stack, vm_id)
+            assert pid
+            # Below what QEMU holds: writing memory.max reclaims what it can, then the kernel's
+            # OOM killer ends the scope's biggest process, QEMU.
+            stack.systemctl("set-property", "--runtime", scope, "MemoryMax=32M")
+            _, stderr = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+    said = (
+        f"VM {vm_id}: the VM's scope reached its memory limit (MemoryMax={32 << 20} bytes) and the "
+        f"kernel's OOM killer ended QEMU (SIGKILL) (QEMU pid {pid}); the processes in it end with "
+        "exit status 137"
+    )
+    assert run.returncode == 137, stderr
+    assert said in vm_lines(stack, vm_id), vm_lines(stack, vm_id)
+    assert said in stack.journal("-u", scope, "-o", "cat")
+    topics = task_topics(events, name)
+    assert "/tasks/oom" in topics and topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics
     containerd.ctr("container", "delete", name, check=False)
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 

@@ -68,6 +68,12 @@ def test_unit_is_active_only_once_it_serves(spinbox: PrivateSystemd) -> None:
     assert spinbox.unit_property("spinbox.service", "WatchdogUSec") == "30s"
     journal = spinbox.journal("-u", "spinbox.service", "-o", "cat")
     assert journal.rindex("serving org.spinstack.Spinbox") < journal.rindex("Started spinbox.service")
+    # Without cgroup2's memory controller each start says once that MemoryMax is not enforced.
+    serving = journal.rindex("serving org.spinstack.Spinbox")
+    this_start = journal[journal.rfind("serving org.spinstack.Spinbox", 0, serving) + 1 : serving]
+    offered = spinbox.path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    said = "cgroup2 offers no memory controller here (cgroup.controllers of /sys/fs/cgroup: "
+    assert this_start.count(said) == (0 if "memory" in offered else 1), this_start
 
 
 def test_introspection_is_the_documented_xml(spinbox: PrivateSystemd) -> None:
@@ -80,6 +86,8 @@ def test_introspection_is_the_documented_xml(spinbox: PrivateSystemd) -> None:
         "GetVM",
         "ListVMs",
         "PrepareNetworkNamespace",
+        "VMEnding",
+        "VMEndingCause",
         "VMAdded",
         "VMRemoved",
         "Defaults",
@@ -185,6 +193,10 @@ def test_malformed_options_get_invalid_argument(spinbox: PrivateSystemd, args: l
 def test_unknown_vm_is_not_found(spinbox: PrivateSystemd) -> None:
     result = busctl(spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", "ghost", check=False)
     assert "there is no VM 'ghost'" in result.stderr
+    ending = busctl(
+        spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "VMEndingCause", "su", "ghost", "0", check=False
+    )
+    assert "there is no VM 'ghost', nor one that ended lately" in ending.stderr
 
 
 def test_a_call_starts_the_service_by_bus_activation(spinbox: PrivateSystemd) -> None:
