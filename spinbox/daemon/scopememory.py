@@ -15,6 +15,11 @@ count grown (its charges failed after reclaim and the OOM killer was called),
 the kill's own notification was lost with the cgroup: a SIGKILL following it
 is the OOM killer's too.
 
+The OOM killer may pick another process of the scope (the VM's virtiofsd)
+and leave QEMU running: a kill seen while QEMU still runs SETTLE seconds
+later was not QEMU's. It is said in the journal, and a later SIGKILL of QEMU
+is not taken for the limit's.
+
 Where cgroup2 offers no memory controller (no memory.events in the scope),
 MemoryMax is recorded on the scope but not enforced, and there is nothing to
 watch: spinboxd says so once at start-up.
@@ -38,6 +43,8 @@ from spinbox.vm.ending import Ending
 log = logging.getLogger("spinbox.daemon.manager")
 
 MEMORY_EVENTS = "memory.events"
+# How long after an OOM kill in its scope QEMU has to be seen ending for the kill to be its.
+SETTLE = 10.0
 _IN_MODIFY = 0x00000002
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -136,9 +143,27 @@ class ScopeMemoryWatch:
         return None if cgroup is None else cls.start(vm_id, cgroup)
 
     def _changed(self) -> None:
-        assert self._inotify is not None
+        assert self._inotify is not None and self._loop is not None
         self._inotify.drain()
-        self._read()
+        kills = self._kills(self.last)
+        if self._read() and self._kills(self.last) > kills:
+            self._loop.call_later(SETTLE, self._settle, self.last)
+
+    @staticmethod
+    def _kills(events: MemoryEvents) -> int:
+        return events.oom_kill + events.oom_group_kill
+
+    def _settle(self, seen: MemoryEvents) -> None:
+        """QEMU still runs SETTLE s after an OOM kill in its scope: another process was killed."""
+        if self._verdict is not None or self._inotify is None:
+            return
+        log.warning(
+            "VM %s: the kernel's OOM killer killed a process in its scope (which reached its "
+            "memory limit, MemoryMax=%s bytes), not QEMU; the VM runs on without it",
+            self.vm_id,
+            self.limit if self.limit is not None else "?",
+        )
+        self.baseline = seen
 
     def _read(self) -> bool:
         try:
@@ -176,7 +201,8 @@ def scope_ending(ending: Ending, watch: ScopeMemoryWatch | None, memory_max: int
         return ending
     if not watch.oom_killed():
         return ending
-    return dataclasses.replace(ending, oom_limit=watch.limit or memory_max)
+    # Not spinbox's end even where a stop was under way: the limit's.
+    return dataclasses.replace(ending, oom_limit=watch.limit or memory_max, requested="")
 
 
 def say_if_not_enforced() -> bool:

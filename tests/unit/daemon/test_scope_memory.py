@@ -134,7 +134,13 @@ def test_only_a_sigkill_spinbox_did_not_send_after_an_oom_kill_is_the_limits(tmp
 
     async def run() -> list[Ending]:
         endings = []
-        for ending in (Ending(-9), Ending(-9, requested="kill"), Ending(-15), Ending(1, panicked=True)):
+        for ending in (
+            Ending(-9),
+            Ending(-9, requested="stop"),  # the limit reached while the guest shut down
+            Ending(-9, requested="kill"),
+            Ending(-15),
+            Ending(1, panicked=True),
+        ):
             watch = ScopeMemoryWatch.start("v1", cgroup)
             assert watch is not None
             write_events(cgroup, max=9, oom=1, kill=1)
@@ -142,13 +148,37 @@ def test_only_a_sigkill_spinbox_did_not_send_after_an_oom_kill_is_the_limits(tmp
             write_events(cgroup, max=3)
         return endings
 
-    oom, requested, term, panic = asyncio.run(run())
+    oom, stopping, requested, term, panic = asyncio.run(run())
     # The limit named is the scope's own memory.max, not the one spinboxd was given (1).
-    assert oom == Ending(-9, oom_limit=LIMIT)
+    assert oom == stopping == Ending(-9, oom_limit=LIMIT)
     assert oom.reason == SAID and oom.container_status == 137 and oom.cause == "oom-kill"
     assert requested == Ending(-9, requested="kill") and requested.cause == "requested"
     assert term == Ending(-15) and term.cause == "signal"
     assert panic.cause == "panic"
+
+
+def test_a_kill_that_left_qemu_running_was_another_process_s_and_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OOM killer chose the VM's virtiofsd: QEMU runs on, and its SIGKILL later is someone's."""
+    monkeypatch.setattr(scopememory, "SETTLE", 0.1)
+    cgroup = make_cgroup(tmp_path)
+
+    async def run() -> bool:
+        watch = ScopeMemoryWatch.start("v1", cgroup)
+        assert watch is not None
+        write_events(cgroup, max=9, oom=1, kill=1)
+        await until("the kill", lambda: watch.baseline.oom_kill == 1, timeout=5)
+        shutil.rmtree(cgroup)
+        return watch.oom_killed()
+
+    with caplog.at_level(logging.INFO):
+        assert not asyncio.run(run())
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line == (
+        "VM v1: the kernel's OOM killer killed a process in its scope (which reached its memory "
+        f"limit, MemoryMax={LIMIT} bytes), not QEMU; the VM runs on without it"
+    )
 
 
 def test_a_limit_lowered_by_hand_is_the_one_named(tmp_path: Path) -> None:
