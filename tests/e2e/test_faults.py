@@ -77,22 +77,25 @@ def test_a_qemu_killed_by_sigkill_ends_the_task_with_the_status_the_journal_expl
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
     name, vm_id = "qkill1", "default-qkill1"
-    run = subprocess.Popen(
-        containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stack.wait_for(f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300)
-        pid = qemu_pid(stack, vm_id)
-        assert pid
-        stack.run("kill", "-KILL", str(pid))
-        _, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
+    with containerd.events() as events:
+        run = subprocess.Popen(
+            containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            stack.wait_for(
+                f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300
+            )
+            pid = qemu_pid(stack, vm_id)
+            assert pid
+            stack.run("kill", "-KILL", str(pid))
+            _, stderr = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
     # The status is the one spinboxd's line about the VM gives, and that line says why.
     said = (
         f"VM {vm_id}: QEMU was killed by SIGKILL, not by spinbox (QEMU pid {pid}); "
@@ -101,6 +104,9 @@ def test_a_qemu_killed_by_sigkill_ends_the_task_with_the_status_the_journal_expl
     assert run.returncode == 137, stderr
     assert said in vm_lines(stack, vm_id), vm_lines(stack, vm_id)
     assert said in stack.journal("-u", f"spinbox-vm-{vm_id}.scope", "-o", "cat")
+    # Someone's SIGKILL is no OOM: containerd hears only the exit.
+    topics = task_topics(events, name)
+    assert "/tasks/exit" in topics and "/tasks/oom" not in topics, topics
     containerd.ctr("container", "delete", name, check=False)
     assert wait_until_clean(stack, containerd) == NOTHING_LEFT
 
