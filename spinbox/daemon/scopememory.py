@@ -1,6 +1,7 @@
 """A VM scope's memory events (its cgroup's memory.events), watched from when
 spinboxd adopts the VM, to tell a QEMU that the kernel's OOM killer ended
-because the scope reached its MemoryMax from a QEMU that someone killed.
+(because the scope reached its MemoryMax, or the host ran out of memory) from
+a QEMU that someone killed.
 
 Watched, not read once at QEMU's exit: systemd removes the scope's cgroup, and
 its memory.events with it, as soon as the scope is empty, which may be before
@@ -10,15 +11,19 @@ SIGKILL (mm/oom_kill.c, __oom_kill_process), and tells inotify that the file
 changed (IN_MODIFY; a change within 10 ms of the last notification comes with
 a timer instead). spinboxd reads the file at each notification and once more
 at QEMU's exit; where the file is gone by then, the counts read last stand.
-Had the last notification spinboxd could read shown only the cgroup's "oom"
-count grown (its charges failed after reclaim and the OOM killer was called),
-the kill's own notification was lost with the cgroup: a SIGKILL following it
-is the OOM killer's too.
+
+The kernel counts an OOM kill in the victim's cgroup whatever ran out of
+memory; the cgroup's own "oom" count grows only when its limit was reached
+(its charges failed after reclaim, and the OOM killer is called next), which
+tells the scope's MemoryMax from the host (or a slice above the scope)
+running out. Had the last read spinboxd could make shown only the "oom" count
+grown, the kill's own notification was lost with the cgroup: a SIGKILL
+following it is the OOM killer's too.
 
 The OOM killer may pick another process of the scope (the VM's virtiofsd)
 and leave QEMU running: a kill seen while QEMU still runs SETTLE seconds
 later was not QEMU's. It is said in the journal, and a later SIGKILL of QEMU
-is not taken for the limit's.
+is not taken for the OOM killer's.
 
 Where cgroup2 offers no memory controller (no memory.events in the scope),
 MemoryMax is recorded on the scope but not enforced, and there is nothing to
@@ -112,7 +117,7 @@ class ScopeMemoryWatch:
         self.limit: int | None = None  # memory.max as last read ("max": None)
         # Whether the file could not be read at QEMU's exit (the cgroup was removed first).
         self.gone = False
-        self._verdict: bool | None = None
+        self._verdict: str | None = None
         self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -157,11 +162,16 @@ class ScopeMemoryWatch:
         """QEMU still runs SETTLE s after an OOM kill in its scope: another process was killed."""
         if self._verdict is not None or self._inotify is None:
             return
+        why = (
+            f"the scope reached its memory limit, MemoryMax={self.limit} bytes"
+            if seen.oom > self.baseline.oom
+            else "the host, or a slice holding the scope, ran out of memory"
+        )
         log.warning(
-            "VM %s: the kernel's OOM killer killed a process in its scope (which reached its "
-            "memory limit, MemoryMax=%s bytes), not QEMU; the VM runs on without it",
+            "VM %s: the kernel's OOM killer killed a process in its scope, not QEMU (%s); "
+            "the VM runs on without it",
             self.vm_id,
-            self.limit if self.limit is not None else "?",
+            why,
         )
         self.baseline = seen
 
@@ -175,14 +185,20 @@ class ScopeMemoryWatch:
             self.limit = int((self.path.parent / "memory.max").read_text())
         return True
 
-    def oom_killed(self) -> bool:
-        """Once QEMU has ended: whether the OOM killer ran in the scope since it was watched."""
+    def oom_kill(self) -> str:
+        """Once QEMU has ended: whether the OOM killer killed in the scope since it was watched,
+        "limit" where the scope's own limit was reached (its "oom" count grew with the kill),
+        "elsewhere" where it was not (the host, or a slice above the scope, ran out of memory:
+        the kernel counts an OOM kill in the victim's cgroup however it came), else ""."""
         if self._verdict is None:
             self.gone = not self._read()
             self.close()
             last, first = self.last, self.baseline
-            killed = last.oom_kill > first.oom_kill or last.oom_group_kill > first.oom_group_kill
-            self._verdict = killed or (self.gone and last.oom > first.oom)
+            at_limit = last.oom > first.oom
+            if self._kills(last) > self._kills(first):
+                self._verdict = "limit" if at_limit else "elsewhere"
+            else:
+                self._verdict = "limit" if self.gone and at_limit else ""
         return self._verdict
 
     def close(self) -> None:
@@ -194,15 +210,17 @@ class ScopeMemoryWatch:
 
 
 def scope_ending(ending: Ending, watch: ScopeMemoryWatch | None, memory_max: int) -> Ending:
-    """`ending`, saying so where it was the scope's memory limit: a QEMU that ended by
-    SIGKILL (not spinbox's) after the OOM killer ran in its scope. The limit named is the
-    scope's memory.max as last read, else `memory_max` (the one spinboxd set)."""
+    """`ending`, saying so where the kernel's OOM killer ended QEMU (a SIGKILL not spinbox's
+    with an OOM kill counted in its scope), and whether at the scope's limit. The limit named
+    is the scope's memory.max as last read, else `memory_max` (the one spinboxd set)."""
     if watch is None or ending.panicked or ending.requested == "kill" or ending.signal != signal.SIGKILL:
         return ending
-    if not watch.oom_killed():
+    oom = watch.oom_kill()
+    if not oom:
         return ending
-    # Not spinbox's end even where a stop was under way: the limit's.
-    return dataclasses.replace(ending, oom_limit=watch.limit or memory_max, requested="")
+    # Not spinbox's end even where a stop was under way: the OOM killer's.
+    limit = watch.limit or memory_max
+    return dataclasses.replace(ending, oom_limit=limit, oom_at_limit=oom == "limit", requested="")
 
 
 def say_if_not_enforced() -> bool:

@@ -34,12 +34,15 @@ class Ending:
     """QEMU's end: its wait status (negative: killed by that signal; None:
     not known), whether the guest kernel panicked first, whether spinbox
     itself asked for it (a stop or kill), and the VM scope's memory limit in
-    bytes where the kernel's OOM killer ended QEMU at that limit."""
+    bytes where the kernel's OOM killer ended QEMU: at that limit, or (not
+    oom_at_limit) below it, when the host or a slice above the scope ran out
+    of memory."""
 
     status: int | None
     panicked: bool = False
     requested: str = ""  # "stop" or "kill" when spinbox ended it
     oom_limit: int | None = None
+    oom_at_limit: bool = True
 
     @property
     def cause(self) -> str:
@@ -64,10 +67,16 @@ class Ending:
     def reason(self) -> str:
         if self.panicked:
             return "the guest kernel panicked (QEMU's pvpanic device reported it) and QEMU exited"
-        if self.oom_limit is not None:
+        if self.oom_limit is not None and self.oom_at_limit:
             return (
                 f"the VM's scope reached its memory limit (MemoryMax={self.oom_limit} bytes) "
                 f"and the kernel's OOM killer ended QEMU ({signal_name(self.signal)})"
+            )
+        if self.oom_limit is not None:
+            return (
+                f"the kernel's OOM killer ended QEMU ({signal_name(self.signal)}) below the memory "
+                f"limit of the VM's scope (MemoryMax={self.oom_limit} bytes): the host, or a slice "
+                "holding the scope, ran out of memory"
             )
         if self.signal:
             name = signal_name(self.signal)

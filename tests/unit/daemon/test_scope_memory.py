@@ -62,29 +62,29 @@ def test_memory_events_are_parsed_as_the_kernel_writes_them() -> None:
 def test_a_kill_seen_at_its_notification_stands_after_the_cgroup_is_removed(tmp_path: Path) -> None:
     cgroup = make_cgroup(tmp_path)
 
-    async def run() -> tuple[bool, ScopeMemoryWatch]:
+    async def run() -> tuple[str, ScopeMemoryWatch]:
         watch = ScopeMemoryWatch.start("v1", cgroup)
         assert watch is not None and watch.limit == LIMIT
         # The kernel counts the kill (inotify IN_MODIFY); systemd removes the empty scope's cgroup.
         write_events(cgroup, max=9, oom=1, kill=1)
         await until("the kill", lambda: watch.last.oom_kill == 1)
         shutil.rmtree(cgroup)
-        return watch.oom_killed(), watch
+        return watch.oom_kill(), watch
 
     killed, watch = asyncio.run(run())
-    assert killed and watch.gone
+    assert killed == "limit" and watch.gone
 
 
 def test_the_read_at_qemus_exit_sees_a_kill_not_yet_notified(tmp_path: Path) -> None:
     cgroup = make_cgroup(tmp_path)
 
-    async def run() -> bool:
+    async def run() -> str:
         watch = ScopeMemoryWatch.start("v1", cgroup)
         assert watch is not None
         write_events(cgroup, max=9, oom=1, group=1)  # the whole cgroup killed (memory.oom.group)
-        return watch.oom_killed()  # before the loop ran the notification's read
+        return watch.oom_kill()  # before the loop ran the notification's read
 
-    assert asyncio.run(run())
+    assert asyncio.run(run()) == "limit"
 
 
 def test_an_oom_notified_before_the_cgroup_went_counts_as_the_kill(tmp_path: Path) -> None:
@@ -92,33 +92,55 @@ def test_an_oom_notified_before_the_cgroup_went_counts_as_the_kill(tmp_path: Pat
     with the cgroup gone by then, the OOM killer having run in it is what spinboxd last saw."""
     cgroup = make_cgroup(tmp_path)
 
-    async def run() -> bool:
+    async def run() -> str:
         watch = ScopeMemoryWatch.start("v1", cgroup)
         assert watch is not None
         write_events(cgroup, max=9, oom=1)
         await until("the oom", lambda: watch.last.oom == 1)
         shutil.rmtree(cgroup)
-        return watch.oom_killed()
+        return watch.oom_kill()
 
-    assert asyncio.run(run())
+    assert asyncio.run(run()) == "limit"
+
+
+def test_a_kill_without_the_scope_at_its_limit_is_the_hosts_out_of_memory(tmp_path: Path) -> None:
+    """The kernel counts an OOM kill in the victim's cgroup whatever ran out of memory; the
+    scope's "oom" count grows only at its own limit."""
+    cgroup = make_cgroup(tmp_path)
+
+    async def run() -> Ending:
+        watch = ScopeMemoryWatch.start("v1", cgroup)
+        assert watch is not None
+        write_events(cgroup, max=2, kill=1)
+        await until("the kill", lambda: watch.last.oom_kill == 1)
+        shutil.rmtree(cgroup)
+        return scope_ending(Ending(-9), watch, LIMIT)
+
+    ending = asyncio.run(run())
+    assert ending == Ending(-9, oom_limit=LIMIT, oom_at_limit=False)
+    assert ending.cause == "oom-kill" and ending.container_status == 137
+    assert ending.reason == (
+        "the kernel's OOM killer ended QEMU (SIGKILL) below the memory limit of the VM's scope "
+        f"(MemoryMax={LIMIT} bytes): the host, or a slice holding the scope, ran out of memory"
+    )
 
 
 def test_reclaim_at_the_limit_or_an_oom_without_a_kill_is_no_oom_kill(tmp_path: Path) -> None:
     cgroup = make_cgroup(tmp_path)
 
-    async def run() -> tuple[bool, bool]:
+    async def run() -> tuple[str, str]:
         watch = ScopeMemoryWatch.start("v1", cgroup)
         assert watch is not None
         write_events(cgroup, max=500)  # charges over the limit, all reclaimed
-        first = watch.oom_killed()
+        first = watch.oom_kill()
         # An OOM that killed nothing, read at exit from a cgroup still there: someone else's SIGKILL.
         other = make_cgroup(tmp_path / "other")
         watch2 = ScopeMemoryWatch.start("v2", other)
         assert watch2 is not None
         write_events(other, max=9, oom=1)
-        return first, watch2.oom_killed()
+        return first, watch2.oom_kill()
 
-    assert asyncio.run(run()) == (False, False)
+    assert asyncio.run(run()) == ("", "")
 
 
 def test_a_cgroup_without_memory_events_has_no_watch(tmp_path: Path) -> None:
@@ -164,20 +186,20 @@ def test_a_kill_that_left_qemu_running_was_another_process_s_and_is_said(
     monkeypatch.setattr(scopememory, "SETTLE", 0.1)
     cgroup = make_cgroup(tmp_path)
 
-    async def run() -> bool:
+    async def run() -> str:
         watch = ScopeMemoryWatch.start("v1", cgroup)
         assert watch is not None
         write_events(cgroup, max=9, oom=1, kill=1)
         await until("the kill", lambda: watch.baseline.oom_kill == 1, timeout=5)
         shutil.rmtree(cgroup)
-        return watch.oom_killed()
+        return watch.oom_kill()
 
     with caplog.at_level(logging.INFO):
-        assert not asyncio.run(run())
+        assert asyncio.run(run()) == ""
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert line == (
-        "VM v1: the kernel's OOM killer killed a process in its scope (which reached its memory "
-        f"limit, MemoryMax={LIMIT} bytes), not QEMU; the VM runs on without it"
+        "VM v1: the kernel's OOM killer killed a process in its scope, not QEMU (the scope reached "
+        f"its memory limit, MemoryMax={LIMIT} bytes); the VM runs on without it"
     )
 
 
