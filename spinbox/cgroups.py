@@ -62,3 +62,21 @@ def controllers(cgroup: Path) -> set[str] | None:
         return set((cgroup / "cgroup.controllers").read_text().split())
     except OSError:
         return None
+
+
+def v1_mount(controller: str, mountinfo: Path = MOUNTINFO) -> Path | None:
+    """Where a cgroup v1 hierarchy holding `controller` is mounted (a hybrid host's
+    /sys/fs/cgroup/memory), or None."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        after = fields[fields.index("-") + 1 :]
+        # "- cgroup cgroup rw,memory": the hierarchy's controllers are among its super options.
+        if len(after) >= 3 and after[0] == "cgroup" and controller in after[2].split(","):
+            return Path(fields[4])
+    return None

@@ -42,7 +42,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from spinbox.cgroups import cgroup2_mounts, cgroup_of, controllers
+from spinbox.cgroups import cgroup2_mounts, cgroup_of, controllers, v1_mount
 from spinbox.vm.ending import Ending
 
 log = logging.getLogger("spinbox.daemon.manager")
@@ -225,7 +225,8 @@ def scope_ending(ending: Ending, watch: ScopeMemoryWatch | None, memory_max: int
 
 def say_if_not_enforced() -> bool:
     """At start-up: whether cgroup2 offers the memory controller to VM scopes; said once
-    in the journal where it does not (limits recorded, not enforced)."""
+    in the journal where it does not: the limits are recorded but not enforced, or (on a
+    host whose memory controller is cgroup v1's) enforced where spinboxd does not watch."""
     mounts = cgroup2_mounts()
     own = cgroup_of(os.getpid(), mounts)
     root = next((m.path for m in reversed(mounts) if own is not None and own.is_relative_to(m.path)), None)
@@ -237,9 +238,19 @@ def say_if_not_enforced() -> bool:
         if root is not None and available is not None
         else "spinboxd's own cgroup is on no cgroup2 mount"
     )
-    log.warning(
-        "cgroup2 offers no memory controller here (%s): each VM scope's MemoryMax is recorded but "
-        "not enforced, and no VM's end can be told to be its memory limit's",
-        where,
-    )
+    v1 = v1_mount("memory")
+    if v1 is not None:
+        log.warning(
+            "cgroup2 offers no memory controller here (%s); it is cgroup v1's (%s), where systemd "
+            "enforces each VM scope's MemoryMax, but spinboxd watches only cgroup2's memory events: "
+            "a VM that limit ends is said to be killed by SIGKILL, with no TaskOOM",
+            where,
+            v1,
+        )
+    else:
+        log.warning(
+            "cgroup2 offers no memory controller here (%s): each VM scope's MemoryMax is recorded "
+            "but not enforced, and no VM's end can be told to be its memory limit's",
+            where,
+        )
     return False

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from spinbox import cgroups
 from spinbox.cgroups import Cgroup2Mount
 from spinbox.config import Config
 from spinbox.daemon import scopememory
@@ -296,6 +297,7 @@ def test_start_up_says_once_that_limits_are_not_enforced_without_the_memory_cont
     monkeypatch.setattr(
         scopememory, "cgroup_of", lambda pid, mounts: root / "system.slice" / "spinbox.service"
     )
+    monkeypatch.setattr(scopememory, "v1_mount", lambda controller: None)
     (root / "cgroup.controllers").write_text("hugetlb\n")
     with caplog.at_level(logging.INFO):
         assert not scopememory.say_if_not_enforced()
@@ -310,3 +312,31 @@ def test_start_up_says_once_that_limits_are_not_enforced_without_the_memory_cont
     with caplog.at_level(logging.INFO):
         assert scopememory.say_if_not_enforced()
     assert not caplog.records
+
+
+def test_start_up_says_where_a_cgroup_v1_memory_controller_enforces_what_is_not_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hybrid host (this one): systemd applies MemoryMax as v1's memory.limit_in_bytes."""
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "25 1 0:23 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory\n"
+        "26 1 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n"
+    )
+    assert cgroups.v1_mount("memory", mountinfo) == Path("/sys/fs/cgroup/memory")
+    assert cgroups.v1_mount("pids", mountinfo) is None
+    root = tmp_path / "unified"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("\n")
+    monkeypatch.setattr(scopememory, "cgroup2_mounts", lambda: [Cgroup2Mount(root, "/")])
+    monkeypatch.setattr(scopememory, "cgroup_of", lambda pid, mounts: root)
+    monkeypatch.setattr(scopememory, "v1_mount", lambda controller: cgroups.v1_mount(controller, mountinfo))
+    with caplog.at_level(logging.INFO):
+        assert not scopememory.say_if_not_enforced()
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line == (
+        f"cgroup2 offers no memory controller here (cgroup.controllers of {root}: none); it is "
+        "cgroup v1's (/sys/fs/cgroup/memory), where systemd enforces each VM scope's MemoryMax, "
+        "but spinboxd watches only cgroup2's memory events: a VM that limit ends is said to be "
+        "killed by SIGKILL, with no TaskOOM"
+    )
