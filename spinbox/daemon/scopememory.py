@@ -20,10 +20,12 @@ running out. Had the last read spinboxd could make shown only the "oom" count
 grown, the kill's own notification was lost with the cgroup: a SIGKILL
 following it is the OOM killer's too.
 
-The OOM killer may pick another process of the scope (the VM's virtiofsd)
-and leave QEMU running: a kill seen while QEMU still runs SETTLE seconds
-later was not QEMU's. It is said in the journal, and a later SIGKILL of QEMU
-is not taken for the OOM killer's.
+spinboxd makes each scope with OOMPolicy=kill, so the kernel kills all of
+it at once. Should the OOM killer still pick another process of the scope
+(the VM's virtiofsd) and leave QEMU running (a scope whose group kill was
+turned off), a kill seen while QEMU still runs SETTLE seconds later was not
+QEMU's: it is said in the journal, and a later SIGKILL of QEMU is not taken
+for the OOM killer's.
 
 Where cgroup2 offers no memory controller (no memory.events in the scope),
 MemoryMax is recorded on the scope but not enforced, and there is nothing to

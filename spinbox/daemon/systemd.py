@@ -204,6 +204,9 @@ class SystemdManager:
             ["CPUQuotaPerSecUSec", Variant("t", limits.cpu_quota_per_sec_usec)],
             ["TasksMax", Variant("t", limits.tasks_max)],
             ["CollectMode", Variant("s", "inactive-or-failed")],
+            # An OOM kill in the scope kills all of it at once (memory.oom.group): a VM is
+            # never left without its virtiofsd, and QEMU's end is the OOM killer's SIGKILL.
+            ["OOMPolicy", Variant("s", "kill")],
         ]
         try:
             (job,) = await self.call("StartTransientUnit", "ssa(sv)a(sa(sv))", [name, "fail", properties, []])

@@ -73,6 +73,8 @@ def test_a_vm_runs_in_its_own_scope_and_logs_to_the_journal(spinbox: PrivateSyst
         assert spinbox.unit_property(scope, "Slice") == "spinbox.slice"
         assert spinbox.unit_property(scope, "MemoryMax") == str((384 + OVERHEAD_MIB) * MIB)
         assert spinbox.unit_property(scope, "CPUQuotaPerSecUSec") == "2s"
+        # An OOM kill in the scope ends all of it: QEMU never runs on without its companions.
+        assert spinbox.unit_property(scope, "OOMPolicy") == "kill"
         pid = get_property(spinbox, path, VM_IFACE, "Pid")
         # cgroup.procs shows pids of the reader's pid namespace: read it inside.
         procs = spinbox.run("cat", f"/sys/fs/cgroup/spinbox.slice/{scope}/cgroup.procs").stdout.split()
