@@ -114,7 +114,7 @@ class Container:
     # How the VM ended (spinboxd's VMEndingCause), for processes lost with it: exit status, why,
     # and what ended it.
     vm_ending: Callable[[], Awaitable[tuple[int, str, str]]] | None = None
-    # Whether TaskOOM was published for the VM's memory limit ending it (once, before any exit).
+    # Whether TaskOOM was published for the OOM killer ending the VM (once, before any exit).
     vm_oom_published: bool = False
     # The container's delete once begun: it runs to its end even if containerd stops waiting.
     deleting: asyncio.Task[None] | None = None

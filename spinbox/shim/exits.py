@@ -1,6 +1,6 @@
 """A process's exit and a container's OOM kills, as containerd learns them: the
-guest's (vminitd watches the container's memory.events) and the VM's own (its
-scope's memory limit had the host kernel's OOM killer end QEMU, which
+guest's (vminitd watches the container's memory.events) and the VM's own (the
+host kernel's OOM killer ended QEMU, mostly at its scope's memory limit, which
 spinboxd's VMEndingCause says; TaskOOM then comes before the exit).
 
 The exit path is written once, in `watch_exit`, and ordered: reap (the
@@ -28,7 +28,8 @@ KILLED = 128 + 9
 UNKNOWN = 255
 # How long spinboxd may take to see the end of a VM whose agent went silent.
 VM_ENDING_WAIT = 10.0
-# spinboxd's cause of a VM ended by its scope's memory limit (the kernel's OOM killer).
+# spinboxd's cause of a VM whose QEMU the kernel's OOM killer ended (at its scope's memory limit,
+# or with the host out of memory).
 OOM_KILL = "oom-kill"
 # How long output still in the pipes may take to reach containerd after its process exited.
 DRAIN_WAIT = 5.0
@@ -65,7 +66,7 @@ async def watch_exit(container: Container, state: ProcessState, publisher: Publi
         )
         at = now()
         if cause == OOM_KILL and not container.vm_oom_published:
-            # The VM's memory limit ended the container: containerd learns it before any exit of it.
+            # The OOM killer ended the container with its VM: containerd learns it before any exit of it.
             container.vm_oom_published = True
             publisher.publish(topics.TASK_OOM, events.TaskOOM(container_id=container.id))
     # Everything the process wrote reaches containerd before its exit does.

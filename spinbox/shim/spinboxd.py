@@ -149,7 +149,7 @@ class Spinboxd:
 
     async def vm_ending(self, vm_id: str, wait: float) -> tuple[int, str, str]:
         """How the VM ended (waiting up to `wait` s): its container processes' exit status, why,
-        and what ended it as a word ("oom-kill": its scope's memory limit; "" from a spinboxd
+        and what ended it as a word ("oom-kill": the kernel's OOM killer; "" from a spinboxd
         older than VMEndingCause)."""
         body = [vm_id, int(wait * 1000)]
         try:
