@@ -165,7 +165,7 @@ class ScopeMemoryWatch:
         if self._verdict is not None or self._inotify is None:
             return
         why = (
-            f"the scope reached its memory limit, MemoryMax={self.limit} bytes"
+            "the scope reached its memory limit" + (f", MemoryMax={self.limit} bytes" if self.limit else "")
             if seen.oom > self.baseline.oom
             else "the host, or a slice holding the scope, ran out of memory"
         )
@@ -184,7 +184,8 @@ class ScopeMemoryWatch:
             return False
         # The limit in force, which is what the journal names (set by spinboxd, or by hand).
         with contextlib.suppress(OSError, ValueError):
-            self.limit = int((self.path.parent / "memory.max").read_text())
+            text = (self.path.parent / "memory.max").read_text().strip()
+            self.limit = None if text == "max" else int(text)
         return True
 
     def oom_kill(self) -> str:
