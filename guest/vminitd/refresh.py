@@ -44,7 +44,7 @@ def apply(seed: bytes, realtime_ns: int) -> None:
 
 def warm() -> None:
     """Imports what later requests need, so that a restored VM does not pay for it."""
-    for name in ("guest.vminitd.network",):
+    for name in ("guest.vminitd.network", "guest.vminitd.upperstream"):
         try:
             importlib.import_module(name)
         except ImportError as e:
