@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf import symbol_database
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from spinbox.api.proto import ttrpc_pb2
@@ -42,6 +42,19 @@ def ok_response(body: bytes) -> bytes:
         size >>= 7
     varint.append(size)
     return b"\x0a\x00\x12" + bytes(varint) + body
+
+
+def streaming(method: MethodDescriptor) -> tuple[bool, bool]:
+    """Whether an rpc streams its requests and its responses."""
+    client = getattr(method, "client_streaming", None)
+    if client is not None:
+        return bool(client), bool(method.server_streaming)
+    # protobuf's upb backend (4.21) has no streaming flags on a method: they are in its proto.
+    from google.protobuf.descriptor_pb2 import MethodDescriptorProto
+
+    proto = MethodDescriptorProto()
+    method.CopyToProto(proto)  # type: ignore[attr-defined]  # there at run time, not in the stubs
+    return proto.client_streaming, proto.server_streaming
 
 
 class CallContext:
@@ -147,13 +160,14 @@ class Server:
             if handler is None:
                 continue
             request_type = registry.GetSymbol(method.input_type.full_name)
-            if method.client_streaming and method.server_streaming:
+            client_streaming, server_streaming = streaming(method)
+            if client_streaming and server_streaming:
                 raise ValueError(
                     f"{service.full_name}/{method.name}: bidirectional streams are not supported"
                 )
-            if method.client_streaming:
+            if client_streaming:
                 kind = _Kind.CLIENT_STREAM
-            elif method.server_streaming:
+            elif server_streaming:
                 kind = _Kind.SERVER_STREAM
             else:
                 kind = _Kind.UNARY

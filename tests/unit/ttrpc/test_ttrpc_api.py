@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2, empty_pb2, symbol_database
 
 from spinbox.api import typeurl
+from spinbox.api.proto import agent_pb2
 from spinbox.api.proto.containerd.cgroups.v2 import metrics_pb2 as cgroups_v2_metrics_pb2
 from spinbox.api.proto.containerd.events import task_pb2 as events_task_pb2
 from spinbox.api.proto.containerd.services.ttrpc.events.v1 import events_pb2 as events_ttrpc_pb2
@@ -17,6 +19,7 @@ from spinbox.api.proto.containerd.task.v2 import shim_pb2
 from spinbox.api.proto.containerd.task.v3 import shim_pb2 as shim_v3_pb2
 from spinbox.api.proto.containerd.types.task import task_pb2 as task_types_pb2
 from spinbox.ttrpc import CallContext, Client, Code, Server, TtrpcError
+from spinbox.ttrpc.server import streaming
 from tests.unit.ttrpc.echo_service import run
 
 GOCODE = Path("/usr/share/gocode/src")
@@ -127,6 +130,24 @@ def test_add_service_serves_v2_and_v3(tmp_path: Path) -> None:
         await server.close()
 
     run(main)
+
+
+class FlaglessMethod:
+    """A method descriptor as protobuf's upb backend (4.21) has it: no streaming flags."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    def CopyToProto(self, proto: descriptor_pb2.MethodDescriptorProto) -> None:
+        self.method.CopyToProto(proto)
+
+
+def test_streaming_is_read_from_the_method_proto_where_the_descriptor_lacks_it() -> None:
+    agent = agent_pb2.DESCRIPTOR.services_by_name["Agent"].methods_by_name
+    expected = {"Wait": (False, False), "ReadOutput": (False, True), "WriteInput": (True, False)}
+    for name, flags in expected.items():
+        assert streaming(agent[name]) == flags
+        assert streaming(FlaglessMethod(agent[name])) == flags  # type: ignore[arg-type]
 
 
 def test_events_pack_with_containerd_type_urls() -> None:
