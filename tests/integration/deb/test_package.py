@@ -212,3 +212,6 @@ def test_package_layout_keeps_modules_private(spinbox_deb: SpinboxDeb) -> None:
     assert "/usr/lib/spinbox/python/spinbox/__init__.py" in spinbox_deb.files
     assert "/usr/lib/spinbox/python/qemu/qmp/__init__.py" in spinbox_deb.files
     assert any(Path(f).name == "agent_pb2.py" for f in spinbox_deb.files), "no generated protobuf module"
+    # protobuf's upb backend for the host's programs, outside the directory the guest image is built from.
+    assert "/usr/lib/spinbox/host-python/google/_upb/_message.abi3.so" in spinbox_deb.files
+    assert not [f for f in spinbox_deb.files if f.startswith("/usr/lib/spinbox/python/google/")]
