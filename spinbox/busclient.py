@@ -1,6 +1,6 @@
 """A small client of spinboxd's D-Bus API: one method call with its named
 error, and an object's properties. The shim and spinboxctl both speak to
-spinboxd through it."""
+spinboxd through it, over spinbox.busconnection (a caller's part of D-Bus)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio.message_bus import MessageBus
-
+from spinbox.busconnection import BusConnection
 from spinbox.busnames import BUS_NAME, ERROR_PREFIX, PROPERTIES_IFACE
+from spinbox.buswire import Message, MessageType, Variant
 
 # A call spinboxd has not answered in this long fails (spinboxd answers
 # within its own deadlines; this one is for a spinboxd that hangs).
@@ -43,20 +42,16 @@ def plain(value: Any) -> Any:
     return value
 
 
-async def connect_bus(bus_address: str | None) -> MessageBus:
+async def connect_bus(bus_address: str | None) -> BusConnection:
     # File descriptors are negotiated: VM.OpenPortForward answers with one.
     try:
-        if bus_address:
-            return await MessageBus(
-                bus_address=bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True
-            ).connect()
-        return await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        return await BusConnection.connect(bus_address)
     except Exception as error:
         raise SpinboxdError("Unavailable", f"the system bus is not reachable ({error})") from error
 
 
 async def method_call(
-    bus: MessageBus,
+    bus: BusConnection,
     destination: str,
     path: str,
     interface: str,
@@ -84,7 +79,7 @@ class BusClient:
     """Calls to org.spinstack.Spinbox. A restart of spinboxd keeps the bus
     connection; a lost connection to the bus itself is made again."""
 
-    def __init__(self, bus: MessageBus, bus_address: str | None = None) -> None:
+    def __init__(self, bus: BusConnection, bus_address: str | None = None) -> None:
         self.bus = bus
         self.bus_address = bus_address
 

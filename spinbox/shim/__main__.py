@@ -52,9 +52,8 @@ def run(options: ShimOptions) -> int:
 
 # What the long-lived server's libraries import but it never uses: asyncio
 # imports ssl for TLS (libssl and libcrypto, about 5 MiB in every shim), and
-# dbus_fast imports gi for its GLib main loop (GObject introspection, about
-# 3 MiB). Both carry on without them: they catch the ImportError.
-SERVER_NEVER_IMPORTS = ("ssl", "gi")
+# carries on without it: it catches the ImportError.
+SERVER_NEVER_IMPORTS = ("ssl",)
 
 
 def server_entry() -> Callable[[ShimOptions], int]:

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Variant
-
 from spinbox.busclient import BusClient, SpinboxdError, plain
 from spinbox.busnames import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, VM_IFACE
+from spinbox.buswire import Variant
 from spinbox.mounts import MountSpec, Volume
 from spinbox.vmid import vm_id_for
 

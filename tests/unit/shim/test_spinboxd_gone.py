@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType
 
 from spinbox.busclient import NO_REPLY, BusClient, SpinboxdError, method_call
+from spinbox.buswire import Message, MessageType
 from spinbox.shim.errors import spinboxd_error
 from spinbox.shim.spinboxd import Spinboxd
 
