@@ -8,9 +8,9 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from pathlib import Path
 
-MOUNTINFO = Path("/proc/self/mountinfo")
+# A path, not a pathlib.Path: the shim serves without pathlib (tests/unit/test_part_imports.py).
+MOUNTINFO = "/proc/self/mountinfo"
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -41,14 +41,16 @@ class Submount:
     read_only: bool
 
 
-def submounts(source: str, mountinfo: Path = MOUNTINFO) -> list[Submount]:
+def submounts(source: str, mountinfo: str | os.PathLike[str] = MOUNTINFO) -> list[Submount]:
     """The mounts a recursive bind of `source` carries: those visible strictly below it, each
     after the mount it is mounted on (mount table order). A later mount at or above a mount
     point hides what was mounted there before."""
     root = os.path.realpath(source)
     prefix = root.rstrip("/") + "/"
     found: dict[str, bool] = {}
-    for line in mountinfo.read_text().splitlines():
+    with open(mountinfo, encoding="utf-8") as table:
+        lines = table.read().splitlines()
+    for line in lines:
         fields = line.split()
         if len(fields) < 6:
             continue

@@ -10,9 +10,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from spinbox.busclient import SpinboxdError
@@ -39,9 +39,10 @@ POD_HOTPLUG_PORTS = 16
 
 
 def load_spec(bundle: str) -> dict[str, Any]:
-    path = Path(bundle) / "config.json"
+    path = os.path.join(bundle, "config.json")
     try:
-        spec = json.loads(path.read_bytes())
+        with open(path, "rb") as config:
+            spec = json.loads(config.read())
     except OSError as error:
         raise invalid(f"cannot read the OCI spec {path}: {error.strerror}") from None
     except ValueError as error:

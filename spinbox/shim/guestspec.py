@@ -4,7 +4,7 @@ volumes: spinbox.shim.volumes.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 # The newest runtime-spec version the guest's crun accepts (crun 1.8 refuses
@@ -28,7 +28,7 @@ def is_pod_shm(mount: object) -> bool:
         is_bind(mount)
         and isinstance(mount, dict)
         and mount.get("destination") == GUEST_SHM
-        and Path(str(mount.get("source") or "")).is_dir()
+        and os.path.isdir(str(mount.get("source") or ""))
     )
 
 

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
@@ -33,11 +32,11 @@ log = logging.getLogger("spinbox.shim")
 LISTENER_FD = 3
 
 
-def redirect_logs_to_containerd(bundle: Path, debug: bool) -> None:
+def redirect_logs_to_containerd(bundle: str, debug: bool) -> None:
     """containerd reads the `log` FIFO in the bundle and puts its lines in its
     own log; without it (or without a reader) logs go nowhere."""
     try:
-        fd = os.open(bundle / "log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         if error.errno not in (errno.ENOENT, errno.ENXIO):
             raise
@@ -97,7 +96,7 @@ async def _serve(options: ShimOptions, listener: socket.socket) -> None:
 
 
 def serve(options: ShimOptions) -> int:
-    bundle = Path(options.bundle or os.getcwd())
+    bundle = options.bundle or os.getcwd()
     redirect_logs_to_containerd(bundle, options.debug)
     try:
         listener = socket.socket(fileno=LISTENER_FD)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from spinbox.busclient import BusClient, SpinboxdError, plain
@@ -36,13 +36,13 @@ UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 OBJECT_GONE = (UNKNOWN_METHOD, "org.freedesktop.DBus.Error.UnknownObject")
 # While this file is installed the bus can start spinboxd again; once the package is removed,
 # ServiceUnknown means spinboxd is gone for good, and waiting would only hold containerd's call.
-ACTIVATION_FILE = Path("/usr/share/dbus-1/system-services/org.spinstack.Spinbox.service")
+ACTIVATION_FILE = "/usr/share/dbus-1/system-services/org.spinstack.Spinbox.service"
 
 
-def restarting(error: SpinboxdError, activation_file: Path) -> bool:
+def restarting(error: SpinboxdError, activation_file: str | os.PathLike[str]) -> bool:
     """Whether `error` says spinboxd is away for a restart (not gone for good)."""
     if error.name == SERVICE_UNKNOWN:
-        return activation_file.exists()
+        return os.path.exists(activation_file)
     return error.name in RESTARTING
 
 
@@ -104,7 +104,7 @@ class VmInfo:
 class Spinboxd:
     """spinboxd's API on the system bus, as the shim uses it."""
 
-    def __init__(self, client: BusClient, activation_file: Path = ACTIVATION_FILE) -> None:
+    def __init__(self, client: BusClient, activation_file: str | os.PathLike[str] = ACTIVATION_FILE) -> None:
         self.activation_file = activation_file
         self.client = client
 

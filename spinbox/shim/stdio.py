@@ -21,9 +21,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +56,9 @@ def parse_uri(uri: str) -> StdioUri:
         return StdioUri(Kind.NONE)
     if uri.startswith("/"):
         return StdioUri(Kind.FIFO, uri)
+    # Only for URIs (nerdctl's binary:// logger): containerd's own are FIFO paths.
+    from urllib.parse import parse_qs, urlsplit
+
     parts = urlsplit(uri)
     if parts.scheme == "fifo":
         path = parts.netloc + parts.path
@@ -370,7 +371,7 @@ class ProcessIO:
 
 def _open_log_file(path: str) -> int:
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
         raise StdioError(f"cannot open the log file {path}: {error.strerror}") from error

@@ -20,7 +20,6 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from spinbox.api.proto import agent_pb2
@@ -45,7 +44,9 @@ class Volumes:
     shared: tuple[agent_pb2.SharedMount, ...] = ()
 
 
-def volumes_of(spec: dict[str, Any], container_id: str, mountinfo: Path = MOUNTINFO) -> Volumes:
+def volumes_of(
+    spec: dict[str, Any], container_id: str, mountinfo: str | os.PathLike[str] = MOUNTINFO
+) -> Volumes:
     """The volumes a spec's bind mounts need; VolumeError names a mount a VM cannot honour.
 
     The host mounts below a recursive bind's source join the spec's mounts (the
@@ -113,7 +114,7 @@ def volumes_of(spec: dict[str, Any], container_id: str, mountinfo: Path = MOUNTI
     return Volumes(tuple(volumes), tuple(shared))
 
 
-def _submounts_of(source: str, what: str, mountinfo: Path) -> list[Submount]:
+def _submounts_of(source: str, what: str, mountinfo: str | os.PathLike[str]) -> list[Submount]:
     """The host mounts below a recursive bind's source that a VM can be given; the others are
     logged (a socket or device file bound over a file there), not shared."""
     try:

@@ -30,9 +30,10 @@ def test_the_shim_loads_no_daemon_vm_or_storage_code() -> None:
 
 
 # What a serving shim holds for its container's whole life: what only `start`
-# and `delete` need, TLS (asyncio's ssl), OpenSSL's hashes, GLib, and dbus_fast
-# (spinboxd's D-Bus library: the shim only calls, through spinbox.busconnection)
-# are not among it.
+# and `delete` need, TLS (asyncio's ssl), OpenSSL's hashes, GLib, dbus_fast
+# (spinboxd's D-Bus library: the shim only calls, through spinbox.busconnection),
+# and pathlib with the URL parser it imports (only a binary:// or file:// stdio
+# URI needs that) are not among it; nor is protobuf's C++ backend (below).
 SERVER_NEVER = (
     "spinbox.shim.bootstrap",
     "spinbox.shim.cleanup",
@@ -43,6 +44,8 @@ SERVER_NEVER = (
     "gi",
     "dbus_fast",
     "xml",
+    "pathlib",
+    "urllib",
     *SHIM_FORBIDDEN,
 )
 # The server, and a VM id for a CRI container's 64 hex digits (a digest of the id).
