@@ -97,6 +97,8 @@ class ProcessState:
 
 @dataclass
 class Container:
+    """A container the shim serves: its spec, its VM, its processes."""
+
     id: str
     bundle: str
     spec: dict[str, Any]

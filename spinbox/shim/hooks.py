@@ -28,6 +28,8 @@ class HookError(Exception):
 
 @dataclass(frozen=True)
 class Hook:
+    """One OCI hook: the program, its arguments, environment and timeout."""
+
     path: str
     args: tuple[str, ...]
     env: tuple[str, ...]
@@ -54,6 +56,8 @@ class Hook:
 
 @dataclass(frozen=True)
 class HostHooks:
+    """The OCI hooks the shim runs on the host, by stage."""
+
     create_runtime: tuple[Hook, ...] = ()
     prestart: tuple[Hook, ...] = ()
     poststart: tuple[Hook, ...] = ()

@@ -12,6 +12,8 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class ShimOptions:
+    """The shim's command line, parsed."""
+
     namespace: str = ""
     address: str = ""  # containerd's gRPC socket
     publish_binary: str = ""

@@ -29,6 +29,8 @@ class StateError(ShimError):
 
 @dataclass(frozen=True)
 class Exit:
+    """How and when a process ended."""
+
     pid: int
     status: int
     at: datetime
@@ -36,6 +38,8 @@ class Exit:
 
 @dataclass
 class Process:
+    """A container's init or exec process, and its state."""
+
     container_id: str
     exec_id: str  # "" for the container's init process
     terminal: bool = False

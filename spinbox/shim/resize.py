@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VmSize:
+    """A VM's vCPUs and memory."""
+
     vcpus: int
     memory_mib: int
 

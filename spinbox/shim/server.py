@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from google.protobuf.message import Message
@@ -65,11 +65,63 @@ def ttrpc_handler(handler: Callable[[Any], Awaitable[Message]]) -> Callable[[Any
     return handle
 
 
-async def _serve(options: ShimOptions, listener: socket.socket) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, caught from before the event loop runs until close().
+
+    As loop.add_signal_handler does it, each signal's C-level handler writes its number
+    to a socket the loop reads, so none is missed; without its check that the callback
+    is no coroutine function, which loads inspect (spinbox.shim.__main__ puts that off).
+    Set before asyncio.run, SIGINT's handler is also one asyncio leaves alone.
+    """
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        self.previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _caught)
+
+    @contextlib.contextmanager
+    def watch(self, done: asyncio.Event) -> Iterator[None]:
+        """`done` is set by the first stop signal (one caught before this included)."""
+        loop = asyncio.get_running_loop()
+
+        def on_wakeup() -> None:
+            with contextlib.suppress(BlockingIOError):
+                if set(self.reader.recv(256)) & set(STOP_SIGNALS):
+                    done.set()
+
+        loop.add_reader(self.reader.fileno(), on_wakeup)
+        try:
+            yield
+        finally:
+            loop.remove_reader(self.reader.fileno())
+
+    def close(self) -> None:
+        for signum, handler in self.previous.items():
+            if handler is not None:  # None: a handler not set from Python, which stays
+                signal.signal(signum, handler)
+        signal.set_wakeup_fd(self.previous_fd)
+        self.reader.close()
+        self.writer.close()
+
+
+def _caught(signum: int, frame: object) -> None:
+    """The Python-level handler of a stop signal: StopSignals' socket carries it."""
+
+
+async def _serve(options: ShimOptions, listener: socket.socket, signals: StopSignals) -> None:
     done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, done.set)
+    with signals.watch(done):
+        await _serve_until(options, listener, done)
+
+
+async def _serve_until(options: ShimOptions, listener: socket.socket, done: asyncio.Event) -> None:
     sender = TtrpcEventSender(options.ttrpc_address, options.namespace)
     publisher = EventPublisher(options.namespace, sender)
     service = TaskService(
@@ -103,9 +155,11 @@ def serve(options: ShimOptions) -> int:
     except OSError as error:
         log.error("no listening socket on fd %d: run me through `start`: %s", LISTENER_FD, error)
         return 1
+    signals = StopSignals()
     try:
-        asyncio.run(_serve(options, listener))
+        asyncio.run(_serve(options, listener, signals))
     finally:
+        signals.close()
         if options.socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(options.socket)

@@ -39,6 +39,8 @@ class SizingError(ValueError):
 
 @dataclass(frozen=True)
 class VmSizing:
+    """The VM size and kernel arguments a spec asks for."""
+
     vcpus: int | None = None  # None: spinboxd's default
     memory_mib: int | None = None
     kernel_args: tuple[str, ...] = ()

@@ -52,6 +52,8 @@ def volume_list(volumes: Sequence[Volume]) -> list[list[Any]]:
 
 @dataclass(frozen=True)
 class VmRequest:
+    """What CreateVM is asked for: the VM's id, rootfs, size and options."""
+
     vm_id: str
     container_id: str
     rootfs: tuple[MountSpec, ...] = ()
@@ -95,6 +97,8 @@ class VmRequest:
 
 @dataclass(frozen=True)
 class VmInfo:
+    """A VM spinboxd runs: its bus object, agent address, rootfs path and QEMU's pid."""
+
     path: str
     agent_address: str
     rootfs_path: str

@@ -42,6 +42,8 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class StdioUri:
+    """One stdio stream's destination as containerd names it."""
+
     kind: Kind
     path: str = ""
     args: tuple[str, ...] = ()  # for BINARY: the program's arguments
@@ -81,6 +83,8 @@ def parse_uri(uri: str) -> StdioUri:
 
 @dataclass(frozen=True)
 class StdioConfig:
+    """A process's three stdio streams, and whether it has a terminal."""
+
     stdin: StdioUri
     stdout: StdioUri
     stderr: StdioUri

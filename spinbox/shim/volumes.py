@@ -40,6 +40,8 @@ class VolumeError(Exception):
 
 @dataclass(frozen=True)
 class Volumes:
+    """The host directories a spec's binds give its VM, and where the guest binds them."""
+
     volumes: tuple[Volume, ...] = ()
     shared: tuple[agent_pb2.SharedMount, ...] = ()
 

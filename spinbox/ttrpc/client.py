@@ -36,6 +36,8 @@ class CallOptions(TypedDict, total=False):
 
 @dataclass(eq=False)
 class _Call:
+    """A call waiting for its response (and, for a server stream, its messages)."""
+
     response: asyncio.Future[ttrpc_pb2.Response]
     inbox: Inbox | None = None
 

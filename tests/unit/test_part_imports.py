@@ -46,6 +46,9 @@ SERVER_NEVER = (
     "xml",
     "pathlib",
     "urllib",
+    # inspect is stood for until used (spinbox.shim.__main__.SERVER_LOADS_ON_USE): these come with it.
+    "ast",
+    "dis",
     *SHIM_FORBIDDEN,
 )
 # The server, and a VM id for a CRI container's 64 hex digits (a digest of the id).
@@ -70,6 +73,29 @@ def test_the_serving_shim_loads_only_what_it_serves_with() -> None:
     } <= loaded
     bad = sorted(name for name in loaded if any(name == n or name.startswith(n + ".") for n in SERVER_NEVER))
     assert not bad, f"the serving shim loads modules it never uses: {', '.join(bad)}"
+
+
+def test_the_binary_reaches_its_server_without_what_it_puts_off() -> None:
+    # As containerd runs it: main() parses the command line (the options are a dataclass).
+    loaded = server_loads(
+        "from spinbox.shim.__main__ import main, server_entry\nmain(['-v'])\nserver_entry()\n"
+    )
+    assert "spinbox.shim.service" in loaded
+    assert not {"ast", "dis"} & loaded
+
+
+def test_a_module_put_off_loads_on_first_use() -> None:
+    code = (
+        "from spinbox.shim.__main__ import LoadedOnUse\n"
+        "stand_in = sys.modules['colorsys'] = LoadedOnUse('colorsys')\n"
+        "import colorsys\n"
+        "assert colorsys is stand_in and 'rgb_to_hsv' not in vars(stand_in)\n"
+        "assert colorsys.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)\n"
+        "import colorsys as real\n"
+        "assert real is not stand_in and sys.modules['colorsys'] is real\n"
+        "assert stand_in.hls_to_rgb is real.hls_to_rgb\n"
+    )
+    assert "colorsys" in server_loads(code)
 
 
 def test_the_serving_shim_runs_on_protobufs_upb_backend() -> None:
