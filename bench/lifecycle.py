@@ -11,6 +11,9 @@ measured in the same run.
   and socket under a temporary directory.
 - the shim: its resident memory while serving one container, and the wall
   time of `containerd-shim-spinbox-v1 start` against a bare `python -c pass`.
+  `--shim-only` measures the shim's memory alone (RSS and PSS while it serves a
+  `sleep`, after execs, after the task stopped) against the RSS of a bare
+  `python -c pass` of the same interpreter, in the same run.
 - confinement: cold boots with QEMU unconfined (vm.confine = false: root, no
   -sandbox) interleaved with the others, for the ratio of confined to
   unconfined; and QEMU's own start (exec to QMP greeting) both ways.
@@ -141,6 +144,69 @@ def shim_rss_kib(systemd: PrivateSystemd, containerd: Containerd) -> int:
         containerd.ctr("container", "delete", "bench-rss", check=False)
 
 
+def smaps_kib(systemd: PrivateSystemd, pid: int) -> dict[str, int]:
+    """A process's smaps_rollup totals (Rss, Pss, Anonymous ...), in KiB."""
+    text = systemd.run("cat", f"/proc/{pid}/smaps_rollup").stdout
+    fields = (line.split() for line in text.splitlines()[1:])
+    return {f[0].rstrip(":"): int(f[1]) for f in fields if len(f) == 3}
+
+
+def bare_python() -> tuple[int, str]:
+    """The RSS (KiB) of `python -c pass` on the interpreter the shim runs on, and its protobuf backend."""
+    rss = subprocess.run(
+        [str(PYTHON), "-c", "print(open('/proc/self/status').read())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    backend = subprocess.run(
+        [str(PYTHON), "-c", "from google.protobuf.internal import api_implementation as a; print(a.Type())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    return int(next(line.split()[1] for line in rss.splitlines() if line.startswith("VmRSS:"))), backend
+
+
+def shim_memory(
+    systemd: PrivateSystemd, containerd: Containerd, name: str = "bench-shim"
+) -> list[tuple[str, dict[str, int]]]:
+    """The shim's memory while it serves a `sleep`, after three execs, and after its task stopped."""
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "600")
+    stages = []
+    try:
+        (pid,) = systemd.processes(f"containerd-shim-spinbox-v1 .*-id {name}")
+        time.sleep(5)
+        stages.append(("serving a sleep", smaps_kib(systemd, pid)))
+        for n in range(3):
+            containerd.ctr("task", "exec", "--exec-id", f"e{n}", name, "sh", "-c", "echo hello; ls /")
+        stages.append(("after 3 execs", smaps_kib(systemd, pid)))
+        containerd.ctr("task", "kill", "-s", "KILL", name)
+        systemd.wait_for(f"{name} to stop", lambda: containerd.tasks().get(name) != "RUNNING", timeout=60)
+        stages.append(("its task stopped", smaps_kib(systemd, pid)))
+    finally:
+        containerd.ctr("task", "kill", "-s", "KILL", name, check=False)
+        systemd.wait_for(f"{name} to stop", lambda: containerd.tasks().get(name) != "RUNNING", timeout=60)
+        containerd.ctr("task", "delete", name, check=False)
+        containerd.ctr("container", "delete", name, check=False)
+    return stages
+
+
+def shim_only(initrd: Path) -> None:
+    with (
+        PrivateSystemd.booted(artifacts_dir() / "logs") as systemd,
+        spinbox_stack(systemd, initrd, boot="cold"),
+        Containerd.running(systemd, BUILDS["1.6"]) as containerd,
+    ):
+        stages = shim_memory(systemd, containerd)
+    bare, backend = bare_python()
+    print(f"the shim serving one container (containerd 1.6, {PYTHON}, protobuf backend {backend})")
+    print(f"{'':<24}{'RSS MiB':>10}{'PSS MiB':>10}{'anon MiB':>10}")
+    for stage, kib in stages:
+        print(
+            f"{stage:<24}{kib['Rss'] / 1024:>10.1f}{kib['Pss'] / 1024:>10.1f}{kib['Anonymous'] / 1024:>10.1f}"
+        )
+    print(f"{'bare python -c pass':<24}{bare / 1024:>10.1f}")
+
+
 @contextlib.contextmanager
 def host_containerd(work: Path, image: Path) -> Iterator[list[str]]:
     """Debian's containerd on the host with a private root; yields the ctr argv prefix."""
@@ -224,10 +290,18 @@ def main() -> None:
     parser.add_argument(
         "--confinement-only", action="store_true", help="only QEMU's start, confined and not (no containerd)"
     )
+    parser.add_argument(
+        "--shim-only",
+        action="store_true",
+        help="only the shim's memory serving one container (containerd 1.6)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/lifecycle runs containerd and VMs: run it as root")
     initrd = guest_image()
+    if args.shim_only:
+        shim_only(initrd)
+        return
     qemu_starts = asyncio.run(qemu_start_costs(initrd, max(args.runs, 10)))
     confined_q, unconfined_q = statistics.median(qemu_starts[True]), statistics.median(qemu_starts[False])
     print(
