@@ -11,7 +11,7 @@ from typing import Any
 
 from spinbox.busconnection import BusConnection
 from spinbox.busnames import BUS_NAME, ERROR_PREFIX, PROPERTIES_IFACE
-from spinbox.buswire import Message, MessageType, Variant
+from spinbox.buswire import BusError, Message, MessageType, Variant
 
 # A call spinboxd has not answered in this long fails (spinboxd answers
 # within its own deadlines; this one is for a spinboxd that hangs).
@@ -142,6 +142,8 @@ class BusClient:
             self.bus = await connect_bus(self.bus_address)
         try:
             reply = await method_call(self.bus, BUS_NAME, path, interface, member, signature, body, timeout)
+        except BusError as error:
+            raise SpinboxdError("Unavailable", f"calling spinboxd's {member}: {error}") from None
         except TimeoutError:
             what = f" for {body[0]}" if body and isinstance(body[0], str) and member != "GetAll" else ""
             raise SpinboxdError(

@@ -107,7 +107,12 @@ class BusConnection:
         reply: asyncio.Future[Message] = self._loop.create_future()
         self._pending[message.serial] = reply
         try:
-            await self._loop.sock_sendall(self.sock, message.encode())
+            try:
+                await self._loop.sock_sendall(self.sock, message.encode())
+            except BaseException as error:
+                # Cut off mid-message (cancelled, or the socket broke), the stream is lost.
+                self.disconnect(BusError(f"sending {message.member} to the bus failed: {error!r}"))
+                raise
             return await reply
         finally:
             self._pending.pop(message.serial, None)
@@ -129,7 +134,9 @@ class BusConnection:
 
     def _readable(self) -> None:
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(_READ, socket.CMSG_SPACE(MAX_FDS * 4))
+            data, ancillary, _, _ = self.sock.recvmsg(
+                _READ, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
@@ -190,8 +197,16 @@ class BusConnection:
             body=[f"this connection serves no {call.interface}.{call.member}"],
             serial=self._serial,
         )
-        with contextlib.suppress(OSError):
-            self.sock.send(error.encode())  # small: a full socket buffer drops it, as a lost reply
+        data = error.encode()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as failure:
+            self.disconnect(BusError(f"the connection to the bus broke: {failure}"))
+            return
+        if sent != len(data):  # a full socket buffer: the stream would be cut mid-message
+            self.disconnect(BusError("the bus does not take this connection's messages"))
 
 
 async def _authenticate(sock: socket.socket) -> None:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spinbox import buswire
+from spinbox.busclient import BusClient, SpinboxdError
 from spinbox.busconnection import BusConnection, socket_path
 from spinbox.buswire import BusError, Message, MessageType, Variant, decode, message_size, split_signature
 
@@ -275,5 +276,26 @@ def test_a_call_to_the_connection_is_answered_unknown_method_and_a_signal_droppe
         assert connection.connected
         connection.disconnect()
         theirs.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bus_that_goes_away_fails_the_call_as_spinboxd_unavailable() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        connection = BusConnection(ours)
+        connection._start()
+        client = BusClient(connection)
+        call = asyncio.create_task(
+            client.call("/org/spinstack/Spinbox", "org.spinstack.Spinbox.Manager", "ListVMs")
+        )
+        await asyncio.sleep(0.05)
+        assert decode(theirs.recv(4096)).member == "ListVMs"
+        theirs.close()
+        with pytest.raises(SpinboxdError) as raised:
+            await asyncio.wait_for(call, 5)
+        assert raised.value.kind == "Unavailable"
+        assert raised.value.message == "calling spinboxd's ListVMs: the bus closed the connection"
 
     asyncio.run(scenario())
