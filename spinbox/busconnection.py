@@ -74,20 +74,20 @@ class BusConnection:
         """Connects and authenticates to the bus at `address` (the system bus by default)."""
         address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        connection = cls(sock)
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.get_running_loop().sock_connect(sock, socket_path(address))
+                await connection._loop.sock_connect(sock, socket_path(address))
                 await _authenticate(sock)
-                connection = cls(sock)
-                connection._start()
+                connection.start()
                 reply = await connection.call(
                     Message(destination=BUS_NAME, path=BUS_PATH, interface=BUS_NAME, member="Hello")
                 )
         except TimeoutError:
-            sock.close()
+            connection.disconnect()
             raise BusError(f"the bus at {address} did not let this process in within {timeout:g}s") from None
         except BaseException:
-            sock.close()
+            connection.disconnect()
             raise
         if reply.message_type == MessageType.ERROR or reply.signature != "s":
             connection.disconnect()
@@ -95,7 +95,8 @@ class BusConnection:
         connection.unique_name = reply.body[0]
         return connection
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Reads the bus's messages from now on (once authenticated)."""
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
     async def call(self, message: Message) -> Message:

@@ -241,7 +241,7 @@ def test_garbage_from_the_bus_fails_the_waiting_call_and_closes_the_connection()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         connection = BusConnection(ours)
-        connection._start()
+        connection.start()
         call = asyncio.create_task(connection.call(Message(path="/", member="Ping", destination="x.y")))
         await asyncio.sleep(0.05)
         theirs.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
@@ -258,7 +258,7 @@ def test_a_call_to_the_connection_is_answered_unknown_method_and_a_signal_droppe
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         connection = BusConnection(ours)
-        connection._start()
+        connection.start()
         signal = dbus_fast.Message(
             message_type=dbus_fast.MessageType.SIGNAL, path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus", member="NameAcquired", signature="s", body=[":1.9"], serial=1,
@@ -285,7 +285,7 @@ def test_a_bus_that_goes_away_fails_the_call_as_spinboxd_unavailable() -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         connection = BusConnection(ours)
-        connection._start()
+        connection.start()
         client = BusClient(connection)
         call = asyncio.create_task(
             client.call("/org/spinstack/Spinbox", "org.spinstack.Spinbox.Manager", "ListVMs")
