@@ -13,7 +13,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,29 +73,38 @@ def vm_lines(stack: PrivateSystemd, vm_id: str) -> list[str]:
     return [line for line in journal.splitlines() if f"VM {vm_id}:" in line or f"VM {vm_id} " in line]
 
 
+def run_until_qemu_ends(
+    containerd: Containerd, stack: PrivateSystemd, name: str, end: Callable[[int], object]
+) -> tuple[subprocess.Popen[str], int, str]:
+    """`ctr run --rm` of a `sleep` whose VM's QEMU (pid given to `end`) is then ended from outside;
+    returns the run, QEMU's pid and ctr's stderr."""
+    run = subprocess.Popen(
+        containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stack.wait_for(f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300)
+        pid = qemu_pid(stack, f"default-{name}")
+        assert pid
+        end(pid)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    return run, pid, stderr
+
+
 def test_a_qemu_killed_by_sigkill_ends_the_task_with_the_status_the_journal_explains(
     containerd: Containerd, stack: PrivateSystemd
 ) -> None:
     name, vm_id = "qkill1", "default-qkill1"
     with containerd.events() as events:
-        run = subprocess.Popen(
-            containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        run, pid, stderr = run_until_qemu_ends(
+            containerd, stack, name, lambda pid: stack.run("kill", "-KILL", str(pid))
         )
-        try:
-            stack.wait_for(
-                f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300
-            )
-            pid = qemu_pid(stack, vm_id)
-            assert pid
-            stack.run("kill", "-KILL", str(pid))
-            _, stderr = run.communicate(timeout=120)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
     # The status is the one spinboxd's line about the VM gives, and that line says why.
     said = (
         f"VM {vm_id}: QEMU was killed by SIGKILL, not by spinbox (QEMU pid {pid}); "
@@ -155,26 +164,14 @@ def test_a_vm_scope_at_its_memory_limit_gives_taskoom_then_the_exit(
     name, vm_id = "scopeoom1", "default-scopeoom1"
     scope = f"spinbox-vm-{vm_id}.scope"
     with containerd.events() as events:
-        run = subprocess.Popen(
-            containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sleep", "600"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        # Below what QEMU holds: writing memory.max reclaims what it can, then the kernel's
+        # OOM killer ends the scope's biggest process, QEMU.
+        run, pid, stderr = run_until_qemu_ends(
+            containerd,
+            stack,
+            name,
+            lambda _: stack.systemctl("set-property", "--runtime", scope, "MemoryMax=32M"),
         )
-        try:
-            stack.wait_for(
-                f"task {name} to run", lambda: containerd.tasks().get(name) == "RUNNING", timeout=300
-            )
-            pid = qemu_pid(stack, vm_id)
-            assert pid
-            # Below what QEMU holds: writing memory.max reclaims what it can, then the kernel's
-            # OOM killer ends the scope's biggest process, QEMU.
-            stack.systemctl("set-property", "--runtime", scope, "MemoryMax=32M")
-            _, stderr = run.communicate(timeout=120)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
     said = (
         f"VM {vm_id}: the VM's scope reached its memory limit (MemoryMax={32 << 20} bytes) and the "
         f"kernel's OOM killer ended QEMU (SIGKILL) (QEMU pid {pid}); the processes in it end with "
