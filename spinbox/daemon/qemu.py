@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -296,11 +296,19 @@ class QemuBackend:
         agent_call = self.config.timeouts.agent_call
 
         async def configure(agent: AgentClient) -> str:
+            # The two are independent and each may wait for its hot-plugged device to appear
+            # in the guest: they go together, and the first failure (network's first) is raised
+            # once both have ended.
+            steps: list[Awaitable[Any]] = []
             if setup.network is not None and len(setup.network.interfaces):
-                await agent.configure_network(setup.network)
+                steps.append(agent.configure_network(setup.network))
             if setup.mount is not None:
-                return str(await agent.mount_rootfs(with_device_wait(setup.mount, agent_call)))
-            return ""
+                steps.append(agent.mount_rootfs(with_device_wait(setup.mount, agent_call)))
+            results = await asyncio.gather(*steps, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            return str(results[-1]) if setup.mount is not None else ""
 
         return await control.session(machine.control_address, configure, agent_call)
 
