@@ -44,7 +44,7 @@ TEMPLATE_PORTS = 24
 # The most VM sizes spinboxd keeps templates for (the default size among them).
 MAX_SHAPES = 4
 # Bumped when what a template holds changes in a way its digest does not see.
-FORMAT = 2
+FORMAT = 3
 READY = "ready.json"
 
 

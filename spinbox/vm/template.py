@@ -17,6 +17,14 @@ instead of zeroing the template under every VM restored from it. The restored
 guest stops reporting free pages (vminitd, on Refresh): its private pages stay
 with it until it stops.
 
+A restored VM never boots its kernel, but QEMU reads the whole file it is
+given as -kernel into memory of its own (14 MiB for Debian's cloud kernel) and
+keeps it for the VM's life. A template therefore keeps the kernel's boot
+header (`kernel_header`: the setup sectors of its bzImage, about 20 KiB) as a
+third file, and a restored VM is given that instead: QEMU still sets up the
+same machine (its linuxboot option ROM is part of the device state), with no
+kernel to hold.
+
 A restored VM loads the device state and continues from agent-ready. Before
 anything else runs in it, the guest mixes a seed from the host into its
 entropy pool and reseeds its CRNG, and takes the host's clock; then the VM's
@@ -53,6 +61,11 @@ _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": Tr
 RAM_SEALS = SEALED_RAM | fcntl.F_SEAL_SEAL
 _PAGE = 4096
 _CHUNK = 1 << 20
+# Linux's x86 boot protocol: the setup sectors' count (0 means 4) and the header's magic.
+_SETUP_SECTS = 0x1F1
+_HEADER_MAGIC_AT = 0x202
+_HEADER_MAGIC = b"HdrS"
+_SECTOR = 512
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,10 @@ class TemplateFiles:
     @property
     def state(self) -> Path:
         return self.root / "state"
+
+    @property
+    def kernel_header(self) -> Path:
+        return self.root / "kernel-header"
 
 
 def new_ram(name: str, size: int) -> int:
@@ -144,6 +161,35 @@ def load_ram(files: TemplateFiles) -> int:
         os.close(source)
 
 
+def kernel_header(kernel: Path) -> bytes:
+    """The boot sector and setup sectors of a bzImage: what QEMU's -kernel needs to set up a
+    machine whose guest is already running (VmError when `kernel` is no bzImage)."""
+    try:
+        with open(kernel, "rb") as image:
+            head = image.read(_SETUP_SECTS + 1)
+            if len(head) <= _SETUP_SECTS:
+                raise VmError(f"the guest kernel {kernel} is too short to be a bzImage")
+            size = ((head[_SETUP_SECTS] or 4) + 1) * _SECTOR
+            image.seek(0)
+            header = image.read(size)
+    except OSError as error:
+        raise VmError(f"cannot read the guest kernel {kernel}: {error.strerror}") from None
+    if len(header) < size or header[_HEADER_MAGIC_AT : _HEADER_MAGIC_AT + 4] != _HEADER_MAGIC:
+        raise VmError(f"the guest kernel {kernel} is not a bzImage (no Linux boot header)")
+    return header
+
+
+def _save_kernel_header(kernel: Path, path: Path) -> None:
+    header = kernel_header(kernel)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, header)
+        # QEMU runs as another user and opens it (through /proc/self/fd) itself.
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
+
+
 def _save_ram(ram: int, path: Path) -> None:
     """The built template's RAM (a memfd) into a file, sparse."""
     size = os.fstat(ram).st_size
@@ -160,8 +206,10 @@ async def build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_ti
     if spec.disks or spec.nics:
         raise VmError("a template is saved without disks and NICs (they are plugged into each restored VM)")
     files.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path in (files.ram, files.state):
+    for path in (files.ram, files.state, files.kernel_header):
         path.unlink(missing_ok=True)
+    # Before the boot: a kernel QEMU cannot restore from fails the build, not every restore.
+    _save_kernel_header(spec.kernel, files.kernel_header)
     ram = new_ram(f"spinbox-{spec.vm_id}", spec.memory_mib << 20)
     try:
         spec = dataclasses.replace(spec, memory_file=MemoryFile(files.ram, shared=True, fd=ram))
@@ -204,7 +252,7 @@ async def restore(spec: VmSpec, files: TemplateFiles, ram: int, spawn: Spawn | N
     ram_fd = os.dup(ram)
     try:
         memory = MemoryFile(files.ram, shared=False, fd=ram_fd)
-        spec = dataclasses.replace(spec, memory_file=memory, incoming_fd=fd)
+        spec = dataclasses.replace(spec, memory_file=memory, incoming_fd=fd, kernel=files.kernel_header)
         vm = await launch(spec, spawn, start=False)
     finally:
         os.close(fd)  # QEMU has its own copies

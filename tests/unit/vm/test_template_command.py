@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec
+from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 from spinbox.vm.handover import SANDBOX, Handover, NumberingHandover, VmUser
 from spinbox.vm.spec import MemoryFile
-from spinbox.vm.template import RAM_SEALS, new_ram
+from spinbox.vm.template import RAM_SEALS, kernel_header, new_ram
 
 
 @pytest.fixture
@@ -154,3 +154,59 @@ def test_a_vm_with_a_share_never_has_a_templates_ram(spec: VmSpec, tmp_path: Pat
     spec = dataclasses.replace(spec, memory_file=MemoryFile(tmp_path / "ram", shared=False), virtiofs_fd=7)
     with pytest.raises(VmError, match="a VM with a virtio-fs share boots cold"):
         spec.validate()
+
+
+def test_a_restored_vm_has_a_translation_cache_of_its_own_size(
+    spec: VmSpec, tmp_path: Path, sealed_ram: int
+) -> None:
+    restored = dataclasses.replace(
+        spec, memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=sealed_ram), incoming_fd=40
+    )
+    assert option_values(argv_of(QemuCommand(restored, accel="tcg")), "-accel") == [
+        f"tcg,tb-size={qemu.TCG_TB_SIZE_RESTORED_MIB}"
+    ]
+    assert option_values(argv_of(QemuCommand(spec, accel="tcg")), "-accel") == [
+        f"tcg,tb-size={qemu.TCG_TB_SIZE_MIB}"
+    ]
+    assert qemu.TCG_TB_SIZE_RESTORED_MIB < qemu.TCG_TB_SIZE_MIB
+    assert option_values(argv_of(QemuCommand(restored, accel="kvm")), "-accel") == ["kvm"]
+
+
+def bzimage(path: Path, setup_sects: int, size: int) -> bytes:
+    data = bytearray(size)
+    data[0x1F1] = setup_sects
+    data[0x202:0x206] = b"HdrS"
+    data[-1] = 0xAA
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_a_template_keeps_the_kernel_s_boot_header_for_restored_vms(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    data = bzimage(kernel, setup_sects=39, size=1 << 20)
+    assert kernel_header(kernel) == data[: 40 * 512]
+    # 0 setup sectors means 4 (the boot protocol's oldest kernels).
+    data = bzimage(kernel, setup_sects=0, size=1 << 16)
+    assert kernel_header(kernel) == data[: 5 * 512]
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"\x7fELF" + bytes(4096), "not a bzImage"),
+        (bytes(100), "too short"),
+    ],
+)
+def test_a_kernel_that_is_no_bzimage_fails_the_template(tmp_path: Path, content: bytes, error: str) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(content)
+    with pytest.raises(VmError, match=error):
+        kernel_header(kernel)
+
+
+def test_a_cut_bzimage_fails_the_template(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    data = bzimage(kernel, setup_sects=39, size=1 << 20)
+    kernel.write_bytes(data[:4096])
+    with pytest.raises(VmError, match="not a bzImage"):
+        kernel_header(kernel)
