@@ -32,9 +32,9 @@ TCG_TB_SIZE_MIB = 128
 # A VM restored from a template starts with an empty cache but never boots, and the
 # cache's pages stay QEMU's once written (a full cache is flushed and refilled, not
 # given back): its size is what an idle restored VM keeps. Measured (QEMU 7.2, 512 MiB
-# guest, restore and `sleep` container start): 52 to 60 MiB translated; a 32 MiB cache
-# costs about 0.5 s more CPU for that start (2.1 s against 2.6 s) and saves 30 MiB of
-# every idle VM; 16 MiB thrashed (5.5 s).
+# guest, a restore and its `sleep` container's start): 52 to 60 MiB translated. QEMU's
+# CPU time for that, median of 3 on a busy host: 2.3 s with 128 MiB, 2.5 s with 32 MiB
+# (which keeps every idle VM 30 MiB smaller), 5.5 s with 16 MiB (it thrashed).
 TCG_TB_SIZE_RESTORED_MIB = 32
 # The id of guest RAM's memory backend, and the virtio-fs tag the guest mounts.
 MEMORY_BACKEND = "mem"
