@@ -107,7 +107,7 @@ def pid1() -> None:
         log.info("loaded %d kernel modules", boot.load_modules(early))
         timeline.stamp("modules")
         # Block devices, network, file systems and entropy come up while the agent starts.
-        devices = boot.start_deferred_boot(deferred, timeline)
+        devices = boot.start_deferred_boot(deferred, timeline, cmdline)
         boot.enable_cgroup_controllers()
     except BaseException:
         log.exception("boot failed; serving the agent anyway")

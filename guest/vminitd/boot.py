@@ -100,7 +100,32 @@ def load_modules(paths: Iterable[str]) -> int:
     return loaded
 
 
-def start_deferred_boot(paths: list[str], timeline: Timeline) -> concurrent.futures.Future[None]:
+PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+
+
+def set_page_reporting_order(cmdline: dict[str, str], parameter: Path = PAGE_REPORTING_ORDER) -> None:
+    """The smallest free block the guest reports to the host, from `spinbox.page_reporting_order`.
+
+    The kernel's own parameter cannot be given on the command line: Linux 6.1
+    sets it to the balloon driver's order (2 MiB blocks on x86) when the driver
+    loads, so it is written once the driver is there. Without the argument the
+    kernel's choice stays.
+    """
+    value = cmdline.get("spinbox.page_reporting_order")
+    if value is None:
+        return
+    if not value.isdigit():
+        log.warning("ignoring spinbox.page_reporting_order=%s: not an order", value)
+        return
+    try:
+        parameter.write_text(value)
+    except OSError as e:
+        log.warning("cannot set the page reporting order to %s: %s", value, e)
+
+
+def start_deferred_boot(
+    paths: list[str], timeline: Timeline, cmdline: dict[str, str] | None = None
+) -> concurrent.futures.Future[None]:
     """Loads the deferred modules, then seeds entropy (virtio-rng is one of them),
     in a thread of the lowest priority: it takes the CPU only while the agent's
     own start waits. The future is done when the devices are all there."""
@@ -113,6 +138,7 @@ def start_deferred_boot(paths: list[str], timeline: Timeline) -> concurrent.futu
             loaded = load_modules(paths)
             timeline.stamp("modules-deferred")
             log.info("loaded %d deferred kernel modules", loaded)
+            set_page_reporting_order(cmdline or {})  # the balloon driver is loaded by now
             seed_entropy()
         finally:
             done.set_result(None)

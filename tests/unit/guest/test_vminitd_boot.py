@@ -131,3 +131,16 @@ def test_logging_after_the_event_loop_closed_is_no_logging_error(tmp_path: Path)
     handler.emit(logging.LogRecord("vminitd", logging.INFO, __file__, 1, "powering off", None, None))
     assert errors == []
     assert handler.lines[-1].endswith(b"powering off\n")
+
+
+def test_the_page_reporting_order_comes_from_the_command_line(tmp_path: Path) -> None:
+    parameter = tmp_path / "page_reporting_order"
+    parameter.write_text("9")
+    boot.set_page_reporting_order({"spinbox.vm": "vm1"}, parameter)
+    assert parameter.read_text() == "9"
+    boot.set_page_reporting_order({"spinbox.page_reporting_order": "x"}, parameter)
+    assert parameter.read_text() == "9"
+    boot.set_page_reporting_order({"spinbox.page_reporting_order": "0"}, parameter)
+    assert parameter.read_text() == "0"
+    # No balloon driver (no page_reporting parameter): logged, not fatal.
+    boot.set_page_reporting_order({"spinbox.page_reporting_order": "0"}, tmp_path / "absent" / "order")

@@ -84,6 +84,7 @@ def test_kernel_command_line(spec: VmSpec) -> None:
     assert cmdline[-1] == "loglevel=7"  # the caller's arguments come last and win
     # TCG's TSC rate, calibrated against the emulated PIT, is unreliable on a busy host.
     assert "clocksource=hpet" in cmdline
+    assert "spinbox.page_reporting_order=0" in cmdline
     assert "clocksource=hpet" not in QemuCommand(spec, accel="kvm").kernel_cmdline().split()
 
 
