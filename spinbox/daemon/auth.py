@@ -28,6 +28,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.service import ServiceInterface
 
+from spinbox.daemon import dbuscall
 from spinbox.daemon.errors import AccessDenied
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,12 @@ class Authorizer:
     async def _call(
         self, destination: str, path: str, interface: str, member: str, sig: str, body: list[Any]
     ) -> Message:
-        message = Message(
-            destination=destination, path=path, interface=interface, member=member, signature=sig, body=body
-        )
         try:
-            async with asyncio.timeout(self.timeout):
-                reply = await self.bus.call(message)
+            return await dbuscall.call(
+                self.bus, destination, path, interface, member, sig, body, self.timeout
+            )
         except TimeoutError:
             raise AccessDenied(f"{destination} did not answer {member} within {self.timeout:g} s") from None
-        assert reply is not None
-        return reply
 
     async def caller_uid(self, sender: str, what: str) -> int:
         """The uid of the connection `sender`, as the bus knows it."""

@@ -13,6 +13,8 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.errors import DBusError
 
+from spinbox.daemon import dbuscall
+
 log = logging.getLogger(__name__)
 
 SYSTEMD = "org.freedesktop.systemd1"
@@ -163,18 +165,9 @@ class SystemdManager:
         body: list[Any],
     ) -> Any:
         try:
-            message = Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body,
+            reply = await dbuscall.call(
+                self.bus, destination, path, interface, member, signature, body, self.job_timeout
             )
-            # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that comes as the
-            # reply does, and a caller past its deadline would then run on.
-            async with asyncio.timeout(self.job_timeout):
-                reply = await self.bus.call(message)
         except TimeoutError:
             raise JobTimeout(f"{who} did not answer {member} within {self.job_timeout:g}s") from None
         return _body(reply)
