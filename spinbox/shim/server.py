@@ -140,9 +140,13 @@ async def _serve_until(options: ShimOptions, listener: socket.socket, done: asyn
     await done.wait()
     # The reply to Shutdown goes out before the socket closes.
     await asyncio.sleep(0)
-    with contextlib.suppress(Exception):
+    try:
         async with asyncio.timeout(10):
             await publisher.close()
+    except Exception as error:
+        log.warning(
+            "events not yet sent to containerd when the shim ended are lost: %s", error or "timed out"
+        )
     await sender.close()
     await server.close()
 
