@@ -457,8 +457,10 @@ class TaskService:
         if req.stdin and (state.stdin is None or state.stdin.done()):
             # With a stdin FIFO, its end of file closes the process's stdin
             # once everything written before it has been forwarded.
-            with contextlib.suppress(Exception):
+            try:
                 await container.agent.close_stdin(req.id, req.exec_id)
+            except Exception as error:
+                log.warning("%s: its stdin could not be closed in the guest: %s", state.process.name, error)
         return Empty()
 
     # -- the rest -------------------------------------------------------------------
