@@ -168,12 +168,18 @@ class AgentClient:
         spec: bytes,
         io: pb.IoConfig | None = None,
         shared: Sequence[pb.SharedMount] = (),
+        apparmor_policy: bytes = b"",
     ) -> int:
         """Creates the container (crun create); returns the init process's guest pid.
 
-        `shared`: the spec's bind mounts whose sources are volumes in the VM's share."""
+        `shared`: the spec's bind mounts whose sources are volumes in the VM's share;
+        `apparmor_policy`: the compiled policy defining the spec's AppArmor profile."""
         req = pb.CreateContainerRequest(
-            container_id=container_id, spec=spec, io=io or pb.IoConfig(), shared=list(shared)
+            container_id=container_id,
+            spec=spec,
+            io=io or pb.IoConfig(),
+            shared=list(shared),
+            apparmor_policy=apparmor_policy,
         )
         resp = await self._call("CreateContainer", req, pb.CreateContainerResponse)
         return resp.pid
@@ -184,10 +190,15 @@ class AgentClient:
         exec_id: str,
         process: bytes,
         io: pb.IoConfig | None = None,
+        apparmor_policy: bytes = b"",
     ) -> None:
         """Registers an exec process (OCI process JSON); `start` runs it."""
         req = pb.ExecRequest(
-            container_id=container_id, exec_id=exec_id, process=process, io=io or pb.IoConfig()
+            container_id=container_id,
+            exec_id=exec_id,
+            process=process,
+            io=io or pb.IoConfig(),
+            apparmor_policy=apparmor_policy,
         )
         await self._call("Exec", req, Empty)
 

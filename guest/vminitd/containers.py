@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guest.vminitd import stats, syscont, validate
+from guest.vminitd import apparmor, stats, syscont, validate
 from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.crun import Crun, CrunError
 from guest.vminitd.process_stdio import Stdio
@@ -197,6 +197,7 @@ class Containers:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {cid} has no rootfs: mount it first")
         prepare_spec(self.config, cid, doc, rootfs, req.io.terminal, self.init_pids())
         check_program(rootfs, doc, doc["process"], f"container {cid}")
+        apparmor.prepare(doc["process"], req.apparmor_policy, f"container {cid}")
         systemd = syscont.prepare(cid, doc, rootfs)
         self.share.apply(cid, doc, req.shared)
         bundle = self.bundles / cid
@@ -292,6 +293,7 @@ class Containers:
         spec = validate.process(validate.json_object(req.process, "exec process"), "the exec process")
         spec["terminal"] = req.io.terminal
         check_program(container.rootfs, {}, spec, f"exec {eid}")
+        apparmor.prepare(spec, req.apparmor_policy, f"exec {eid} of container {container.id}")
         proc = Process(container.id, eid, req.io, spec)
         container.execs[eid] = proc
         return proc

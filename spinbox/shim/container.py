@@ -30,9 +30,15 @@ class Agent(Protocol):
         spec: bytes,
         io: agent_pb2.IoConfig | None = None,
         shared: Sequence[agent_pb2.SharedMount] = (),
+        apparmor_policy: bytes = b"",
     ) -> int: ...
     async def exec(
-        self, container_id: str, exec_id: str, process: bytes, io: agent_pb2.IoConfig | None = None
+        self,
+        container_id: str,
+        exec_id: str,
+        process: bytes,
+        io: agent_pb2.IoConfig | None = None,
+        apparmor_policy: bytes = b"",
     ) -> None: ...
     async def start(self, container_id: str, exec_id: str = "") -> int: ...
     async def signal(self, container_id: str, signal: int, exec_id: str = "", all: bool = False) -> None: ...

@@ -108,6 +108,7 @@ class CreatePlan:
     hooks: HostHooks
     stdio: StdioConfig
     annotations: dict[str, str]
+    apparmor_policy: bytes = b""  # defines the profile the spec's process names
 
     def container(
         self, vm_id: str, vm: VmInfo, agent: Agent, init: ProcessState, hook_pid: int, sandbox: str = ""
@@ -241,7 +242,7 @@ class ContainerCreator:
         io_config = await pump.open_stdio(state, plan.stdio, req.id, self.namespace)
         spec_for_guest = for_guest(plan.guest_spec)
         await agent.create_container(
-            req.id, json.dumps(spec_for_guest).encode(), io_config, plan.volumes.shared
+            req.id, json.dumps(spec_for_guest).encode(), io_config, plan.volumes.shared, plan.apparmor_policy
         )
         state.process.pid = vm_pid
         pump.start_output(agent, state)

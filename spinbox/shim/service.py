@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
 from spinbox.shim import exits, pump, resize
+from spinbox.shim.apparmor import AppArmorError, policy_for_process, policy_for_spec
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
 from spinbox.shim.create import ContainerCreator, CreatePlan, load_spec
 from spinbox.shim.cri import SANDBOX_ID_ANNOTATION
@@ -141,9 +142,10 @@ class TaskService:
             annotations = {str(k): str(v) for k, v in (spec.get("annotations") or {}).items()}
             check_cri_spec(req.id, spec, annotations)
             volumes = volumes_of(guest_spec, req.id)
-        except (SizingError, HookError, StdioError, PodCheckError, VolumeError) as error:
+            apparmor = policy_for_spec(spec)
+        except (SizingError, HookError, StdioError, PodCheckError, VolumeError, AppArmorError) as error:
             raise invalid(str(error)) from None
-        plan = CreatePlan(req, spec, guest_spec, volumes, sizing, hooks, stdio, annotations)
+        plan = CreatePlan(req, spec, guest_spec, volumes, sizing, hooks, stdio, annotations, apparmor)
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION, "")
         self.deleted.pop(req.id, None)
         self._exit_when_empty = False
@@ -225,13 +227,14 @@ class TaskService:
             raise precondition(f"container {req.id!r} is not running")
         try:
             stdio = StdioConfig.parse(req.stdin, req.stdout, req.stderr, req.terminal)
-        except StdioError as error:
+            apparmor = policy_for_process(req.spec.value)
+        except (StdioError, AppArmorError) as error:
             raise invalid(str(error)) from None
         state = ProcessState(Process(req.id, req.exec_id, req.terminal, req.stdin, req.stdout, req.stderr))
         container.execs[req.exec_id] = state
         try:
             io_config = await pump.open_stdio(state, stdio, req.id, self.namespace)
-            await container.agent.exec(req.id, req.exec_id, req.spec.value, io_config)
+            await container.agent.exec(req.id, req.exec_id, req.spec.value, io_config, apparmor)
             pump.start_output(container.agent, state)
         except BaseException as error:
             del container.execs[req.exec_id]

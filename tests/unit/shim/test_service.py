@@ -42,7 +42,9 @@ class FakeAgent:
     async def close(self) -> None:
         self.closed = True
 
-    async def create_container(self, container_id: str, spec: bytes, io: Any = None, shared: Any = ()) -> int:
+    async def create_container(
+        self, container_id: str, spec: bytes, io: Any = None, shared: Any = (), apparmor_policy: bytes = b""
+    ) -> int:
         if self.fail_create:
             raise ShimError("FAILED_PRECONDITION", self.fail_create)
         self.spec = json.loads(spec)
