@@ -287,7 +287,8 @@ class Message:
         self.unix_fds = list(unix_fds)
 
     def encode(self) -> bytes:
-        """The message in little-endian wire format (it carries no file descriptors)."""
+        """The message in little-endian wire format; its file descriptors, counted in the
+        header, go beside it on the socket."""
         fields: list[list[Any]] = []
         values = {
             Field.PATH: self.path,
@@ -297,6 +298,7 @@ class Message:
             Field.REPLY_SERIAL: self.reply_serial,
             Field.DESTINATION: self.destination,
             Field.SIGNATURE: self.signature,
+            Field.UNIX_FDS: len(self.unix_fds),
         }
         for field, value in values.items():
             if value:

@@ -199,6 +199,19 @@ def test_unknown_vm_is_not_found(spinbox: PrivateSystemd) -> None:
     assert "there is no VM 'ghost', nor one that ended lately" in ending.stderr
 
 
+def test_text_beyond_ascii_is_answered_and_spinboxd_stays_on_the_bus(spinbox: PrivateSystemd) -> None:
+    # An error naming what the caller sent, with characters UTF-8 spells in several bytes: the
+    # reply must be a valid message, or the bus would disconnect spinboxd (for every caller).
+    owner = busctl(spinbox, "status", BUS).stdout
+    for name in ("vm-é", "容器", "emoji-🙂"):
+        result = busctl(
+            spinbox, "call", BUS, MANAGER_PATH, MANAGER_IFACE, "GetVM", "s", name, check=False, user=NOBODY
+        )
+        assert f"VM id {name!r} is not valid" in result.stderr, result
+    assert busctl(spinbox, "status", BUS).stdout == owner
+    assert get_property(spinbox, MANAGER_PATH, MANAGER_IFACE, "Accelerator")
+
+
 def test_a_call_starts_the_service_by_bus_activation(spinbox: PrivateSystemd) -> None:
     spinbox.systemctl("stop", "spinbox.service")
     assert get_property(spinbox, MANAGER_PATH, MANAGER_IFACE, "Version")
