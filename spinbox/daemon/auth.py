@@ -29,7 +29,7 @@ from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.service import ServiceInterface
 
 from spinbox.daemon import dbuscall
-from spinbox.daemon.buswriter import ByteLengthWriter
+from spinbox.daemon.buswriter import BusWriter
 from spinbox.daemon.errors import AccessDenied
 
 log = logging.getLogger(__name__)
@@ -221,14 +221,15 @@ class SpecHidingBus(MessageBus):
 
     dbus-fast broadcasts that signal with every property's value when an
     object is exported, and anyone may subscribe to a service's signals.
-    Its messages are valid whatever text they carry (spinbox.daemon.buswriter).
+    Its messages are valid whatever text they carry, and go in the order sent
+    (spinbox.daemon.buswriter).
     """
 
     private: dict[str, set[str]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._writer = ByteLengthWriter(self)
+        self._writer = BusWriter(self)
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         hidden = self.private.get(interface.name, set())

@@ -5,10 +5,15 @@ beyond ASCII (an error naming what a caller sent, a pod's annotations in Resourc
 malformed, and the bus answers a malformed message by disconnecting its sender: one call from
 anyone would take spinboxd off the bus. Such a message is marshalled by spinbox.buswire; every
 other keeps dbus_fast's own marshalling.
+
+The same writer sends its queued messages in the order they were queued: 1.84's takes the
+newest first whenever the socket was not writable at once (fixed in later dbus_fast), which
+would, for one, announce a VM's states in reverse.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from copy import copy
 from typing import Any
 
@@ -69,8 +74,19 @@ def encode(msg: Message, negotiate_unix_fd: bool) -> bytes:
     return wire.encode()
 
 
-class ByteLengthWriter(_MessageWriter):
-    """dbus_fast's writer for a MessageBus, marshalling through `encode`."""
+class _InOrder(deque[Any]):
+    """A queue whose pop(), which dbus_fast's writer takes the next message with, is the oldest."""
+
+    def pop(self, *_: int) -> Any:
+        return self.popleft()
+
+
+class BusWriter(_MessageWriter):
+    """dbus_fast's writer for a MessageBus, marshalling through `encode`, in queue order."""
+
+    def __init__(self, bus: Any) -> None:
+        super().__init__(bus)
+        self.messages = _InOrder()
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
         self.messages.append((encode(msg, self.negotiate_unix_fd), copy(msg.unix_fds), future))

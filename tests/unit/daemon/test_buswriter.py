@@ -1,12 +1,15 @@
 """spinboxd's messages are valid whatever text they carry: one with a string beyond ASCII is
 written with its lengths in bytes (dbus_fast 1.84 counts characters) and reads back whole with
-dbus_fast's own reader; every other is dbus_fast's own marshalling, byte for byte. The daemon
+dbus_fast's own reader; every other is dbus_fast's own marshalling, byte for byte. Queued
+messages go out in order. The daemon
 staying on a real bus after such a reply is in
 tests/integration/daemon/test_spinboxd_service.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import socket
 from typing import Any
 
 import dbus_fast
@@ -15,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spinbox import buswire
-from spinbox.daemon.buswriter import encode, has_wide_text
+from spinbox.daemon.buswriter import BusWriter, encode, has_wide_text
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12)
 
@@ -87,3 +90,45 @@ def test_file_descriptors_are_counted_in_the_header_when_negotiated() -> None:
     assert buswire.unix_fd_count(encode(reply, True)) == 1
     assert buswire.unix_fd_count(encode(reply, False)) == 0
     assert buswire.decode(encode(reply, True), [5]).body == [0, "écoute"]
+
+
+class _Bus:
+    """What dbus_fast's writer reads of its MessageBus."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._negotiate_unix_fd = True
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.new_event_loop()
+        self._user_disconnect = False
+        self.unique_name = ":1.1"
+        self.finalized: list[Exception | None] = []
+
+    def _finalize(self, error: Exception | None = None) -> None:
+        self.finalized.append(error)
+
+
+def test_queued_messages_go_out_in_the_order_they_were_queued() -> None:
+    ours, theirs = socket.socketpair()
+    bus = _Bus(ours)
+    try:
+        writer = BusWriter(bus)
+        for serial in (1, 2, 3):
+            signal = dbus_fast.Message.new_signal(
+                "/vm", "org.spinstack.Spinbox.VM", "State", "s", [f"é{serial}"]
+            )
+            signal.serial = serial
+            writer.buffer_message(signal)  # queued: the socket was not tried
+        writer.write_callback(remove_writer=False)
+        data = theirs.recv(65536)
+        serials = []
+        while data:
+            size = buswire.message_size(data[:16])
+            serials.append(buswire.decode(data[:size]).serial)
+            data = data[size:]
+        assert serials == [1, 2, 3]
+        assert bus.finalized == []
+    finally:
+        bus._loop.close()
+        ours.close()
+        theirs.close()
