@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -192,13 +193,17 @@ def write_archive(image: StandIn, out: Path, base: bytes) -> Path:
     index = _json({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
                    "manifests": [_descriptor(MANIFEST_MEDIA_TYPE, manifest)]})  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    # Written aside and renamed into place: sessions side by side in one checkout share the
+    # archives, and one must never push the other's half-written one.
+    partial = out.with_name(f".{out.name}.{os.getpid()}")
+    with tarfile.open(partial, mode="w", format=tarfile.PAX_FORMAT) as tar:
         _add(tar, "oci-layout", _json({"imageLayoutVersion": "1.0.0"}))
         _add(tar, "blobs", kind=tarfile.DIRTYPE, mode=0o755)
         _add(tar, "blobs/sha256", kind=tarfile.DIRTYPE, mode=0o755)
         for blob in (*layers, config, manifest):
             _add(tar, f"blobs/sha256/{hashlib.sha256(blob).hexdigest()}", blob)
         _add(tar, "index.json", index)
+    os.replace(partial, out)
     return out
 
 

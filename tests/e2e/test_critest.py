@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,9 @@ class MirroredCri(CriContainerd):
 
 @contextlib.contextmanager
 def registry(systemd: PrivateSystemd) -> Iterator[None]:
-    root = artifacts_dir() / "critest-registry"
-    shutil.rmtree(root, ignore_errors=True)
+    # A registry of its own per session: sessions side by side in one checkout (one per
+    # containerd version) must never remove each other's images.
+    root = Path(tempfile.mkdtemp(prefix="critest-registry-", dir=artifacts_dir()))
     systemd.write_file("/etc/spinbox-e2e-registry.yml", REGISTRY_CONFIG.format(root=root, address=REGISTRY))
     systemd.run("systemd-run", "--unit", REGISTRY_UNIT, "/usr/bin/docker-registry", "serve",
                 "/etc/spinbox-e2e-registry.yml")  # fmt: skip
