@@ -20,6 +20,7 @@ errors that name the key, so a typo never silently means "default".
     boot = "cold"             # "template": restore VMs from a saved, booted guest; "cold": boot each
     uid_base = 2097152000     # VMs' QEMUs run as uids uid_base .. uid_base+65535, one per VM
     confine = true            # false: QEMU as root without -sandbox (to measure confinement's cost only)
+    restored_tcg_cache_mib = 32 # TCG's translation cache of a VM restored from a template (kept while idle)
 
     [storage]
     layer_cache = "/var/lib/spinbox/layers"
@@ -58,6 +59,8 @@ DEFAULT_INITRD = Path("/var/lib/spinbox/guest/initrd.img")
 ACCELS = ("auto", "kvm", "tcg")
 BOOTS = ("template", "cold")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# QEMU's own default translation cache under TCG on 64-bit hosts.
+TCG_CACHE_MAX_MIB = 1024
 # The shim waits 900 s for CreateVM (spinbox.shim.spinboxd.CREATE_TIMEOUT).
 CREATE_TIMEOUT_MAX = 840.0
 
@@ -83,6 +86,8 @@ class VmConfig:
     boot: str = "cold"
     uid_base: int = 0x7D000000
     confine: bool = True
+    # spinbox.vm.qemu.TCG_TB_SIZE_RESTORED_MIB says what was measured for the default.
+    restored_tcg_cache_mib: int = 32
 
     def kernel_path(self, boot: Path = Path("/boot")) -> Path | None:
         """The configured kernel, or the newest Debian cloud kernel under /boot (None: none)."""
@@ -195,6 +200,17 @@ def validate(config: Config) -> None:
         raise ConfigError(f"vm.memory_overhead_mib must not be negative, not {vm.memory_overhead_mib}")
     if not 1000 <= vm.uid_base <= 2**31 - 65536:
         raise ConfigError(f"vm.uid_base must be between 1000 and {2**31 - 65536}, not {vm.uid_base}")
+    if not 1 <= vm.restored_tcg_cache_mib <= TCG_CACHE_MAX_MIB:
+        raise ConfigError(
+            f"vm.restored_tcg_cache_mib must be between 1 and {TCG_CACHE_MAX_MIB}, "
+            f"not {vm.restored_tcg_cache_mib}"
+        )
+    if vm.restored_tcg_cache_mib > vm.memory_overhead_mib:
+        raise ConfigError(
+            f"vm.restored_tcg_cache_mib ({vm.restored_tcg_cache_mib}) must not exceed "
+            f"vm.memory_overhead_mib ({vm.memory_overhead_mib}): the cache is QEMU's memory, "
+            "which the VM's scope allows beside the guest's"
+        )
     if vm.vcpus > vm.max_vcpus:
         raise ConfigError(f"vm.vcpus ({vm.vcpus}) must not exceed vm.max_vcpus ({vm.max_vcpus})")
     if vm.memory_mib > vm.max_memory_mib:

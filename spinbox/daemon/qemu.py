@@ -269,7 +269,12 @@ class QemuBackend:
         spec = self._template_spec(
             request.id, launch.runtime_dir, request.vcpus, request.memory_mib, TEMPLATE_PORTS
         )
-        spec = dataclasses.replace(spec, disks=tuple(launch.disks), nics=tuple(launch.nics))
+        spec = dataclasses.replace(
+            spec,
+            disks=tuple(launch.disks),
+            nics=tuple(launch.nics),
+            tcg_cache_mib=self.config.vm.restored_tcg_cache_mib,
+        )
         files = template.TemplateFiles(ready.directory)
         machine: vm.VirtualMachine | None = None
         try:

@@ -35,6 +35,7 @@ TCG_TB_SIZE_MIB = 128
 # guest, a restore and its `sleep` container's start): 52 to 60 MiB translated. QEMU's
 # CPU time for that, median of 3 on a busy host: 2.3 s with 128 MiB, 2.5 s with 32 MiB
 # (which keeps every idle VM 30 MiB smaller), 5.5 s with 16 MiB (it thrashed).
+# spinbox.toml's vm.restored_tcg_cache_mib (the same default) sets it.
 TCG_TB_SIZE_RESTORED_MIB = 32
 # The id of guest RAM's memory backend, and the virtio-fs tag the guest mounts.
 MEMORY_BACKEND = "mem"
@@ -236,7 +237,9 @@ class QemuCommand:
         return " ".join([*args, *self.spec.kernel_args])
 
     def _accel_option(self) -> str:
-        size = TCG_TB_SIZE_MIB if self.spec.incoming_fd is None else TCG_TB_SIZE_RESTORED_MIB
+        size = self.spec.tcg_cache_mib or (
+            TCG_TB_SIZE_MIB if self.spec.incoming_fd is None else TCG_TB_SIZE_RESTORED_MIB
+        )
         if self.accel == "tcg" and size:
             return f"tcg,tb-size={size}"
         return self.accel

@@ -19,6 +19,8 @@ DEFAULT_IMAGE = Path("/var/lib/spinbox/guest/initrd.img")
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_HOTPLUG_PORTS = 64
+# QEMU's own default translation cache under TCG on 64-bit hosts, in MiB.
+MAX_TCG_CACHE_MIB = 1024
 _SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 # sun_path is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
@@ -87,6 +89,9 @@ class VmSpec:
     # ports, as the template was saved without them.
     memory_file: MemoryFile | None = None
     incoming_fd: int | None = None
+    # TCG's translation cache in MiB; 0: spinbox's own for a cold boot or a restore
+    # (spinbox.vm.qemu.TCG_TB_SIZE_MIB, TCG_TB_SIZE_RESTORED_MIB).
+    tcg_cache_mib: int = 0
 
     def validate(self) -> None:
         """Raise VmError naming the first thing wrong with this spec."""
@@ -108,6 +113,11 @@ class VmSpec:
             )
         if self.accel not in ("auto", "kvm", "tcg"):
             raise VmError(f"accel must be 'auto', 'kvm' or 'tcg', not {self.accel!r}")
+        if not 0 <= self.tcg_cache_mib <= MAX_TCG_CACHE_MIB:
+            raise VmError(
+                f"the TCG translation cache must be between 1 and {MAX_TCG_CACHE_MIB} MiB "
+                f"(0: the default), not {self.tcg_cache_mib}"
+            )
         if not 0 <= self.hotplug_ports <= MAX_HOTPLUG_PORTS:
             raise VmError(
                 f"hotplug_ports must be between 0 and {MAX_HOTPLUG_PORTS}, not {self.hotplug_ports}"

@@ -28,6 +28,7 @@ def test_every_documented_key_is_accepted() -> None:
         initrd = "/srv/initrd.img"
         kernel_args = ["quiet"]
         boot_timeout = 30
+        restored_tcg_cache_mib = 64
         [storage]
         upper_size_mib = 512
         tmpfs_upper = true
@@ -40,6 +41,7 @@ def test_every_documented_key_is_accepted() -> None:
     assert config.vm.vcpus == 2
     assert config.vm.kernel_args == ("quiet",)
     assert config.vm.boot_timeout == 30.0
+    assert config.vm.restored_tcg_cache_mib == 64
     assert config.storage.tmpfs_upper is True
     assert config.network_table == {"subnet": "10.99.0.0/16"}
     assert config.daemon.log_level == "debug"
@@ -59,6 +61,13 @@ def test_every_documented_key_is_accepted() -> None:
         ("[vm]\nuid_base = 0", "vm.uid_base"),
         ("[vm]\nuid_base = 2147483000", "vm.uid_base"),
         ('[vm]\nconfine = "no"', "vm.confine"),
+        ("[vm]\nrestored_tcg_cache_mib = 0", "vm.restored_tcg_cache_mib must be between 1 and 1024"),
+        ("[vm]\nrestored_tcg_cache_mib = 2048", "vm.restored_tcg_cache_mib must be between 1 and 1024"),
+        ('[vm]\nrestored_tcg_cache_mib = "64M"', "vm.restored_tcg_cache_mib must be a whole number"),
+        (
+            "[vm]\nmemory_overhead_mib = 48\nrestored_tcg_cache_mib = 64",
+            r"vm.restored_tcg_cache_mib \(64\) must not exceed vm.memory_overhead_mib \(48\)",
+        ),
         ("[storage]\ntmpfs_upper = 1", "storage.tmpfs_upper"),
         ("network = 1", "[network]"),
         ('[daemon]\nlog_level = "loud"', "daemon.log_level"),

@@ -123,3 +123,23 @@ def test_a_restored_vm_whose_agent_does_not_answer_is_killed_and_named(
     ):
         asyncio.run(backend._restore(launch, ready))
     assert machine.killed
+
+
+def test_a_restored_vm_gets_the_configured_translation_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs: list[Any] = []
+
+    async def restore(spec: Any, files: Any, ram: int, spawn: Any) -> UnreadyMachine:
+        specs.append(spec)
+        return UnreadyMachine()
+
+    monkeypatch.setattr(qemu_backend.template, "restore", restore)
+    backend = qemu_backend.QemuBackend(Config(vm=VmConfig(accel="tcg", restored_tcg_cache_mib=64)))
+    monkeypatch.setattr(backend, "_kernel", lambda: tmp_path / "vmlinuz")
+    monkeypatch.setattr(backend, "_initrd", lambda: tmp_path / "initrd.img")
+    request = VmRequest("sized", 1, 256, (), "sized", None, (), ())
+    launch = Launch(request, tmp_path / "run", [], [], None)  # type: ignore[arg-type]
+    with pytest.raises(Failed):
+        asyncio.run(backend._restore(launch, Template(tmp_path / "1cpu-256m-abc", -1)))
+    assert [spec.tcg_cache_mib for spec in specs] == [64]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spinbox.config import VmConfig
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 from spinbox.vm.handover import SANDBOX, Handover, NumberingHandover, VmUser
 from spinbox.vm.spec import MemoryFile
@@ -170,6 +171,26 @@ def test_a_restored_vm_has_a_translation_cache_of_its_own_size(
     ]
     assert qemu.TCG_TB_SIZE_RESTORED_MIB < qemu.TCG_TB_SIZE_MIB
     assert option_values(argv_of(QemuCommand(restored, accel="kvm")), "-accel") == ["kvm"]
+
+
+def test_a_restored_vm_s_translation_cache_is_configurable(
+    spec: VmSpec, tmp_path: Path, sealed_ram: int
+) -> None:
+    restored = dataclasses.replace(
+        spec,
+        memory_file=MemoryFile(tmp_path / "ram", shared=False, fd=sealed_ram),
+        incoming_fd=40,
+        tcg_cache_mib=64,
+    )
+    assert option_values(argv_of(QemuCommand(restored, accel="tcg")), "-accel") == ["tcg,tb-size=64"]
+    assert option_values(argv_of(QemuCommand(restored, accel="kvm")), "-accel") == ["kvm"]
+    # spinbox.toml's default is the size measured for restored VMs.
+    assert VmConfig().restored_tcg_cache_mib == qemu.TCG_TB_SIZE_RESTORED_MIB
+
+
+def test_a_translation_cache_beyond_qemu_s_own_default_is_refused(spec: VmSpec) -> None:
+    with pytest.raises(VmError, match="TCG translation cache must be between 1 and 1024 MiB"):
+        dataclasses.replace(spec, tcg_cache_mib=4096).validate()
 
 
 def bzimage(path: Path, setup_sects: int, size: int) -> bytes:
