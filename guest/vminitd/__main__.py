@@ -50,6 +50,7 @@ async def run_guest(
     cmdline: dict[str, str],
     log_handler: channels.PortLogHandler,
     devices: concurrent.futures.Future[None] | None,
+    fixed_layout: bool = False,
 ) -> None:
     reaper = Reaper()
     reaper.start()
@@ -57,6 +58,7 @@ async def run_guest(
         state_dir=GUEST_STATE,
         rootfs_dir=GUEST_STATE / "rootfs",
         no_pivot=boot.root_is_initramfs(),
+        default_personality=fixed_layout,
     )
     config = AgentConfig(runtime=runtime, mnt_dir=GUEST_STATE / "mnt")
     ready = asyncio.wrap_future(devices) if devices is not None else None
@@ -97,10 +99,12 @@ def pid1() -> None:
     log_handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(log_handler)
     devices = None
+    fixed_layout = False
     try:
         boot.mount_filesystems()
         cmdline = boot.kernel_cmdline()
         log.info("vminitd starting for VM %s", cmdline.get("spinbox.vm", "?"))
+        fixed_layout = boot.fix_tool_layout(cmdline)
         early, deferred = boot.read_module_list()
         if cmdline.get("spinbox.agent", "serial").startswith("vsock:"):
             early, deferred = early + deferred, []  # vsock's modules are not among the early ones
@@ -114,7 +118,7 @@ def pid1() -> None:
         cmdline = {}
     while True:
         try:
-            asyncio.run(run_guest(timeline, cmdline, log_handler, devices))
+            asyncio.run(run_guest(timeline, cmdline, log_handler, devices, fixed_layout))
             break
         except BaseException:
             log.exception("the agent failed; restarting it")

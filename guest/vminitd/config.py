@@ -22,3 +22,6 @@ class RuntimeConfig(NamedTuple):
     cgroup_parent: str = "spinbox"
     # Where the network sysctls of a pod's namespace are written.
     proc_sys: Path = Path("/proc/sys")
+    # vminitd runs crun with a fixed address layout (boot.fix_tool_layout): a container whose
+    # spec names no personality is given Linux's default, which has it randomized again.
+    default_personality: bool = False

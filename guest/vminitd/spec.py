@@ -56,6 +56,9 @@ def prepare_spec(
             ns["path"] = pod_namespace(str(ns.get("type")), str(path), inits or {}, sandbox)
         kept.append(ns)
     linux["namespaces"] = kept
+    if config.default_personality and "personality" not in linux:
+        # crun sets it in the container before its program runs (init and exec processes alike).
+        linux["personality"] = {"domain": "LINUX"}
     sysctl = linux.get("sysctl")
     if isinstance(sysctl, dict):
         net = {str(k): str(v) for k, v in sysctl.items() if str(k).startswith("net.")}

@@ -27,6 +27,8 @@ FITHAW = 0xC0045878
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 TIOCSWINSZ = 0x5414
+ADDR_NO_RANDOMIZE = 0x0040000
+_PERSONALITY_QUERY = 0xFFFFFFFF
 
 
 def _check(result: int, what: str) -> int:
@@ -108,3 +110,10 @@ def reseed_crng() -> None:
 
 def set_window_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def add_personality(flags: int) -> int:
+    """Adds `flags` to this process's personality (inherited by the programs it runs); returns it."""
+    current = _check(_libc.personality(ctypes.c_ulong(_PERSONALITY_QUERY)), "personality")
+    _check(_libc.personality(ctypes.c_ulong(current | flags)), "personality")
+    return current | flags

@@ -79,7 +79,11 @@ BASE_KERNEL_ARGS = (
 # Free page reporting of every free page, not only of free 2 MiB blocks (the kernel's
 # default, which keeps the host's huge pages whole under KVM): under TCG that matters
 # little, and a guest's freed memory is mostly in smaller pieces (vminitd applies it).
-TCG_KERNEL_ARGS = ("clocksource=hpet", "spinbox.page_reporting_order=0")
+#
+# TCG finds translated code by its virtual address: the programs vminitd runs (crun) load
+# at fixed addresses so that each run reuses the code the last one translated, while
+# containers' programs keep a randomized layout (guest/vminitd/boot.py, fix_tool_layout).
+TCG_KERNEL_ARGS = ("clocksource=hpet", "spinbox.page_reporting_order=0", "spinbox.tool_layout=fixed")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,19 @@ def test_detached_task_exec_signals_pause_metrics_and_spinboxd_restart(
 
             fed = containerd.ctr("task", "exec", "--exec-id", "e1", "bg1", "cat", input="via exec\n")
             assert fed.stdout == "via exec\n"
+            # The container's programs, init and exec alike, have Linux's default personality: their
+            # address layout is randomized, whatever vminitd runs crun with.
+            personality = containerd.ctr(
+                "task",
+                "exec",
+                "--exec-id",
+                "p1",
+                "bg1",
+                "cat",
+                "/proc/self/personality",
+                "/proc/1/personality",
+            )
+            assert personality.stdout.split() == ["00000000", "00000000"]
             # The container outlives a restart of spinboxd, and everything below goes on working.
             stack.systemctl("restart", "spinbox.service")
             assert containerd.tasks() == {"bg1": "RUNNING"}
