@@ -77,8 +77,10 @@ class Reaper:
         stdout: int | None = None,
         stderr: int | None = None,
         env: dict[str, str] | None = None,
+        executable: str | None = None,
     ) -> tuple[int, asyncio.Future[int]]:
-        """Starts argv[0] (a full path) with the given fds as its stdio (None: /dev/null)."""
+        """Starts `executable` (argv[0] when None; a full path) with the given fds as its stdio
+        (None: /dev/null)."""
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             actions = [
@@ -86,7 +88,7 @@ class Reaper:
                 for target, fd in enumerate((stdin, stdout, stderr))
             ]
             pid = os.posix_spawn(
-                argv[0],
+                executable or argv[0],
                 list(argv),
                 env if env is not None else dict(os.environ),
                 file_actions=actions,
