@@ -106,6 +106,10 @@ def save_evidence(systemd: PrivateSystemd, base: Path, name: str) -> Path:
     (target / "mounts.txt").write_text(mounts.stdout)
     processes = systemd.run("ps", "-eo", "pid,ppid,stat,etime,rss,args", check=False, timeout=30)
     (target / "processes.txt").write_text(processes.stdout)
+    # Every thread's CPU time and name: QEMU names its vCPU threads ("CPU 1/TCG"), so a guest
+    # that spins shows which of its vCPUs does.
+    threads = systemd.run("ps", "-eLo", "pid,tid,stat,time,comm", check=False, timeout=30)
+    (target / "threads.txt").write_text(threads.stdout)
     rules = systemd.run("iptables-save", check=False, timeout=30)
     (target / "iptables.txt").write_text(rules.stdout + rules.stderr)
     links = systemd.run("ip", "-d", "link", "show", check=False, timeout=30)
