@@ -461,8 +461,10 @@ class VmManager:
                     await vm.machine.shutdown(timeout)
             except Exception:
                 log.exception("shutting VM %s down failed; killing it", vm.id)
-                with contextlib.suppress(Exception):
+                try:
                     await vm.machine.kill()
+                except Exception as error:  # QEMU may be gone already; its end is awaited below
+                    log.error("killing VM %s failed: %s", vm.id, error)
         await asyncio.shield(vm.finished)
 
     async def _export_at_stop(self, vm: Vm, container_id: str, rootfs: Rootfs) -> None:

@@ -20,10 +20,10 @@ Only a complete, checked stream replaces the snapshot's upper directory
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -56,6 +56,8 @@ from spinbox.api.upper_format import (
 )
 from spinbox.storage.errors import SnapshotGone, StorageError
 from spinbox.storage.system import os_error
+
+log = logging.getLogger(__name__)
 
 XATTR_PREFIXES = ("user.", "trusted.", "security.")
 XATTR_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
@@ -434,8 +436,10 @@ async def _blocking(function: Callable[..., T], *args: Any) -> T:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
+        try:
             await task
+        except Exception as error:  # the cancellation goes on; what the work met is said
+            log.warning("%s, cancelled, also failed: %s", getattr(function, "__name__", function), error)
         raise
 
 
