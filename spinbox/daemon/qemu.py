@@ -36,8 +36,6 @@ RESCUE_SHUTDOWN_TIMEOUT = 10.0
 # Seconds a template's guest may take to boot: nobody waits for it, and on a
 # busy host a boot under TCG takes minutes rather than the seconds vm.boot_timeout allows.
 TEMPLATE_BOOT_TIMEOUT = 900.0
-# Seconds a restored VM's agent, which has answered Refresh, may take to answer Ping.
-RESTORED_READY_TIMEOUT = 30.0
 # Where a template's command line is made to name its files, for its identity.
 TEMPLATE_IDENTITY_DIR = Path("/run/spinbox/templates/identity")
 # The share of timeouts.agent_call the guest may wait for a MountRootfs's hot-plugged
@@ -278,10 +276,9 @@ class QemuBackend:
         files = template.TemplateFiles(ready.directory)
         machine: vm.VirtualMachine | None = None
         try:
+            # A restored guest whose agent does not answer Refresh is broken, and the VM boots
+            # cold instead (the caller's choice).
             machine = await template.restore(spec, files, ready.ram, launch.spawn)
-            # The agent answered Refresh: a restored guest that does not answer Ping right after
-            # is broken, and the VM boots cold instead (the caller's choice).
-            await machine.wait_ready(min(self.config.vm.boot_timeout, RESTORED_READY_TIMEOUT))
         except (vm.VmError, OSError) as e:
             if machine is not None:
                 await machine.kill()

@@ -277,8 +277,17 @@ class VirtualMachine:
         """QMP events (SHUTDOWN, GUEST_PANICKED, STOP, RESUME) from now on, until QEMU exits."""
         return EventStream(self._qmp, self._exit)
 
+    def agent_answered(self) -> None:
+        """Record that the agent has answered a request (a restored VM's Refresh): the VM is
+        ready, and wait_ready need not ask again."""
+        self.state.stamps.setdefault("agent-ready", time.monotonic())
+        self._save()
+
     async def wait_ready(self, timeout: float) -> dict[str, float]:  # noqa: ASYNC109 (the contract's name)
-        """Wait until the agent answers Ping on the control channel; return the timeline."""
+        """Wait until the agent answers Ping on the control channel (at once if it has answered
+        already); return the timeline."""
+        if "agent-ready" in self.state.stamps and not self.exited:
+            return self.timeline
         ping = asyncio.ensure_future(control.ping(self.control_address))
         try:
             done, _ = await asyncio.wait(

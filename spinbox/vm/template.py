@@ -265,6 +265,8 @@ async def restore(spec: VmSpec, files: TemplateFiles, ram: int, spawn: Spawn | N
         await vm.resume()
         await _refresh(vm)
         vm.state.stamps["refreshed"] = time.monotonic()
+        # The agent answered: asking it again (Ping) would cost a round trip into the guest.
+        vm.agent_answered()
         await _plug_devices(vm, spec)
     except BaseException:
         await vm.kill()

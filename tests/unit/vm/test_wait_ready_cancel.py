@@ -1,4 +1,5 @@
-"""A cancelled wait_ready (a CreateVM given up) ends its Ping cleanly: nothing left running or unretrieved."""
+"""wait_ready: a cancelled one (a CreateVM given up) ends its Ping cleanly, and one for a
+VM whose agent answered asks nothing."""
 
 from __future__ import annotations
 
@@ -48,3 +49,31 @@ def test_cancelled_wait_ready_closes_its_ping(tmp_path: Path) -> None:
         return problems
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_vm_whose_agent_answered_is_ready_without_another_ping(tmp_path: Path) -> None:
+    # A restored VM's agent answered Refresh: wait_ready asks nothing more of the guest.
+    async def scenario() -> tuple[dict[str, float], int]:
+        connections = 0
+
+        async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            writer.close()
+
+        control = tmp_path / "control.sock"
+        server = await asyncio.start_unix_server(count, path=str(control))
+        process = await spawn_subprocess(["sleep", "600"], ())
+        state = VmState("answered", process.pid, None, "tcg", f"unix:{control}", f"unix:{control}")
+        vm = VirtualMachine(tmp_path, state, process, QMPClient("answered"))
+        try:
+            vm.agent_answered()
+            timeline = await asyncio.wait_for(vm.wait_ready(600), 60)
+        finally:
+            await vm.kill()
+            server.close()
+        return timeline, connections
+
+    timeline, connections = asyncio.run(scenario())
+    assert "agent-ready" in timeline
+    assert connections == 0
