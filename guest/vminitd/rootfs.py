@@ -229,13 +229,14 @@ class RootfsManager:
                 os.close(fd)
 
     def upper_of(self, container_id: str) -> Path:
-        """The synced upper directory of a container's ext4 writable layer."""
+        """The upper directory of a container's ext4 writable layer. The export reads it through
+        the mounted filesystem, whose page cache holds every completed write: the device need
+        not be synced for it (a sync flushes through to the host's disk, 0.3 to 0.8 s under TCG)."""
         state = self.get(container_id)
         if state.upper_dir is None:
             raise TtrpcError(
                 Code.FAILED_PRECONDITION, f"the rootfs of container {container_id} has no writable disk"
             )
-        self.sync(container_id)
         return state.upper_dir
 
     def mount_upper_device(self, device: pb.BlockDevice, name: str) -> tuple[MountedRootfs, Path]:
