@@ -58,13 +58,21 @@ def find_device(
         time.sleep(0.02)
 
 
+# A writable layer's ext4 comes from mkfs.ext4 on the host with its inode tables left
+# uninitialized (a new sparse file reads as zeros, and the group descriptors say which
+# inodes are in use). Without noinit_itable the guest's kernel would zero every table in
+# the background after the mount: 160 MiB of writes for a 10 GiB layer, and journal
+# commits that the container's start and the layer's export then wait behind.
+MOUNT_DATA = {"ext4": "noinit_itable"}
+
+
 def mount_when_ready(source: Path, point: Path, fstype: str, flags: int, wait: float) -> None:
     """mount(2) of a block device, retrying for up to `wait` seconds while it
     answers ENXIO: a hot-plugged disk shows in sysfs a moment before it opens."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            syscalls.mount(str(source), str(point), fstype, flags)
+            syscalls.mount(str(source), str(point), fstype, flags, MOUNT_DATA.get(fstype, ""))
             return
         except OSError as e:
             if e.errno != errno.ENXIO or time.monotonic() >= deadline:

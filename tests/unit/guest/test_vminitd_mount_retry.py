@@ -125,3 +125,17 @@ def test_a_failed_sync_at_unmount_still_unmounts_and_reaches_the_host(
     ):
         manager.unmount("c1")
     assert mounts == [] and "c1" not in manager.mounted
+
+
+def test_a_writable_layer_is_mounted_without_background_inode_table_zeroing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def mount(source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
+        calls.append((fstype, data))
+
+    monkeypatch.setattr(syscalls, "mount", mount)
+    rootfs.mount_when_ready(Path("/dev/vdb"), Path("/mnt/upper"), "ext4", 0, wait=0)
+    rootfs.mount_when_ready(Path("/dev/vda"), Path("/mnt/lower0"), "erofs", syscalls.MS_RDONLY, wait=0)
+    assert calls == [("ext4", "noinit_itable"), ("erofs", "")]
