@@ -8,14 +8,16 @@ vsock. Failures arrive as `spinbox.ttrpc.TtrpcError` with the agent's sentence.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
+import os
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.empty_pb2 import Empty
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from spinbox.api.proto import agent_pb2 as pb
+from spinbox.api.proto import ttrpc_pb2
 from spinbox.ttrpc import Client, Code, TtrpcError
 
 SERVICE = "spinbox.agent.v1.Agent"
@@ -103,6 +105,10 @@ class AgentClient:
         deadline = self.deadline(method)
         if deadline is None:
             return await call
+        return await self._within(deadline, method, call)
+
+    @staticmethod
+    async def _within(deadline: float, method: str, call: Awaitable[R]) -> R:
         # Kept on the host, not sent as the request's timeout: the guest measures
         # a sent timeout with its own clock, and a TCG guest on a busy host was
         # seen ending a 60 s CreateContainer after 37 s of the host's time.
@@ -120,6 +126,30 @@ class AgentClient:
 
     async def ping(self) -> pb.PingResponse:
         return await self._call("Ping", pb.PingRequest(), pb.PingResponse)
+
+    async def fence(self) -> None:
+        """Read past whatever the guest wrote for an earlier connection to this channel.
+
+        A virtio-serial port holds what the guest writes while no host is connected and
+        hands it to the next connection: after a session that ended with a call still under
+        way (given up, or refused mid-stream), the guest's late answers would otherwise be
+        taken as this connection's, whose stream ids start over. A Ping carrying a fresh
+        nonce is answered after everything the guest wrote before it; what comes until its
+        echo is dropped. A refusal of the session (see spinbox.vm.control) is taken as is."""
+        nonce = os.urandom(16)
+
+        def ours(response: ttrpc_pb2.Response) -> bool:
+            if response.status.code != Code.OK:
+                return (
+                    response.status.code == Code.INVALID_ARGUMENT and "stream ids" in response.status.message
+                )
+            try:
+                return pb.PingResponse.FromString(response.payload).nonce == nonce
+            except DecodeError:
+                return False
+
+        call = self.client.call(SERVICE, "Ping", pb.PingRequest(nonce=nonce), pb.PingResponse, accept=ours)
+        await self._within(self.call_timeout, "Ping", call)
 
     async def configure_network(self, config: pb.NetworkConfig) -> None:
         await self._call("ConfigureNetwork", config, Empty)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SERVICE = "spinbox.agent.v1.Agent"
 # Requests served before the deferred kernel modules are loaded (the others wait for them).
 _WITHOUT_DEVICES = ("Ping", "Shutdown")
+# A Ping's nonce, echoed back, is at most this long.
+MAX_NONCE = 64
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -191,7 +193,13 @@ class AgentService:
     # VM plumbing
 
     async def ping(self, req: pb.PingRequest) -> pb.PingResponse:
-        return pb.PingResponse(version=guest.vminitd.__version__, timeline=self.timeline.stamps)
+        if len(req.nonce) > MAX_NONCE:
+            raise validate.InvalidRequest(
+                f"a Ping's nonce is at most {MAX_NONCE} bytes, not {len(req.nonce)}"
+            )
+        return pb.PingResponse(
+            version=guest.vminitd.__version__, timeline=self.timeline.stamps, nonce=req.nonce
+        )
 
     async def refresh(self, req: pb.RefreshRequest) -> Empty:
         from guest.vminitd import refresh

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict, TypeVar, Unpack
 
@@ -40,6 +40,8 @@ class _Call:
 
     response: asyncio.Future[ttrpc_pb2.Response]
     inbox: Inbox | None = None
+    # A unary call's test of a response on its stream: one it refuses is dropped, and the call waits on.
+    accept: Callable[[ttrpc_pb2.Response], bool] | None = None
 
 
 class Client:
@@ -112,12 +114,23 @@ class Client:
     # The calls.
 
     async def call(
-        self, service: str, method: str, request: Message, reply_type: type[Resp], **opts: Unpack[CallOptions]
+        self,
+        service: str,
+        method: str,
+        request: Message,
+        reply_type: type[Resp],
+        *,
+        accept: Callable[[ttrpc_pb2.Response], bool] | None = None,
+        **opts: Unpack[CallOptions],
     ) -> Resp:
-        """A unary call; raises TtrpcError for a failed status."""
+        """A unary call; raises TtrpcError for a failed status. With `accept`, the answer is the
+        first response on the call's stream that `accept` takes: any other (one the server wrote
+        for an earlier connection to the same channel, which a virtio-serial port delivers to the
+        next) is dropped, as is one that does not decode."""
         timeout = opts.get("timeout")
         payload = request.SerializeToString()
         stream_id, call = self._start(service, method, payload, 0, timeout, opts.get("metadata"))
+        call.accept = accept
         try:
             async with self._guard(service, method, timeout, _deadline_of(timeout)):
                 await self._out.drain()
@@ -292,13 +305,20 @@ class Client:
             call.inbox.end(error)
 
     def _response(self, stream_id: int, payload: bytes) -> None:
-        call = self._calls.pop(stream_id, None)
+        call = self._calls.get(stream_id)
         if call is None:
             log.debug("ttrpc: dropped response for inactive stream %d", stream_id)
             return
         try:
             response = ttrpc_pb2.Response.FromString(payload)
+            if call.accept is not None and not call.accept(response):
+                log.debug("ttrpc: dropped a response on stream %d that its call does not take", stream_id)
+                return
         except DecodeError as e:
+            if call.accept is not None:
+                log.debug("ttrpc: dropped an undecodable response on stream %d: %s", stream_id, e)
+                return
+            self._calls.pop(stream_id, None)
             error = TtrpcError(Code.INTERNAL, f"undecodable ttrpc response: {e}")
             if call.inbox is not None:
                 call.inbox.end(error)
@@ -306,6 +326,7 @@ class Client:
                 call.response.set_exception(error)
                 call.response.exception()
             return
+        self._calls.pop(stream_id, None)
         if call.inbox is not None:
             if response.status.code != Code.OK:
                 call.inbox.end(TtrpcError.from_status(response.status))

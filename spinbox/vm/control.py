@@ -23,6 +23,22 @@ T = TypeVar("T")
 ATTEMPTS = 5
 RETRY_DELAY = 0.2
 
+# Control channels whose last session may have left the guest writing: one whose
+# session failed or was cancelled, or that this process did not open itself (a
+# re-adopted VM). The next session there reads past the guest's late answers first
+# (AgentClient.fence).
+_unsettled: set[str] = set()
+
+
+def unsettled(address: str) -> None:
+    """The channel at `address` may carry answers meant for an earlier connection."""
+    _unsettled.add(address)
+
+
+def forget(address: str) -> None:
+    """The channel at `address` is gone (its VM ended)."""
+    _unsettled.discard(address)
+
 
 def connection_lost(error: BaseException) -> bool:
     return isinstance(error, (OSError, EOFError)) or (
@@ -46,10 +62,17 @@ async def session(
     for attempt in range(ATTEMPTS):
         agent = await AgentClient.connect(address, call_timeout)
         try:
+            if address in _unsettled:
+                await agent.fence()
+                _unsettled.discard(address)
             return await call(agent)
         except TtrpcError as error:
+            _unsettled.add(address)
             if not _taken_for_previous_session(error) or attempt == ATTEMPTS - 1:
                 raise
+        except BaseException:
+            _unsettled.add(address)
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await agent.close()

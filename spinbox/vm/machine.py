@@ -147,6 +147,8 @@ class VirtualMachine:
             raise VmNotRunning(f"VM {state.vm_id}'s QEMU (pid {state.pid}) is not running any more")
         process = as_handle(state.pid)
         qmp = await _connect_qmp(paths.qmp, process, QMP_TIMEOUT)
+        # The process that started it may have left the guest answering on its channel.
+        control.unsettled(state.control_address)
         return cls(runtime_dir, state, process, qmp)
 
     # Control.
@@ -406,6 +408,7 @@ class VirtualMachine:
         with contextlib.suppress(Exception):
             await self._qmp.disconnect()
         _remove_runtime_files(self.paths, self.state.cid)
+        control.forget(self.state.control_address)
         return status
 
     def _exit_detail(self) -> str:

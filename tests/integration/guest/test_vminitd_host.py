@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from spinbox.agent import AgentClient
+from spinbox.agent import SERVICE, AgentClient
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.ttrpc import Code, TtrpcError
 from tests.integration.guest import drive, oci
@@ -95,6 +95,21 @@ def test_ping_has_a_timeline(agent: HostAgent) -> None:
     assert isinstance(resp, pb.PingResponse)
     assert resp.version
     assert resp.timeline["entry"] <= resp.timeline["agent-listening"] <= resp.timeline["first-request"]
+
+
+def test_ping_returns_its_nonce_and_a_fence_reads_past_nothing(agent: HostAgent) -> None:
+    async def body(a: AgentClient) -> tuple[bytes, str]:
+        echoed = (
+            await a.client.call(SERVICE, "Ping", pb.PingRequest(nonce=b"n" * 64), pb.PingResponse)
+        ).nonce
+        with pytest.raises(TtrpcError) as raised:
+            await a.client.call(SERVICE, "Ping", pb.PingRequest(nonce=b"n" * 65), pb.PingResponse)
+        await a.fence()
+        return echoed, raised.value.message
+
+    echoed, refusal = call(agent, body)  # type: ignore[misc]
+    assert echoed == b"n" * 64
+    assert "a Ping's nonce is at most 64 bytes, not 65" in refusal
 
 
 def test_stdout_stderr_and_exit_code(agent: HostAgent) -> None:
