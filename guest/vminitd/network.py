@@ -57,6 +57,8 @@ RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 IFF_UP = 0x1
 
+# The MAC of a template's NIC slots (spinbox.vm.qemu.SLOT_MAC): a NIC that has it is unclaimed.
+SLOT_MAC = "02:53:42:00:00:00"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-.]{0,62})?$")
@@ -140,12 +142,22 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def find_by_mac(nl: Netlink, mac: str, wait: float = 0.0) -> int:
-    """The ifindex of the NIC with MAC `mac`; a hot-plugged one shows up a moment after its plug."""
+    """The ifindex of the NIC with MAC `mac`; a hot-plugged one shows up a moment after its plug.
+
+    A VM restored from a template has its first NICs from the template's boot (device slots),
+    with the template's MAC: the first of those still unclaimed becomes the NIC with `mac`.
+    """
     wanted = bytes.fromhex(mac.replace(":", ""))
+    slot = bytes.fromhex(SLOT_MAC.replace(":", ""))
     deadline = time.monotonic() + wait
     while True:
-        for index, address in nl.links():
+        links = nl.links()
+        for index, address in links:
             if address == wanted:
+                return index
+        for index, address in links:
+            if address == slot:
+                nl.set_link(index, address=wanted)
                 return index
         if time.monotonic() >= deadline:
             waited = f" (waited {wait:g} s)" if wait else ""
@@ -241,7 +253,12 @@ class Netlink:
                     found.append((index, _attrs(payload[16:]).get(IFLA_ADDRESS, b"")))
 
     def set_link(
-        self, index: int, name: str | None = None, mtu: int | None = None, up: bool | None = None
+        self,
+        index: int,
+        name: str | None = None,
+        mtu: int | None = None,
+        up: bool | None = None,
+        address: bytes | None = None,
     ) -> None:
         change = IFF_UP if up is not None else 0
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, change)
@@ -249,6 +266,8 @@ class Netlink:
             body += _attr(IFLA_IFNAME, name.encode() + b"\0")
         if mtu is not None:
             body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+        if address is not None:
+            body += _attr(IFLA_ADDRESS, address)
         self.request(RTM_NEWLINK, 0, body)
 
     def add_address(self, index: int, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:

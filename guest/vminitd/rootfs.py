@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from spinbox.ttrpc import Code, TtrpcError
 log = logging.getLogger(__name__)
 
 FSTYPES = ("erofs", "ext4")
+# ioctl: write back and drop a block device's buffers.
+BLKFLSBUF = 0x1261
 
 
 # A disk hot-plugged just before MountRootfs (a pod's further containers)
@@ -64,6 +68,21 @@ def find_device(
 # the background after the mount: 160 MiB of writes for a 10 GiB layer, and journal
 # commits that the container's start and the layer's export then wait behind.
 MOUNT_DATA = {"ext4": "noinit_itable"}
+
+
+def drop_cached_blocks(device: Path) -> None:
+    """Forget what the kernel cached of `device`'s blocks (BLKFLSBUF): a disk in one of a
+    template's device slots was read (its partition table) while the template's placeholder
+    backed it, and a mount must read the VM's own disk."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # not openable yet: a disk just hot-plugged, of which nothing is cached
+    try:
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            fcntl.ioctl(fd, BLKFLSBUF)
+    finally:
+        os.close(fd)
 
 
 def mount_when_ready(source: Path, point: Path, fstype: str, flags: int, wait: float) -> None:
@@ -184,6 +203,13 @@ class RootfsManager:
         self, device: pb.BlockDevice, point: Path, read_only: bool, state: MountedRootfs, wait: float
     ) -> None:
         source = find_device(device.serial, self.sys_block, self.dev, wait)
+        try:
+            drop_cached_blocks(source)
+        except OSError as e:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"cannot drop what is cached of the device with serial {device.serial!r}: {e.strerror}",
+            ) from None
         point.mkdir(parents=True, exist_ok=True)
         flags = syscalls.MS_RDONLY if read_only else 0
         try:
