@@ -21,6 +21,8 @@ errors that name the key, so a typo never silently means "default".
     uid_base = 2097152000     # VMs' QEMUs run as uids uid_base .. uid_base+65535, one per VM
     confine = true            # false: QEMU as root without -sandbox (to measure confinement's cost only)
     restored_tcg_cache_mib = 32 # TCG's translation cache of a VM restored from a template (kept while idle)
+    template_disk_slots = 2   # disks a template holds from its boot, for restored VMs' first disks
+    template_nic_slots = 1    # NICs a template holds from its boot, for restored VMs' first NICs
 
     [storage]
     layer_cache = "/var/lib/spinbox/layers"
@@ -61,6 +63,8 @@ BOOTS = ("template", "cold")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # QEMU's own default translation cache under TCG on 64-bit hosts.
 TCG_CACHE_MAX_MIB = 1024
+# Device slots of a template, of each kind (a template has 24 spare PCIe ports in all).
+MAX_SLOTS = 8
 # The shim waits 900 s for CreateVM (spinbox.shim.spinboxd.CREATE_TIMEOUT).
 CREATE_TIMEOUT_MAX = 840.0
 
@@ -88,6 +92,9 @@ class VmConfig:
     confine: bool = True
     # spinbox.vm.qemu.TCG_TB_SIZE_RESTORED_MIB says what was measured for the default.
     restored_tcg_cache_mib: int = 32
+    # Devices a template boots with (spinbox.vm.template); a restored VM's further ones are hot-plugged.
+    template_disk_slots: int = 2
+    template_nic_slots: int = 1
 
     def kernel_path(self, boot: Path = Path("/boot")) -> Path | None:
         """The configured kernel, or the newest Debian cloud kernel under /boot (None: none)."""
@@ -211,6 +218,9 @@ def validate(config: Config) -> None:
             f"vm.memory_overhead_mib ({vm.memory_overhead_mib}): the cache is QEMU's memory, "
             "which the VM's scope allows beside the guest's"
         )
+    for key in ("template_disk_slots", "template_nic_slots"):
+        if not 0 <= getattr(vm, key) <= MAX_SLOTS:
+            raise ConfigError(f"vm.{key} must be between 0 and {MAX_SLOTS}, not {getattr(vm, key)}")
     if vm.vcpus > vm.max_vcpus:
         raise ConfigError(f"vm.vcpus ({vm.vcpus}) must not exceed vm.max_vcpus ({vm.max_vcpus})")
     if vm.memory_mib > vm.max_memory_mib:

@@ -229,6 +229,8 @@ class QemuBackend:
             kernel_args=self.config.vm.kernel_args,
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=ports,
+            disk_slots=self.config.vm.template_disk_slots,
+            nic_slots=self.config.vm.template_nic_slots,
         )
 
     def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:

@@ -111,15 +111,22 @@ class TemplateStore:
         if ready is not None:
             log.info("VM template %s is ready", ready.name)
 
-    def lookup(self, request: VmRequest, devices: int) -> Path | None:
-        """The template a VM for `request` with `devices` disks and NICs restores from; None: boot cold."""
+    def lookup(self, request: VmRequest, disks: int, nics: int = 0) -> Path | None:
+        """The template a VM for `request` with `disks` disks and `nics` NICs restores from;
+        None: it boots cold."""
         if not self.enabled or request.kernel_args:
             return None
-        if devices + request.hotplug_ports > TEMPLATE_PORTS:
+        if self.ports_needed(disks, nics) + request.hotplug_ports > TEMPLATE_PORTS:
             return None
         return self.directory(Shape(request.vcpus, request.memory_mib), build=True)
 
-    async def for_vm(self, request: VmRequest, devices: int) -> Template | None:
+    def ports_needed(self, disks: int, nics: int) -> int:
+        """The spare ports of a restored VM that its disks and NICs take: every device slot, and
+        a port for each device beyond them."""
+        disk_slots, nic_slots = self.config.vm.template_disk_slots, self.config.vm.template_nic_slots
+        return disk_slots + nic_slots + max(0, disks - disk_slots) + max(0, nics - nic_slots)
+
+    async def for_vm(self, request: VmRequest, disks: int, nics: int) -> Template | None:
         """The loaded template a VM for `request` restores from; None: it boots cold (said in the journal
         when a template exists but cannot serve, which is then discarded)."""
         if request.share and self.enabled:
@@ -128,7 +135,7 @@ class TemplateStore:
             return None
         # A template replaced by a rebuilt one while its RAM was loaded: the new one serves.
         for _ in range(2):
-            directory = self.lookup(request, devices)
+            directory = self.lookup(request, disks, nics)
             if directory is None:
                 return None
             try:

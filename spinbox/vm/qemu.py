@@ -129,6 +129,38 @@ def hotplug_port(index: int) -> str:
     return f"hp{index}"
 
 
+# An empty device slot (spinbox.vm.template): a disk that reads zeros and is larger than any image
+# (the guest keeps the size it read when the template booted), and a NIC with no peer.
+SLOT_DISK_BYTES = 1 << 40
+SLOT_MAC = "02:53:42:00:00:00"
+
+
+def slot_serial(index: int) -> str:
+    """The serial of the index-th empty disk slot: never a disk's (those have no '~')."""
+    return f"~slot{index}"
+
+
+@dataclass(frozen=True)
+class PortLayout:
+    """Which spare port holds each of a VM's disks and NICs (by index in the spec)."""
+
+    disks: tuple[int, ...]
+    nics: tuple[int, ...]
+
+
+def port_layout(spec: VmSpec) -> PortLayout:
+    """Disks in the disk slots, NICs in the NIC slots; the others in the ports after the slots,
+    disks first (no slots: every disk, then every NIC, from the first port)."""
+    disk_slots, nic_slots = spec.disk_slots, spec.nic_slots
+    disks = tuple(i if i < disk_slots else nic_slots + i for i in range(len(spec.disks)))
+    further_disks = max(0, len(spec.disks) - disk_slots)
+    nics = tuple(
+        disk_slots + j if j < nic_slots else disk_slots + nic_slots + further_disks + j - nic_slots
+        for j in range(len(spec.nics))
+    )
+    return PortLayout(disks, nics)
+
+
 def _escape(value: str | Path) -> str:
     """QEMU option values double their commas."""
     return str(value).replace(",", ",,")
@@ -299,11 +331,14 @@ class QemuCommand:
                 f"pcie-root-port,id={hotplug_port(index)},bus=pcie.0,chassis={index + 1},"
                 f"addr={slot:#x}.{function}{multifunction},io-reserve=0",
             ]  # fmt: skip
+        layout = port_layout(spec)
+        in_ports = spec.incoming_fd is not None or spec.disk_slots or spec.nic_slots
         for index, disk in enumerate(spec.disks):
-            node = f"disk{index}" if spec.incoming_fd is None else f"{hotplug_port(index)}-drive"
+            port = layout.disks[index]
+            node = f"{hotplug_port(port)}-drive" if in_ports else f"disk{index}"
             # A restored VM's disks sit in hot-plug ports: their fd sets are those ports' (so that
             # VirtualMachine.remove_disk finds them).
-            set_id = None if spec.incoming_fd is None else HOTPLUG_FDSET_BASE + index
+            set_id = HOTPLUG_FDSET_BASE + port if in_ports else None
             add_fd, filename = files.fdset(disk.path, writable=not disk.read_only, set_id=set_id)
             blockdev = {
                 "driver": "raw",
@@ -312,12 +347,31 @@ class QemuCommand:
                 "file": {"driver": "file", "filename": filename, "read-only": disk.read_only},
             }
             argv += [*add_fd, "-blockdev", json.dumps(blockdev, separators=(",", ":"))]
-            if spec.incoming_fd is None:  # restored: plugged after the migration
+            if not in_ports:
                 argv += ["-device", f"virtio-blk-pci,id=blk{index},drive={node},serial={disk.serial}"]
+        for index in range(len(spec.disks), spec.disk_slots):
+            empty = {
+                "driver": "null-co",
+                "node-name": f"{hotplug_port(index)}-drive",
+                "size": SLOT_DISK_BYTES,
+                "read-zeroes": True,
+            }
+            argv += ["-blockdev", json.dumps(empty, separators=(",", ":"))]
+        for index in range(spec.disk_slots):
+            bus = hotplug_port(index)
+            serial = spec.disks[index].serial if index < len(spec.disks) else slot_serial(index)
+            argv += ["-device", f"virtio-blk-pci,id={bus}-blk,drive={bus}-drive,serial={serial},bus={bus}"]
         for index, nic in enumerate(spec.nics):
             argv += ["-netdev", f"tap,id=net{index},fd={nic.tap_fd}"]
-            if spec.incoming_fd is None:
+            if not in_ports:
                 argv += ["-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}"]
+        for index in range(spec.nic_slots):
+            bus = hotplug_port(spec.disk_slots + index)
+            if index < len(spec.nics):
+                backend = f"netdev=net{index},mac={spec.nics[index].mac}"
+            else:
+                backend = f"mac={SLOT_MAC}"
+            argv += ["-device", f"virtio-net-pci,id=nic{index},{backend},bus={bus}"]
         if spec.virtiofs_fd is not None:
             argv += [
                 "-chardev", f"socket,id=virtiofs,fd={spec.virtiofs_fd}",

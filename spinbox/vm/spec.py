@@ -89,6 +89,11 @@ class VmSpec:
     # ports, as the template was saved without them.
     memory_file: MemoryFile | None = None
     incoming_fd: int | None = None
+    # Device slots (templates): the first `disk_slots` hot-plug ports hold virtio-blk devices and
+    # the next `nic_slots` virtio-net devices from QEMU's start, backed by the spec's first disks
+    # and NICs or by placeholders (spinbox.vm.qemu.slot_layout); further ones are hot-plugged.
+    disk_slots: int = 0
+    nic_slots: int = 0
     # TCG's translation cache in MiB; 0: spinbox's own for a cold boot or a restore
     # (spinbox.vm.qemu.TCG_TB_SIZE_MIB, TCG_TB_SIZE_RESTORED_MIB).
     tcg_cache_mib: int = 0
@@ -150,6 +155,15 @@ class VmSpec:
             raise VmError("a VM restored from a template needs the template's memory file")
         if self.memory_file is not None:
             check_memory_file(self.memory_file, confined=self.confine)
+        if self.disk_slots < 0 or self.nic_slots < 0:
+            raise VmError("device slots cannot be negative")
+        slots = self.disk_slots + self.nic_slots
+        plugged = max(0, len(self.disks) - self.disk_slots) + max(0, len(self.nics) - self.nic_slots)
+        if slots and slots + plugged > self.hotplug_ports:
+            raise VmError(
+                f"{self.disk_slots} disk and {self.nic_slots} NIC slots and {plugged} further devices "
+                f"do not fit in {self.hotplug_ports} spare PCIe ports"
+            )
         if self.incoming_fd is not None and len(self.disks) + len(self.nics) > self.hotplug_ports:
             raise VmError(
                 f"{len(self.disks)} disks and {len(self.nics)} NICs do not fit in "

@@ -47,7 +47,7 @@ from spinbox.vm import control
 from spinbox.vm.errors import VmError
 from spinbox.vm.machine import VirtualMachine, launch
 from spinbox.vm.process import Spawn
-from spinbox.vm.qemu import hotplug_port
+from spinbox.vm.qemu import SLOT_MAC, hotplug_port, port_layout, slot_serial
 from spinbox.vm.spec import SEALED_RAM, MemoryFile, VmSpec
 
 # Seconds QEMU may take to write or read a template's device state (~120 KB).
@@ -288,9 +288,19 @@ async def _refresh(vm: VirtualMachine, warm: bool = False) -> None:
 
 
 async def _plug_devices(vm: VirtualMachine, spec: VmSpec) -> None:
-    """The disks, then the NICs, into the first spare ports (QemuCommand named their backends)."""
+    """The disks, then the NICs, that no slot holds into the spare ports after the slots
+    (QemuCommand named their backends); the slots are recorded as in use."""
+    layout = port_layout(spec)
+    for index in range(spec.disk_slots):
+        name = spec.disks[index].serial if index < len(spec.disks) else slot_serial(index)
+        vm.mark_plugged(hotplug_port(index), name)
+    for index in range(spec.nic_slots):
+        mac = spec.nics[index].mac if index < len(spec.nics) else SLOT_MAC
+        vm.mark_plugged(hotplug_port(spec.disk_slots + index), f"nic:{mac}")
     for index, disk in enumerate(spec.disks):
-        port = hotplug_port(index)
+        if index < spec.disk_slots:
+            continue
+        port = hotplug_port(layout.disks[index])
         await vm.execute(
             "device_add",
             {
@@ -303,7 +313,9 @@ async def _plug_devices(vm: VirtualMachine, spec: VmSpec) -> None:
         )
         vm.mark_plugged(port, disk.serial)
     for index, nic in enumerate(spec.nics):
-        port = hotplug_port(len(spec.disks) + index)
+        if index < spec.nic_slots:
+            continue
+        port = hotplug_port(layout.nics[index])
         await vm.execute(
             "device_add",
             {

@@ -157,7 +157,7 @@ def test_a_template_replaced_while_its_ram_loads_gives_way_to_the_new_one(
         await templates.wait_built()
         old = templates.lookup(request(), 1)
         assert old is not None
-        restoring = asyncio.create_task(templates.for_vm(request(), 1))
+        restoring = asyncio.create_task(templates.for_vm(request(), 1, 0))
         await asyncio.to_thread(loading.wait, 10)
         backend.identity["initrd"] = 2
         assert templates.lookup(request(), 1) is None

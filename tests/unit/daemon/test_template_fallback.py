@@ -48,7 +48,7 @@ class OneTemplate:
     # The store's own choice between its template and a cold boot, over these stand-ins.
     for_vm = TemplateStore.for_vm
 
-    def lookup(self, request: VmRequest, devices: int) -> Path:
+    def lookup(self, request: VmRequest, disks: int, nics: int = 0) -> Path:
         return self.directory
 
     async def load(self, directory: Path) -> Template:
