@@ -322,7 +322,7 @@ class VmManager:
                 undo.enter_context(virtiofs)
                 mark("share")
             self._launched.add(vm_id)
-            template = await self.templates.for_vm(request, len(disks), len(nics))
+            template = await self.templates.for_vm(request, [disk.path for disk in disks], len(nics))
             resources["boot"] = "template" if template is not None else "cold"
             try:
                 machine = await self.backend.launch(

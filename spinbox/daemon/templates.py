@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from spinbox.daemon.options import VmRequest
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager
 from spinbox.vm.errors import VmError
+from spinbox.vm.qemu import SLOT_DISK_BYTES
 from spinbox.vm.template import TemplateFiles, load_ram
 
 log = logging.getLogger(__name__)
@@ -126,16 +128,25 @@ class TemplateStore:
         disk_slots, nic_slots = self.config.vm.template_disk_slots, self.config.vm.template_nic_slots
         return disk_slots + nic_slots + max(0, disks - disk_slots) + max(0, nics - nic_slots)
 
-    async def for_vm(self, request: VmRequest, disks: int, nics: int) -> Template | None:
-        """The loaded template a VM for `request` restores from; None: it boots cold (said in the journal
-        when a template exists but cannot serve, which is then discarded)."""
+    async def for_vm(self, request: VmRequest, disks: Sequence[Path], nics: int) -> Template | None:
+        """The loaded template a VM for `request` with the disk images `disks` restores from; None: it
+        boots cold (said in the journal when a template exists but cannot serve, which is then discarded)."""
         if request.share and self.enabled:
             # virtiofsd maps guest RAM: it must be a shared memfd, never a template's file.
             log.info("VM %s boots cold, not from a template: it has a virtio-fs share", request.id)
             return None
+        if self.enabled and (too_large := _larger_than_a_slot(disks[: self.config.vm.template_disk_slots])):
+            log.info(
+                "VM %s boots cold, not from a template: its disk %s is larger than a template's "
+                "disk slot (%d bytes)",
+                request.id,
+                too_large,
+                SLOT_DISK_BYTES,
+            )
+            return None
         # A template replaced by a rebuilt one while its RAM was loaded: the new one serves.
         for _ in range(2):
-            directory = self.lookup(request, disks, nics)
+            directory = self.lookup(request, len(disks), nics)
             if directory is None:
                 return None
             try:
@@ -284,3 +295,15 @@ def _is_ready(directory: Path) -> bool:
 def _shape_of(name: str) -> str:
     """The size part ("1cpu-512m") of a template's directory name."""
     return "-".join(name.split("-")[:2])
+
+
+def _larger_than_a_slot(disks: Sequence[Path]) -> Path | None:
+    """The first of `disks` too large for a template's disk slot: the guest sees a slot's disk as
+    large as the slot's placeholder was when the template booted."""
+    for disk in disks:
+        try:
+            if disk.stat().st_size > SLOT_DISK_BYTES:
+                return disk
+        except OSError:
+            continue  # the VM's own start names a missing image
+    return None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from spinbox.shim.spinboxd import vm_id_for
+from spinbox.vm.qemu import SLOT_MAC
 from tests.e2e.stack import (
     BUILDS,
     IMAGE,
@@ -30,7 +31,8 @@ from tests.harness.systemd import PrivateSystemd
 
 IDENTITY = (
     "cat /proc/sys/kernel/random/boot_id; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; echo; date +%s; "
-    "cat /proc/self/personality /proc/1/personality"
+    "cat /proc/self/personality /proc/1/personality; cat /sys/class/net/eth0/address; "
+    "ping -c 1 -W 10 $(ip route | awk '/^default/ {print $3}') >/dev/null && echo reached"
 )
 
 
@@ -64,6 +66,15 @@ def template_ram_of(stack: PrivateSystemd, pid: int) -> int:
     raise AssertionError(f"QEMU {pid} holds no template RAM memfd")
 
 
+def host_mac(stack: PrivateSystemd, vm_id: str) -> str:
+    """The MAC of the interface the CNI network gave the VM's namespace on the host."""
+    netns = f"/run/spinbox/netns/spinbox-{vm_id}"
+    link = stack.run("nsenter", f"--net={netns}", "ip", "-o", "link", "show", "eth0").stdout
+    found = re.search(r"link/ether ([0-9a-f:]{17})", link)
+    assert found is not None, link
+    return found.group(1)
+
+
 def as_user(stack: PrivateSystemd, uid: str, *cmd: str) -> subprocess.CompletedProcess[str]:
     return stack.run("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd, check=False)
 
@@ -78,15 +89,20 @@ def test_restored_vms_are_confined_and_have_their_own_entropy_boot_id_and_clock(
             containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "3600")
             assert boots(template_stack, name) == ["template"]
             result = containerd.ctr("task", "exec", "--exec-id", "id", name, "sh", "-c", IDENTITY)
-            boot_id, random_hex, clock, *personalities = result.stdout.split()
+            boot_id, random_hex, clock, *personalities, mac, reached = result.stdout.split()
             # The container's programs have a randomized address layout, as outside a VM.
             assert personalities == ["00000000", "00000000"]
+            # The NIC in the template's slot took the MAC of the VM's own interface, and it carries
+            # traffic (the gateway answered).
+            assert mac == host_mac(template_stack, vm_id_for("default", name)) and mac != SLOT_MAC
+            assert reached == "reached"
             assert re.fullmatch(r"[0-9a-f-]{36}", boot_id) and len(random_hex) == 64
             assert abs(int(clock) - time.time()) < 60, "the guest's clock is the host's"
-            seen.append((boot_id, random_hex))
-        (boot_a, random_a), (boot_b, random_b) = seen
+            seen.append((boot_id, random_hex, mac))
+        (boot_a, random_a, mac_a), (boot_b, random_b, mac_b) = seen
         assert boot_a != boot_b
         assert random_a != random_b
+        assert mac_a != mac_b
 
         # Each restored VM's QEMU is confined as a cold-booted one is: a uid of its own, seccomp.
         pids = [qemu_of(template_stack, name) for name in names]

@@ -157,7 +157,7 @@ def test_a_template_replaced_while_its_ram_loads_gives_way_to_the_new_one(
         await templates.wait_built()
         old = templates.lookup(request(), 1)
         assert old is not None
-        restoring = asyncio.create_task(templates.for_vm(request(), 1, 0))
+        restoring = asyncio.create_task(templates.for_vm(request(), [Path("/l0")], 0))
         await asyncio.to_thread(loading.wait, 10)
         backend.identity["initrd"] = 2
         assert templates.lookup(request(), 1) is None
@@ -179,3 +179,26 @@ def _open_files() -> list[str]:
         with contextlib.suppress(OSError):  # listdir's own descriptor
             links.append(os.readlink(f"/proc/self/fd/{fd}"))
     return links
+
+
+def test_a_disk_larger_than_a_slot_boots_cold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    huge = tmp_path / "huge.erofs"
+    with open(huge, "wb") as image:
+        image.truncate(templates_module.SLOT_DISK_BYTES + 1)  # sparse
+
+    async def run() -> None:
+        templates = store(tmp_path / "templates", FakeBackend())
+        templates.lookup(request(), 1)
+        await templates.wait_built()
+        assert await templates.for_vm(request(), [huge], 0) is None
+
+    with caplog.at_level("INFO", logger=templates_module.__name__):
+        asyncio.run(run())
+    assert f"its disk {huge} is larger than a template's disk slot" in caplog.text
+
+
+def test_slots_take_their_ports_whether_filled_or_not(tmp_path: Path) -> None:
+    templates = store(tmp_path, FakeBackend())
+    assert templates.ports_needed(0, 0) == 3
+    assert templates.ports_needed(2, 1) == 3
+    assert templates.ports_needed(4, 2) == 6

@@ -39,6 +39,7 @@ class BrokenTemplateBackend(StubBackend):
 
 class OneTemplate:
     enabled = True
+    config = Config()
 
     def __init__(self, directory: Path, load_error: Exception | None = None) -> None:
         self.directory = directory
