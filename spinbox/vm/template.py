@@ -27,9 +27,34 @@ kernel to hold.
 
 A restored VM loads the device state and continues from agent-ready. Before
 anything else runs in it, the guest mixes a seed from the host into its
-entropy pool and reseeds its CRNG, and takes the host's clock; then the VM's
-disks and NICs are plugged into its spare PCIe ports (the template was saved
-without any).
+entropy pool and reseeds its CRNG, and takes the host's clock.
+
+Device slots: probing a hot-plugged device (PCI hotplug, virtio probe, block
+or net registration) is kernel work every restored guest would repeat, and
+under TCG the code for it is translated afresh in each VM. A template
+therefore boots with its first spare ports holding `disk_slots` virtio-blk
+devices and `nic_slots` virtio-net devices, backed by placeholders (a
+null-co disk of SLOT_DISK_BYTES that reads zeros, a NIC with no peer and
+SLOT_MAC). QEMU's migration carries devices' state, not their backends: a
+restored VM's QEMU names the same devices at the same ports, backed by the
+VM's own disk images and TAPs, and the guest finds them already probed. What
+the guest kept from the placeholders, it corrects or never uses:
+- a disk's serial is read from QEMU at each read of sysfs (virtio-blk's
+  GET_ID request): the guest sees the VM's serials;
+- a disk's size is the one read at the template's boot (virtio_blk reads it
+  again only on a configuration interrupt): the placeholder is larger than
+  any image spinbox makes, a file system reads only its own blocks, and a
+  read past the real image's end fails in QEMU (a VM whose disk is larger
+  than a slot boots cold: spinbox.daemon.templates);
+- the blocks the template's kernel read (its partition scan) are dropped
+  before a mount (vminitd, BLKFLSBUF);
+- a NIC's MAC is part of virtio-net's state, so the guest still has the
+  template's: vminitd gives the first slot NIC the MAC of the VM's first
+  interface (its virtio control queue tells QEMU, whose receive filter
+  follows), which is the MAC of the TAP's interface on the host;
+- a slot the VM does not use keeps its placeholder: no disk has its serial
+  and no interface its MAC, so the guest never mounts or configures it.
+Devices beyond the slots are plugged into the ports after them.
 """
 
 from __future__ import annotations
