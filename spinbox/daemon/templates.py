@@ -35,7 +35,7 @@ from spinbox.daemon.options import VmRequest
 from spinbox.daemon.spawn import ScopeSpawner, make_fifo, qemu_log_fifo
 from spinbox.daemon.systemd import ScopeLimits, SystemdManager
 from spinbox.vm.errors import VmError
-from spinbox.vm.qemu import SLOT_DISK_BYTES
+from spinbox.vm.spec import SLOT_DISK_BYTES
 from spinbox.vm.template import TemplateFiles, load_ram
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from spinbox.vm.accel import choose_accel
 from spinbox.vm.handover import SANDBOX, Handover, VmUser
-from spinbox.vm.spec import VmSpec
+from spinbox.vm.spec import SLOT_DISK_BYTES, VmSpec
 
 AGENT_VSOCK_PORT = 1024
 # qboot (Debian's qemu-system-data): a firmware that only loads the kernel, for a
@@ -129,9 +129,8 @@ def hotplug_port(index: int) -> str:
     return f"hp{index}"
 
 
-# An empty device slot (spinbox.vm.template): a disk that reads zeros and is larger than any image
-# (the guest keeps the size it read when the template booted), and a NIC with no peer.
-SLOT_DISK_BYTES = 1 << 40
+# An empty device slot (spinbox.vm.template): a disk that reads zeros (SLOT_DISK_BYTES), and a NIC
+# with no peer and this MAC.
 SLOT_MAC = "02:53:42:00:00:00"
 
 

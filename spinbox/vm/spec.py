@@ -24,6 +24,9 @@ MAX_TCG_CACHE_MIB = 1024
 _SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 # sun_path is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
+# The size of a template's empty disk slot, which the guest keeps for the disk a restored VM puts
+# there (spinbox.vm.template): larger than any image spinbox makes.
+SLOT_DISK_BYTES = 1 << 40
 # The seals a template's RAM must carry before a restored VM maps it.
 SEALED_RAM = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -157,6 +160,13 @@ class VmSpec:
             check_memory_file(self.memory_file, confined=self.confine)
         if self.disk_slots < 0 or self.nic_slots < 0:
             raise VmError("device slots cannot be negative")
+        for disk in self.disks[: self.disk_slots]:
+            size = disk.path.stat().st_size
+            if size > SLOT_DISK_BYTES:
+                raise VmError(
+                    f"disk image {disk.path} ({size} bytes) is larger than a template's disk slot "
+                    f"({SLOT_DISK_BYTES} bytes)"
+                )
         slots = self.disk_slots + self.nic_slots
         plugged = max(0, len(self.disks) - self.disk_slots) + max(0, len(self.nics) - self.nic_slots)
         if slots and slots + plugged > self.hotplug_ports:

@@ -15,6 +15,7 @@ from spinbox.config import Config, VmConfig
 from spinbox.daemon import templates as templates_module
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.templates import READY, TEMPLATE_PORTS, Shape, TemplateStore
+from spinbox.vm.spec import SLOT_DISK_BYTES
 from spinbox.vm.template import TemplateFiles
 
 
@@ -184,7 +185,7 @@ def _open_files() -> list[str]:
 def test_a_disk_larger_than_a_slot_boots_cold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     huge = tmp_path / "huge.erofs"
     with open(huge, "wb") as image:
-        image.truncate(templates_module.SLOT_DISK_BYTES + 1)  # sparse
+        image.truncate(SLOT_DISK_BYTES + 1)  # sparse
 
     async def run() -> None:
         templates = store(tmp_path / "templates", FakeBackend())

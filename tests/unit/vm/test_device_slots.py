@@ -16,7 +16,7 @@ import pytest
 from guest.vminitd import network as guest_network
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 from spinbox.vm.handover import Handover
-from spinbox.vm.spec import MemoryFile
+from spinbox.vm.spec import SLOT_DISK_BYTES, MemoryFile
 from spinbox.vm.template import RAM_SEALS, _plug_devices, new_ram
 
 
@@ -96,7 +96,7 @@ def test_a_template_boots_with_placeholders_in_its_slots(template: VmSpec) -> No
     ]
     placeholders = [json.loads(b) for b in option_values(argv, "-blockdev")]
     assert placeholders == [
-        {"driver": "null-co", "node-name": f"hp{i}-drive", "size": qemu.SLOT_DISK_BYTES, "read-zeroes": True}
+        {"driver": "null-co", "node-name": f"hp{i}-drive", "size": SLOT_DISK_BYTES, "read-zeroes": True}
         for i in range(2)
     ]
     assert "-netdev" not in argv
@@ -186,3 +186,16 @@ def test_only_devices_beyond_the_slots_are_hot_plugged(
 
 def test_the_guest_knows_the_nic_slots_mac() -> None:
     assert guest_network.SLOT_MAC == qemu.SLOT_MAC
+
+
+def test_a_disk_larger_than_a_slot_is_refused_there(
+    template: VmSpec, tmp_path: Path, sealed_ram: int
+) -> None:
+    spec = restored(template, tmp_path, sealed_ram, disks=3, nics=0)
+    with open(spec.disks[2].path, "wb") as image:
+        image.truncate(SLOT_DISK_BYTES + 1)  # sparse; beyond the slots, it is hot-plugged
+    spec.validate()
+    with open(spec.disks[1].path, "wb") as image:
+        image.truncate(SLOT_DISK_BYTES + 1)
+    with pytest.raises(VmError, match=r"disk1 .* is larger than a template's disk slot"):
+        spec.validate()
