@@ -230,7 +230,8 @@ class QemuBackend:
             accel=self._accel,  # type: ignore[arg-type]
             hotplug_ports=ports,
             disk_slots=self.config.vm.template_disk_slots,
-            nic_slots=self.config.vm.template_nic_slots,
+            # With networking off no VM has a NIC: a slot would only show the guest a dead one.
+            nic_slots=self.config.vm.template_nic_slots if self._net_config().enabled else 0,
         )
 
     def template_identity(self, shape: Shape, ports: int) -> dict[str, Any]:

@@ -124,7 +124,8 @@ class TemplateStore:
 
     def ports_needed(self, disks: int, nics: int) -> int:
         """The spare ports of a restored VM that its disks and NICs take: every device slot, and
-        a port for each device beyond them."""
+        a port for each device beyond them (one too many with networking off, which leaves the
+        NIC slots out)."""
         disk_slots, nic_slots = self.config.vm.template_disk_slots, self.config.vm.template_nic_slots
         return disk_slots + nic_slots + max(0, disks - disk_slots) + max(0, nics - nic_slots)
 

@@ -24,10 +24,12 @@ from tests.e2e.stack import (
     Containerd,
     ready_templates,
     spinbox_stack,
+    wait_for_default_template,
     wait_until_clean,
 )
 from tests.e2e.test_confinement import disk_of, qemu_of, status_of
 from tests.harness.systemd import PrivateSystemd
+from tests.integration.daemon.spinboxd import CONFIG
 
 IDENTITY = (
     "cat /proc/sys/kernel/random/boot_id; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; echo; date +%s; "
@@ -254,3 +256,30 @@ def test_rebuilding_the_template_leaves_running_containers_alone(
     assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT
     # The old template's RAM went with the last VM that mapped it.
     assert memfd_holders(template_stack, f"spinbox-template-{old}") == []
+
+
+def test_devices_beyond_a_template_s_slots_are_hot_plugged(
+    containerd: Containerd, template_stack: PrivateSystemd
+) -> None:
+    # One disk slot and, with networking off, no NIC slot: the container's layer goes into the
+    # slot, its writable disk is hot-plugged after the restore. (Another VM size than the other
+    # tests' keeps their template.)
+    config = template_stack.path(CONFIG).read_text()
+    template_stack.write_file(
+        CONFIG,
+        config.replace("[vm]\n", "[vm]\nmemory_mib = 384\ntemplate_disk_slots = 1\n")
+        + "\n[network]\nenabled = false\n",
+    )
+    try:
+        template_stack.systemctl("restart", "spinbox.service")
+        wait_for_default_template(template_stack)
+        script = "echo kept > /kept && cat /kept && ls /sys/class/net"
+        result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "tpl-slots", "sh", "-c", script)
+        assert boots(template_stack, "tpl-slots") == ["template"]
+        # Its writable layer works; the guest has no NIC at all, not even the template's.
+        assert result.stdout.split() == ["kept", "lo"]
+    finally:
+        template_stack.write_file(CONFIG, config)
+        template_stack.systemctl("restart", "spinbox.service")
+        wait_for_default_template(template_stack)
+    assert wait_until_clean(template_stack, containerd) == NOTHING_LEFT

@@ -130,3 +130,16 @@ def test_a_restored_vm_gets_the_configured_translation_cache(
     with pytest.raises(Failed):
         asyncio.run(backend._restore(launch, Template(tmp_path / "1cpu-256m-abc", -1)))
     assert [spec.tcg_cache_mib for spec in specs] == [64]
+
+
+@pytest.mark.parametrize(("network", "nic_slots"), [({}, 1), ({"enabled": False}, 0)])
+def test_a_template_s_slots_come_from_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network: dict[str, Any], nic_slots: int
+) -> None:
+    config = Config(vm=VmConfig(accel="tcg", template_disk_slots=3), network=tuple(network.items()))
+    backend = qemu_backend.QemuBackend(config)
+    monkeypatch.setattr(backend, "_kernel", lambda: tmp_path / "vmlinuz")
+    monkeypatch.setattr(backend, "_initrd", lambda: tmp_path / "initrd.img")
+    spec = backend._template_spec("t", tmp_path, 1, 512, 24)
+    # With networking off no VM has a NIC, and none waits in the template.
+    assert (spec.disk_slots, spec.nic_slots) == (3, nic_slots)
