@@ -268,7 +268,7 @@ async def _build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_t
 
 async def restore(spec: VmSpec, files: TemplateFiles, ram: int, spawn: Spawn | None) -> VirtualMachine:
     """A VM for spec restored from the template in `files` (its RAM: `ram`, from load_ram),
-    refreshed, its disks and NICs plugged."""
+    refreshed, its disks and NICs in the template's slots or plugged after them."""
     try:
         fd = os.open(files.state, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
