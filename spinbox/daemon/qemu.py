@@ -258,11 +258,18 @@ class QemuBackend:
     ) -> None:
         vm_id = "template-" + directory.name.removesuffix(".partial")
         spec = self._template_spec(vm_id, runtime_dir, shape.vcpus, shape.memory_mib, ports)
+        # The NIC slots' peers are TAPs, as a restored VM's are: virtio-net offers the guest its
+        # offloads only with one, and the guest keeps what it negotiated at the template's boot.
+        taps, namespace = await asyncio.to_thread(net.open_unconnected_taps, spec.nic_slots)
         try:
+            spec = dataclasses.replace(spec, nics=tuple(vm.Nic(tap_fd=fd, mac=vm.SLOT_MAC) for fd in taps))
             timeout = max(self.config.vm.boot_timeout, TEMPLATE_BOOT_TIMEOUT)
             await template.build(spec, template.TemplateFiles(directory), spawn, timeout)
         except vm.VmError as e:
             raise Failed(str(e)) from None
+        finally:
+            for fd in [*taps, namespace]:
+                os.close(fd)
 
     async def _restore(self, launch: Launch, ready: Template) -> Machine:
         """A VM restored from `ready` whose agent answers; Failed says why not (the VM is gone)."""

@@ -46,7 +46,7 @@ TEMPLATE_PORTS = 24
 # The most VM sizes spinboxd keeps templates for (the default size among them).
 MAX_SHAPES = 4
 # Bumped when what a template holds changes in a way its digest does not see.
-FORMAT = 3
+FORMAT = 4
 READY = "ready.json"
 
 
@@ -120,13 +120,21 @@ class TemplateStore:
             return None
         if self.ports_needed(disks, nics) + request.hotplug_ports > TEMPLATE_PORTS:
             return None
+        if nics < self.nic_slots:
+            return None  # a NIC slot must have a NIC (spinbox.vm.template)
         return self.directory(Shape(request.vcpus, request.memory_mib), build=True)
+
+    @property
+    def nic_slots(self) -> int:
+        """The NIC slots of this spinboxd's templates: none with networking off."""
+        return (
+            self.config.vm.template_nic_slots if self.config.network_table.get("enabled", True) is True else 0
+        )
 
     def ports_needed(self, disks: int, nics: int) -> int:
         """The spare ports of a restored VM that its disks and NICs take: every device slot, and
-        a port for each device beyond them (one too many with networking off, which leaves the
-        NIC slots out)."""
-        disk_slots, nic_slots = self.config.vm.template_disk_slots, self.config.vm.template_nic_slots
+        a port for each device beyond them."""
+        disk_slots, nic_slots = self.config.vm.template_disk_slots, self.nic_slots
         return disk_slots + nic_slots + max(0, disks - disk_slots) + max(0, nics - nic_slots)
 
     async def for_vm(self, request: VmRequest, disks: Sequence[Path], nics: int) -> Template | None:

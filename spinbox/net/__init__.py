@@ -51,6 +51,7 @@ from spinbox.net.network import (
     teardown_network,
 )
 from spinbox.net.portforward import open_port_forward
+from spinbox.net.tap import open_unconnected_taps
 from spinbox.vm import Nic
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "VmNetwork",
     "collect_leftovers",
     "open_port_forward",
+    "open_unconnected_taps",
     "prepare_netns",
     "setup_network",
     "teardown_network",

@@ -81,6 +81,12 @@ async def run_in_async(path: str, fn: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, run_in, path, fn)
 
 
+def in_new_namespace(fn: Callable[[], T]) -> T:
+    """Run fn in a new thread that first enters a new, empty network namespace, which ends once
+    nothing holds it (fn may open a descriptor of it to keep it)."""
+    return _in_thread(lambda: _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)"), fn)
+
+
 def create(path: Path) -> None:
     """Create a new, empty network namespace pinned at `path` (a bind mount of its nsfs file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.protocols import ETH_P_ALL
 
+from spinbox.net import netns
+
 # TAP names spinbox gives its devices (the namespace is the container's, so
 # they only need to differ from what a CNI plugin or a CRI runtime names).
 TAP_PREFIX = "sbx-tap"
@@ -137,6 +139,25 @@ def open_tap(name: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_unconnected_taps(count: int) -> tuple[list[int], int]:
+    """`count` TAPs alone in a new network namespace of their own (so that nothing on the host
+    sees them): their fds, and an fd of that namespace, which lives as long as it is open."""
+
+    def make() -> tuple[list[int], int]:
+        namespace = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        taps: list[int] = []
+        try:
+            for index in range(count):
+                taps.append(open_tap(f"{TAP_PREFIX}{index}"))
+        except BaseException:
+            for fd in [*taps, namespace]:
+                os.close(fd)
+            raise
+        return taps, namespace
+
+    return netns.in_new_namespace(make)
 
 
 def plumb(link: LinkInfo, tap_name: str) -> int:

@@ -6,11 +6,12 @@ from spinbox.vm.accel import choose_accel
 from spinbox.vm.errors import VmError, VmNotRunning
 from spinbox.vm.machine import VirtualMachine, launch
 from spinbox.vm.process import ProcessHandle, Spawn
-from spinbox.vm.qemu import QemuCommand
+from spinbox.vm.qemu import SLOT_MAC, QemuCommand
 from spinbox.vm.spec import DEFAULT_IMAGE, Disk, MemoryFile, Nic, VmSpec, default_kernel
 
 __all__ = [
     "DEFAULT_IMAGE",
+    "SLOT_MAC",
     "Disk",
     "MemoryFile",
     "Nic",

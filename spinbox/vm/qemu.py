@@ -129,8 +129,8 @@ def hotplug_port(index: int) -> str:
     return f"hp{index}"
 
 
-# An empty device slot (spinbox.vm.template): a disk that reads zeros (SLOT_DISK_BYTES), and a NIC
-# with no peer and this MAC.
+# A template's devices in its slots (spinbox.vm.template): an empty disk reads zeros (SLOT_DISK_BYTES);
+# a NIC has this MAC and, as its peer, a TAP alone in a network namespace of its own.
 SLOT_MAC = "02:53:42:00:00:00"
 
 
@@ -364,13 +364,12 @@ class QemuCommand:
             argv += ["-netdev", f"tap,id=net{index},fd={nic.tap_fd}"]
             if not in_ports:
                 argv += ["-device", f"virtio-net-pci,id=nic{index},netdev=net{index},mac={nic.mac}"]
-        for index in range(spec.nic_slots):
+        for index in range(spec.nic_slots):  # VmSpec.validate: every NIC slot has a NIC
             bus = hotplug_port(spec.disk_slots + index)
-            if index < len(spec.nics):
-                backend = f"netdev=net{index},mac={spec.nics[index].mac}"
-            else:
-                backend = f"mac={SLOT_MAC}"
-            argv += ["-device", f"virtio-net-pci,id=nic{index},{backend},bus={bus}"]
+            argv += [
+                "-device",
+                f"virtio-net-pci,id=nic{index},netdev=net{index},mac={spec.nics[index].mac},bus={bus}",
+            ]
         if spec.virtiofs_fd is not None:
             argv += [
                 "-chardev", f"socket,id=virtiofs,fd={spec.virtiofs_fd}",

@@ -160,6 +160,10 @@ class VmSpec:
             check_memory_file(self.memory_file, confined=self.confine)
         if self.disk_slots < 0 or self.nic_slots < 0:
             raise VmError("device slots cannot be negative")
+        if len(self.nics) < self.nic_slots:
+            # virtio-net offers its offloads only with a TAP for a peer, and a restored guest keeps
+            # what it negotiated in the template: every slot's NIC needs one.
+            raise VmError(f"{self.nic_slots} NIC slots need as many NICs, not {len(self.nics)}")
         for disk in self.disks[: self.disk_slots]:
             size = disk.path.stat().st_size
             if size > SLOT_DISK_BYTES:

@@ -34,11 +34,14 @@ or net registration) is kernel work every restored guest would repeat, and
 under TCG the code for it is translated afresh in each VM. A template
 therefore boots with its first spare ports holding `disk_slots` virtio-blk
 devices and `nic_slots` virtio-net devices, backed by placeholders (a
-null-co disk of SLOT_DISK_BYTES that reads zeros, a NIC with no peer and
-SLOT_MAC). QEMU's migration carries devices' state, not their backends: a
-restored VM's QEMU names the same devices at the same ports, backed by the
-VM's own disk images and TAPs, and the guest finds them already probed. What
-the guest kept from the placeholders, it corrects or never uses:
+null-co disk of SLOT_DISK_BYTES that reads zeros; a NIC with SLOT_MAC whose
+peer is a TAP alone in a network namespace of its own, because virtio-net
+offers the guest checksum and segmentation offloads only with a TAP for a
+peer, and the guest keeps what it negotiated then). QEMU's migration
+carries devices' state, not their backends: a restored VM's QEMU names
+the same devices at the same ports, backed by the VM's own disk images and
+TAPs, and the guest finds them already probed. What the guest kept from
+the placeholders, it corrects or never uses:
 - a disk's serial is read from QEMU at each read of sysfs (virtio-blk's
   GET_ID request): the guest sees the VM's serials;
 - a disk's size is the one read at the template's boot (virtio_blk reads it
@@ -52,8 +55,10 @@ the guest kept from the placeholders, it corrects or never uses:
   template's: vminitd gives the first slot NIC the MAC of the VM's first
   interface (its virtio control queue tells QEMU, whose receive filter
   follows), which is the MAC of the TAP's interface on the host;
-- a slot the VM does not use keeps its placeholder: no disk has its serial
-  and no interface its MAC, so the guest never mounts or configures it.
+- a disk slot the VM does not use keeps its placeholder: no disk has its
+  serial, so the guest never mounts it. A VM with fewer NICs than the
+  template has NIC slots boots cold (spinbox.daemon.templates): an empty
+  slot would need a TAP of its own, and with networking on every VM has one.
 Devices beyond the slots are plugged into the ports after them.
 """
 
@@ -228,8 +233,8 @@ def _save_ram(ram: int, path: Path) -> None:
 
 async def build(spec: VmSpec, files: TemplateFiles, spawn: Spawn | None, boot_timeout: float) -> None:
     """Boot spec's guest (no disks, no NICs) to agent-ready, save it into `files` and stop it."""
-    if spec.disks or spec.nics:
-        raise VmError("a template is saved without disks and NICs (they are plugged into each restored VM)")
+    if spec.disks or len(spec.nics) != spec.nic_slots:
+        raise VmError("a template is saved without disks, and with NICs in its NIC slots only")
     files.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     for path in (files.ram, files.state, files.kernel_header):
         path.unlink(missing_ok=True)

@@ -65,7 +65,7 @@ def test_cold_mode_never_builds(tmp_path: Path) -> None:
         backend = FakeBackend()
         templates = store(tmp_path, backend, boot="cold")
         templates.start()
-        assert templates.lookup(request(), 2) is None
+        assert templates.lookup(request(), 2, 1) is None
         await templates.wait_built()
         assert backend.built == []
 
@@ -76,9 +76,9 @@ def test_a_missing_template_boots_cold_and_is_built_then_used(tmp_path: Path) ->
     async def run() -> None:
         backend = FakeBackend()
         templates = store(tmp_path, backend)
-        assert templates.lookup(request(), 2) is None
+        assert templates.lookup(request(), 2, 1) is None
         await templates.wait_built()
-        found = templates.lookup(request(), 2)
+        found = templates.lookup(request(), 2, 1)
         assert found is not None and found.name.startswith("1cpu-512m-")
         assert backend.built == [Shape(1, 512)]
 
@@ -93,7 +93,7 @@ def test_what_no_template_serves_boots_cold(tmp_path: Path, changes: dict[str, A
     async def run() -> None:
         backend = FakeBackend()
         templates = store(tmp_path, backend)
-        assert templates.lookup(request(**changes), devices) is None
+        assert templates.lookup(request(**changes), devices, 1) is None
         await templates.wait_built()
         assert backend.built == []
 
@@ -104,14 +104,14 @@ def test_a_changed_image_builds_a_new_template_and_removes_the_old(tmp_path: Pat
     async def run() -> None:
         backend = FakeBackend()
         templates = store(tmp_path, backend)
-        templates.lookup(request(), 1)
+        templates.lookup(request(), 1, 1)
         await templates.wait_built()
-        old = templates.lookup(request(), 1)
+        old = templates.lookup(request(), 1, 1)
         assert old is not None
         backend.identity["initrd"] = 2
-        assert templates.lookup(request(), 1) is None
+        assert templates.lookup(request(), 1, 1) is None
         await templates.wait_built()
-        new = templates.lookup(request(), 1)
+        new = templates.lookup(request(), 1, 1)
         assert new is not None and new != old
         assert not old.exists()
 
@@ -126,7 +126,7 @@ def test_no_guest_image_yet_means_cold_boot_not_a_failed_start(tmp_path: Path) -
     async def run() -> None:
         templates = store(tmp_path, NoImage())
         templates.start()
-        assert templates.lookup(request(), 1) is None
+        assert templates.lookup(request(), 1, 1) is None
         await templates.wait_built()
 
     asyncio.run(run())
@@ -154,14 +154,14 @@ def test_a_template_replaced_while_its_ram_loads_gives_way_to_the_new_one(
     async def run() -> None:
         backend = FakeBackend()
         templates = store(tmp_path, backend)
-        templates.lookup(request(), 1)
+        templates.lookup(request(), 1, 1)
         await templates.wait_built()
-        old = templates.lookup(request(), 1)
+        old = templates.lookup(request(), 1, 1)
         assert old is not None
-        restoring = asyncio.create_task(templates.for_vm(request(), [Path("/l0")], 0))
+        restoring = asyncio.create_task(templates.for_vm(request(), [Path("/l0")], 1))
         await asyncio.to_thread(loading.wait, 10)
         backend.identity["initrd"] = 2
-        assert templates.lookup(request(), 1) is None
+        assert templates.lookup(request(), 1, 1) is None
         await templates.wait_built()
         assert not old.exists()
         rebuilt.set()
@@ -189,9 +189,9 @@ def test_a_disk_larger_than_a_slot_boots_cold(tmp_path: Path, caplog: pytest.Log
 
     async def run() -> None:
         templates = store(tmp_path / "templates", FakeBackend())
-        templates.lookup(request(), 1)
+        templates.lookup(request(), 1, 1)
         await templates.wait_built()
-        assert await templates.for_vm(request(), [huge], 0) is None
+        assert await templates.for_vm(request(), [huge], 1) is None
 
     with caplog.at_level("INFO", logger=templates_module.__name__):
         asyncio.run(run())
@@ -203,3 +203,22 @@ def test_slots_take_their_ports_whether_filled_or_not(tmp_path: Path) -> None:
     assert templates.ports_needed(0, 0) == 3
     assert templates.ports_needed(2, 1) == 3
     assert templates.ports_needed(4, 2) == 6
+
+
+def test_a_vm_without_a_nic_for_the_nic_slot_boots_cold(tmp_path: Path) -> None:
+    async def run() -> None:
+        templates = store(tmp_path, FakeBackend())
+        templates.lookup(request(), 2, 1)
+        await templates.wait_built()
+        assert templates.lookup(request(), 2, 1) is not None
+        # Its slot's NIC would need a TAP of its own (virtio-net's offloads need one for a peer).
+        assert templates.lookup(request(), 2, 0) is None
+
+    asyncio.run(run())
+
+
+def test_with_networking_off_templates_have_no_nic_slot(tmp_path: Path) -> None:
+    config = Config(vm=VmConfig(boot="template"), network=(("enabled", False),))
+    templates = TemplateStore(config, None, FakeBackend(), tmp_path)  # type: ignore[arg-type]
+    assert templates.nic_slots == 0
+    assert templates.ports_needed(2, 0) == 2

@@ -45,6 +45,8 @@ def template(tmp_path: Path) -> VmSpec:
         disk_slots=2,
         nic_slots=1,
         memory_file=MemoryFile(tmp_path / "ram", shared=True, fd=999),
+        # The slot's NIC has a TAP for a peer, alone in a namespace (spinbox.net.open_unconnected_taps).
+        nics=(Nic(tap_fd=30, mac=qemu.SLOT_MAC),),
     )
 
 
@@ -92,14 +94,14 @@ def test_a_template_boots_with_placeholders_in_its_slots(template: VmSpec) -> No
     assert devices(argv) == [
         {"driver": "virtio-blk-pci", "id": "hp0-blk", "drive": "hp0-drive", "serial": "~slot0", "bus": "hp0"},
         {"driver": "virtio-blk-pci", "id": "hp1-blk", "drive": "hp1-drive", "serial": "~slot1", "bus": "hp1"},
-        {"driver": "virtio-net-pci", "id": "nic0", "mac": qemu.SLOT_MAC, "bus": "hp2"},
+        {"driver": "virtio-net-pci", "id": "nic0", "netdev": "net0", "mac": qemu.SLOT_MAC, "bus": "hp2"},
     ]
     placeholders = [json.loads(b) for b in option_values(argv, "-blockdev")]
     assert placeholders == [
         {"driver": "null-co", "node-name": f"hp{i}-drive", "size": SLOT_DISK_BYTES, "read-zeroes": True}
         for i in range(2)
     ]
-    assert "-netdev" not in argv
+    assert option_values(argv, "-netdev") == ["tap,id=net0,fd=30"]
 
 
 def test_a_restored_vm_fills_the_template_s_slots_with_its_own_disks_and_nic(
@@ -119,11 +121,18 @@ def test_a_restored_vm_fills_the_template_s_slots_with_its_own_disks_and_nic(
     assert option_values(argv, "-netdev") == ["tap,id=net0,fd=17"]
 
 
-def test_a_restored_vm_without_devices_keeps_every_placeholder(
+def test_a_restored_vm_without_disks_keeps_every_disk_placeholder(
     template: VmSpec, tmp_path: Path, sealed_ram: int
 ) -> None:
-    argv = argv_of(restored(template, tmp_path, sealed_ram, disks=0, nics=0))
-    assert devices(argv) == devices(argv_of(template))
+    argv = argv_of(restored(template, tmp_path, sealed_ram, disks=0, nics=1))
+    assert [d.get("serial") for d in devices(argv)] == ["~slot0", "~slot1", None]
+    assert shape(devices(argv)) == shape(devices(argv_of(template)))
+
+
+def test_every_nic_slot_needs_a_nic(template: VmSpec, tmp_path: Path, sealed_ram: int) -> None:
+    spec = restored(template, tmp_path, sealed_ram, disks=1, nics=0)
+    with pytest.raises(VmError, match="1 NIC slots need as many NICs, not 0"):
+        spec.validate()
 
 
 def test_devices_beyond_the_slots_go_into_the_ports_after_them(
@@ -191,7 +200,7 @@ def test_the_guest_knows_the_nic_slots_mac() -> None:
 def test_a_disk_larger_than_a_slot_is_refused_there(
     template: VmSpec, tmp_path: Path, sealed_ram: int
 ) -> None:
-    spec = restored(template, tmp_path, sealed_ram, disks=3, nics=0)
+    spec = restored(template, tmp_path, sealed_ram, disks=3, nics=1)
     with open(spec.disks[2].path, "wb") as image:
         image.truncate(SLOT_DISK_BYTES + 1)  # sparse; beyond the slots, it is hot-plugged
     spec.validate()
