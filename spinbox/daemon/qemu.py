@@ -243,9 +243,11 @@ class QemuBackend:
         # The machine as this spinbox builds it: a spinbox whose QEMU command line
         # differs (another device, another option) cannot restore the template.
         spec = self._template_spec("template", TEMPLATE_IDENTITY_DIR, shape.vcpus, shape.memory_mib, ports)
-        # The RAM's descriptor as NumberingHandover would number it: the same on every call.
+        # The RAM's and the NIC slots' TAPs' descriptors as NumberingHandover would number them:
+        # the same on every call.
         ram = vm.MemoryFile(TEMPLATE_IDENTITY_DIR / "ram", shared=True, fd=999)
-        spec = dataclasses.replace(spec, memory_file=ram)
+        taps = tuple(vm.Nic(tap_fd=900 + i, mac=vm.SLOT_MAC) for i in range(spec.nic_slots))
+        spec = dataclasses.replace(spec, memory_file=ram, nics=taps)
         return {
             "kernel": stamp(self._kernel()),
             "initrd": stamp(self._initrd()),

@@ -16,7 +16,7 @@ from spinbox.daemon.backend import Launch
 from spinbox.daemon.errors import Failed
 from spinbox.daemon.manager import VmManager
 from spinbox.daemon.options import VmRequest
-from spinbox.daemon.templates import Template, TemplateStore
+from spinbox.daemon.templates import Shape, Template, TemplateStore
 from spinbox.vm import VmError
 from tests.unit.daemon.test_create_deadline import SilentMachine, StubBackend, StubSystemd
 
@@ -143,3 +143,20 @@ def test_a_template_s_slots_come_from_the_configuration(
     spec = backend._template_spec("t", tmp_path, 1, 512, 24)
     # With networking off no VM has a NIC, and none waits in the template.
     assert (spec.disk_slots, spec.nic_slots) == (3, nic_slots)
+
+
+def test_a_template_s_identity_covers_its_slots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd.img").write_bytes(b"i")
+
+    def identity(**slots: int) -> dict[str, Any]:
+        backend = qemu_backend.QemuBackend(Config(vm=VmConfig(accel="tcg", **slots)))
+        monkeypatch.setattr(backend, "_kernel", lambda: tmp_path / "vmlinuz")
+        monkeypatch.setattr(backend, "_initrd", lambda: tmp_path / "initrd.img")
+        return backend.template_identity(Shape(1, 512), 24)
+
+    default = identity()
+    assert default == identity()
+    assert "virtio-net-pci,id=nic0,netdev=net0,mac=02:53:42:00:00:00,bus=hp2" in default["argv"]
+    assert identity(template_disk_slots=1) != default
+    assert identity(template_nic_slots=0) != default
