@@ -262,7 +262,10 @@ class QemuBackend:
         spec = self._template_spec(vm_id, runtime_dir, shape.vcpus, shape.memory_mib, ports)
         # The NIC slots' peers are TAPs, as a restored VM's are: virtio-net offers the guest its
         # offloads only with one, and the guest keeps what it negotiated at the template's boot.
-        taps, namespace = await asyncio.to_thread(net.open_unconnected_taps, spec.nic_slots)
+        try:
+            taps, namespace = await asyncio.to_thread(net.open_unconnected_taps, spec.nic_slots)
+        except OSError as e:
+            raise Failed(f"cannot create the TAPs of the template {vm_id}'s NIC slots: {e}") from None
         try:
             spec = dataclasses.replace(spec, nics=tuple(vm.Nic(tap_fd=fd, mac=vm.SLOT_MAC) for fd in taps))
             timeout = max(self.config.vm.boot_timeout, TEMPLATE_BOOT_TIMEOUT)
