@@ -113,6 +113,7 @@ def pid1() -> None:
         # Block devices, network, file systems and entropy come up while the agent starts.
         devices = boot.start_deferred_boot(deferred, timeline, cmdline)
         boot.enable_cgroup_controllers()
+        boot.allow_sysrq_dumps()
     except BaseException:
         log.exception("boot failed; serving the agent anyway")
         cmdline = {}

@@ -164,6 +164,21 @@ def seed_entropy(hwrng: Path = Path("/dev/hwrng"), size: int = 64) -> None:
         os.close(fd)
 
 
+SYSRQ = Path("/proc/sys/kernel/sysrq")
+SYSRQ_DUMPS = 0x8  # kernel.sysrq's bit for the debugging dumps (`l`: every CPU's backtrace, `w`)
+
+
+def allow_sysrq_dumps(sysrq: Path = SYSRQ) -> None:
+    """Lets magic SysRq's dumps through, so that the host, which alone has the serial console,
+    can ask a guest that stopped answering where its CPUs are (spinbox.vm.gueststate)."""
+    try:
+        current = int(sysrq.read_text().strip() or "0")
+        if current != 1 and not current & SYSRQ_DUMPS:
+            sysrq.write_text(str(current | SYSRQ_DUMPS))
+    except (OSError, ValueError) as e:
+        log.warning("cannot allow magic SysRq's dumps: %s", e)
+
+
 def enable_cgroup_controllers(root: Path = Path("/sys/fs/cgroup")) -> None:
     try:
         available = (root / "cgroup.controllers").read_text().split()

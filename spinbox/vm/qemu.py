@@ -209,9 +209,9 @@ def size_args(spec: VmSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def _unix_server(chardev_id: str, path: Path, files: Handover) -> list[str]:
+def _unix_server(chardev_id: str, path: Path, files: Handover, mux: bool = False) -> list[str]:
     fd = files.listening_socket(path)
-    return ["-chardev", f"socket,id={chardev_id},fd={fd},server=on,wait=off"]
+    return ["-chardev", f"socket,id={chardev_id},fd={fd},server=on,wait=off" + (",mux=on" if mux else "")]
 
 
 class QemuCommand:
@@ -302,7 +302,9 @@ class QemuCommand:
             "-append", self.kernel_cmdline(),
             *_unix_server("qmp", paths.qmp, files),
             "-mon", "chardev=qmp,mode=control",
-            *_unix_server("console", paths.console, files),
+            # A mux, for its escape Ctrl-a b: a BREAK on the serial port, the guest's magic SysRq
+            # (spinbox.vm.gueststate). Nothing else is written to the console.
+            *_unix_server("console", paths.console, files, mux=True),
             "-serial", "chardev:console",
             "-device", "virtio-rng-pci,id=rng0",
             # Pages the guest frees go back to the host (free page reporting, no ballooning).

@@ -144,3 +144,15 @@ def test_the_page_reporting_order_comes_from_the_command_line(tmp_path: Path) ->
     assert parameter.read_text() == "0"
     # No balloon driver (no page_reporting parameter): logged, not fatal.
     boot.set_page_reporting_order({"spinbox.page_reporting_order": "0"}, tmp_path / "absent" / "order")
+
+
+def test_sysrq_dumps_are_allowed_for_the_host(tmp_path: Path) -> None:
+    sysrq = tmp_path / "sysrq"
+    sysrq.write_text("438\n")  # Debian's default: no debugging dumps
+    boot.allow_sysrq_dumps(sysrq)
+    assert sysrq.read_text() == "446"
+    for kept in ("1", "446"):  # everything, or the dumps already
+        sysrq.write_text(kept)
+        boot.allow_sysrq_dumps(sysrq)
+        assert sysrq.read_text() == kept
+    boot.allow_sysrq_dumps(tmp_path / "missing")  # logged, not raised

@@ -102,6 +102,9 @@ def test_serial_ports_without_vsock(spec: VmSpec) -> None:
         path = spec.runtime_dir / f"{chardev}.sock"
         assert path.is_socket() and path.stat().st_mode & 0o777 == 0o600
         assert any(re.fullmatch(rf"socket,id={chardev},fd=\d+,server=on,wait=off", c) for c in chardevs)
+    # The console is a mux: its escape Ctrl-a b is a BREAK, the guest's magic SysRq.
+    assert any(re.fullmatch(r"socket,id=console,fd=\d+,server=on,wait=off,mux=on", c) for c in chardevs)
+    assert option_values(argv, "-serial") == ["chardev:console"]
     assert not any(d.startswith("vhost-vsock") for d in devices)
     assert command.agent_address == f"unix:{spec.runtime_dir}/agent.sock"
     assert command.control_address == f"unix:{spec.runtime_dir}/control.sock"
