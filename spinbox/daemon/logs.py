@@ -117,6 +117,8 @@ class LogForwarder:
         self._tasks: list[asyncio.Task[None]] = []
         self._fifo_fd = -1
         self._fifo_buffer = b""
+        # The serial console's connection, also the way to the guest's magic SysRq.
+        self._console: asyncio.StreamWriter | None = None
 
     def start_fifo(self) -> None:
         """Forward QEMU's stderr (from before QEMU runs, so its start-up errors are kept).
@@ -158,7 +160,9 @@ class LogForwarder:
         """Forward the serial console and vminitd's log port (once QEMU listens on them)."""
         loop = asyncio.get_running_loop()
         if console is not None:
-            self._tasks.append(loop.create_task(self._forward_socket(console, "spinbox-console", False)))
+            self._tasks.append(
+                loop.create_task(self._forward_socket(console, "spinbox-console", False, console=True))
+            )
         if log_port is not None:
             self._tasks.append(loop.create_task(self._forward_socket(log_port, "vminitd", True)))
 
@@ -195,7 +199,19 @@ class LogForwarder:
                 raw = await reader.readexactly(e.consumed)
             self._line(identifier, raw, parse_priority, default)
 
-    async def _forward_socket(self, path: Path, identifier: str, parse_priority: bool) -> None:
+    async def write_console(self, data: bytes) -> bool:
+        """Writes to the guest's serial console (QEMU takes one client: this is it); False
+        when it is not connected."""
+        writer = self._console
+        if writer is None or writer.is_closing():
+            return False
+        writer.write(data)
+        await writer.drain()
+        return True
+
+    async def _forward_socket(
+        self, path: Path, identifier: str, parse_priority: bool, console: bool = False
+    ) -> None:
         # QEMU's chardev serves one client at a time; after a spinboxd restart
         # the new spinboxd connects again. Until QEMU listens, retry.
         for _ in range(600):
@@ -207,7 +223,11 @@ class LogForwarder:
         else:
             log.warning("cannot connect to %s", path)
             return
+        if console:
+            self._console = writer
         try:
             await self._pump(reader, identifier, parse_priority, CONSOLE_PRIORITY)
         finally:
+            if console:
+                self._console = None
             writer.close()

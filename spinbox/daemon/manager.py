@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from spinbox.busnames import MANAGER_PATH
 from spinbox.config import Config
-from spinbox.daemon import pod, release, resize, share
+from spinbox.daemon import guestrecord, pod, release, resize, share
 from spinbox.daemon.backend import Backend, GuestSetup, Launch, Machine, Rootfs
 from spinbox.daemon.endings import Endings
 from spinbox.daemon.errors import AlreadyExists, Failed, NoNetwork, NotFound, SpinboxError
@@ -73,6 +73,8 @@ class Vm:
     port_forward: socket.socket | None = None
     # The memory events of the VM's scope (None without cgroup2's memory controller).
     memory: ScopeMemoryWatch | None = None
+    # The record of where its guest is being made (VM.RecordGuestState), if one is.
+    recording: asyncio.Task[None] | None = None
 
     def rootfses(self) -> dict[str, Rootfs]:
         """Every rootfs of the VM by container id, a pod's further containers' too."""
@@ -417,6 +419,9 @@ class VmManager:
 
     async def resize(self, vm: Vm, vcpus: int, memory_mib: int) -> dict[str, Any]:
         return await resize.resize(self, vm, vcpus, memory_mib)
+
+    async def record_guest_state(self, vm: Vm, reason: str) -> None:
+        await guestrecord.record_guest_state(vm, reason)
 
     async def sync_rootfs(self, vm: Vm) -> None:
         """Write every rootfs of the VM back (a pod's further containers' too)."""

@@ -131,6 +131,13 @@ class VMInterface(DocumentedInterface):
         return _variants(resized)
 
     @method()
+    async def RecordGuestState(self, reason: "s"):
+        await authorize(self.authorizer, "RecordGuestState")
+        await _answer(
+            f"recording where VM {self.vm.id!r}'s guest is", self.manager.record_guest_state(self.vm, reason)
+        )
+
+    @method()
     async def SyncRootfs(self):
         await authorize(self.authorizer, "SyncRootfs")
         await _answer(f"syncing the rootfs of VM {self.vm.id!r}", self.manager.sync_rootfs(self.vm))
