@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,6 +41,9 @@ SLOW_CALLS = frozenset({"SyncRootfs", "UnmountRootfs", "Shutdown"})
 SLOW_FACTOR = 5
 
 R = TypeVar("R", bound=Message)
+
+# Told the sentence of a call that missed its deadline (see AgentClient.on_deadline).
+DeadlineHook = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,9 @@ class AgentClient:
         self.client = client
         self.address = address
         self.call_timeout = call_timeout
+        # Called (before the call fails) when a call misses its deadline: the shim has spinboxd
+        # record where the guest is then (spinbox.shim.guestwatch).
+        self.on_deadline: DeadlineHook | None = None
 
     @classmethod
     async def connect(cls, address: str, call_timeout: float = CALL_TIMEOUT) -> AgentClient:
@@ -107,8 +121,7 @@ class AgentClient:
             return await call
         return await self._within(deadline, method, call)
 
-    @staticmethod
-    async def _within(deadline: float, method: str, call: Awaitable[R]) -> R:
+    async def _within(self, deadline: float, method: str, call: Awaitable[R]) -> R:
         # Kept on the host, not sent as the request's timeout: the guest measures
         # a sent timeout with its own clock, and a TCG guest on a busy host was
         # seen ending a 60 s CreateContainer after 37 s of the host's time.
@@ -118,9 +131,10 @@ class AgentClient:
         except TimeoutError:
             if not scope.expired():
                 raise
-            raise TtrpcError(
-                Code.DEADLINE_EXCEEDED, f"{SERVICE}/{method}: the guest did not answer within {deadline:g} s"
-            ) from None
+            message = f"{SERVICE}/{method}: the guest did not answer within {deadline:g} s"
+            if self.on_deadline is not None:
+                self.on_deadline(message)
+            raise TtrpcError(Code.DEADLINE_EXCEEDED, message) from None
 
     # VM-level plumbing.
 

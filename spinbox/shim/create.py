@@ -22,6 +22,7 @@ from spinbox.shim.container import Agent, Container, ProcessState, Publisher, Vm
 from spinbox.shim.cri import CONTAINER_TYPE_ANNOTATION
 from spinbox.shim.errors import invalid, precondition, spinboxd_error
 from spinbox.shim.guestspec import for_guest
+from spinbox.shim.guestwatch import GuestWatch
 from spinbox.shim.hooks import HookError, HostHooks, run_hooks, state_json
 from spinbox.shim.portforward import PortForwarder, PortForwardError
 from spinbox.shim.process import Process
@@ -187,6 +188,7 @@ class ContainerCreator:
             vm = await spinboxd.create_vm(request)
             hook_pid = hook_pid or vm.pid
             agent = await self.connect_agent(vm.agent_address)
+            agent.on_deadline = GuestWatch(self.spinboxd, vm_id, vm.path)
             await self._create_in_guest(agent, plan, state, vm.pid, hook_pid)
             if pod_sandbox and netns:
                 forwarder = await self._port_forwarder(spinboxd, vm.path, netns, agent, req.id)

@@ -22,6 +22,8 @@ __all__ = ["Spinboxd", "VmInfo", "VmRequest", "vm_id_for"]
 # RemoveRootfs) get as long. Other calls have spinbox.busclient.CALL_TIMEOUT.
 # These deadlines are for a spinboxd that hangs; each step inside has its own.
 CREATE_TIMEOUT = 900.0
+# RecordGuestState is done within 30 s (spinbox.daemon.guestrecord.RECORD_TIMEOUT).
+RECORD_TIMEOUT = 60.0
 # The bus's errors while spinboxd is away: it ended mid-call, or has not taken its name again yet
 # (a restarted spinboxd finishes what its predecessor left before it does; activation may time out).
 RESTARTING = (
@@ -219,6 +221,10 @@ class Spinboxd:
         await self.client.call(
             path, VM_IFACE, "AddVolumes", "sa(sbb)", [container_id, volume_list(volumes)], CREATE_TIMEOUT
         )
+
+    async def record_guest_state(self, path: str, reason: str) -> None:
+        """Has spinboxd write where the VM's guest is into the VM's journal (done within 30 s)."""
+        await self.client.call(path, VM_IFACE, "RecordGuestState", "s", [reason], RECORD_TIMEOUT)
 
     async def vm_call(self, path: str, member: str, signature: str = "", body: Sequence[Any] = ()) -> None:
         await self.client.call(path, VM_IFACE, member, signature, body, CREATE_TIMEOUT)

@@ -53,3 +53,32 @@ def test_a_guest_that_never_answers_fails_the_call_at_its_deadline(tmp_path: Pat
             await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_a_missed_deadline_is_told_to_the_hook_before_the_call_fails(tmp_path: Path) -> None:
+    async def scenario() -> list[str]:
+        held: list[asyncio.StreamWriter] = []
+
+        async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+
+        socket = tmp_path / "agent.sock"
+        server = await asyncio.start_unix_server(never_answer, path=str(socket))
+        told: list[str] = []
+        agent = await AgentClient.connect(f"unix:{socket}", call_timeout=0.2)
+        agent.on_deadline = told.append
+        try:
+            with pytest.raises(TtrpcError) as raised:
+                await agent.signal("c1", 15)
+            assert raised.value.code == Code.DEADLINE_EXCEEDED
+            assert told == [raised.value.message]
+        finally:
+            await agent.close()
+            for writer in held:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+        return told
+
+    (message,) = asyncio.run(scenario())
+    assert message == "spinbox.agent.v1.Agent/Signal: the guest did not answer within 0.2 s"
