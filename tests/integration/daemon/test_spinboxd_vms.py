@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.agent import AgentClient
 from spinbox.config import VmConfig
+from spinbox.ttrpc import Code, TtrpcError
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
     BUS,
@@ -396,3 +399,84 @@ def test_a_pod_adds_and_removes_rootfses_in_its_running_vm(spinbox: PrivateSyste
     assert "unmounted the rootfs of container app" in vminitd
     assert leftovers(spinbox) == NOTHING
     assert no_layer_references(spinbox)
+
+
+# The container's process: a busy loop at the highest real-time priority, with the kernel's
+# real-time throttling off, on the guest's one vCPU. Nothing else of the guest's user space
+# runs (vminitd is alive, and never scheduled), while its kernel still takes interrupts.
+WEDGE = "echo -1 > /proc/sys/kernel/sched_rt_runtime_us; exec chrt -f 99 sh -c 'while :; do :; done'"
+# util-linux's chrt (busybox-static has none) and what it links with.
+CHRT = ("/usr/bin/chrt", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2")
+
+
+def wedging_spec() -> bytes:
+    doc = json.loads(oci_spec("sh", "-c", WEDGE))
+    doc["linux"]["readonlyPaths"] = ["/proc/sysrq-trigger"]  # /proc/sys is writable
+    caps = ["CAP_SYS_NICE"]
+    doc["process"]["capabilities"] = {k: caps for k in ("bounding", "effective", "permitted")}
+    return json.dumps(doc).encode()
+
+
+async def wedge_the_guest(address: str) -> str:
+    """Starts the wedging container; returns the sentence of the first call that then misses
+    its deadline (5 s), as the shim's GuestWatch hears it."""
+    agent = await AgentClient.connect(address, call_timeout=5)
+    missed: list[str] = []
+    agent.on_deadline = missed.append
+    try:
+        await agent.create_container("hog", wedging_spec())
+        await agent.start("hog")
+        for _ in range(20):
+            try:
+                await agent.pids("hog")
+            except TtrpcError as error:
+                assert error.code == Code.DEADLINE_EXCEEDED, error
+                return missed[0]
+            await asyncio.sleep(0.5)
+        raise AssertionError("the wedged guest's agent kept answering")
+    finally:
+        await agent.close()
+
+
+def test_a_guest_that_stops_answering_has_where_it_is_recorded(spinbox: PrivateSystemd) -> None:
+    root = "/var/lib/containerd/spinbox-test-stall"
+    busybox_rootfs(spinbox.path(f"{root}/fs"))
+    for program in CHRT:
+        target = spinbox.path(f"{root}/fs{program}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(program, target)
+    rootfs = ("rootfs", "a(sssas)", "1", "bind", f"{root}/fs", "", "2", "ro", "rbind")  # read-only
+    path = create(spinbox, "vm-stall", rootfs, ("container-id", "s", "hog"))
+    scope = "spinbox-vm-vm-stall.scope"
+    try:
+        reason = asyncio.run(wedge_the_guest(f"unix:{spinbox.path('/run/spinbox/vm/vm-stall/agent.sock')}"))
+        assert reason == "spinbox.agent.v1.Agent/Pids: the guest did not answer within 5 s"
+        busctl(spinbox, "--timeout=60", "call", BUS, path, VM_IFACE, "RecordGuestState", "s", reason)
+
+        record = spinbox.journal("-u", scope, "-t", "spinboxd", "-o", "cat").splitlines()
+        assert record[0] == f"recording where the guest is: {reason}"
+        assert record[1] == "QEMU's vCPUs are running: 1 vCPUs"
+        # The busy loop keeps the vCPU's thread busy; where it is changes from one moment to the next.
+        address = "0x[0-9a-f]{16}"
+        assert re.fullmatch(
+            rf"vCPU 0: thread \d+ used \d+% of a host CPU; running in (user|kernel) mode at RIP {address}, "
+            rf"RSP {address}, CR3 0x[0-9a-f]+, interrupts (on|off); 1 s later running at RIP {address}",
+            record[2],
+        ), record[2]
+        assert "magic SysRq l and w" in record[3]
+
+        def console() -> str:
+            return spinbox.journal("-u", scope, "-t", "spinbox-console", "-o", "cat")
+
+        # The guest kernel answers on its console: the CPU's backtrace (a busy loop of the container's)
+        # and the blocked tasks, then its quiet loglevel back.
+        spinbox.wait_for("the kernel's backtraces", lambda: "Loglevel set to 4" in console(), timeout=60)
+        answer = console()
+        print("\n".join(record), answer, sep="\n")
+        assert "sysrq: Show backtrace of all active CPUs" in answer
+        assert "NMI backtrace for cpu 0" in answer and "Comm: sh" in answer
+        assert "sysrq: Show Blocked State" in answer
+    finally:
+        busctl(spinbox, "--timeout=120", "call", BUS, path, VM_IFACE, "Kill", check=False)
+        spinbox.run("rm", "-rf", root)
+    assert leftovers(spinbox) == NOTHING
