@@ -1,10 +1,11 @@
 """A record of where a VM's guest is, written into that VM's journal.
 
 Asked for when a call into the guest missed its deadline (the shim's, through the VM object's
-RecordGuestState): QEMU's view of each vCPU (spinbox.vm.gueststate), then the guest kernel's
-backtraces of every CPU and its blocked tasks over the serial console (magic SysRq), which the
-console forwarder files like every console line. One record at a time per VM, with a deadline
-of its own: a call while one is being made waits for that one.
+RecordGuestState, or spinboxd's own, such as a resize's): QEMU's view of each vCPU
+(spinbox.vm.gueststate), then the guest kernel's backtraces of every CPU and its blocked tasks
+over the serial console (magic SysRq), which the console forwarder files like every console
+line. One record at a time per VM, with a deadline of its own: a call while one is being made
+waits for that one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from spinbox.daemon.errors import Failed
+from spinbox.ttrpc import Code, TtrpcError
 from spinbox.vm import gueststate
 
 if TYPE_CHECKING:
@@ -33,6 +35,15 @@ async def record_guest_state(vm: Vm, reason: str) -> None:
     if vm.recording is None or vm.recording.done():
         vm.recording = asyncio.get_running_loop().create_task(_record(vm, reason[:500]))
     await asyncio.shield(vm.recording)
+
+
+def record_if_missed(vm: Vm, error: BaseException) -> None:
+    """Starts a record, not waited for, when `error` is spinboxd's own call into the guest that
+    missed its deadline (the error goes to its caller at once)."""
+    if not isinstance(error, TtrpcError) or error.code != Code.DEADLINE_EXCEEDED:
+        return
+    if vm.phase == "running" and (vm.recording is None or vm.recording.done()):
+        vm.recording = asyncio.get_running_loop().create_task(_record(vm, error.message))
 
 
 async def _record(vm: Vm, reason: str) -> None:

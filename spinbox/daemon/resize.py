@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from spinbox.daemon import guestrecord
 from spinbox.daemon.errors import Failed, InvalidArgument
 from spinbox.daemon.systemd import ScopeLimits, SystemdError
 
@@ -49,7 +50,8 @@ async def resize(manager: VmManager, vm: Vm, vcpus: int, memory_mib: int) -> dic
         await _set_limits(manager, vm, wide)
         try:
             size = await manager.backend.resize(vm.machine, vcpus, memory_mib)
-        except BaseException:
+        except BaseException as error:
+            guestrecord.record_if_missed(vm, error)
             await _set_limits(manager, vm, old)
             raise
         # The CPU time is what was asked for, also when the guest keeps more vCPUs (they are

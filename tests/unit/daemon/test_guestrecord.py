@@ -9,6 +9,7 @@ import pytest
 
 from spinbox.daemon import guestrecord
 from spinbox.daemon.errors import Failed
+from spinbox.ttrpc import Code, TtrpcError
 from spinbox.vm import gueststate
 from tests.unit.vm.test_gueststate import INFO_REGISTERS
 
@@ -131,3 +132,24 @@ def test_a_qemu_that_does_not_answer_ends_the_record_at_its_deadline(monkeypatch
         3,
     )
     assert vm.recording is not None and vm.recording.done()
+
+
+def test_spinboxds_own_missed_deadline_starts_a_record_it_does_not_wait_for() -> None:
+    async def scenario() -> FakeVm:
+        vm = FakeVm()
+        missed = TtrpcError(
+            Code.DEADLINE_EXCEEDED, "spinbox.agent.v1.Agent/OnlineResources: the guest did not answer"
+        )
+        guestrecord.record_if_missed(vm, TtrpcError(Code.NOT_FOUND, "no such container"))
+        guestrecord.record_if_missed(vm, TimeoutError())
+        assert vm.recording is None
+        guestrecord.record_if_missed(vm, missed)
+        first = vm.recording
+        guestrecord.record_if_missed(vm, missed)  # while it is made: no second one
+        assert first is not None and vm.recording is first and not first.done()
+        await first
+        return vm
+
+    vm = asyncio.run(scenario())
+    assert vm.messages()[0].endswith("Agent/OnlineResources: the guest did not answer")
+    assert len(vm.forwarder.console) == 4
