@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import shutil
@@ -17,6 +18,8 @@ from dbus_fast.aio.message_bus import MessageBus
 
 from spinbox.agent import AgentClient
 from spinbox.config import VmConfig
+from spinbox.shim.guestwatch import GuestWatch
+from spinbox.shim.spinboxd import Spinboxd
 from spinbox.ttrpc import Code, TtrpcError
 from tests.harness.systemd import PrivateSystemd
 from tests.integration.daemon.spinboxd import (
@@ -417,12 +420,12 @@ def wedging_spec() -> bytes:
     return json.dumps(doc).encode()
 
 
-async def wedge_the_guest(address: str) -> str:
+async def wedge_the_guest(address: str, bus_address: str, path: str) -> str:
     """Starts the wedging container; returns the sentence of the first call that then misses
-    its deadline (5 s), as the shim's GuestWatch hears it."""
+    its deadline (5 s), once the shim's GuestWatch had spinboxd record where the guest is."""
     agent = await AgentClient.connect(address, call_timeout=5)
-    missed: list[str] = []
-    agent.on_deadline = missed.append
+    watch = GuestWatch(functools.partial(Spinboxd.connect, bus_address), "vm-stall", path)
+    agent.on_deadline = watch
     try:
         await agent.create_container("hog", wedging_spec())
         await agent.start("hog")
@@ -431,7 +434,9 @@ async def wedge_the_guest(address: str) -> str:
                 await agent.pids("hog")
             except TtrpcError as error:
                 assert error.code == Code.DEADLINE_EXCEEDED, error
-                return missed[0]
+                assert watch.task is not None
+                await watch.task
+                return error.message
             await asyncio.sleep(0.5)
         raise AssertionError("the wedged guest's agent kept answering")
     finally:
@@ -449,9 +454,9 @@ def test_a_guest_that_stops_answering_has_where_it_is_recorded(spinbox: PrivateS
     path = create(spinbox, "vm-stall", rootfs, ("container-id", "s", "hog"))
     scope = "spinbox-vm-vm-stall.scope"
     try:
-        reason = asyncio.run(wedge_the_guest(f"unix:{spinbox.path('/run/spinbox/vm/vm-stall/agent.sock')}"))
+        agent = f"unix:{spinbox.path('/run/spinbox/vm/vm-stall/agent.sock')}"
+        reason = asyncio.run(wedge_the_guest(agent, spinbox.bus_address, path))
         assert reason == "spinbox.agent.v1.Agent/Pids: the guest did not answer within 5 s"
-        busctl(spinbox, "--timeout=60", "call", BUS, path, VM_IFACE, "RecordGuestState", "s", reason)
 
         record = spinbox.journal("-u", scope, "-t", "spinboxd", "-o", "cat").splitlines()
         assert record[0] == f"recording where the guest is: {reason}"
