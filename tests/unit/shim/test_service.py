@@ -20,6 +20,7 @@ from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
 from spinbox.shim.errors import ShimError
 from spinbox.shim.guestspec import for_guest
+from spinbox.shim.guestwatch import GuestWatch
 from spinbox.shim.protos import Any as AnyMessage
 from spinbox.shim.protos import task
 from spinbox.shim.service import TaskService
@@ -38,6 +39,7 @@ class FakeAgent:
         self.signals: list[tuple[int, bool]] = []
         self.closed = False
         self.updates: list[dict[str, Any]] = []
+        self.on_deadline: Any = None
 
     async def close(self) -> None:
         self.closed = True
@@ -228,6 +230,10 @@ def test_lifecycle_events_in_order_and_exit_after_output(tmp_path: Path) -> None
     assert agent.spec["hooks"] == {"createContainer": [{"path": "/bin/true"}]}
     (request,) = spinboxd.requests
     assert request.vm_id == "default-c1" and request.memory_mib == 128 + 128
+    # A call into this guest that misses its deadline has spinboxd record where it is.
+    watch = agent.on_deadline
+    assert isinstance(watch, GuestWatch)
+    assert (watch.vm_id, watch.vm_path) == ("default-c1", "/org/spinstack/Spinbox/vm/default-c1")
 
 
 def test_failed_create_leaves_no_vm(tmp_path: Path) -> None:
