@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +14,17 @@ from guest.vminitd import network as guest_network
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 from spinbox.vm.handover import Handover
 from spinbox.vm.spec import SLOT_DISK_BYTES, MemoryFile
-from spinbox.vm.template import RAM_SEALS, _plug_devices, new_ram
+from spinbox.vm.template import _plug_devices
+from tests.unit.vm.conftest import BootFiles
 
 
 @pytest.fixture
-def sealed_ram() -> Iterator[int]:
-    fd = new_ram("test-template", 1 << 20)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, RAM_SEALS)
-    yield fd
-    os.close(fd)
-
-
-@pytest.fixture
-def template(tmp_path: Path) -> VmSpec:
-    kernel = tmp_path / "vmlinuz"
-    initrd = tmp_path / "initrd.img"
-    kernel.write_bytes(b"k")
-    initrd.write_bytes(b"i")
-    (tmp_path / "run").mkdir()
+def template(tmp_path: Path, boot_files: BootFiles) -> VmSpec:
     return VmSpec(
         vm_id="template-1",
-        kernel=kernel,
-        initrd=initrd,
-        runtime_dir=tmp_path / "run",
+        kernel=boot_files.kernel,
+        initrd=boot_files.initrd,
+        runtime_dir=boot_files.runtime_dir,
         memory_mib=512,
         hotplug_ports=8,
         disk_slots=2,

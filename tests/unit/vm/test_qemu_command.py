@@ -14,16 +14,14 @@ import pytest
 from spinbox.config import VmConfig
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 from spinbox.vm.handover import SANDBOX, Handover, VmUser
+from tests.unit.vm.conftest import BootFiles
 
 
 @pytest.fixture
-def spec(tmp_path: Path) -> VmSpec:
-    kernel = tmp_path / "vmlinuz"
-    initrd = tmp_path / "initrd.img"
-    kernel.write_bytes(b"k")
-    initrd.write_bytes(b"i")
-    (tmp_path / "run").mkdir()
-    return VmSpec(vm_id="vm1", kernel=kernel, initrd=initrd, runtime_dir=tmp_path / "run")
+def spec(boot_files: BootFiles) -> VmSpec:
+    return VmSpec(
+        vm_id="vm1", kernel=boot_files.kernel, initrd=boot_files.initrd, runtime_dir=boot_files.runtime_dir
+    )
 
 
 def argv_of(command: QemuCommand) -> list[str]:

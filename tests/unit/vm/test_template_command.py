@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +13,17 @@ from spinbox.config import VmConfig
 from spinbox.vm import Disk, Nic, QemuCommand, VmError, VmSpec, qemu
 from spinbox.vm.handover import SANDBOX, Handover, NumberingHandover, VmUser
 from spinbox.vm.spec import MemoryFile
-from spinbox.vm.template import RAM_SEALS, kernel_header, new_ram
+from spinbox.vm.template import kernel_header, new_ram
+from tests.unit.vm.conftest import BootFiles
 
 
 @pytest.fixture
-def spec(tmp_path: Path) -> VmSpec:
-    kernel = tmp_path / "vmlinuz"
-    initrd = tmp_path / "initrd.img"
-    kernel.write_bytes(b"k")
-    initrd.write_bytes(b"i")
-    (tmp_path / "run").mkdir()
+def spec(boot_files: BootFiles) -> VmSpec:
     return VmSpec(
         vm_id="vm1",
-        kernel=kernel,
-        initrd=initrd,
-        runtime_dir=tmp_path / "run",
+        kernel=boot_files.kernel,
+        initrd=boot_files.initrd,
+        runtime_dir=boot_files.runtime_dir,
         memory_mib=512,
         hotplug_ports=4,
     )
@@ -43,14 +37,6 @@ def argv_of(command: QemuCommand) -> list[str]:
 
 def option_values(argv: list[str], option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
-
-
-@pytest.fixture
-def sealed_ram() -> Iterator[int]:
-    fd = new_ram("test-template", 1 << 20)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, RAM_SEALS)
-    yield fd
-    os.close(fd)
 
 
 def test_a_template_writes_its_ram_into_a_shared_memfd(spec: VmSpec, tmp_path: Path) -> None:

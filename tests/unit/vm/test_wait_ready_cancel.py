@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,17 @@ from qemu.qmp import QMPClient
 
 from spinbox.vm.machine import VirtualMachine, VmState
 from spinbox.vm.process import spawn_subprocess
+
+
+async def _vm_with_control(
+    tmp_path: Path, name: str, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> tuple[VirtualMachine, asyncio.Server]:
+    """A VM (a `sleep` for its QEMU) whose control channel is a socket served by `serve`."""
+    control = tmp_path / "control.sock"
+    server = await asyncio.start_unix_server(serve, path=str(control))
+    process = await spawn_subprocess(["sleep", "600"], ())
+    state = VmState(name, process.pid, None, "tcg", f"unix:{control}", f"unix:{control}")
+    return VirtualMachine(tmp_path, state, process, QMPClient(name)), server
 
 
 def test_cancelled_wait_ready_closes_its_ping(tmp_path: Path) -> None:
@@ -25,11 +37,7 @@ def test_cancelled_wait_ready_closes_its_ping(tmp_path: Path) -> None:
         async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await accepted.put((reader, writer))
 
-        control = tmp_path / "control.sock"
-        server = await asyncio.start_unix_server(never_answer, path=str(control))
-        process = await spawn_subprocess(["sleep", "600"], ())
-        state = VmState("cancel", process.pid, None, "tcg", f"unix:{control}", f"unix:{control}")
-        vm = VirtualMachine(tmp_path, state, process, QMPClient("cancel"))
+        vm, server = await _vm_with_control(tmp_path, "cancel", never_answer)
         try:
             waiting = asyncio.ensure_future(vm.wait_ready(600))
             reader, writer = await asyncio.wait_for(accepted.get(), 60)
@@ -61,11 +69,7 @@ def test_a_vm_whose_agent_answered_is_ready_without_another_ping(tmp_path: Path)
             connections += 1
             writer.close()
 
-        control = tmp_path / "control.sock"
-        server = await asyncio.start_unix_server(count, path=str(control))
-        process = await spawn_subprocess(["sleep", "600"], ())
-        state = VmState("answered", process.pid, None, "tcg", f"unix:{control}", f"unix:{control}")
-        vm = VirtualMachine(tmp_path, state, process, QMPClient("answered"))
+        vm, server = await _vm_with_control(tmp_path, "answered", count)
         try:
             vm.agent_answered()
             timeline = await asyncio.wait_for(vm.wait_ready(600), 60)
