@@ -32,18 +32,21 @@ async def record_guest_state(vm: Vm, reason: str) -> None:
     """Writes the record into the VM's journal; Failed for a VM that is not running or paused."""
     if vm.phase not in ("running", "paused"):
         raise Failed(f"VM {vm.id!r} is {vm.phase}: there is no guest to record")
-    if vm.recording is None or vm.recording.done():
-        vm.recording = asyncio.get_running_loop().create_task(_record(vm, reason[:500]))
-    await asyncio.shield(vm.recording)
+    await asyncio.shield(_start(vm, reason[:500]))
 
 
 def record_if_missed(vm: Vm, error: BaseException) -> None:
     """Starts a record, not waited for, when `error` is spinboxd's own call into the guest that
     missed its deadline (the error goes to its caller at once)."""
-    if not isinstance(error, TtrpcError) or error.code != Code.DEADLINE_EXCEEDED:
-        return
-    if vm.phase == "running" and (vm.recording is None or vm.recording.done()):
-        vm.recording = asyncio.get_running_loop().create_task(_record(vm, error.message))
+    if isinstance(error, TtrpcError) and error.code == Code.DEADLINE_EXCEEDED and vm.phase == "running":
+        _start(vm, error.message)
+
+
+def _start(vm: Vm, reason: str) -> asyncio.Task[None]:
+    """The record under way for the VM, or a new one."""
+    if vm.recording is None or vm.recording.done():
+        vm.recording = asyncio.get_running_loop().create_task(_record(vm, reason))
+    return vm.recording
 
 
 async def _record(vm: Vm, reason: str) -> None:
