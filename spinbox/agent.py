@@ -197,8 +197,16 @@ class AgentClient:
         request = pb.RefreshRequest(seed=seed, realtime_ns=realtime_ns, warm=warm)
         await self._call("Refresh", request, Empty)
 
-    async def online_resources(self, vcpus: int) -> pb.OnlineResourcesResponse:
+    async def online_resources(
+        self, vcpus: int, plugged_memory_kib: int | None = None, memory_timeout: float = 0.0
+    ) -> pb.OnlineResourcesResponse:
+        """Brings the guest's plugged vCPUs online; with `plugged_memory_kib` (what the VM's
+        virtio-mem device has plugged) also waits up to `memory_timeout` s until the guest's
+        kernel counts exactly that beyond its boot memory."""
         request = pb.OnlineResourcesRequest(vcpus=vcpus)
+        if plugged_memory_kib is not None:
+            request.plugged_memory_kib = plugged_memory_kib
+            request.memory_timeout_ms = int(memory_timeout * 1000)
         return await self._call("OnlineResources", request, pb.OnlineResourcesResponse)
 
     async def shutdown(self, force: bool = False) -> None:

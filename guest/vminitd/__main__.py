@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from guest.vminitd import boot, channels, syscalls
+from guest.vminitd import boot, channels, hotplug, syscalls
 from guest.vminitd.config import RuntimeConfig
 from guest.vminitd.reaper import Reaper
 from guest.vminitd.service import AgentConfig, AgentService
@@ -52,6 +52,7 @@ async def run_guest(
     devices: concurrent.futures.Future[None] | None,
     fixed_layout: bool = False,
 ) -> None:
+    boot_memory = hotplug.BootMemory.read()  # nothing is plugged before the agent listens
     reaper = Reaper()
     reaper.start()
     runtime = RuntimeConfig(
@@ -62,7 +63,7 @@ async def run_guest(
     )
     config = AgentConfig(runtime=runtime, mnt_dir=GUEST_STATE / "mnt")
     ready = asyncio.wrap_future(devices) if devices is not None else None
-    service = AgentService(config, reaper, timeline, devices=ready)
+    service = AgentService(config, reaper, timeline, devices=ready, boot_memory=boot_memory)
     server = Server()
     service.register(server)
     tasks = []

@@ -82,10 +82,13 @@ class AgentService:
         timeline: Timeline,
         power_off: Callable[[], None] | None = None,
         devices: Awaitable[None] | None = None,
+        boot_memory: hotplug.BootMemory | None = None,
     ) -> None:
         """`devices`, when given, is done once the guest's devices are all there
-        (deferred kernel modules): requests other than Ping and Shutdown wait for it."""
+        (deferred kernel modules): requests other than Ping and Shutdown wait for it.
+        `boot_memory` is the guest's memory before anything was plugged (read now if not given)."""
         self.config = config
+        self.boot_memory = boot_memory or hotplug.BootMemory.read()
         self.devices = devices
         self.reaper = reaper
         self.timeline = timeline
@@ -309,8 +312,19 @@ class AgentService:
         return pb.StatsResponse(metrics=self.containers.stats(req.container_id))
 
     async def online_resources(self, req: pb.OnlineResourcesRequest) -> pb.OnlineResourcesResponse:
-        online, mem_total = await hotplug.online(req.vcpus)
-        return pb.OnlineResourcesResponse(online_cpus=online, mem_total_kib=mem_total)
+        online = await hotplug.online(req.vcpus)
+        if req.HasField("plugged_memory_kib"):
+            memory = await hotplug.settle_memory(
+                self.boot_memory, req.plugged_memory_kib, req.memory_timeout_ms / 1000
+            )
+        else:
+            memory = hotplug.memory_view(self.boot_memory)
+        return pb.OnlineResourcesResponse(
+            online_cpus=online,
+            mem_total_kib=memory.mem_total_kib,
+            boot_mem_total_kib=self.boot_memory.mem_total_kib,
+            removing_memory_blocks=memory.removing_blocks,
+        )
 
     async def update_resources(self, req: pb.UpdateResourcesRequest) -> Empty:
         await self.containers.update(req)
