@@ -176,7 +176,8 @@ class Backend(Protocol):
     async def resize(self, machine: Machine, vcpus: int, memory_mib: int) -> dict[str, int]:
         """Give the running VM this size (vCPUs plugged are brought online in the guest);
         returns what the VM and its guest have then ("vcpus", "memory-mib", "guest-cpus",
-        "guest-mem-total-kib")."""
+        "guest-mem-total-kib"), once the guest's kernel counts it: GuestUnsettled (with the
+        machine's new size) if it does not in time."""
         ...
 
     async def size_range(self, machine: Machine) -> tuple[tuple[int, int], tuple[int, int]]:

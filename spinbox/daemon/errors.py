@@ -36,6 +36,15 @@ class Failed(SpinboxError):
     name = "Failed"
 
 
+class GuestUnsettled(Failed):
+    """A resize the machine made but whose guest did not count it in time; `size` is the
+    machine's ("vcpus", "memory-mib"), which the VM's scope and record follow."""
+
+    def __init__(self, text: str, size: dict[str, int]) -> None:
+        super().__init__(text)
+        self.size = size
+
+
 class NoNetwork(SpinboxError):
     """The VM has no network (spinbox.toml's network.enabled is off): nothing to forward into."""
 

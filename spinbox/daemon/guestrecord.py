@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from spinbox.daemon.errors import Failed
+from spinbox.daemon.errors import Failed, GuestUnsettled
 from spinbox.ttrpc import Code, TtrpcError
 from spinbox.vm import gueststate
 
@@ -37,9 +37,14 @@ async def record_guest_state(vm: Vm, reason: str) -> None:
 
 def record_if_missed(vm: Vm, error: BaseException) -> None:
     """Starts a record, not waited for, when `error` is spinboxd's own call into the guest that
-    missed its deadline (the error goes to its caller at once)."""
-    if isinstance(error, TtrpcError) and error.code == Code.DEADLINE_EXCEEDED and vm.phase == "running":
+    missed its deadline, or a resize whose guest did not count its new size in time (the error
+    goes to its caller at once)."""
+    if vm.phase != "running":
+        return
+    if isinstance(error, TtrpcError) and error.code == Code.DEADLINE_EXCEEDED:
         _start(vm, error.message)
+    elif isinstance(error, GuestUnsettled):
+        _start(vm, error.text)
 
 
 def _start(vm: Vm, reason: str) -> asyncio.Task[None]:

@@ -17,7 +17,7 @@ from spinbox.agent import AgentClient
 from spinbox.api.proto import agent_pb2
 from spinbox.config import Config, ConfigError
 from spinbox.daemon.backend import GuestSetup, Launch, Machine, Network, Rootfs, Spawn
-from spinbox.daemon.errors import Failed, InvalidArgument
+from spinbox.daemon.errors import Failed, GuestUnsettled, InvalidArgument
 from spinbox.daemon.options import VmRequest
 from spinbox.daemon.templates import TEMPLATE_PORTS, Shape, Template
 from spinbox.mounts import MountSpec
@@ -187,21 +187,18 @@ class QemuBackend:
 
     async def resize(self, machine: Machine, vcpus: int, memory_mib: int) -> dict[str, int]:
         try:
-            size = await resize.resize(cast(vm.VirtualMachine, machine), resize.VmSize(vcpus, memory_mib))
+            resized = await resize.resize(cast(vm.VirtualMachine, machine), resize.VmSize(vcpus, memory_mib))
         except resize.SizeOutOfRange as e:
             raise InvalidArgument(str(e)) from None
+        except resize.GuestUnsettled as e:
+            raise GuestUnsettled(str(e), {"vcpus": e.size.vcpus, "memory-mib": e.size.memory_mib}) from None
         except vm.VmError as e:
             raise Failed(str(e)) from None
-
-        async def bring_online(agent: AgentClient) -> agent_pb2.OnlineResourcesResponse:
-            return await agent.online_resources(size.vcpus)
-
-        guest = await control.session(machine.control_address, bring_online, self.config.timeouts.agent_call)
         return {
-            "vcpus": size.vcpus,
-            "memory-mib": size.memory_mib,
-            "guest-cpus": guest.online_cpus,
-            "guest-mem-total-kib": guest.mem_total_kib,
+            "vcpus": resized.size.vcpus,
+            "memory-mib": resized.size.memory_mib,
+            "guest-cpus": resized.guest.cpus,
+            "guest-mem-total-kib": resized.guest.mem_total_kib,
         }
 
     async def size_range(self, machine: Machine) -> tuple[tuple[int, int], tuple[int, int]]:

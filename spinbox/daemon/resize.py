@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from spinbox.daemon import guestrecord
-from spinbox.daemon.errors import Failed, InvalidArgument
+from spinbox.daemon.errors import Failed, GuestUnsettled, InvalidArgument
 from spinbox.daemon.systemd import ScopeLimits, SystemdError
 
 if TYPE_CHECKING:
@@ -21,7 +21,10 @@ async def resize(manager: VmManager, vm: Vm, vcpus: int, memory_mib: int) -> dic
     The scope grows before the machine (QEMU's new memory must fit in it) and shrinks after
     it. 0 keeps the vCPUs or the memory as they are. A size the VM cannot take is
     InvalidArgument and changes nothing; a guest that does not give back what was asked is
-    Failed, and the VM and its scope keep the size they had.
+    Failed, and the VM and its scope keep the size they had. Success means the guest's own
+    kernel counts the new size (/proc/meminfo, its online vCPUs); a guest that does not in
+    time is Failed too, but the machine has its new size, and the scope and the VM's record
+    follow that.
     """
     async with vm.lock:
         if vm.phase != "running":
@@ -50,27 +53,15 @@ async def resize(manager: VmManager, vm: Vm, vcpus: int, memory_mib: int) -> dic
         await _set_limits(manager, vm, wide)
         try:
             size = await manager.backend.resize(vm.machine, vcpus, memory_mib)
+        except GuestUnsettled as error:
+            guestrecord.record_if_missed(vm, error)
+            await _follow(manager, vm, vcpus, error.size)
+            raise
         except BaseException as error:
             guestrecord.record_if_missed(vm, error)
             await _set_limits(manager, vm, old)
             raise
-        # The CPU time is what was asked for, also when the guest keeps more vCPUs (they are
-        # never unplugged).
-        new = ScopeLimits.for_vm(vcpus, size["memory-mib"], overhead)
-        await _set_limits(manager, vm, new)
-        resources.update(
-            {
-                "vcpus": vcpus,
-                "plugged-vcpus": size["vcpus"],
-                "memory-mib": size["memory-mib"],
-                "memory-max": new.memory_max,
-                "cpu-quota-per-sec-usec": new.cpu_quota_per_sec_usec,
-                "tasks-max": new.tasks_max,
-            }
-        )
-        vm.state.save(vm.runtime_dir)
-        if manager.publisher is not None:
-            manager.publisher.changed(vm, {"Resources": resources})
+        await _follow(manager, vm, vcpus, size)
         log.info(
             "VM %s resized to %d vCPUs and %d MiB (the guest sees %d vCPUs and MemTotal %d KiB)",
             vm.id, size["vcpus"], size["memory-mib"], size["guest-cpus"], size["guest-mem-total-kib"],
@@ -80,6 +71,27 @@ async def resize(manager: VmManager, vm: Vm, vcpus: int, memory_mib: int) -> dic
             "guest-cpus": size["guest-cpus"],
             "guest-mem-total-kib": size["guest-mem-total-kib"],
         }
+
+
+async def _follow(manager: VmManager, vm: Vm, vcpus: int, size: dict[str, int]) -> None:
+    """The scope's limits and the VM's record follow the machine's new size. The CPU time is
+    what was asked for, also when the guest keeps more vCPUs (they are never unplugged)."""
+    new = ScopeLimits.for_vm(vcpus, size["memory-mib"], manager.config.vm.memory_overhead_mib)
+    await _set_limits(manager, vm, new)
+    resources = vm.state.resources
+    resources.update(
+        {
+            "vcpus": vcpus,
+            "plugged-vcpus": size["vcpus"],
+            "memory-mib": size["memory-mib"],
+            "memory-max": new.memory_max,
+            "cpu-quota-per-sec-usec": new.cpu_quota_per_sec_usec,
+            "tasks-max": new.tasks_max,
+        }
+    )
+    vm.state.save(vm.runtime_dir)
+    if manager.publisher is not None:
+        manager.publisher.changed(vm, {"Resources": resources})
 
 
 async def _set_limits(manager: VmManager, vm: Vm, limits: ScopeLimits) -> None:

@@ -3,6 +3,12 @@
 A VM is resizable between the size it booted with and the maximum its command line
 reserved (VmSpec.max_vcpus, max_memory_mib: `-smp maxcpus`, the virtio-mem region).
 Everything here is read back from QEMU, so a re-adopted VM resizes like a new one.
+
+A resize returns once the guest's own view agrees with the machine: its kernel has the
+vCPUs online and counts exactly the memory the virtio-mem device has plugged (vminitd's
+OnlineResources waits for that; the device's size moves before the guest's MemTotal on a
+grow, and on a shrink MemTotal dips and comes back for a moment while the kernel removes
+an emptied memory block). What the guest answers is checked against what the VM can have.
 """
 
 from __future__ import annotations
@@ -13,12 +19,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from spinbox.agent import AgentClient
+from spinbox.vm import control
 from spinbox.vm.errors import VmError
 from spinbox.vm.qemu import VIRTIO_MEM
 
 MIB = 1024 * 1024
+KIB = 1024
 # How long the guest may take to plug or give back memory, and to let go of a vCPU.
 RESIZE_TIMEOUT = 60.0
+# The least time the guest's kernel gets to count the device's memory, also when the device
+# took most of the resize's deadline, and how long vminitd may take to answer beyond that.
+SETTLE_MIN = 5.0
+ANSWER_MARGIN = 10.0
 _POLL = 0.05
 _VIRTIO_MEM_PATH = f"/machine/peripheral/{VIRTIO_MEM}"
 # Hot-plugged vCPUs are QEMU devices with ids of this prefix (their boot siblings have none).
@@ -30,6 +43,9 @@ class Qmp(Protocol):
 
     @property
     def vm_id(self) -> str: ...
+
+    @property
+    def control_address(self) -> str: ...
 
     async def query(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
 
@@ -50,6 +66,29 @@ class GuestRefused(ResizeError):
 class VmSize:
     vcpus: int
     memory_mib: int
+
+
+@dataclass(frozen=True)
+class GuestView:
+    """What the guest's kernel has: online vCPUs and /proc/meminfo's MemTotal."""
+
+    cpus: int
+    mem_total_kib: int
+
+
+@dataclass(frozen=True)
+class Resized:
+    size: VmSize  # the machine's, read back from QEMU
+    guest: GuestView
+
+
+class GuestUnsettled(ResizeError):
+    """The machine has its new size but the guest's kernel did not count it within the deadline
+    (or answered with a size it cannot have): `size` is the machine's."""
+
+    def __init__(self, message: str, size: VmSize) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -104,18 +143,66 @@ def check_size(vm_id: str, limits: SizeRange, target: VmSize) -> VmSize:
     return VmSize(target.vcpus, memory)
 
 
-async def resize(qmp: Qmp, target: VmSize, timeout: float = RESIZE_TIMEOUT) -> VmSize:  # noqa: ASYNC109
-    """Give the VM `target`'s vCPUs and memory; returns the size it has then.
-
-    The guest onlines a plugged vCPU only when told to (vminitd's OnlineCpus): a resize that
-    adds vCPUs is followed by that call.
+async def resize(qmp: Qmp, target: VmSize, timeout: float = RESIZE_TIMEOUT) -> Resized:  # noqa: ASYNC109
+    """Give the VM `target`'s vCPUs and memory; returns the size it has then and what its
+    guest sees, once the guest's kernel has every plugged vCPU online (vminitd brings them
+    up) and counts the memory the device has plugged: GuestUnsettled if it does not in time.
     """
     limits = await size_range(qmp)
     target = check_size(qmp.vm_id, limits, target)
     deadline = time.monotonic() + timeout
     await _add_cpus(qmp, target.vcpus)
     await _resize_memory(qmp, limits.boot.memory_mib, target.memory_mib, deadline)
-    return await current_size(qmp)
+    size = await current_size(qmp)
+    guest = await settle(qmp, limits, size, max(deadline - time.monotonic(), SETTLE_MIN))
+    return Resized(size, guest)
+
+
+async def settle(qmp: Qmp, limits: SizeRange, size: VmSize, timeout: float) -> GuestView:  # noqa: ASYNC109
+    """Has vminitd bring the VM's vCPUs online and wait (up to `timeout`) until its kernel
+    counts the memory the device has plugged; returns what the guest has, checked."""
+    plugged_mib = size.memory_mib - limits.boot.memory_mib
+
+    async def online(agent: AgentClient) -> Any:
+        return await agent.online_resources(size.vcpus, plugged_mib * MIB // KIB, timeout)
+
+    started = time.monotonic()
+    answer = await control.session(qmp.control_address, online, timeout + ANSWER_MARGIN)
+    waited = time.monotonic() - started
+    cpus, total, boot_total, removing = (
+        int(answer.online_cpus),
+        int(answer.mem_total_kib),
+        int(answer.boot_mem_total_kib),
+        int(answer.removing_memory_blocks),
+    )
+    most_kib = limits.max.memory_mib * MIB // KIB
+    if not (
+        0 < cpus <= limits.max.vcpus
+        and 0 < boot_total <= limits.boot.memory_mib * MIB // KIB
+        and total <= most_kib
+    ):
+        raise GuestUnsettled(
+            f"VM {qmp.vm_id}'s guest answered with sizes it cannot have ({cpus} vCPUs online, MemTotal "
+            f"{total} KiB, {boot_total} KiB at boot) for a VM of at most {limits.max.vcpus} vCPUs and "
+            f"{limits.max.memory_mib} MiB that booted with {limits.boot.memory_mib} MiB",
+            size,
+        )
+    counted_kib = total - boot_total
+    if counted_kib != plugged_mib * MIB // KIB or removing:
+        still = f", and is still removing {removing} memory blocks" if removing else ""
+        raise GuestUnsettled(
+            f"VM {qmp.vm_id}'s guest did not count the memory its virtio-mem device has plugged within "
+            f"{waited:.1f} s: its kernel counts {counted_kib / KIB:g} MiB beyond the memory it booted "
+            f"with (MemTotal {total} KiB){still}, the device {plugged_mib} MiB (the VM has "
+            f"{size.memory_mib} MiB)",
+            size,
+        )
+    if cpus < size.vcpus:
+        raise GuestUnsettled(
+            f"VM {qmp.vm_id}'s guest has {cpus} of its {size.vcpus} vCPUs online after {waited:.1f} s",
+            size,
+        )
+    return GuestView(cpus, total)
 
 
 async def _memory(qmp: Qmp) -> tuple[int, dict[str, Any] | None]:

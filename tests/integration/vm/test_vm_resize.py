@@ -13,7 +13,7 @@ import pytest
 
 from spinbox.agent import AgentClient
 from spinbox.vm import VmSpec, default_kernel, launch, template
-from spinbox.vm.resize import SizeOutOfRange, VmSize, current_size, resize, size_range
+from spinbox.vm.resize import GuestView, SizeOutOfRange, VmSize, current_size, resize, size_range
 
 BOOT_TIMEOUT = 180.0
 MIB_KIB = 1024
@@ -52,9 +52,13 @@ def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, t
             assert cpus == 1
 
             started = time.monotonic()
-            assert await resize(vm, VmSize(3, 768)) == VmSize(3, 768)
+            # Resize returns once the guest's kernel counts the new size: read right after, the
+            # guest's /proc/meminfo has it.
+            grown = await resize(vm, VmSize(3, 768))
             cpus, total = await guest_view(vm.control_address, 3)
             print(f"grow to 3 vCPUs and 768 MiB: {time.monotonic() - started:.2f} s")
+            assert grown.size == VmSize(3, 768)
+            assert grown.guest == GuestView(cpus, total)
             assert cpus == 3
             assert total - boot_total == 512 * MIB_KIB
 
@@ -65,9 +69,11 @@ def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, t
 
             started = time.monotonic()
             # Memory goes back; the vCPUs stay plugged (never unplugged: the scope holds the CPU time).
-            assert await resize(vm, VmSize(1, 256)) == VmSize(3, 256)
+            shrunk = await resize(vm, VmSize(1, 256))
             cpus, total = await guest_view(vm.control_address, 3)
             print(f"shrink to 1 vCPU and 256 MiB: {time.monotonic() - started:.2f} s")
+            assert shrunk.size == VmSize(3, 256)
+            assert shrunk.guest == GuestView(cpus, total)
             assert (cpus, total) == (3, boot_total)
         finally:
             await vm.kill()
@@ -94,8 +100,10 @@ def test_a_vm_restored_from_a_template_resizes_too(guest_image: Path, tmp_path: 
             os.close(ram)  # the restored QEMU holds its own copy
         try:
             _, boot_total = await guest_view(vm.control_address, 1)
-            assert await resize(vm, VmSize(2, 512)) == VmSize(2, 512)
+            resized = await resize(vm, VmSize(2, 512))
             cpus, total = await guest_view(vm.control_address, 2)
+            assert resized.size == VmSize(2, 512)
+            assert resized.guest == GuestView(cpus, total)
             assert (cpus, total - boot_total) == (2, 256 * MIB_KIB)
         finally:
             await vm.kill()

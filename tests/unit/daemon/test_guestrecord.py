@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from spinbox.daemon import guestrecord
-from spinbox.daemon.errors import Failed
+from spinbox.daemon.errors import Failed, GuestUnsettled
 from spinbox.ttrpc import Code, TtrpcError
 from spinbox.vm import gueststate
 from tests.unit.vm.test_gueststate import INFO_REGISTERS
@@ -153,3 +153,22 @@ def test_spinboxds_own_missed_deadline_starts_a_record_it_does_not_wait_for() ->
     vm = asyncio.run(scenario())
     assert vm.messages()[0].endswith("Agent/OnlineResources: the guest did not answer")
     assert len(vm.forwarder.console) == 4
+
+
+def test_a_resize_whose_guest_did_not_settle_starts_a_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gueststate, "SYSRQ_PAUSE", 0.0)
+    monkeypatch.setattr(gueststate, "SAMPLE", 0.0)
+
+    async def scenario() -> FakeVm:
+        vm = FakeVm()
+        unsettled = GuestUnsettled(
+            "VM vm-1's guest did not count the memory its virtio-mem device has plugged within 57.0 s",
+            {"vcpus": 1, "memory-mib": 256},
+        )
+        guestrecord.record_if_missed(vm, unsettled)  # type: ignore[arg-type]
+        assert vm.recording is not None
+        await vm.recording
+        return vm
+
+    vm = asyncio.run(scenario())
+    assert vm.messages()[0].endswith("device has plugged within 57.0 s")
