@@ -14,6 +14,7 @@ import pytest
 from spinbox.agent import AgentClient
 from spinbox.vm import VmSpec, default_kernel, launch, template
 from spinbox.vm.resize import GuestView, SizeOutOfRange, VmSize, current_size, resize, size_range
+from tests.harness.guestlog import GuestLogs
 
 BOOT_TIMEOUT = 180.0
 MIB_KIB = 1024
@@ -28,7 +29,9 @@ async def guest_view(address: str, vcpus: int) -> tuple[int, int]:
     return reply.online_cpus, reply.mem_total_kib
 
 
-def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, tmp_path: Path) -> None:
+def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(
+    guest_image: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     spec = VmSpec(
         vm_id="resize1",
         kernel=default_kernel(),
@@ -43,6 +46,7 @@ def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, t
 
     async def scenario() -> None:
         vm = await launch(spec)
+        logs = await GuestLogs.follow(vm, tmp_path / "guest")
         try:
             await vm.wait_ready(BOOT_TIMEOUT)
             limits = await size_range(vm)
@@ -75,13 +79,19 @@ def test_vm_grows_and_shrinks_and_refuses_what_it_cannot_be(guest_image: Path, t
             assert shrunk.size == VmSize(3, 256)
             assert shrunk.guest == GuestView(cpus, total)
             assert (cpus, total) == (3, boot_total)
+        except BaseException as error:
+            error.add_note(await logs.keep(request.node.nodeid))
+            raise
         finally:
+            await logs.stop()
             await vm.kill()
 
     asyncio.run(scenario())
 
 
-def test_a_vm_restored_from_a_template_resizes_too(guest_image: Path, tmp_path: Path) -> None:
+def test_a_vm_restored_from_a_template_resizes_too(
+    guest_image: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     # The template's RAM lives on tmpfs, as spinboxd keeps it (/run/spinbox/templates).
     shm = Path(tempfile.mkdtemp(prefix="spinbox-test-resize-", dir="/dev/shm"))
     files = template.TemplateFiles(shm / "t")
@@ -98,6 +108,7 @@ def test_a_vm_restored_from_a_template_resizes_too(guest_image: Path, tmp_path: 
             vm = await template.restore(restored, files, ram, None)
         finally:
             os.close(ram)  # the restored QEMU holds its own copy
+        logs = await GuestLogs.follow(vm, tmp_path / "guest")
         try:
             _, boot_total = await guest_view(vm.control_address, 1)
             resized = await resize(vm, VmSize(2, 512))
@@ -105,7 +116,11 @@ def test_a_vm_restored_from_a_template_resizes_too(guest_image: Path, tmp_path: 
             assert resized.size == VmSize(2, 512)
             assert resized.guest == GuestView(cpus, total)
             assert (cpus, total - boot_total) == (2, 256 * MIB_KIB)
+        except BaseException as error:
+            error.add_note(await logs.keep(request.node.nodeid))
+            raise
         finally:
+            await logs.stop()
             await vm.kill()
 
     try:
