@@ -32,9 +32,11 @@ TCG_TB_SIZE_MIB = 128
 # A VM restored from a template starts with an empty cache but never boots, and the
 # cache's pages stay QEMU's once written (a full cache is flushed and refilled, not
 # given back): its size is what an idle restored VM keeps. Measured (QEMU 7.2, 512 MiB
-# guest, a restore and its `sleep` container's start): 52 to 60 MiB translated. QEMU's
-# CPU time for that, median of 3 on a busy host: 2.3 s with 128 MiB, 2.5 s with 32 MiB
-# (which keeps every idle VM 30 MiB smaller), 5.5 s with 16 MiB (it thrashed).
+# guest, `info jit`): a restore and a `ctr run --rm IMAGE true` translate about 49 MiB
+# (88,000 blocks: 60% guest kernel, 25% the Python interpreter, the rest libraries and
+# crun); with 32 MiB the cache is flushed twice during the run, which took 2.8 s against
+# 2.3 s with 48 MiB (one alternated run, medians of 4), but every idle VM keeps 20 MiB
+# less. 16 MiB thrashed.
 # spinbox.toml's vm.restored_tcg_cache_mib (the same default) sets it.
 TCG_TB_SIZE_RESTORED_MIB = 32
 # The id of guest RAM's memory backend, and the virtio-fs tag the guest mounts.
