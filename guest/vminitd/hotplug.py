@@ -132,14 +132,19 @@ def _block_pages(memory: Path) -> int:
 
 
 def _given_back(kpageflags: Path, first_pfn: int, pages: int) -> bool:
-    """Whether every page of the block is PageOffline (virtio-mem gave it back to the device)."""
+    """Whether every page of the block is PageOffline (virtio-mem gave it back to the device).
+    The first page is read alone first: virtio-mem gives a block back from its top, so a block
+    in use is told by 8 bytes rather than the whole block's 256 KiB of flags."""
     try:
         with open(kpageflags, "rb") as flags:
             flags.seek(first_pfn * _KPF_ENTRY)
-            entries = memoryview(flags.read(pages * _KPF_ENTRY)).cast("Q")
+            first = memoryview(flags.read(_KPF_ENTRY)).cast("Q")
+            if len(first) != 1 or not first[0] & KPF_OFFLINE:
+                return False
+            rest = memoryview(flags.read((pages - 1) * _KPF_ENTRY)).cast("Q")
     except OSError:
         return False  # offline and gone since (its pages read as KPF_NOPAGE then, not offline)
-    return len(entries) == pages and all(entry & KPF_OFFLINE for entry in entries)
+    return len(rest) == pages - 1 and all(entry & KPF_OFFLINE for entry in rest)
 
 
 async def online(vcpus: int, root: Path = CPUS, timeout: float = APPEAR_TIMEOUT) -> int:  # noqa: ASYNC109

@@ -26,6 +26,7 @@ from spinbox.vm.qemu import VIRTIO_MEM
 
 MIB = 1024 * 1024
 KIB = 1024
+MIB_KIB = MIB // KIB
 # How long the guest may take to plug or give back memory, and to let go of a vCPU.
 RESIZE_TIMEOUT = 60.0
 # The least time the guest's kernel gets to count the device's memory, also when the device
@@ -164,7 +165,7 @@ async def settle(qmp: Qmp, limits: SizeRange, size: VmSize, timeout: float) -> G
     plugged_mib = size.memory_mib - limits.boot.memory_mib
 
     async def online(agent: AgentClient) -> Any:
-        return await agent.online_resources(size.vcpus, plugged_mib * MIB // KIB, timeout)
+        return await agent.online_resources(size.vcpus, plugged_mib * MIB_KIB, timeout)
 
     started = time.monotonic()
     answer = await control.session(qmp.control_address, online, timeout + ANSWER_MARGIN)
@@ -175,10 +176,10 @@ async def settle(qmp: Qmp, limits: SizeRange, size: VmSize, timeout: float) -> G
         int(answer.boot_mem_total_kib),
         int(answer.removing_memory_blocks),
     )
-    most_kib = limits.max.memory_mib * MIB // KIB
+    most_kib = limits.max.memory_mib * MIB_KIB
     if not (
         0 < cpus <= limits.max.vcpus
-        and 0 < boot_total <= limits.boot.memory_mib * MIB // KIB
+        and 0 < boot_total <= limits.boot.memory_mib * MIB_KIB
         and total <= most_kib
     ):
         raise GuestUnsettled(
@@ -188,7 +189,7 @@ async def settle(qmp: Qmp, limits: SizeRange, size: VmSize, timeout: float) -> G
             size,
         )
     counted_kib = total - boot_total
-    if counted_kib != plugged_mib * MIB // KIB or removing:
+    if counted_kib != plugged_mib * MIB_KIB or removing:
         still = f", and is still removing {removing} memory blocks" if removing else ""
         raise GuestUnsettled(
             f"VM {qmp.vm_id}'s guest did not count the memory its virtio-mem device has plugged within "

@@ -64,6 +64,14 @@ def test_a_plugged_block_given_back_or_going_offline_is_still_being_removed(tmp_
     assert not view.settled(boot, 16)
 
 
+def test_a_block_whose_first_page_is_given_back_but_not_all_is_in_use(tmp_path: Path) -> None:
+    memory, meminfo, kpageflags = fake_tree(tmp_path, {0: "online"}, 100)
+    boot = BootMemory.read(memory, meminfo)
+    write_flags(kpageflags, [0] * PAGES + [KPF_OFFLINE, 0, KPF_OFFLINE, KPF_OFFLINE] + [KPF_OFFLINE] * PAGES)
+    fake_tree(tmp_path, {0: "online", 1: "online", 2: "online"}, 100 + 16)
+    assert hotplug.memory_view(boot, memory, meminfo, kpageflags) == MemoryView(116, 1)
+
+
 def test_boot_blocks_are_never_read_from_kpageflags(tmp_path: Path) -> None:
     memory, meminfo, kpageflags = fake_tree(tmp_path, {0: "online"}, 100)
     write_flags(kpageflags, [KPF_OFFLINE] * PAGES)  # a boot block's pages, whatever they are
