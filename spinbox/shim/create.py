@@ -17,7 +17,7 @@ from typing import Any
 
 from spinbox.busclient import SpinboxdError
 from spinbox.mounts import MountSpec
-from spinbox.shim import exits, pump
+from spinbox.shim import exits, pump, released
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
 from spinbox.shim.cri import CONTAINER_TYPE_ANNOTATION
 from spinbox.shim.errors import invalid, precondition, spinboxd_error
@@ -161,6 +161,8 @@ class ContainerCreator:
         forwarder: PortForwarder | None = None
         state = init_state(req)
         try:
+            # A record of an earlier container in this bundle must not speak for this one's VM.
+            released.clear(req.bundle)
             if hooks and wants_new_netns(spec):
                 # Hooks such as nerdctl's configure the network through
                 # /proc/<pid>/ns/net before the container exists.

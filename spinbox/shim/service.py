@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
-from spinbox.shim import exits, pump, resize
+from spinbox.shim import exits, pump, released, resize
 from spinbox.shim.apparmor import AppArmorError, policy_for_process, policy_for_spec
 from spinbox.shim.container import Agent, Container, ProcessState, Publisher, VmManager
 from spinbox.shim.create import ContainerCreator, CreatePlan, load_spec
@@ -380,6 +380,11 @@ class TaskService:
                 raise spinboxd_error(error, f"cannot remove the rootfs of {container.id!r}") from None
             else:
                 raise spinboxd_error(error, f"cannot stop the VM of {container.id!r}") from None
+        try:
+            released.mark(container.bundle)
+        except OSError as error:
+            # containerd's `delete` then asks spinboxd again: slower, nothing lost.
+            log.warning("could not record in the bundle of %s that its VM is gone: %s", container.id, error)
 
     # -- State, Pids, Stats ---------------------------------------------------------
 

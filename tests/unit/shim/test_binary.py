@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from spinbox.shim import released
 from spinbox.shim.protos import Empty, task
 from spinbox.ttrpc import Client, Code, TtrpcError
 
@@ -119,6 +120,20 @@ def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
     assert response.exit_status == 137
     assert response.exited_at.seconds > 0
     assert not (bundle / "address").exists()
+
+
+def test_delete_after_the_shim_recorded_its_vm_gone_asks_no_spinboxd(tmp_path: Path) -> None:
+    # The bus is unreachable: asking spinboxd would fail and say so.
+    bundle, env = make_bundle(tmp_path)
+    (bundle / "address").write_text("unix:///nowhere")
+    (bundle / released.NAME).touch()
+    result = shim("-namespace", "unit", "-id", "c1", "-address", "/x", "delete", bundle=bundle, env=env)
+    assert result.returncode == 0 and result.stderr == b""
+    assert task.DeleteResponse.FromString(result.stdout).exited_at.seconds > 0
+    assert not (bundle / "address").exists() and not (bundle / released.NAME).exists()
+    # Without the record `delete` asks spinboxd, which it cannot reach here.
+    result = shim("-namespace", "unit", "-id", "c1", "-address", "/x", "delete", bundle=bundle, env=env)
+    assert b"the system bus is not reachable" in result.stderr
 
 
 def test_version_and_bad_usage(tmp_path: Path) -> None:

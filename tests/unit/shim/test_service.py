@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from spinbox.api.proto import agent_pb2
 from spinbox.busclient import SpinboxdError
 from spinbox.shim import events as topics
+from spinbox.shim import released
 from spinbox.shim.errors import ShimError
 from spinbox.shim.guestspec import for_guest
 from spinbox.shim.guestwatch import GuestWatch
@@ -200,7 +201,9 @@ def test_lifecycle_events_in_order_and_exit_after_output(tmp_path: Path) -> None
 
     async def scenario() -> tuple[task.WaitResponse, task.DeleteResponse]:
         service = make_service(agent, spinboxd, recorder)
+        (bundle / released.NAME).touch()  # an earlier container's record speaks not for this one
         created = await service.create(create_request(bundle, log))
+        assert not released.marked(str(bundle))
         assert created.pid == 4242
         await service.start(task.StartRequest(id="c1"))
         await service.pause(task.PauseRequest(id="c1"))
@@ -226,6 +229,8 @@ def test_lifecycle_events_in_order_and_exit_after_output(tmp_path: Path) -> None
     assert recorder.output_at_exit == b"a" * 1000 + b"b" * 1000 + b"end\n"
     assert spinboxd.calls == ["SyncRootfs"]
     assert not spinboxd.live
+    # containerd's `delete` that follows the shim's end need not ask spinboxd.
+    assert released.marked(str(bundle))
     # Host hooks leave the spec; the guest's own stay.
     assert agent.spec["hooks"] == {"createContainer": [{"path": "/bin/true"}]}
     (request,) = spinboxd.requests
@@ -410,16 +415,20 @@ def test_a_delete_whose_vm_stop_failed_can_be_asked_again(tmp_path: Path) -> Non
             await super().stop_vm(vm_id, timeout_ms, kill=kill, wait=wait)
 
     spinboxd = StopFailsOnce()
+    bundle = make_bundle(tmp_path)
 
     async def scenario() -> None:
         service = make_service(FakeAgent([]), spinboxd, Recorder(log))
-        await service.create(create_request(make_bundle(tmp_path), log))
+        await service.create(create_request(bundle, log))
         with pytest.raises(ShimError, match="cannot stop the VM of 'c1': VM default-c1 was not released"):
             await service.delete(task.DeleteRequest(id="c1"))
-        # containerd still finds the task, and its next Delete stops the VM.
+        # containerd still finds the task, and its next Delete stops the VM; until then
+        # containerd's `delete` must ask spinboxd for the VM.
         assert "c1" in service.containers and "default-c1" in spinboxd.live
+        assert not released.marked(str(bundle))
         await service.delete(task.DeleteRequest(id="c1"))
         assert not service.containers and not spinboxd.live
+        assert released.marked(str(bundle))
 
     asyncio.run(scenario())
 
