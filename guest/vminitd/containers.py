@@ -425,16 +425,26 @@ class Containers:
             path.unlink()
 
     async def shutdown(self) -> None:
-        """Kills and deletes every container. One whose processes have all ended needs no
-        `crun delete`: its state and its empty cgroup end with the VM."""
+        """Kills and deletes every container."""
         for container in list(self.containers.values()):
-            if container.init.exited.is_set() and not processes_left(container):
-                self._forget(container)
-                continue
-            if container.init.pid and not container.init.exited.is_set():
-                with contextlib.suppress(OSError):
-                    os.kill(container.init.pid, signal.SIGKILL)
-            await self._remove(container, force=True)
+            await self._end(container)
+
+    async def end(self, container_id: str) -> None:
+        """Kills and deletes the container, if it is still there."""
+        container = self.containers.get(container_id)
+        if container is not None:
+            await self._end(container)
+
+    async def _end(self, container: Container) -> None:
+        # One whose processes have all ended needs no `crun delete`: its state and its
+        # empty cgroup end with the VM.
+        if container.init.exited.is_set() and not processes_left(container):
+            self._forget(container)
+            return
+        if container.init.pid and not container.init.exited.is_set():
+            with contextlib.suppress(OSError):
+                os.kill(container.init.pid, signal.SIGKILL)
+        await self._remove(container, force=True)
 
     # Events
 

@@ -381,8 +381,12 @@ class AgentService:
         from guest.vminitd import upperstream
 
         loop = asyncio.get_running_loop()
+        if req.end_container and not req.container_id:
+            raise validate.InvalidRequest("ExportUpper can end a container only by its id")
         if req.container_id:
             upper = await loop.run_in_executor(None, self.rootfs.upper_of, req.container_id)
+            if req.end_container and self._loaded("containers"):
+                await self.containers.end(req.container_id)
             device = None
         elif req.HasField("device"):
             device, upper = await loop.run_in_executor(

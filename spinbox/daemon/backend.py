@@ -159,8 +159,11 @@ class Backend(Protocol):
         """Have the guest sync (and unmount) its writable layer."""
         ...
 
-    async def export_upper(self, machine: Machine, container_id: str, rootfs: Rootfs) -> None:
-        """Have the running guest stream a container's writable layer into its snapshot."""
+    async def export_upper(
+        self, machine: Machine, container_id: str, rootfs: Rootfs, final: bool = False
+    ) -> None:
+        """Have the running guest stream a container's writable layer into its snapshot;
+        `final` (the VM's stop): the guest ends the container first, so nothing writes after."""
         ...
 
     async def rescue_upper(

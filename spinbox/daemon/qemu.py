@@ -343,8 +343,10 @@ class QemuBackend:
 
         await control.session(machine.control_address, quiesce, self.config.timeouts.agent_call)
 
-    async def export_upper(self, machine: Machine, container_id: str, rootfs: Rootfs) -> None:
-        request = agent_pb2.ExportUpperRequest(container_id=container_id)
+    async def export_upper(
+        self, machine: Machine, container_id: str, rootfs: Rootfs, final: bool = False
+    ) -> None:
+        request = agent_pb2.ExportUpperRequest(container_id=container_id, end_container=final)
         await _stream_upper(machine.control_address, request, rootfs)
 
     async def rescue_upper(

@@ -40,11 +40,12 @@ def kept_where(vm: Vm, rootfs: Rootfs) -> str:
 
 
 async def export_at_stop(manager: VmManager, vm: Vm, container_id: str, rootfs: Rootfs) -> None:
-    """The guest streams the layer one last time; if it cannot (QEMU died), a helper VM will."""
+    """The guest ends the container and streams its layer one last time (what its processes
+    wrote up to their end is in it); if it cannot (QEMU died), a helper VM will."""
     if not rootfs.writable:
         return
     try:
-        await manager.backend.export_upper(vm.machine, container_id, rootfs)
+        await manager.backend.export_upper(vm.machine, container_id, rootfs, final=True)
     except SnapshotGone as e:
         log.warning("VM %s: %s", vm.id, e)
         vm.exported.add(container_id)

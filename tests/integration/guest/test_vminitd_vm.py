@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from spinbox.agent import AgentClient
+from spinbox.api import upper_format as wire
 from spinbox.api.proto import agent_pb2 as pb
 from spinbox.api.proto import ttrpc_pb2
 from spinbox.ttrpc import Code, TtrpcError
@@ -164,6 +165,54 @@ def test_run_a_process_on_an_erofs_rootfs_with_an_ext4_upper(guest: GuestVM) -> 
     with pytest.raises(TtrpcError) as e:
         guest.run(guest.agent.unmount_rootfs("first"))
     assert e.value.code == Code.NOT_FOUND
+
+
+def without_atimes(stream: bytes) -> bytes:
+    """A writable layer's stream with its entries' access times zeroed (an export reads files)."""
+    out = bytearray(stream)
+    at = len(wire.MAGIC) + 1
+    while at < len(out):
+        kind, length = wire.RECORD_HEAD.unpack_from(out, at)
+        at += wire.RECORD_HEAD.size
+        if kind == wire.RecordType.ENTRY:
+            head = list(wire.ENTRY_HEAD.unpack_from(out, at))
+            head[4] = 0
+            wire.ENTRY_HEAD.pack_into(out, at, *head)
+        at += length
+    return bytes(out)
+
+
+def test_the_export_at_a_stop_ends_the_container_before_it_reads_the_layer(guest: GuestVM) -> None:
+    mount(guest, "writer", upper=True)
+    a = guest.agent
+
+    async def export(end_container: bool) -> bytes:
+        request = pb.ExportUpperRequest(container_id="writer", end_container=end_container)
+        return b"".join([piece async for piece in a.export_upper(request, 60)])
+
+    async def body() -> None:
+        writes = "i=0; while :; do i=$((i+1)); echo $i > /count; done"
+        await a.create_container("writer", oci.spec("sh", "-c", writes), pb.IoConfig())
+        await a.start("writer")
+        for _ in range(300):  # 30 s
+            if b"count" in await export(False):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the container wrote nothing in 30 s")
+        # While it runs, two exports differ; the one at a stop ends it first: nothing after it.
+        assert without_atimes(await export(False)) != without_atimes(await export(False))
+        last = await export(True)
+        with pytest.raises(TtrpcError) as e:
+            await a.pids("writer")
+        assert e.value.code == Code.NOT_FOUND
+        assert without_atimes(await export(False)) == without_atimes(last)
+        with pytest.raises(TtrpcError) as e:
+            await a.export_upper(pb.ExportUpperRequest(end_container=True), 60).__anext__()
+        assert e.value.code == Code.INVALID_ARGUMENT
+        await a.unmount_rootfs("writer")
+
+    guest.run(body())
 
 
 def test_exec_sigterm_pids_pause_and_stats(guest: GuestVM) -> None:

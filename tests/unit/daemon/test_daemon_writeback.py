@@ -35,11 +35,13 @@ class FakeBackend:
     def __init__(self, export_error: BaseException | None) -> None:
         self.export_error = export_error
         self.exported: list[str] = []
+        self.final = False
 
-    async def export_upper(self, machine: Any, container_id: str, rootfs: Any) -> None:
+    async def export_upper(self, machine: Any, container_id: str, rootfs: Any, final: bool = False) -> None:
         if self.export_error is not None:
             raise self.export_error
         self.exported.append(container_id)
+        self.final = final
 
     async def teardown_network(self, vm_id: str) -> None:
         pass
@@ -88,6 +90,8 @@ def test_a_layer_the_guest_sent_is_not_read_again(tmp_path: Path) -> None:
     manager, vm, log = manager_and_vm(tmp_path, None)
     asyncio.run(stop_and_release(manager, vm))
     assert vm.exported == {"c1"}
+    # The export at a stop has the guest end the container first: nothing writes after it.
+    assert manager.backend.final  # type: ignore[attr-defined]
     assert not any(entry.startswith("helper") for entry in log)
     assert all(rootfs.released for rootfs in vm.rootfses().values())  # type: ignore[attr-defined]
 

@@ -62,7 +62,7 @@ class FakeBackend:
         # Whether the guest's answer to the unmount came before QEMU died.
         self.unmount_answered = False
 
-    async def export_upper(self, machine: Any, container_id: str, rootfs: Any) -> None:
+    async def export_upper(self, machine: Any, container_id: str, rootfs: Any, final: bool = False) -> None:
         if self.machine.ending is not None or self.machine.exited.is_set():
             raise ConnectionRefusedError("the agent's socket is gone")
         self.log.append(f"guest sent {container_id}")
