@@ -125,7 +125,8 @@ async def _remove_from_guest(manager: VmManager, vm: Vm, container_id: str, root
     written = True
     if rootfs.writable:
         try:
-            await manager.backend.export_upper(vm.machine, container_id, rootfs)
+            # A container still in the guest ends first: nothing writes the layer after it is read.
+            await manager.backend.export_upper(vm.machine, container_id, rootfs, final=True)
         except SnapshotGone as e:
             log.warning("VM %s: %s", vm.id, e)
         except Exception as e:

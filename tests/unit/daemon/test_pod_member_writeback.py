@@ -215,7 +215,7 @@ def test_a_guest_that_cannot_be_reached_in_a_live_vm_keeps_the_member_attached(
     monkeypatch.setattr(pod, "QEMU_END_GRACE", 0.01)
     pod1 = Pod(tmp_path)
 
-    async def unreachable(machine: Any, container_id: str, rootfs: Any) -> None:
+    async def unreachable(machine: Any, container_id: str, rootfs: Any, final: bool = False) -> None:
         raise TimeoutError("the agent did not answer within 30 s")
 
     pod1.backend.export_upper = unreachable  # type: ignore[method-assign]
