@@ -97,6 +97,7 @@ class TemplateStore:
         self._one_at_a_time = asyncio.Lock()
         self._rams: dict[str, int] = {}
         self._loading = asyncio.Lock()
+        self._preloads: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -112,6 +113,7 @@ class TemplateStore:
         ready = self.directory(Shape(self.config.vm.vcpus, self.config.vm.memory_mib), build=True)
         if ready is not None:
             log.info("VM template %s is ready", ready.name)
+            self._preload(ready)
 
     def lookup(self, request: VmRequest, disks: int, nics: int = 0) -> Path | None:
         """The template a VM for `request` with `disks` disks and `nics` NICs restores from;
@@ -189,6 +191,21 @@ class TemplateStore:
                 self._rams[directory.name] = ram
         return Template(directory, ram)
 
+    def _preload(self, directory: Path) -> None:
+        """Load a ready template's RAM now, in the background, rather than when the first VM
+        restored from it starts (which then waits for this load, not for one of its own)."""
+        task = asyncio.get_running_loop().create_task(self._load_ahead(directory))
+        self._preloads.add(task)
+        task.add_done_callback(self._preloads.discard)
+
+    async def _load_ahead(self, directory: Path) -> None:
+        try:
+            await self.load(directory)
+        except TemplateReplaced:
+            pass  # its successor is loaded once built
+        except (OSError, VmError) as e:
+            self.discard(directory, f"its RAM cannot be loaded: {e}")
+
     def _forget(self, name: str) -> None:
         """Close spinboxd's copy of a template's RAM (the VMs restored from it keep theirs)."""
         ram = self._rams.pop(name, None)
@@ -216,7 +233,7 @@ class TemplateStore:
     def discard(self, directory: Path, error: str) -> None:
         """A template a VM could not be restored from: removed, so that the next VM of its
         size boots cold and a new one is built."""
-        log.error("removing the VM template %s, which a VM failed to restore from: %s", directory.name, error)
+        log.error("removing the VM template %s, which cannot serve: %s", directory.name, error)
         self._forget(directory.name)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -226,10 +243,11 @@ class TemplateStore:
             await asyncio.wait(set(self._builds.values()))
 
     async def close(self) -> None:
-        for task in list(self._builds.values()):
+        tasks = {*self._builds.values(), *self._preloads}
+        for task in tasks:
             task.cancel()
-        if self._builds:
-            await asyncio.wait(set(self._builds.values()), timeout=30)
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
         for name in list(self._rams):
             self._forget(name)
 
@@ -266,6 +284,7 @@ class TemplateStore:
                 return
             log.info("VM template %s is ready", name)
             self._remove_stale(shape, name)
+            self._preload(final)
 
     async def _build_into(self, shape: Shape, vm_id: str, partial: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import threading
 from pathlib import Path
@@ -172,6 +173,64 @@ def test_a_template_replaced_while_its_ram_loads_gives_way_to_the_new_one(
         await templates.close()
 
     asyncio.run(run())
+
+
+def test_a_ready_templates_ram_is_loaded_before_the_first_vm_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At spinboxd's start, and once a build ends: the first VM does not wait for the copy."""
+    loads: list[str] = []
+
+    def load_ram(files: TemplateFiles) -> int:
+        loads.append(files.root.name)
+        return os.memfd_create(files.root.name)
+
+    monkeypatch.setattr(templates_module, "load_ram", load_ram)
+
+    async def run() -> None:
+        backend = FakeBackend()
+        built = store(tmp_path, backend)
+        built.start()  # none yet: it is built, then loaded
+        await built.wait_built()
+        await asyncio.gather(*built._preloads)
+        (name,) = loads
+        template = await built.for_vm(request(), [Path("/l0")], 1)
+        assert template is not None and template.name == name and loads == [name]
+        await built.close()
+
+        restarted = store(tmp_path, backend)  # a spinboxd started again finds it ready
+        restarted.start()
+        await asyncio.gather(*restarted._preloads)
+        assert loads == [name, name]
+        assert await restarted.for_vm(request(), [Path("/l0")], 1) is not None and len(loads) == 2
+        await restarted.close()
+        assert not [link for link in _open_files() if link.startswith(f"/memfd:{name}")]
+
+    asyncio.run(run())
+
+
+def test_a_template_whose_ram_cannot_be_loaded_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def load_ram(files: TemplateFiles) -> int:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(templates_module, "load_ram", load_ram)
+
+    async def run() -> None:
+        backend = FakeBackend()
+        templates = store(tmp_path, backend)
+        templates.start()
+        await templates.wait_built()
+        await asyncio.gather(*templates._preloads)
+        # VMs boot cold, and the next lookup builds it again.
+        assert templates.lookup(request(), 1, 1) is None
+        await templates.wait_built()
+        assert backend.built == [Shape(1, 512), Shape(1, 512)]
+        await templates.close()
+
+    asyncio.run(run())
+    assert "its RAM cannot be loaded: [Errno 12] Cannot allocate memory" in caplog.text
 
 
 def _open_files() -> list[str]:
