@@ -115,6 +115,7 @@ def pid1() -> None:
         devices = boot.start_deferred_boot(deferred, timeline, cmdline)
         boot.enable_cgroup_controllers()
         boot.allow_sysrq_dumps()
+        boot.loopback_up()
     except BaseException:
         log.exception("boot failed; serving the agent anyway")
         cmdline = {}

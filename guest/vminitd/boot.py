@@ -168,6 +168,17 @@ SYSRQ = Path("/proc/sys/kernel/sysrq")
 SYSRQ_DUMPS = 0x8  # kernel.sysrq's bit for the debugging dumps (`l`: every CPU's backtrace, `w`)
 
 
+def loopback_up() -> None:
+    """The loopback interface up, as in any Linux system, whether or not the VM has a network:
+    a container reaches its own 127.0.0.1."""
+    try:
+        from guest.vminitd import network
+
+        network.loopback_up()
+    except (ImportError, OSError) as e:
+        log.error("cannot bring the loopback interface up: %s", e)
+
+
 def allow_sysrq_dumps(sysrq: Path = SYSRQ) -> None:
     """Lets magic SysRq's dumps through, so that the host, which alone has the serial console,
     can ask a guest that stopped answering where its CPUs are (spinbox.vm.gueststate)."""

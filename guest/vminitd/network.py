@@ -95,6 +95,12 @@ def apply(config: agent_pb2.NetworkConfig, etc: str | os.PathLike[str] = ETC, ni
         socket.sethostname(config.hostname)
 
 
+def loopback_up() -> None:
+    """Bring the loopback interface up (OSError if the kernel refuses)."""
+    with Netlink() as nl:
+        nl.set_link(socket.if_nametoindex("lo"), up=True)
+
+
 def validate(config: agent_pb2.NetworkConfig) -> None:
     names = set()
     for iface in config.interfaces:

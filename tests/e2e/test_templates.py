@@ -273,11 +273,12 @@ def test_devices_beyond_a_template_s_slots_are_hot_plugged(
     try:
         template_stack.systemctl("restart", "spinbox.service")
         wait_for_default_template(template_stack)
-        script = "echo kept > /kept && cat /kept && ls /sys/class/net"
+        script = "echo kept > /kept && cat /kept && ls /sys/class/net && cat /sys/class/net/lo/flags"
         result = containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "tpl-slots", "sh", "-c", script)
         assert boots(template_stack, "tpl-slots") == ["template"]
-        # Its writable layer works; the guest has no NIC at all, not even the template's.
-        assert result.stdout.split() == ["kept", "lo"]
+        # Its writable layer works; the guest has no NIC at all, not even the template's, and its
+        # loopback is up (IFF_UP | IFF_LOOPBACK).
+        assert result.stdout.split() == ["kept", "lo", "0x9"]
     finally:
         template_stack.write_file(CONFIG, config)
         template_stack.systemctl("restart", "spinbox.service")

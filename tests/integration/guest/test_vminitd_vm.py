@@ -130,6 +130,18 @@ def test_boot_timeline(guest: GuestVM) -> None:
     print("guest timeline (s):", {k: round(v / 1e9, 3) for k, v in sorted(t.items(), key=lambda kv: kv[1])})
 
 
+def test_loopback_is_up_without_any_network(guest: GuestVM) -> None:
+    mount(guest, "lo")
+    # As the shim asks for it: in the VM's own network namespace (with /sys to look).
+    spec = json.loads(oci.spec("cat", "/sys/class/net/lo/flags"))
+    spec["linux"]["namespaces"].remove({"type": "network"})
+    spec["mounts"].append({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]})
+    result = guest.run(drive.run(guest.agent, "lo", spec=json.dumps(spec).encode()))
+    # IFF_UP | IFF_LOOPBACK: the container reaches its own 127.0.0.1.
+    assert result == drive.Result(b"0x9\n", b"", 0)
+    guest.run(guest.agent.unmount_rootfs("lo"))
+
+
 def test_logs_reach_the_log_port(guest: GuestVM) -> None:
     async def read_logs() -> bytes:
         reader, writer = await asyncio.open_unix_connection(str(guest.vm.log_socket))
